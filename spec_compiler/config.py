@@ -1,0 +1,249 @@
+"""Frozen, self-validating configs. Config flows one way: CLI -> CompileConfig -> manifest.json.
+
+`ModelConfig.from_hf` reads a Hugging Face Llama `config.json` (Llama 2 / 3 / 3.1 / 3.2 / 3.3,
+transformers 4 and 5 layouts); `DraftConfig.from_dir` reads an EAGLE-1/2 head's `config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SpecCompileError
+from .trees import TreeSpec
+
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise SpecCompileError(f"{what}: {path} is missing; point at a Hugging Face checkpoint "
+                               "directory that contains config.json")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SpecCompileError(f"{what}: {path} is not valid JSON ({e}); re-download or fix the "
+                               "file") from None
+    if not isinstance(data, dict):
+        raise SpecCompileError(f"{what}: {path} must hold a JSON object")
+    return data
+
+
+def _need(cfg: dict, key: str, path: Path):
+    if key not in cfg:
+        raise SpecCompileError(f"{path}: required field {key!r} is missing")
+    return cfg[key]
+
+
+def _rope(cfg: dict, path: Path) -> tuple[float, dict | None]:
+    """(theta, scaling) from `rope_theta`/`rope_scaling` (transformers 4) or `rope_parameters` (5)."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and "full_attention" in params:  # per-layer-type layout
+        params = params["full_attention"]
+    scaling = cfg.get("rope_scaling")
+    if isinstance(params, dict):
+        theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        scaling = params if params.get("rope_type", params.get("type", "default")) != "default" else None
+    else:
+        theta = cfg.get("rope_theta", 10000.0)
+    if scaling:
+        rtype = scaling.get("rope_type", scaling.get("type", "default"))
+        if rtype not in SUPPORTED_ROPE_TYPES:
+            raise SpecCompileError(f"{path}: rope scaling type {rtype!r} is not supported "
+                                   f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+        keep = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        scaling = {"rope_type": rtype, **{k: scaling[k] for k in keep if k in scaling}}
+        if rtype == "default":
+            scaling = None
+    return float(theta), scaling
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and numerics of a Llama-architecture decoder."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    eos_token_ids: tuple[int, ...] = ()
+    max_position_embeddings: int = 2048
+
+    def __post_init__(self):
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads",
+                  "n_kv_heads", "head_dim"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v <= 0:
+                raise SpecCompileError(f"config: {f}={v!r} must be a positive integer")
+        if self.n_heads % self.n_kv_heads:
+            raise SpecCompileError(f"config: num_attention_heads={self.n_heads} must be a multiple "
+                                   f"of num_key_value_heads={self.n_kv_heads}")
+
+    @classmethod
+    def from_hf(cls, model_dir: str | Path) -> "ModelConfig":
+        path = Path(model_dir) / "config.json"
+        cfg = _read_json(path, "model")
+        arch = cfg.get("architectures") or []
+        mtype = cfg.get("model_type")
+        if mtype != "llama" or (arch and "LlamaForCausalLM" not in arch):
+            raise SpecCompileError(
+                f"{path}: model_type={mtype!r}, architectures={arch}; only Llama "
+                "(model_type 'llama', LlamaForCausalLM) checkpoints are supported")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise SpecCompileError(f"{path}: hidden_act={cfg['hidden_act']!r}; Llama uses 'silu'")
+        n_heads = _need(cfg, "num_attention_heads", path)
+        hidden = _need(cfg, "hidden_size", path)
+        eos = cfg.get("eos_token_id")
+        eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        theta, scaling = _rope(cfg, path)
+        return cls(
+            vocab_size=_need(cfg, "vocab_size", path),
+            hidden_size=hidden,
+            intermediate_size=_need(cfg, "intermediate_size", path),
+            n_layers=_need(cfg, "num_hidden_layers", path),
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or hidden // n_heads,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            eos_token_ids=eos,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        )
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class DraftConfig:
+    """An EAGLE-1/2 draft head: fc(concat(embed, feature)) -> n_layers decoder layers."""
+
+    n_layers: int
+    fc_bias: bool
+    has_embed: bool  # the head ships its own embed_tokens (else the target's is shared)
+    layer: ModelConfig  # decoder-layer shapes (hidden, heads, ...), same field names as the target
+
+    @classmethod
+    def from_dir(cls, draft_dir: str | Path, target: ModelConfig, has_embed: bool) -> "DraftConfig":
+        path = Path(draft_dir) / "config.json"
+        cfg = _read_json(path, "draft")
+        hidden = _need(cfg, "hidden_size", path)
+        if hidden != target.hidden_size:
+            raise SpecCompileError(
+                f"draft {path}: hidden_size={hidden} but the target's is {target.hidden_size}; "
+                "use a draft head trained for this target")
+        vocab = cfg.get("vocab_size", target.vocab_size)
+        if vocab != target.vocab_size:
+            raise SpecCompileError(
+                f"draft {path}: vocab_size={vocab} but the target's is {target.vocab_size}; "
+                "use a draft head trained for this target")
+        n_heads = cfg.get("num_attention_heads", target.n_heads)
+        theta, scaling = _rope(cfg, path) if ("rope_theta" in cfg or "rope_parameters" in cfg
+                                              or "rope_scaling" in cfg) else (target.rope_theta,
+                                                                              target.rope_scaling)
+        layer = ModelConfig(
+            vocab_size=target.vocab_size,
+            hidden_size=hidden,
+            intermediate_size=cfg.get("intermediate_size", target.intermediate_size),
+            n_layers=_need(cfg, "num_hidden_layers", path),
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or hidden // n_heads,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", target.rms_norm_eps)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            eos_token_ids=target.eos_token_ids,
+            max_position_embeddings=target.max_position_embeddings,
+        )
+        return cls(n_layers=layer.n_layers, fc_bias=bool(cfg.get("bias", True)),
+                   has_embed=has_embed, layer=layer)
+
+    def to_json(self) -> dict:
+        return {"n_layers": self.n_layers, "fc_bias": self.fc_bias, "has_embed": self.has_embed,
+                "layer": self.layer.to_json()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "DraftConfig":
+        return cls(d["n_layers"], d["fc_bias"], d["has_embed"], ModelConfig.from_json(d["layer"]))
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """Everything a compile needs; serialised into the engine manifest."""
+
+    model: ModelConfig
+    draft: DraftConfig | None
+    tree: TreeSpec
+    max_seq_len: int = 2048
+    backend: str = "inductor"
+    dtype: str = "float32"
+    device: str = "cpu"
+    batch_size: int = 1
+    prefill_chunk: int = 64
+
+    def __post_init__(self):
+        if self.backend not in ("inductor", "eager"):
+            raise SpecCompileError(f"--backend {self.backend!r}: expected inductor or eager")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise SpecCompileError(f"--dtype {self.dtype!r}: expected float32 or bfloat16")
+        if self.device not in ("cpu", "cuda"):
+            raise SpecCompileError(f"--device {self.device!r}: expected cpu or cuda")
+        need = self.prefill_chunk + self.tree.n_nodes + self.tree.max_depth + 2
+        if self.max_seq_len < need:
+            raise SpecCompileError(
+                f"--max-seq-len {self.max_seq_len} is too small for tree {self.tree.name!r} "
+                f"({self.tree.n_nodes} nodes) and prefill chunk {self.prefill_chunk}: "
+                f"use at least {need}")
+        if self.tree.n_nodes > 1 and self.draft is None:
+            raise SpecCompileError(f"tree {self.tree.name!r} needs a draft: pass --draft DRAFT_DIR "
+                                   "(or --tree chain-0 for plain decoding)")
+
+    @property
+    def scratch(self) -> int:
+        """Slots past cache_len a step may write: the tree (target) and D+1 catch-up pairs (draft)."""
+        return max(self.tree.n_nodes, self.tree.max_depth + 1, self.prefill_chunk)
+
+
+def rope_inv_freq(cfg: ModelConfig):
+    """Inverse frequencies (head_dim/2,) float32, with llama3 / linear scaling as transformers does."""
+    import torch
+
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = cfg.rope_scaling
+    if not s:
+        return inv
+    if s["rope_type"] == "linear":
+        return inv / s["factor"]
+    factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_ctx = s.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_ctx / lo, old_ctx / hi
+    wavelen = 2 * math.pi / inv
+    inv_l = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
+    is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, inv_l)

@@ -1,0 +1,74 @@
+"""`spec::tree_attention`: two-pass attention of a block of tree queries over [cache | tree].
+
+    out = merge(prefix(q, K_cache[:cache_len], V_cache[:cache_len]),      # no per-key mask
+                suffix(q, K_new, V_new, tree_mask))                        # static (T, T) mask
+    merge by log-sum-exp (natural log):  lse = logaddexp(lse_p, lse_s)
+                                         out = exp(lse_p - lse) * o_p + exp(lse_s - lse) * o_s
+
+The op is a `torch.library.triton_op`: export keeps it as one node (so passes can see it) and
+Inductor/AOTInductor trace into its body, so the engine carries the kernels, not a Python callback.
+On CUDA the body launches the Triton kernels (`spec_compiler.kernels`); elsewhere it is the
+plain-torch two-pass reference below, which Inductor compiles like any other torch code.
+
+Shapes: q (B, Hq, T, Dh); k_cache, v_cache (B, Hkv, S, Dh); k_new, v_new (B, Hkv, T, Dh);
+cache_len (B,) int64 (prefix = slots [0, cache_len)); tree_mask (T, T) bool. -> (B, Hq, T, Dh).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.library import triton_op
+
+NEG_INF = float("-inf")
+
+
+def attend_reference(q, k, v, mask, scale):
+    """One attention pass returning (out, lse). mask (B or 1, 1, T, N) bool, True = visible.
+
+    Rows with no visible key give out = 0 and lse = -inf, so they merge with zero weight.
+    Accumulates in float32.  q (B, Hq, T, Dh), k/v (B, Hkv, N, Dh).
+    """
+    g = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(g, dim=1) if g > 1 else k
+    v = v.repeat_interleave(g, dim=1) if g > 1 else v
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, Hq, T, N)
+    s = s.masked_fill(~mask, NEG_INF)
+    lse = torch.logsumexp(s, dim=-1)  # (B, Hq, T)
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    return torch.matmul(p, v.float()), lse
+
+
+def merge_reference(o_a, lse_a, o_b, lse_b):
+    """Merge two partial attentions by log-sum-exp; -inf partials get zero weight (never NaN)."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = torch.where(torch.isinf(lse), 0.0, lse)
+    w_a = torch.exp(lse_a - safe)[..., None]
+    w_b = torch.exp(lse_b - safe)[..., None]
+    return o_a * w_a + o_b * w_b, lse
+
+
+def tree_attention_reference(q, k_cache, v_cache, k_new, v_new, cache_len, tree_mask, scale):
+    """Plain-torch two-pass tree attention: prefix over the cache, suffix over the tree, merged."""
+    S = k_cache.shape[2]
+    in_prefix = torch.arange(S, device=q.device)[None, :] < cache_len[:, None]  # (B, S)
+    o_p, lse_p = attend_reference(q, k_cache, v_cache, in_prefix[:, None, None, :], scale)
+    o_s, lse_s = attend_reference(q, k_new, v_new, tree_mask[None, None], scale)
+    out, _ = merge_reference(o_p, lse_p, o_s, lse_s)
+    return out.to(q.dtype)
+
+
+@triton_op("spec::tree_attention", mutates_args=())
+def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   k_new: torch.Tensor, v_new: torch.Tensor, cache_len: torch.Tensor,
+                   tree_mask: torch.Tensor, scale: float) -> torch.Tensor:
+    if q.is_cuda:
+        from ..kernels.tree_attention import tree_attention_triton
+
+        return tree_attention_triton(q, k_cache, v_cache, k_new, v_new, cache_len, tree_mask, scale)
+    return tree_attention_reference(q, k_cache, v_cache, k_new, v_new, cache_len, tree_mask, scale)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
