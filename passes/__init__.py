@@ -1,0 +1,42 @@
+"""FX passes that turn the exported model graphs into speculative step graphs.
+
+`default_passes(graph, cfg)` is the one ordered list per engine graph; the manifest records it
+with each pass's rewrite count. Order is data: fusion first (on clean graphs), then the
+attention rewrite, the structural passes (unroll, accept), and static_kv_cache last because it
+is the only pass that introduces mutation.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from spec_compiler.trees import TreeSpec, chain
+
+from .accept_epilogue import accept_epilogue
+from .cleanup import cleanup
+from .fuse_projections import fuse_projections
+from .infra import Pass, run_passes
+from .static_kv_cache import static_kv_cache
+from .tree_attention import tree_attention
+from .unroll_draft import unroll_draft
+
+# Passes that must rewrite something on every graph they run on (the manifest test checks it).
+REQUIRED = ("tree_attention", "unroll_draft", "accept_epilogue", "static_kv_cache")
+
+
+def default_passes(graph: str, tree: TreeSpec, prefill_chunk: int) -> list[Pass]:
+    """graph: prefill | draft_prefill (block of prompt tokens), verify (the tree), draft (step)."""
+    head = [cleanup, fuse_projections]
+    if graph in ("prefill", "draft_prefill"):
+        middle = [partial(tree_attention, tree=chain(prefill_chunk - 1))]
+    elif graph == "verify":
+        middle = [partial(tree_attention, tree=tree), partial(accept_epilogue, tree=tree)]
+    elif graph == "draft":
+        middle = [partial(tree_attention, tree=None), partial(unroll_draft, tree=tree)]
+    else:
+        raise ValueError(f"unknown graph {graph!r}")
+    return head + middle + [static_kv_cache, cleanup]
+
+
+__all__ = ["default_passes", "run_passes", "REQUIRED", "accept_epilogue", "cleanup",
+           "fuse_projections", "static_kv_cache", "tree_attention", "unroll_draft"]

@@ -1,0 +1,96 @@
+"""Rewritten GraphModule -> a compiled artifact. The only module that knows Inductor settings.
+
+Weights are lifted out of the graph into inputs first (`lift_weights`), so one safetensors file
+holds them once for every graph of the engine (the target's embedding and lm_head are shared
+with the draft), and artifacts stay small. Small static tensors (tree indices, masks, rope
+frequencies) stay inside the artifact as constants.
+
+Backends:
+  inductor  AOTInductor package (`.pt2`): loading it compiles nothing.
+  eager     `torch.export.save` of the rewritten program, run op by op (debugging only).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import fx
+
+from passes.infra import _get_attr
+
+INDUCTOR_CONFIGS = {
+    # Compile-time knobs only; never set globally.
+    "max_autotune": False,
+    "aot_inductor.package_constants_in_so": True,
+}
+
+
+class WeightRegistry:
+    """Names -> tensors shared by all graphs of an engine; tied tensors are stored once."""
+
+    def __init__(self):
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._by_ptr: dict[tuple, str] = {}
+
+    def add(self, name: str, t: torch.Tensor) -> str:
+        key = (t.data_ptr(), tuple(t.shape), t.dtype)
+        if key in self._by_ptr:
+            return self._by_ptr[key]
+        if name in self.tensors:
+            assert torch.equal(self.tensors[name], t), f"weight {name} differs between graphs"
+            return name
+        self.tensors[name] = t.detach()
+        self._by_ptr[key] = name
+        return name
+
+
+def lift_weights(gm: fx.GraphModule, registry: WeightRegistry, prefix: str = "") -> list[str]:
+    """Parameters (get_attr) -> leading placeholders. Returns the weight names in input order."""
+    params = {n for n, _ in gm.named_parameters()}
+    first = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    names: list[str] = []
+    seen: dict[str, fx.Node] = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr" or node.target not in params:
+            continue
+        wname = registry.add(prefix + node.target, _get_attr(gm, node.target))
+        if wname not in seen:
+            with gm.graph.inserting_before(first):
+                ph = gm.graph.placeholder("w_" + wname.replace(".", "_"))
+            ph.meta["val"] = None
+            seen[wname] = ph
+            names.append(wname)
+        node.replace_all_uses_with(seen[wname])
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    # Drop the now-unused parameters so the artifact does not embed them.
+    for p in params:
+        _delete_attr(gm, p)
+    return names
+
+
+def _delete_attr(m: torch.nn.Module, target: str) -> None:
+    *path, leaf = target.split(".")
+    for a in path:
+        m = getattr(m, a, None)
+        if m is None:
+            return
+    if leaf in m._parameters:
+        del m._parameters[leaf]
+
+
+def lower(gm: fx.GraphModule, example_inputs: list[torch.Tensor], out_path: Path,
+          backend: str) -> Path:
+    """Export the (weight-lifted) graph and compile it to `out_path`."""
+    with torch.no_grad():
+        ep = torch.export.export(gm, tuple(example_inputs), strict=False)
+    if backend == "eager":
+        torch.export.save(ep, str(out_path))
+        return out_path
+    from torch._inductor import aoti_compile_and_package
+
+    with torch.no_grad():
+        return Path(aoti_compile_and_package(ep, package_path=str(out_path),
+                                             inductor_configs=dict(INDUCTOR_CONFIGS)))

@@ -1,0 +1,45 @@
+"""nn.Module + example inputs -> aten-level `fx.GraphModule` (torch.export, no decompositions).
+
+The result has one placeholder per flat input, named as given, a flat tuple output whose names
+live in `gm.meta["output_names"]`, and parameters as `get_attr` nodes (`ep.module()`), so the
+passes can rewrite weights (projection fusion) and the lowering can lift them to inputs.
+SDPA stays `aten.scaled_dot_product_attention` (no `run_decompositions`): tree_attention
+matches it.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import fx
+from torch.export import Dim
+
+
+def trace(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str],
+          dynamic_dim: dict[str, int] | None = None) -> fx.GraphModule:
+    """Export `module(*args)`. `dynamic_dim` maps input name -> the dim that is the block length T
+    (one shared symbol), for graphs that the unroll pass re-instantiates at several lengths."""
+    assert len(input_names) == len(args), (input_names, len(args))
+    dynamic_shapes = None
+    if dynamic_dim:
+        t = Dim("T", min=2, max=4096)
+        per_input = [{dynamic_dim[n]: t} if n in dynamic_dim else None for n in input_names]
+        params = list(inspect.signature(module.forward).parameters.values())
+        n_fixed = sum(p.kind == p.POSITIONAL_OR_KEYWORD for p in params)
+        dynamic_shapes = (*per_input[:n_fixed], tuple(per_input[n_fixed:]))
+    with torch.no_grad():
+        ep = torch.export.export(module, tuple(args), dynamic_shapes=dynamic_shapes, strict=False)
+    gm = ep.module()
+    gm.graph._codegen = fx.graph.CodeGen()  # flat inputs/outputs: no pytree wrapping
+    for node, name in zip([n for n in gm.graph.nodes if n.op == "placeholder"], input_names):
+        node.name = node.target = name
+    n_out = len(next(n for n in gm.graph.nodes if n.op == "output").args[0])
+    assert n_out == len(output_names), (n_out, output_names)
+    gm.meta["output_names"] = list(output_names)
+    gm.recompile()
+    return gm
+
+
+def input_names(gm: fx.GraphModule) -> list[str]:
+    return [n.target for n in gm.graph.nodes if n.op == "placeholder"]
