@@ -30,8 +30,10 @@ def trace(module: torch.nn.Module, args: tuple, input_names: list[str], output_n
         dynamic_shapes = (*per_input[:n_fixed], tuple(per_input[n_fixed:]))
     with torch.no_grad():
         ep = torch.export.export(module, tuple(args), dynamic_shapes=dynamic_shapes, strict=False)
-    gm = ep.module()
-    gm.graph._codegen = fx.graph.CodeGen()  # flat inputs/outputs: no pytree wrapping
+    unlifted = ep.module()
+    # A plain GraphModule: flat inputs/outputs (no pytree codegen, no input-spec check hooks).
+    gm = fx.GraphModule(unlifted, unlifted.graph)
+    gm.graph._codegen = fx.graph.CodeGen()
     for node, name in zip([n for n in gm.graph.nodes if n.op == "placeholder"], input_names):
         node.name = node.target = name
     n_out = len(next(n for n in gm.graph.nodes if n.op == "output").args[0])

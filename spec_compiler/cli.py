@@ -1,0 +1,124 @@
+"""Console entry points: `spec-compile` and `spec-run`. `*_main(argv)` are testable.
+
+Bad input (SpecCompileError) prints one line `error: ...` and exits 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import SpecCompileError
+
+
+def _die(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def compile_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spec-compile", description=(
+        "Compile a Hugging Face Llama checkpoint and an EAGLE draft head into a speculative-"
+        "decoding engine directory."))
+    p.add_argument("model_dir", type=Path, help="Hugging Face Llama checkpoint directory")
+    p.add_argument("--draft", type=Path, default=None,
+                   help="EAGLE-1/2 draft head directory (required unless --tree chain-0)")
+    p.add_argument("--out", type=Path, required=True, help="engine directory to create")
+    p.add_argument("--tree", default="mc_sim_7b_63",
+                   help="mc_sim_7b_63 (default), chain-K, or a JSON file of EAGLE tree paths")
+    p.add_argument("--max-seq-len", type=int, default=2048,
+                   help="engine capacity in tokens, scratch room for one tree included (default 2048)")
+    p.add_argument("--backend", choices=("inductor", "eager"), default="inductor",
+                   help="inductor (default): AOTInductor packages; eager: for debugging only")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens per prefill call")
+    p.add_argument("--debug-dir", type=Path, default=None, help="dump the graph after every pass")
+    return p
+
+
+def compile_main(argv: list[str] | None = None) -> int:
+    args = compile_parser().parse_args(argv)
+    try:
+        from .config import CompileConfig, ModelConfig
+        from .pipeline import compile_engine
+        from .trees import resolve_tree
+
+        tree = resolve_tree(args.tree)
+        model = ModelConfig.from_hf(args.model_dir)
+        draft_cfg = None
+        if args.draft is not None:
+            from .loading import read_draft_state
+            from .config import DraftConfig
+
+            if not args.draft.is_dir():
+                raise SpecCompileError(f"--draft {args.draft}: no such directory")
+            state = read_draft_state(args.draft)
+            draft_cfg = DraftConfig.from_dir(args.draft, model, "embed_tokens.weight" in state)
+        if args.out.exists():
+            raise SpecCompileError(f"--out {args.out} already exists; remove it or choose another path")
+        cfg = CompileConfig(model=model, draft=draft_cfg, tree=tree, max_seq_len=args.max_seq_len,
+                            backend=args.backend,
+                            dtype=args.dtype or ("bfloat16" if args.device == "cuda" else "float32"),
+                            device=args.device, prefill_chunk=args.prefill_chunk)
+        if args.draft is None and tree.n_nodes > 1:
+            raise SpecCompileError(f"--tree {tree.name} drafts tokens: pass --draft DRAFT_DIR "
+                                   "(or use --tree chain-0 for plain decoding)")
+        compile_engine(cfg, args.model_dir, args.draft if tree.n_nodes > 1 else None, args.out,
+                       debug_dir=args.debug_dir)
+    except SpecCompileError as e:
+        return _die(str(e))
+    except KeyboardInterrupt:
+        print("interrupted: no engine written", file=sys.stderr)
+        return 130
+    return 0
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spec-run", description="Generate with a compiled engine.")
+    p.add_argument("engine_dir", type=Path)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", help="text; the chat template is applied when the model has one")
+    g.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: until EOS or the engine's capacity")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def run_main(argv: list[str] | None = None) -> int:
+    args = run_parser().parse_args(argv)
+    try:
+        from runtime import Engine
+
+        if args.prompt_ids is not None:
+            try:
+                ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+            except ValueError:
+                raise SpecCompileError(f"--prompt-ids {args.prompt_ids!r}: expected comma-separated "
+                                       "integers such as 1,2,3") from None
+        engine = Engine.load(args.engine_dir)
+        if args.prompt is not None:
+            ids = engine.encode_prompt(args.prompt)
+        res = engine.generate(ids, max_new_tokens=args.max_new_tokens)
+        res.text = engine.decode(res.output_ids)
+    except SpecCompileError as e:
+        return _die(str(e))
+    if args.json:
+        print(json.dumps(res.to_json()))
+    else:
+        if res.text is not None:
+            print(res.text)
+        else:
+            print(",".join(map(str, res.output_ids)))
+        tps = len(res.output_ids) / res.seconds if res.seconds else float("nan")
+        print(f"[{len(res.output_ids)} tokens, stop: {res.stop_reason}, {res.tokens_per_call:.2f} "
+              f"tokens/call over {res.verify_calls} verify calls, {tps:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(compile_main())
