@@ -101,15 +101,20 @@ def final_input_specs(cfg: CompileConfig, graph: str, gm) -> list[tuple[str, tup
 
 def compile_engine(cfg: CompileConfig, model_dir: Path, draft_dir: Path | None, out_dir: Path,
                    progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
-                   debug_dir: Path | None = None) -> Path:
-    """Compile into `out_dir`, atomically: built in a temp dir beside it, renamed at the end."""
+                   debug_dir: Path | None = None, draft_module: torch.nn.Module | None = None) -> Path:
+    """Compile into `out_dir`, atomically: built in a temp dir beside it, renamed at the end.
+
+    `draft_module` replaces loading `draft_dir` (tests use it for drafts with known behaviour;
+    it must follow `EagleDraft.forward`'s calling convention)."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise SpecCompileError(f"--out {out_dir} already exists; remove it or choose another path")
     t0 = time.time()
     progress(f"[1/4] loading {model_dir}" + (f" and draft {draft_dir}" if draft_dir else ""))
     target = load_target(model_dir, cfg.dtype).to(cfg.device)
-    draft = load_draft(draft_dir, target, cfg.dtype).to(cfg.device) if draft_dir else None
+    draft = draft_module
+    if draft is None and draft_dir is not None:
+        draft = load_draft(draft_dir, target, cfg.dtype).to(cfg.device)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     prev = signal.getsignal(signal.SIGTERM)

@@ -1,0 +1,118 @@
+"""End to end (eager backend, fast): greedy speculative output == transformers' greedy output.
+
+Random drafts (almost never accepted) on several tiny Llama configurations and every tree kind;
+an oracle draft (tests/helpers.py) that is right on a non-first branch at varying depths, so
+acceptance and KV compaction are exercised with known accepted lengths; stops at EOS, at
+max-new-tokens and at the context limit. The Inductor backend is covered in
+test_engine_inductor.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import make_random_draft
+from helpers import OracleDraft, build_engine, expected_emitted, hf_greedy
+from runtime import Engine
+from spec_compiler.loading import load_draft, load_target
+from spec_compiler.trees import resolve_tree
+
+PROMPT_LENS = (1, 16, 37)  # one token, exactly one prefill chunk, several chunks
+
+
+def prompts(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (n,), generator=g).tolist() for n in PROMPT_LENS]
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory, tiny_dirs):
+    """(config, tree, draft layers) -> engine dir, built once for the module."""
+    root = tmp_path_factory.mktemp("engines")
+    built = {}
+    user_tree = root / "user_tree.json"
+    user_tree.write_text(json.dumps([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]))
+    cases = [("gqa_untied", "mc_sim_7b_63", 1), ("mha_tied", "mc_sim_7b_63", 2),
+             ("llama3_rope", "mc_sim_7b_63", 1), ("gqa_untied", "chain-3", 1),
+             ("gqa_untied", str(user_tree), 1), ("gqa_untied", "chain-0", 0)]
+    for name, tree, layers in cases:
+        model_dir = tiny_dirs[name]
+        draft_dir = make_random_draft(root / f"draft_{name}_{layers}", model_dir, n_layers=layers) if layers else None
+        out = root / f"{name}_{resolve_tree(tree).name}_{layers}"
+        built[(name, resolve_tree(tree).name, layers)] = build_engine(out, model_dir, tree=tree, draft_dir=draft_dir)
+    return built
+
+
+@pytest.mark.parametrize("case", [("gqa_untied", "mc_sim_7b_63", 1), ("mha_tied", "mc_sim_7b_63", 2),
+                                  ("llama3_rope", "mc_sim_7b_63", 1), ("gqa_untied", "chain-3", 1),
+                                  ("gqa_untied", "user_tree", 1), ("gqa_untied", "chain-0", 0)],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_random_draft_matches_transformers(engines, tiny_dirs, case):
+    engine = Engine.load(engines[case])
+    model_dir = tiny_dirs[case[0]]
+    for p in prompts():
+        res = engine.generate(p, max_new_tokens=40)
+        ref = hf_greedy(model_dir, p, 40)
+        assert res.output_ids == ref, (p, res.output_ids, ref)
+        assert res.stop_reason == ("eos" if ref[-1] in engine.spec.model.eos_token_ids else "max_new_tokens")
+        assert res.verify_calls >= 1 and res.tokens_per_call >= 1.0
+
+
+def test_stops_at_eos(tmp_path, tiny_dir, tiny_draft_dir):
+    """EOS chosen as a token that greedy decoding emits mid-way: both stop there, EOS included."""
+    p = prompts(1)[2]
+    free = hf_greedy(tiny_dir, p, 40, eos=[])
+    k = next(i for i in range(8, 40) if free[i] not in free[:i])
+    model_dir = tmp_path / "eos_model"
+    shutil.copytree(tiny_dir, model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["eos_token_id"] = [free[k]]
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    engine = Engine.load(build_engine(tmp_path / "e", model_dir, draft_dir=tiny_draft_dir))
+    res = engine.generate(p, max_new_tokens=60)
+    assert res.stop_reason == "eos"
+    assert res.output_ids == free[:k + 1] == hf_greedy(model_dir, p, 60)
+
+
+def test_stops_at_context_limit(tmp_path, tiny_dir, tiny_draft_dir):
+    engine = Engine.load(build_engine(tmp_path / "e", tiny_dir, draft_dir=tiny_draft_dir, max_seq_len=96))
+    no_eos = [t for t in range(3, 128) if t not in engine.spec.model.eos_token_ids]
+    p = no_eos[:20]
+    res = engine.generate(p)  # no max_new_tokens: until EOS or the capacity
+    ref = hf_greedy(tiny_dir, p, len(res.output_ids))
+    assert res.output_ids == ref
+    if res.stop_reason == "length":
+        final_len = len(p) + len(res.output_ids) - 1  # the last token is the next root
+        assert final_len + engine.step_scratch > 96 >= final_len
+    else:
+        assert res.stop_reason == "eos"
+
+
+ORACLE_CASES = {
+    # tree -> (rank of the right token at position p, positions where the draft is wrong)
+    "chain-5": (lambda p: 0, lambda p: p % 7 in (0, 3)),
+    "mc_sim_7b_63": (lambda p: (p // 2) % 2, lambda p: p % 9 in (0, 4)),
+}
+
+
+@pytest.mark.parametrize("tree", list(ORACLE_CASES))
+def test_oracle_draft_acceptance_and_compaction(tmp_path, tiny_dir, tiny_draft_dir, tree):
+    rank_of, poisoned = ORACLE_CASES[tree]
+    P, N = 11, 90
+    p = torch.randint(3, 128, (P,), generator=torch.Generator().manual_seed(3)).tolist()
+    seq = p + hf_greedy(tiny_dir, p, 300, eos=[])
+    inner = load_draft(tiny_draft_dir, load_target(tiny_dir))
+    oracle = OracleDraft(inner, seq, capacity=256, vocab=128, rank_of=rank_of, poisoned=poisoned)
+    engine = Engine.load(build_engine(tmp_path / "e", tiny_dir, tree=tree, draft_dir=tiny_draft_dir,
+                                      draft_module=oracle))
+    res = engine.generate(p, max_new_tokens=N)
+    assert res.output_ids == seq[P:P + N]
+    expected = expected_emitted(resolve_tree(tree), P, res.verify_calls, rank_of, poisoned)
+    assert res.accept_lengths[:-1] == expected[:-1]
+    assert res.accept_lengths[-1] <= expected[-1]  # the last step is cut at max_new_tokens
+    assert len(set(expected)) >= 3, "the oracle should accept at several depths"
+    assert res.tokens_per_call > 2.0
