@@ -1,0 +1,96 @@
+"""unroll_draft: one draft forward -> the whole draft step (EAGLE catch-up + the tree's levels).
+
+Reference: plain eager EagleDraft calls. Catch-up runs the n_acc accepted pairs at positions
+cache_len - n_acc + [0, n_acc). Then, node by node (parents first), a node's token is its
+parent's top-k at the node's rank, and a node with children is forwarded by running the draft
+causally over the pairs of its path root..node alone (the catch-up cache as prefix) at
+positions cache_len + depth - 1: its output feature and logits are the last row.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+from torch.testing import FileCheck
+
+from pass_utils import (apply, cache_names, call, close, config, draft_step_inputs, eager, exact,
+                        traced)
+from passes import cleanup, fuse_projections, tree_attention, unroll_draft
+from passes.infra import aten, count_ops, placeholders
+from spec_compiler.errors import SpecCompileError
+from spec_compiler.trees import TreeSpec, chain
+
+TREE_ATTN = torch.ops.spec.tree_attention.default
+
+
+def draft_step_reference(draft, tree: TreeSpec, x: dict, b: int):
+    """Row b: (tree tokens, draft caches after the catch-up) by eager EagleDraft calls."""
+    n_acc, cache_len = int(x["n_acc"][b]), x["cache_len"][b:b + 1]  # cache_len: (1,)
+    caches = [x[k][b:b + 1] for k in cache_names(list(x))]
+    base = cache_len - n_acc
+    logits, feats, caches = eager(draft, x["acc_tokens"][b:b + 1, :n_acc],
+                                  base[:, None] + torch.arange(n_acc), base, caches,
+                                  x["acc_feats"][b:b + 1, :n_acc])
+    token = {0: int(x["acc_tokens"][b, n_acc - 1])}  # the root: the last accepted token
+    out_logits, out_feat = {0: logits[0, -1]}, {0: feats[0, -1]}
+    has_child = set(tree.parent[1:])
+    for n in range(1, tree.n_nodes):  # node order is by depth: parents come first
+        p = tree.parent[n]
+        token[n] = int(out_logits[p].topk(tree.top_k).indices[tree.rank[n]])
+        if n not in has_child:
+            continue
+        path = tree.ancestors(n)[1:]  # drafted nodes a_1 .. a_d = n; the root is in the cache
+        toks = torch.tensor([[token[a] for a in path]])  # (1, d)
+        fin = torch.stack([out_feat[tree.parent[a]] for a in path])[None]  # (1, d, H)
+        pos = cache_len[:, None] + torch.arange(len(path))  # depth - 1
+        lg, ft, _ = eager(draft, toks, pos, cache_len, caches, fin)
+        out_logits[n], out_feat[n] = lg[0, -1], ft[0, -1]
+    return [token[n] for n in range(tree.n_nodes)], caches
+
+
+def _unrolled(target, draft, tree):
+    cfg = config(target, draft, tree)
+    gm = apply(traced(cfg, "draft", draft), cleanup, fuse_projections,
+               partial(tree_attention, tree=None), partial(unroll_draft, tree=tree))
+    return cfg, gm
+
+
+@pytest.mark.parametrize("tree", [chain(3), "mc_sim_7b_63"], ids=["chain-3", "mc_sim_7b_63"])
+def test_unroll_draft_matches_eager_step(target, draft, bushy, tree):
+    tree = bushy if tree == "mc_sim_7b_63" else tree
+    cfg, gm = _unrolled(target, draft, tree)
+    n_layers = len(draft.layers)
+    # Shape: catch-up + one forward per level that has children; top-k per drafted level.
+    n_fwd = 1 + len({tree.depth[p] for p in tree.parent[1:] if p != 0})
+    assert gm.meta["pass_counts"]["unroll_draft"] == n_fwd
+    assert count_ops(gm, TREE_ATTN) == n_fwd * n_layers
+    assert count_ops(gm, aten.topk.default) == tree.max_depth
+    assert list(placeholders(gm)) == ["acc_tokens", "acc_feats", "n_acc", "cache_len",
+                                      *cache_names(gm)]
+    assert gm.meta["output_names"] == ["tree_tokens", *cache_names(gm)]
+    FileCheck().check("spec.tree_attention").check("aten.topk").check("spec.tree_attention") \
+        .check("aten.cat").run(str(gm.graph))
+
+    for seed, n_acc in ((0, [1, 1]), (1, [3, 3]), (2, [1, 3]), (3, [3, 1])):
+        x = draft_step_inputs(cfg, seed, n_acc)
+        out = call(gm, x)
+        assert out["tree_tokens"].shape == (cfg.batch_size, tree.n_nodes)
+        for b in range(cfg.batch_size):
+            tokens, caches = draft_step_reference(draft, tree, x, b)
+            assert out["tree_tokens"][b].tolist() == tokens, f"seed {seed} row {b}"
+            c, n = int(x["cache_len"][b]), n_acc[b]
+            for k, ref in zip(cache_names(gm), caches, strict=True):
+                # the catch-up pairs' K/V at slots cache_len - n_acc .. cache_len - 1
+                close(out[k][b, :, c - n:c], ref[0, :, c - n:c], f"{k} row {b} catch-up")
+                exact(out[k][b, :, :c - n], x[k][b, :, :c - n], f"{k} row {b} untouched")
+
+
+def test_unroll_draft_requires_tree_attention(target, draft, bushy):
+    cfg = config(target, draft, bushy)
+    gm = apply(traced(cfg, "draft", draft), cleanup, fuse_projections)  # still causal SDPA
+    n = len(gm.graph.nodes)
+    with pytest.raises(SpecCompileError, match="unroll_draft: 0 matches"):
+        unroll_draft(gm, tree=bushy)
+    assert len(gm.graph.nodes) == n
