@@ -104,7 +104,8 @@ def load(engine_dir: str | Path, device: str | None = None):
                            ("acc_feats", (B, D1, spec.model.hidden_size), spec.dtype)):
         state.setdefault(key, torch.zeros(shape, dtype=dt, device=device))
     tok = None
-    if (engine_dir / "tokenizer").is_dir():
-        tok = engine_dir / "tokenizer"
+    tdir = engine_dir / "tokenizer"
+    if any((tdir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        tok = tdir
     print(f"loaded {engine_dir} ({len(graphs)} graphs, backend {m['backend']})", file=sys.stderr)
     return Engine(spec, graphs, state, tok)
