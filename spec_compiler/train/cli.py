@@ -1,0 +1,137 @@
+"""`spec-train MODEL_DIR --out DRAFT_DIR`: an EAGLE draft head by online distillation.
+
+The loop: take `--gen-batch` prompts (shuffled epochs over the prompt file), let the target
+continue them itself (greedy unless --temperature) up to --max-new-tokens, keeping its features;
+then make `--reuse` passes over that batch in minibatches of `--batch-size` sequences, one
+optimizer step each; repeat until `--tokens` supervised positions have been trained (or
+--max-steps). Generation is the slow part on a CPU, which is why each batch is reused.
+
+Output (DRAFT_DIR): config.json + model.safetensors in the EAGLE-1/2 reference format (what
+`spec-compile --draft` reads), and training.json (command line, settings, prompt-file sha256,
+model hashes, final metrics, history). Checkpoints: DRAFT_DIR/checkpoints (or --checkpoint-dir);
+`--resume` continues from the newest one. Bad input: one line `error: ...`, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import SpecCompileError
+from .data import DEFAULT_TRAIN_PROMPTS, sha256_file
+
+# Settings a resumed run must share with the checkpoint (the rest are stop criteria or plumbing).
+RESUME_KEYS = ("layers", "max_new_tokens", "gen_batch", "batch_size", "reuse", "lr", "warmup",
+               "w_feat", "w_kl", "noise", "temperature", "seed", "weight_decay", "grad_clip",
+               "max_prompt_tokens")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spec-train", description=(
+        "Train an EAGLE draft head for a Llama checkpoint by online distillation: the target "
+        "generates its own continuations of a prompt set, and the draft learns its features "
+        "and next-token distributions."))
+    a = p.add_argument
+    a("model_dir", type=Path, help="Hugging Face Llama checkpoint directory (with tokenizer)")
+    a("--out", type=Path, required=True, help="draft directory to write")
+    a("--layers", type=int, default=1, help="draft decoder layers (default 1)")
+    a("--prompts", type=Path, default=DEFAULT_TRAIN_PROMPTS,
+      help="JSON-lines prompt file (default: the packaged training prompts)")
+    a("--tokens", type=int, default=1_000_000,
+      help="stop after this many supervised positions trained, reuse counted (default 1M)")
+    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    a("--max-new-tokens", type=int, default=192, help="continuation length per prompt (default 192)")
+    a("--max-prompt-tokens", type=int, default=512, help="prompts are cut to their last N tokens")
+    a("--gen-batch", type=int, default=64, help="prompts the target continues at once (default 64)")
+    a("--batch-size", type=int, default=8, help="sequences per optimizer step (default 8)")
+    a("--reuse", type=int, default=2, help="optimizer passes over each generated batch (default 2)")
+    a("--lr", type=float, default=5e-4, help="AdamW peak learning rate (default 5e-4)")
+    a("--warmup", type=int, default=20, help="linear warm-up steps (default 20)")
+    a("--weight-decay", type=float, default=0.0)
+    a("--grad-clip", type=float, default=0.5, help="gradient-norm clip (default 0.5, as EAGLE)")
+    a("--w-feat", type=float, default=1.0, help="weight of the SmoothL1 feature loss (default 1.0)")
+    a("--w-kl", type=float, default=0.1, help="weight of the KL to the target (default 0.1)")
+    a("--noise", type=float, default=0.05,
+      help="uniform input-feature noise, half-width as a fraction of the feature RMS (default 0.05)")
+    a("--temperature", type=float, default=0.0,
+      help="target sampling temperature for the continuations (default 0: greedy)")
+    a("--seed", type=int, default=0)
+    a("--device", choices=("cpu", "cuda"), default="cpu")
+    a("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    a("--save-every", type=int, default=50, help="checkpoint every N steps (default 50)")
+    a("--checkpoint-dir", type=Path, default=None, help="default: DRAFT_DIR/checkpoints")
+    a("--resume", action="store_true", help="continue from the newest checkpoint")
+    a("--save-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    a("--log-every", type=int, default=5, help="progress line every N steps (default 5)")
+    a("--eval-prompts", type=Path, default=None,
+      help="after training, score the draft on these prompts' continuations (training.json)")
+    a("--eval-n", type=int, default=32, help="prompts of --eval-prompts to score (default 32)")
+    return p
+
+
+def _check_args(args) -> None:
+    for flag in ("layers", "tokens", "max_new_tokens", "max_prompt_tokens", "gen_batch",
+                 "batch_size", "reuse", "save_every", "log_every", "eval_n"):
+        v = getattr(args, flag)
+        if v <= 0:
+            raise SpecCompileError(f"--{flag.replace('_', '-')} {v}: must be a positive integer")
+    if args.max_steps is not None and args.max_steps <= 0:
+        raise SpecCompileError(f"--max-steps {args.max_steps}: must be a positive integer")
+    if not args.lr > 0:
+        raise SpecCompileError(f"--lr {args.lr}: must be positive")
+    for flag in ("w_feat", "w_kl", "noise", "temperature", "weight_decay", "grad_clip"):
+        if getattr(args, flag) < 0:
+            raise SpecCompileError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 0")
+    if args.w_feat == 0 and args.w_kl == 0:
+        raise SpecCompileError("--w-feat and --w-kl are both 0: nothing to train")
+    if not args.model_dir.is_dir():
+        raise SpecCompileError(f"MODEL_DIR {args.model_dir}: no such directory")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SpecCompileError("--device cuda: no CUDA device is available; use --device cpu")
+    if args.threads is not None and args.threads <= 0:
+        raise SpecCompileError(f"--threads {args.threads}: must be a positive integer")
+    if not args.resume:
+        if (args.out / "model.safetensors").exists() or (args.out / "training.json").exists():
+            raise SpecCompileError(f"--out {args.out} already holds a trained draft; choose another "
+                                   "directory or remove it")
+        if list((args.checkpoint_dir or args.out / "checkpoints").glob("step-*.pt")):
+            raise SpecCompileError(f"--out {args.out} has checkpoints from an earlier run; pass "
+                                   "--resume to continue it, or remove them")
+
+
+def _settings(args) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)
+    try:
+        from .loop import train
+
+        train(args, command=shlex.join(["spec-train", *argv]))
+    except SpecCompileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: continue with the same command plus --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""The training loop behind `spec-train` (flags: see cli.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import DraftConfig
+from ..errors import SpecCompileError
+from ..loading import DTYPES, load_target, save_draft
+from ..models.eagle import EagleDraft
+from .checkpoint import list_checkpoints, load_latest, save_checkpoint
+from .cli import RESUME_KEYS, _check_args, _settings, _write_json_atomic
+from .data import (batch_prompt_ids, encode_prompts, load_tokenizer, read_prompts, sha256_file)
+from .distill import collate, distill_loss, lr_at, minibatches, supervised_range
+from .generate import Sequence, generate
+
+FROZEN = ("embed_tokens.", "lm_head.")  # the target's, shared and frozen
+
+
+def build_draft(target, n_layers: int, seed: int) -> EagleDraft:
+    """A fresh draft (PyTorch default init) sharing the target's embedding and lm_head."""
+    cfg = DraftConfig(n_layers=n_layers, fc_bias=True, has_embed=False,
+                      layer=dataclasses.replace(target.cfg, n_layers=n_layers))
+    torch.manual_seed(seed)
+    with torch.device(target.embed_tokens.weight.device):
+        draft = EagleDraft(cfg, target.cfg)
+    draft.embed_tokens.weight = target.embed_tokens.weight
+    draft.lm_head.weight = target.lm_head.weight
+    return draft
+
+
+def trainable(draft: EagleDraft) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in draft.named_parameters() if not n.startswith(FROZEN)}
+
+
+def _seed(*parts: int) -> torch.Generator:
+    s = 0
+    for p in parts:
+        s = (s * 1_000_003 + p) % (1 << 62)
+    return torch.Generator().manual_seed(s)
+
+
+def _pack(seqs: list[Sequence]) -> dict:
+    return {"tokens": [s.tokens for s in seqs], "features": [s.features for s in seqs],
+            "prompt_len": [s.prompt_len for s in seqs], "ended": [s.ended for s in seqs]}
+
+
+def _unpack(d: dict) -> list[Sequence]:
+    return [Sequence(*z) for z in zip(d["tokens"], d["features"], d["prompt_len"], d["ended"])]
+
+
+def _hash_weights(model_dir: Path) -> str:
+    files = sorted(model_dir.glob("*.safetensors"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+class _Meter:
+    """Token-weighted running means of the step metrics."""
+
+    def __init__(self):
+        self.sums, self.n, self.steps = {}, 0, 0
+
+    def add(self, m: dict, n: int):
+        for k, v in m.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v * n
+        self.n += n
+        self.steps += 1
+
+    def means(self) -> dict:
+        return {k: v / max(1, self.n) for k, v in self.sums.items()}
+
+
+def _fmt_t(s: float) -> str:
+    return f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def train(args, command: str) -> dict:
+    _check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    ckpt_dir = args.checkpoint_dir or args.out / "checkpoints"
+    rows = read_prompts(args.prompts)
+    target = load_target(args.model_dir).to(dev)
+    target.requires_grad_(False)
+    ids = encode_prompts(rows, load_tokenizer(args.model_dir), target.cfg.vocab_size, args.prompts,
+                         args.max_prompt_tokens)
+    eos = target.cfg.eos_token_ids
+    info = {
+        "prompts": {"path": str(args.prompts), "sha256": sha256_file(args.prompts),
+                    "n_prompts": len(ids)},
+        "model": {"dir": str(args.model_dir),
+                  "config_sha256": sha256_file(args.model_dir / "config.json"),
+                  "weights_sha256": _hash_weights(args.model_dir)},
+    }
+
+    draft = build_draft(target, args.layers, args.seed)
+    params = trainable(draft)
+    opt = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.95),
+                            weight_decay=args.weight_decay)
+    noise_gen = torch.Generator().manual_seed(args.seed)
+    st = {"step": 0, "tokens_seen": 0, "generated": 0, "gen_idx": 0, "pass": 0, "mb": 0,
+          "train_s": 0.0, "gen_s": 0.0, "history": [], "commands": [command]}
+    seqs: list[Sequence] | None = None
+    if args.resume:
+        path, ck = load_latest(ckpt_dir)
+        _check_resume(ck, args, info, path)
+        for n, p in params.items():
+            p.data.copy_(ck["draft"][n])
+        opt.load_state_dict(ck["optimizer"])
+        noise_gen.set_state(ck["noise_rng"])
+        st = {**ck["state"], "commands": ck["state"]["commands"] + [command]}
+        seqs = _unpack(ck["batch"]) if ck["batch"] is not None else None
+        print(f"resumed from {path} at step {st['step']} ({st['tokens_seen']} tokens)",
+              file=sys.stderr)
+    draft.train()
+
+    def checkpoint():
+        save_checkpoint(ckpt_dir, st["step"], {
+            "draft": {n: p.detach().cpu() for n, p in params.items()},
+            "optimizer": opt.state_dict(), "noise_rng": noise_gen.get_state(), "state": st,
+            "settings": _settings(args), "info": info,
+            "batch": _pack(seqs) if seqs is not None else None})
+
+    meter, recent = _Meter(), []
+    t_log, n_log = time.time(), 0
+    done = _done(st, args)
+    while not done:
+        if seqs is None:
+            t0 = time.time()
+            pids = batch_prompt_ids(len(ids), args.gen_batch, st["gen_idx"], args.seed)
+            seqs = generate(target, [ids[i] for i in pids], args.max_new_tokens, eos,
+                            args.temperature, _seed(args.seed, st["gen_idx"], 1))
+            dt = time.time() - t0
+            new = sum(s.n_new for s in seqs)
+            st["gen_s"] += dt
+            st["generated"] += new
+            seqs = [s for s in seqs if supervised_range(s)[1] > supervised_range(s)[0]]
+            print(f"gen batch {st['gen_idx']}: {len(pids)} prompts, {new} new tokens in {dt:.0f}s "
+                  f"({new / dt:.1f} tok/s)", file=sys.stderr, flush=True)
+            if not seqs:  # every continuation too short to supervise: next batch
+                st["gen_idx"] += 1
+                seqs = None
+                continue
+        groups = minibatches(seqs, args.batch_size, _seed(args.seed, st["gen_idx"], 2, st["pass"]))
+        while st["mb"] < len(groups) and not done:
+            t0 = time.time()
+            batch = collate([seqs[i] for i in groups[st["mb"]]], dev)
+            lr = lr_at(st["step"], st["tokens_seen"], args.lr, args.warmup, args.tokens)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss, m = distill_loss(draft, batch, args.w_feat, args.w_kl, args.noise, noise_gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params.values(), args.grad_clip)
+            opt.step()
+            n = batch.n_tokens
+            st["step"] += 1
+            st["tokens_seen"] += n
+            st["mb"] += 1
+            st["train_s"] += time.time() - t0
+            meter.add(m, n)
+            recent = (recent + [(m, n)])[-20:]
+            n_log += n
+            done = _done(st, args)
+            if st["step"] % args.log_every == 0 or done:
+                _log(st, args, meter, lr, n_log / max(1e-9, time.time() - t_log))
+                meter, t_log, n_log = _Meter(), time.time(), 0
+            if st["mb"] == len(groups):  # advance the cursor before a checkpoint records it
+                st["pass"], st["mb"] = st["pass"] + 1, 0
+                if st["pass"] == args.reuse:
+                    st["pass"], seqs = 0, None
+                    st["gen_idx"] += 1
+            if st["step"] % args.save_every == 0 or done:
+                checkpoint()
+            if st["mb"] == 0:
+                break
+
+    final = _Meter()
+    for m, n in recent:
+        final.add(m, n)
+    metrics = {"step": st["step"], "tokens_seen": st["tokens_seen"],
+               "generated_tokens": st["generated"], "last_20_steps": final.means()}
+    dev_eval = _dev_eval(draft, target, args) if args.eval_prompts else None
+    _write_draft(draft, args, info, st, metrics, dev_eval)
+    return metrics
+
+
+def _done(st, args) -> bool:
+    return st["tokens_seen"] >= args.tokens or (args.max_steps is not None
+                                                and st["step"] >= args.max_steps)
+
+
+def _log(st, args, meter, lr, tps):
+    m = meter.means()
+    gen_tps = st["generated"] / max(1e-9, st["gen_s"])
+    print(f"step {st['step']} | tokens {st['tokens_seen']}/{args.tokens} | loss {m['loss']:.4f} "
+          f"(feat {m['feat']:.4f}, kl {m['kl']:.3f}) | acc {m['acc']:.3f} | lr {lr:.2e} | "
+          f"{tps:.0f} tok/s (gen {gen_tps:.1f} tok/s) | train {_fmt_t(st['train_s'])} "
+          f"gen {_fmt_t(st['gen_s'])}", file=sys.stderr, flush=True)
+    st["history"].append({"step": st["step"], "tokens_seen": st["tokens_seen"], "lr": lr,
+                          **{k: round(v, 5) for k, v in m.items()}})
+
+
+def _check_resume(ck: dict, args, info: dict, path: Path) -> None:
+    old = ck["settings"]
+    diff = [k for k in RESUME_KEYS if old.get(k) != getattr(args, k)]
+    if diff:
+        k = diff[0]
+        raise SpecCompileError(f"--resume: {path} was trained with --{k.replace('_', '-')} "
+                               f"{old.get(k)}, this run has {getattr(args, k)}; use the same "
+                               "settings to continue")
+    for what in ("prompts", "model"):
+        if ck["info"][what]["sha256" if what == "prompts" else "config_sha256"] != \
+                info[what]["sha256" if what == "prompts" else "config_sha256"]:
+            raise SpecCompileError(f"--resume: {path} was trained on other {what} "
+                                   f"({ck['info'][what]['path' if what == 'prompts' else 'dir']}); "
+                                   "use the same ones to continue")
+
+
+def _dev_eval(draft, target, args) -> dict:
+    from .evaluate import chain_acceptance
+
+    rows = read_prompts(args.eval_prompts)[:args.eval_n]
+    ids = encode_prompts(rows, load_tokenizer(args.model_dir), target.cfg.vocab_size,
+                         args.eval_prompts, args.max_prompt_tokens)
+    t0 = time.time()
+    seqs = []
+    for r in range(0, len(ids), args.gen_batch):
+        seqs += generate(target, ids[r:r + args.gen_batch], args.max_new_tokens,
+                         target.cfg.eos_token_ids)
+    draft.eval()
+    res = chain_acceptance(draft, seqs)
+    res.update(prompts=str(args.eval_prompts), sha256=sha256_file(args.eval_prompts),
+               n_prompts=len(ids), max_new_tokens=args.max_new_tokens,
+               seconds=round(time.time() - t0, 1))
+    print(f"dev: top-1 {res['top1']:.3f}, chain-1..5 tokens/call "
+          f"{', '.join(f'{x:.2f}' for x in res['chain_tokens_per_call'])}", file=sys.stderr)
+    return res
+
+
+def _write_draft(draft, args, info, st, metrics, dev_eval) -> None:
+    import transformers
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp = args.out / ".tmp-draft"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_draft(draft.cpu() if args.device == "cpu" else draft, tmp, dtype=DTYPES[args.save_dtype])
+    for f in ("model.safetensors", "config.json"):
+        (tmp / f).replace(args.out / f)
+    tmp.rmdir()
+    _write_json_atomic(args.out / "training.json", {
+        "format": "spec-train/1",
+        "command": st["commands"][0],
+        "resume_commands": st["commands"][1:],
+        "settings": _settings(args),
+        **info,
+        "draft": {"n_layers": args.layers, "fc_bias": True, "shares": ["embed_tokens", "lm_head"],
+                  "save_dtype": args.save_dtype,
+                  "trainable_params": sum(p.numel() for p in trainable(draft).values())},
+        "final_metrics": metrics,
+        "dev_eval": dev_eval,
+        "time": {"train_s": round(st["train_s"], 1), "gen_s": round(st["gen_s"], 1)},
+        "history": st["history"],
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    })
+    print(f"wrote {args.out} (step {st['step']}, {st['tokens_seen']} tokens)", file=sys.stderr)

@@ -1,0 +1,204 @@
+"""spec-train on tiny random Llamas (CPU, seconds): the training forward is EagleDraft.forward,
+generation matches transformers' greedy output and a full forward's features, the loss falls,
+the written draft loads, resume continues bit-for-bit, bad input exits 2 with one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers import hf_greedy
+from spec_compiler.loading import load_draft, load_target, read_draft_state
+from spec_compiler.train.cli import main
+from spec_compiler.train.data import batch_prompt_ids, sha256_file
+from spec_compiler.train.distill import collate, distill_loss, draft_hidden
+from spec_compiler.train.evaluate import chain_acceptance
+from spec_compiler.train.generate import generate
+from spec_compiler.train.loop import build_draft, trainable
+
+
+def _randomize(draft, seed=1):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in trainable(draft).values():
+            p.normal_(0, 0.3)
+    return draft
+
+
+def _prompts(n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (int(torch.randint(1, 12, (1,), generator=g)),),
+                          generator=g).tolist() for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "p.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "input_ids": p}) + "\n"
+                            for i, p in enumerate(_prompts(24))))
+    return path
+
+
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_draft_hidden_is_eagle_forward_block_and_incremental(tiny_dirs, n_layers):
+    target = load_target(tiny_dirs["llama3_rope"])
+    draft = build_draft(target, n_layers, seed=0).eval()  # PyTorch default init
+    B, T, H = 2, 9, target.cfg.hidden_size
+    tokens, feats = torch.randint(0, 128, (B, T)), torch.randn(B, T, H)
+    with torch.no_grad():
+        g = draft_hidden(draft, tokens, feats)
+        kv = [torch.zeros(draft.cache_shape(B, T)) for _ in range(2 * n_layers)]
+        logits, out, *_ = draft(tokens, feats, torch.arange(T).expand(B, T),
+                                torch.zeros(B, dtype=torch.long), *kv)
+        torch.testing.assert_close(g, out, rtol=0, atol=0)
+        torch.testing.assert_close(draft.lm_head(g).float(), logits, rtol=0, atol=0)
+        kv = [torch.zeros(draft.cache_shape(B, T)) for _ in range(2 * n_layers)]
+        for t in range(T):  # the engine's use: one pair at a time through the cache
+            pos = torch.full((B,), t)
+            lt, gt, *kv = draft(tokens[:, t:t + 1], feats[:, t:t + 1], pos[:, None], pos, *kv)
+            torch.testing.assert_close(gt[:, 0], g[:, t], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(lt[:, 0], logits[:, t], rtol=1e-5, atol=1e-5)
+
+
+def test_generate_matches_hf_greedy_and_full_forward(tiny_dir):
+    target = load_target(tiny_dir)
+    prompts = _prompts(5)
+    free = generate(target, prompts, 10, eos_ids=())
+    stop = free[1].tokens[free[1].prompt_len + 3].item()  # a token row 1 emits: force an EOS
+    seqs = generate(target, prompts, 10, eos_ids=(stop,), grow=3, prefill_rows=2)
+    assert any(s.ended for s in seqs)
+    for p, s in zip(prompts, seqs):
+        ref = hf_greedy(tiny_dir, p, 10, eos=[stop])
+        ref = ref[:ref.index(stop) + 1] if stop in ref else ref
+        assert s.tokens[:len(p)].tolist() == p and s.tokens[len(p):].tolist() == ref
+        L = len(s.tokens)
+        kv = [torch.zeros(target.cache_shape(1, L)) for _ in range(2 * target.cfg.n_layers)]
+        with torch.no_grad():
+            _, hidden, *_ = target(s.tokens[None], torch.arange(L)[None],
+                                   torch.zeros(1, dtype=torch.long), *kv)
+        n = L - 1 if s.ended else L  # the EOS token is never fed: its feature row is zero
+        torch.testing.assert_close(s.features[:n], hidden[0, :n], rtol=1e-4, atol=1e-4)
+        assert not s.features[n:].any()
+
+
+def test_loss_decreases_on_fixed_batch(tiny_dir):
+    target = load_target(tiny_dir)
+    target.requires_grad_(False)
+    batch = collate(generate(target, _prompts(6), 16, eos_ids=()), "cpu")
+    draft = build_draft(target, 1, seed=0)
+    opt = torch.optim.AdamW(trainable(draft).values(), lr=3e-3)
+    first = None
+    for _ in range(40):
+        loss, m = distill_loss(draft, batch, 1.0, 0.1, noise=0.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first or m
+    assert m["loss"] < 0.6 * first["loss"], (first, m)
+    assert m["acc"] > first["acc"]
+    assert not any(p.grad is not None for p in (target.embed_tokens.weight, target.lm_head.weight))
+
+
+def test_chain_acceptance_matches_incremental_drafting(tiny_dir):
+    target = load_target(tiny_dir)
+    draft = _randomize(build_draft(target, 1, seed=0), seed=3).eval()
+    seqs = generate(target, _prompts(2, seed=4), 8, eos_ids=())
+    depth = 3
+    res = chain_acceptance(draft, seqs, depth)
+    lens = []
+    for s in seqs:
+        x, f, P, L = s.tokens, s.features, s.prompt_len, len(s.tokens)
+        for i in range(P - 1, L - 1 - depth):  # from scratch: true pairs 0..i, then draft alone
+            kv = [torch.zeros(draft.cache_shape(1, L + depth)) for _ in range(2)]
+            with torch.no_grad():
+                lg, g, *kv = draft(x[None, 1:i + 2], f[None, :i + 1], torch.arange(i + 1)[None],
+                                   torch.zeros(1, dtype=torch.long), *kv)
+                y, g, n = lg[0, -1].argmax(), g[:, -1:], 0
+                for d in range(depth):
+                    if y != x[i + 2 + d]:
+                        break
+                    n += 1
+                    pos = torch.tensor([i + 1 + d])
+                    lg, g, *kv = draft(y.view(1, 1), g, pos[None], pos, *kv)
+                    y = lg[0, 0].argmax()
+            lens.append(n)
+    assert res["n_starts"] == len(lens)
+    assert res["chain_accepted"][-1] == pytest.approx(sum(lens) / len(lens))
+
+
+def test_batch_prompt_ids_walks_shuffled_epochs():
+    got = [batch_prompt_ids(10, 4, k, seed=0) for k in range(5)]  # 20 prompts = 2 epochs
+    flat = sum(got, [])
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
+    assert flat[:10] != flat[10:]
+    assert got == [batch_prompt_ids(10, 4, k, seed=0) for k in range(5)]
+
+
+ARGS = ["--max-new-tokens", "12", "--gen-batch", "8", "--batch-size", "3", "--reuse", "2",
+        "--lr", "2e-3", "--warmup", "2", "--log-every", "2", "--save-dtype", "bfloat16"]
+
+
+def test_cli_writes_loadable_draft_and_resumes_exactly(tiny_dir, prompt_file, tmp_path, capsys):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = [str(tiny_dir), "--prompts", str(prompt_file), "--layers", "2", *ARGS]
+    assert main([*common, "--out", str(straight), "--max-steps", "9"]) == 0
+    assert main([*common, "--out", str(split), "--max-steps", "5", "--save-every", "100"]) == 0
+    assert main([*common, "--out", str(split), "--max-steps", "9", "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().err
+
+    info = json.loads((split / "training.json").read_text())
+    assert info["final_metrics"]["step"] == 9
+    assert info["command"].startswith("spec-train ") and "--max-steps 5" in info["command"]
+    assert len(info["resume_commands"]) == 1 and "--resume" in info["resume_commands"][0]
+    assert info["prompts"]["sha256"] == sha256_file(prompt_file)
+    assert info["model"]["config_sha256"] == sha256_file(tiny_dir / "config.json")
+    assert info["settings"]["layers"] == 2 and info["history"]
+
+    a, b = read_draft_state(straight), read_draft_state(split)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+    H = 64
+    assert a["fc.weight"].shape == (H, 2 * H) and a["fc.weight"].dtype == torch.bfloat16
+    assert "fc.bias" in a and "layers.1.input_layernorm.weight" in a
+    assert "layers.0.input_layernorm.weight" not in a
+    assert not any(k.startswith(("embed_tokens", "lm_head")) for k in a)
+    target = load_target(tiny_dir)
+    draft = load_draft(straight, target)
+    assert draft.cfg.n_layers == 2 and draft.lm_head.weight is target.lm_head.weight
+
+
+def _one_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_bad_inputs_exit_2_with_one_line(tiny_dir, prompt_file, tmp_path, capsys):
+    out = ["--out", str(tmp_path / "d")]
+    assert "no such directory" in _one_error(capsys, [str(tmp_path / "nope"), *out])
+    assert "no such file" in _one_error(capsys, [str(tiny_dir), *out, "--prompts",
+                                                 str(tmp_path / "none.jsonl")])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": \n')
+    assert "bad.jsonl:2" in _one_error(capsys, [str(tiny_dir), *out, "--prompts", str(bad)])
+    bad.write_text('{"text": "no prompt field"}\n')
+    assert "prompt" in _one_error(capsys, [str(tiny_dir), *out, "--prompts", str(bad)])
+    bad.write_text('{"input_ids": [1, 2, 999]}\n')
+    assert "vocab_size" in _one_error(capsys, [str(tiny_dir), *out, "--prompts", str(bad)])
+    bad.write_text('{"prompt": "text needs a tokenizer"}\n')
+    assert "tokenizer" in _one_error(capsys, [str(tiny_dir), *out, "--prompts", str(bad)])
+    assert "--layers" in _one_error(capsys, [str(tiny_dir), *out, "--layers", "0"])
+    assert "--resume" in _one_error(capsys, [str(tiny_dir), *out, "--prompts", str(prompt_file),
+                                             "--resume"])
+    done = tmp_path / "done"
+    assert main([str(tiny_dir), "--out", str(done), "--prompts", str(prompt_file), *ARGS,
+                 "--max-steps", "2"]) == 0
+    capsys.readouterr()
+    assert "already holds" in _one_error(capsys, [str(tiny_dir), "--out", str(done)])
+    assert "--lr" in _one_error(capsys, [str(tiny_dir), "--out", str(done), "--prompts",
+                                         str(prompt_file), *ARGS, "--lr", "1e-2", "--resume"])
