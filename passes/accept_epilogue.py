@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from spec_compiler.errors import SpecCompileError
 from spec_compiler.trees import TreeSpec
 
 from .infra import aten, finish, outputs, placeholders, record, register_constant, require, set_outputs
@@ -28,6 +29,9 @@ from .infra import aten, finish, outputs, placeholders, record, register_constan
 
 def accept_epilogue(gm: fx.GraphModule, *, tree: TreeSpec) -> fx.GraphModule:
     ph, outs = placeholders(gm), outputs(gm)
+    if "logits" not in outs or "hidden" not in outs:
+        raise SpecCompileError("accept_epilogue: the graph returns no logits/hidden to accept "
+                               f"from (outputs: {list(outs)}); it runs once, on the verify graph")
     tokens, cache_len = ph["tokens"], ph["cache_len"]
     g = gm.graph
     D = tree.max_depth

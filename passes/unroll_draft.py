@@ -22,6 +22,7 @@ import operator
 import torch
 from torch import fx
 
+from spec_compiler.errors import SpecCompileError
 from spec_compiler.trees import TreeSpec
 
 from .infra import aten, finish, inline_graph, outputs, placeholders, record, require, set_outputs
@@ -35,6 +36,10 @@ def unroll_draft(gm: fx.GraphModule, *, tree: TreeSpec) -> fx.GraphModule:
     src.meta = src_meta
     attn = [n for n in src_graph.nodes if str(n.target) == TREE_ATTN]
     require("unroll_draft", len(attn), "tree_attention nodes in the one-level draft graph")
+    missing = {"tokens", "features", "input_pos", "cache_len"} - set(placeholders(src))
+    if missing:
+        raise SpecCompileError(f"unroll_draft: the graph has no input(s) {sorted(missing)}; it runs "
+                               "once, on the one-level draft graph")
     caches = [k for k in placeholders(src) if k.startswith(("k_", "v_"))]
     g = fx.Graph()
     b = _Builder(g, gm)

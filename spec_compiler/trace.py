@@ -34,6 +34,11 @@ def trace(module: torch.nn.Module, args: tuple, input_names: list[str], output_n
     # A plain GraphModule: flat inputs/outputs (no pytree codegen, no input-spec check hooks).
     gm = fx.GraphModule(unlifted, unlifted.graph)
     gm.graph._codegen = fx.graph.CodeGen()
+    for n in list(gm.graph.nodes):  # export's input-guard hook: shapes are fixed from here on
+        if n.op == "call_module" and n.target == "_guards_fn" and not n.users:
+            gm.graph.erase_node(n)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
     for node, name in zip([n for n in gm.graph.nodes if n.op == "placeholder"], input_names):
         node.name = node.target = name
     n_out = len(next(n for n in gm.graph.nodes if n.op == "output").args[0])
