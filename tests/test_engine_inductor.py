@@ -1,0 +1,103 @@
+"""Inductor backend end to end, one engine per tree kind, and loading without compiling.
+
+Each engine is an AOTInductor build of the four step graphs; generation must be token-identical
+to transformers. The static-tree engine uses the oracle draft, so acceptance and KV compaction
+run in compiled code. A fresh process with an empty Inductor cache and Inductor's compile entry
+points patched to raise must load an engine and generate the same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import OracleDraft, build_engine, expected_emitted, hf_greedy
+from runtime import Engine
+from spec_compiler.loading import load_draft, load_target
+from spec_compiler.trees import resolve_tree
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = [17, 45, 3, 99, 12, 7, 88, 23, 64, 31, 5]
+RANK_OF, POISONED = (lambda p: (p // 2) % 2), (lambda p: p % 9 in (0, 4))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_dir, tiny_draft_dir):
+    root = tmp_path_factory.mktemp("inductor")
+    (root / "tree.json").write_text(json.dumps([[0], [1], [0, 0], [1, 0], [0, 0, 0]]))
+    seq = PROMPT + hf_greedy(tiny_dir, PROMPT, 200, eos=[])
+    oracle = OracleDraft(load_draft(tiny_draft_dir, load_target(tiny_dir)), seq, 128, 128, RANK_OF, POISONED)
+    engines = {
+        "static": build_engine(root / "static", tiny_dir, tree="mc_sim_7b_63", draft_dir=tiny_draft_dir,
+                               backend="inductor", max_seq_len=128, draft_module=oracle),
+        "chain": build_engine(root / "chain", tiny_dir, tree="chain-2", draft_dir=tiny_draft_dir,
+                              backend="inductor", max_seq_len=128),
+        "user": build_engine(root / "user", tiny_dir, tree=str(root / "tree.json"),
+                             draft_dir=tiny_draft_dir, backend="inductor", max_seq_len=128),
+    }
+    return engines, seq
+
+
+@pytest.mark.parametrize("kind", ["static", "chain", "user"])
+def test_inductor_engine_matches_transformers(built, tiny_dir, kind):
+    engines, seq = built
+    engine = Engine.load(engines[kind])
+    assert engine.spec.backend == "inductor"
+    for p in (PROMPT, [9] * 20):
+        res = engine.generate(p, max_new_tokens=50)
+        assert res.output_ids == hf_greedy(tiny_dir, p, 50)
+    if kind == "static":  # the oracle: acceptance + compaction in compiled code
+        res = engine.generate(PROMPT, max_new_tokens=60)
+        assert res.output_ids == seq[len(PROMPT):len(PROMPT) + 60]
+        exp = expected_emitted(resolve_tree("mc_sim_7b_63"), len(PROMPT), res.verify_calls, RANK_OF, POISONED)
+        assert res.accept_lengths[:-1] == exp[:-1] and res.tokens_per_call > 2.0
+
+
+def test_manifest_records_passes(built):
+    engines, _ = built
+    m = json.loads((engines["static"] / "manifest.json").read_text())
+    assert m["backend"] == "inductor" and len(m["fingerprint"]) == 64
+    assert set(m["graphs"]) == {"prefill", "verify", "draft_prefill", "draft"}
+    for name, g in m["graphs"].items():
+        assert g["passes"][-1] == "cleanup" and "static_kv_cache" in g["passes"]
+        for p in ("tree_attention", "static_kv_cache", "fuse_projections"):
+            assert g["pass_counts"][p] > 0, (name, p)
+    assert m["graphs"]["draft"]["pass_counts"]["unroll_draft"] > 0
+    assert m["graphs"]["verify"]["pass_counts"]["accept_epilogue"] > 0
+    assert set(m["files"]) >= {"weights.safetensors", "verify.pt2", "draft.pt2"}
+
+
+NO_COMPILE = r"""
+import json, sys
+import torch, torch._inductor, torch._inductor.codecache as cc, torch._inductor.compile_fx as cf
+
+def boom(*a, **k):
+    raise AssertionError("Inductor compiled while loading an engine")
+
+torch._inductor.aoti_compile_and_package = boom
+torch._inductor.aot_compile = boom
+cf.compile_fx = cf.compile_fx_inner = cf.compile_fx_aot = boom
+cc.AotCodeCompiler.compile = staticmethod(boom)
+cc.CppCodeCache.load = boom
+torch.compile = boom
+from runtime import Engine
+e = Engine.load(sys.argv[1])
+r = e.generate(json.loads(sys.argv[2]), max_new_tokens=30)
+print(json.dumps(r.output_ids))
+"""
+
+
+def test_load_compiles_nothing(built, tmp_path, tiny_dir):
+    engines, _ = built
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "empty_cache"),
+           "TMPDIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", NO_COMPILE, str(engines["chain"]), json.dumps(PROMPT)],
+                       capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == hf_greedy(tiny_dir, PROMPT, 30)
