@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The main job: install, fetch + convert SmolLM2-135M-Instruct, compile it with the shipped
+# EAGLE draft, and answer a chat prompt (text, tokens per call, tokens/s).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+MODEL=models/SmolLM2-135M-Instruct
+ENGINE=engines/smollm2-eagle
+.venv/bin/spec-fetch-smollm2 --out "$MODEL"
+if [ ! -f "$ENGINE/manifest.json" ]; then
+  .venv/bin/spec-compile "$MODEL" --draft drafts/smollm2-eagle --out "$ENGINE" --max-seq-len 1024
+fi
+.venv/bin/spec-run "$ENGINE" --prompt "${1:-What is the capital of France? Answer in one sentence, then name two famous landmarks there.}" --max-new-tokens 128
