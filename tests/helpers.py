@@ -13,6 +13,50 @@ from spec_compiler.loading import load_draft, load_target
 from spec_compiler.pipeline import compile_engine
 from spec_compiler.trees import resolve_tree
 
+# name -> LlamaConfig overrides. All fp32, 2 layers, vocab 128: fast, and decisive enough logits
+# (initializer_range 0.3) that greedy argmax is far from ties.
+TINY_CONFIGS = {
+    "gqa_untied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+    "mha_tied": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
+    "llama3_rope": dict(num_attention_heads=6, num_key_value_heads=2, hidden_size=96,
+                        tie_word_embeddings=False, eos_token_id=[5, 7],
+                        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
+                                         "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 64}),
+}
+
+
+def make_tiny_checkpoint(out: Path, name: str = "gqa_untied", seed: int = 0, **over) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+              initializer_range=0.3, eos_token_id=2, bos_token_id=1, rms_norm_eps=1e-5,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    kw.update(TINY_CONFIGS[name])
+    kw.update(over)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**kw)).eval()
+    model.save_pretrained(out)
+    return out
+
+
+def make_random_draft(out: Path, target_dir: Path, n_layers: int = 1, seed: int = 1) -> Path:
+    from spec_compiler.loading import load_target, save_draft
+    from spec_compiler.config import DraftConfig
+    from spec_compiler.models.eagle import EagleDraft
+
+    target = load_target(target_dir)
+    cfg = DraftConfig(n_layers=n_layers, fc_bias=True, has_embed=False, layer=target.cfg)
+    torch.manual_seed(seed)
+    draft = EagleDraft(cfg, target.cfg)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.normal_(0, 0.3)
+    save_draft(draft, out, dtype=torch.float32)
+    return out
+
 
 def build_engine(out: Path, model_dir: Path, *, tree: str = "mc_sim_7b_63", draft_dir: Path | None = None,
                  backend: str = "eager", max_seq_len: int = 256, chunk: int = 16,

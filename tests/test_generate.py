@@ -15,8 +15,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import make_random_draft
-from helpers import OracleDraft, build_engine, expected_emitted, hf_greedy
+from helpers import OracleDraft, build_engine, expected_emitted, hf_greedy, make_random_draft
 from runtime import Engine
 from spec_compiler.loading import load_draft, load_target
 from spec_compiler.trees import resolve_tree
