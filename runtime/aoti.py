@@ -38,6 +38,9 @@ def _preload_system_libstdcxx() -> str | None:
 
 
 def load_package(path: Path, device: str):
-    if device.startswith("cuda"):
+    """Load an AOTInductor package. On CUDA, single-threaded runners (no per-call CUDA events),
+    so a call can be captured in a CUDA graph (runtime/cuda_graph.py)."""
+    cuda = device.startswith("cuda")
+    if cuda:
         _preload_system_libstdcxx()
-    return torch._inductor.aoti_load_package(str(path))
+    return torch._inductor.aoti_load_package(str(path), run_single_threaded=cuda)
