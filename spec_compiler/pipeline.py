@@ -115,13 +115,24 @@ def compile_engine(cfg: CompileConfig, model_dir: Path, draft_dir: Path | None, 
     draft = draft_module
     if draft is None and draft_dir is not None:
         draft = load_draft(draft_dir, target, cfg.dtype).to(cfg.device)
+    return compile_modules(cfg, target, draft, out_dir, progress, debug_dir, model_dir=model_dir, t0=t0)
+
+
+def compile_modules(cfg: CompileConfig, target: torch.nn.Module, draft: torch.nn.Module | None,
+                    out_dir: Path, progress: Callable[[str], None] = lambda s: None,
+                    debug_dir: Path | None = None, graphs: list[str] | None = None,
+                    model_dir: Path | None = None, t0: float | None = None) -> Path:
+    """Compile already-built modules (benchmarks use random-weight modules). `graphs` limits
+    which step graphs are built (default: all that the tree needs)."""
+    out_dir = Path(out_dir)
+    t0 = time.time() if t0 is None else t0
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     prev = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        manifest = _build(cfg, target, draft, tmp, progress, debug_dir)
-        for f in TOKENIZER_FILES:
+        manifest = _build(cfg, target, draft, tmp, progress, debug_dir, graphs)
+        for f in TOKENIZER_FILES if model_dir is not None else ():
             if (Path(model_dir) / f).is_file():
                 (tmp / "tokenizer").mkdir(exist_ok=True)
                 shutil.copy2(Path(model_dir) / f, tmp / "tokenizer" / f)
@@ -140,10 +151,11 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _build(cfg: CompileConfig, target, draft, tmp: Path, progress, debug_dir) -> Manifest:
+def _build(cfg: CompileConfig, target, draft, tmp: Path, progress, debug_dir, graphs=None) -> Manifest:
     from safetensors.torch import save_file
 
-    graphs = ["prefill", "verify"] + (["draft_prefill", "draft"] if cfg.tree.n_nodes > 1 else [])
+    if graphs is None:
+        graphs = ["prefill", "verify"] + (["draft_prefill", "draft"] if cfg.tree.n_nodes > 1 else [])
     registry = WeightRegistry()
     entries = {}
     for i, name in enumerate(graphs):

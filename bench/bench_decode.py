@@ -1,0 +1,264 @@
+"""Decode benchmarks on one GPU, one run: the project vs transformers, against the HBM roofline.
+
+For each model shape (SmolLM2-135M, Llama-3.1-8B; random bf16 weights, the 8B-shape draft is one
+decoder layer at the target's dimensions with the full lm_head), 128-token context:
+  - spec-compiler non-speculative decode: the chain-0 verify graph (T=1), one CUDA-graph replay
+  - the speculative step (mc_sim_7b_63, depth 5): draft graph, verify+accept graph, whole step
+    (one CUDA graph), and ms/token at a given tokens-per-call (measured for the real SmolLM2 pair)
+  - transformers eager, and transformers with its static cache + auto-compile (generate)
+  - achieved HBM bandwidth of decode, verify and draft vs a measured device-to-device copy
+Writes JSON (--out) and prints a table last.
+
+    python bench/bench_decode.py [--shapes smollm2,llama8b] [--tpc 2.5] [--out bench/results/decode.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from spec_compiler.config import CompileConfig, DraftConfig, ModelConfig  # noqa: E402
+from spec_compiler.models.eagle import EagleDraft  # noqa: E402
+from spec_compiler.models.llama import Llama  # noqa: E402
+from spec_compiler.pipeline import compile_modules  # noqa: E402
+from spec_compiler.trees import chain, resolve_tree  # noqa: E402
+
+SHAPES = {
+    "smollm2": ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, n_layers=30,
+                           n_heads=9, n_kv_heads=3, head_dim=64, rope_theta=1e5,
+                           tie_word_embeddings=True, eos_token_ids=(2,)),
+    "llama8b": ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n_layers=32,
+                           n_heads=32, n_kv_heads=8, head_dim=128, rope_theta=5e5,
+                           rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                           eos_token_ids=(128001,)),
+}
+CTX = 128
+NEW = 128
+
+
+def timed(fn, iters=50, warmup=5) -> float:
+    """Median ms of fn() over iters, CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy GB/s counting bytes read + written."""
+    n = 1 << 30
+    x = torch.empty(n, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = timed(lambda: y.copy_(x), iters=20)
+    return 2 * n / ms / 1e6
+
+
+def random_modules(m: ModelConfig, seed=0):
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        target = Llama(m).to(torch.bfloat16)
+        dcfg = DraftConfig(n_layers=1, fc_bias=True, has_embed=False, layer=m)
+        draft = EagleDraft(dcfg, m).to(torch.bfloat16)
+    for mod in (target, draft):
+        for p in mod.parameters():
+            torch.nn.init.normal_(p, 0.0, 0.02)
+    draft.embed_tokens.weight = target.embed_tokens.weight
+    draft.lm_head.weight = target.lm_head.weight
+    return target, draft, dcfg
+
+
+def nbytes(mod, skip=()) -> int:
+    seen, total = set(), 0
+    for n, p in mod.named_parameters():
+        if p.data_ptr() in seen or any(n.startswith(s) for s in skip):
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    return total
+
+
+def build(m, target, draft, dcfg, tree, graphs, root: Path, name: str):
+    from runtime import Engine
+
+    cfg = CompileConfig(model=m, draft=dcfg if tree.n_nodes > 1 else None, tree=tree,
+                        max_seq_len=1024, dtype="bfloat16", device="cuda", prefill_chunk=64)
+    t = time.time()
+    out = compile_modules(cfg, target, draft if tree.n_nodes > 1 else None, root / name,
+                          progress=lambda s: print("  " + s, flush=True), graphs=graphs)
+    compile_s = time.time() - t
+    t = time.time()
+    eng = Engine.load(out)
+    load_s = time.time() - t
+    return eng, compile_s, load_s
+
+
+def fill_context(eng, ctx: int):
+    """A 128-token context without prefill: random cache contents, cache_len = ctx."""
+    st = eng.state
+    for k, v in st.items():
+        if k.startswith(("target.", "draft.")):
+            v.normal_(0, 1)
+    st["cache_len"].fill_(ctx)
+    st["n_acc"].fill_(1)
+    st["acc_tokens"].random_(0, eng.spec.model.vocab_size)
+    st["acc_feats"].normal_(0, 1)
+    st["done"].fill_(False)
+    st["max_new"].fill_(1 << 30)
+    st["n_out"].zero_()
+
+
+def step_ms(eng) -> float:
+    """One captured step (replay), restarting at the same context each time."""
+    fill_context(eng, CTX)
+    eng.capture()
+    fill_context(eng, CTX)
+    st = eng.state
+
+    def one():
+        st["cache_len"].fill_(CTX)
+        st["done"].fill_(False)
+        eng._run_step()
+    return timed(one)
+
+
+def graph_ms(eng, name: str, **args) -> float:
+    """A single step graph captured alone."""
+    from runtime.cuda_graph import CapturedStep
+
+    fill_context(eng, CTX)
+    g = eng.graphs[name]
+    cap = CapturedStep(lambda: g(eng.state, **args))
+    return timed(cap)
+
+
+def hf_peers(m: ModelConfig, results: dict, skip_compile=False):
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    hcfg = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size,
+                       intermediate_size=m.intermediate_size, num_hidden_layers=m.n_layers,
+                       num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads,
+                       head_dim=m.head_dim, tie_word_embeddings=m.tie_word_embeddings,
+                       max_position_embeddings=4096)
+    with torch.device("cuda"):
+        hf = LlamaForCausalLM(hcfg).to(torch.bfloat16).eval()
+    prompt = torch.randint(3, m.vocab_size, (1, CTX), device="cuda")
+
+    def run(gc):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = hf.generate(prompt, generation_config=gc)
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) * 1000 / (out.shape[1] - CTX)
+
+    eager = GenerationConfig(do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0)
+    run(eager)
+    results["hf_eager_ms_per_token"] = run(eager)
+    if not skip_compile:
+        static = GenerationConfig(do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0,
+                                  cache_implementation="static")
+        t = time.time()
+        run(static)
+        run(static)
+        results["hf_static_compile_warmup_s"] = time.time() - t
+        results["hf_static_compiled_ms_per_token"] = run(static)
+    del hf
+    torch.cuda.empty_cache()
+
+
+def bench_shape(name: str, tpc: float, bw: float, root: Path, peers: bool) -> dict:
+    m = SHAPES[name]
+    print(f"== {name}", flush=True)
+    target, draft, dcfg = random_modules(m)
+    r: dict = {"shape": name}
+    # Non-speculative decode: the chain-0 verify graph (one token).
+    dec, r["decode_compile_s"], r["decode_load_s"] = build(m, target, None, None, chain(0), ["verify"], root, f"{name}_decode")
+    r["decode_ms_per_token"] = step_ms(dec)
+    del dec
+    # Speculative step with the default tree.
+    tree = resolve_tree("mc_sim_7b_63")
+    spec, r["spec_compile_s"], r["spec_load_s"] = build(m, target, draft, dcfg, tree, ["verify", "draft"], root, f"{name}_spec")
+    r["step_ms"] = step_ms(spec)
+    tokens = torch.randint(0, m.vocab_size, (1, tree.n_nodes), device="cuda")
+    r["verify_ms"] = graph_ms(spec, "verify", tokens=tokens)
+    r["draft_ms"] = graph_ms(spec, "draft")
+    r["accept_and_glue_ms"] = r["step_ms"] - r["verify_ms"] - r["draft_ms"]
+    r["tokens_per_call"] = tpc
+    r["spec_ms_per_token"] = r["step_ms"] / tpc
+    del spec
+    # Bytes that must move (weights; the 128-token KV cache is negligible but counted).
+    w_target = nbytes(target)
+    kv = 2 * m.n_layers * m.n_kv_heads * m.head_dim * CTX * 2
+    w_lm = m.vocab_size * m.hidden_size * 2
+    w_draft_layer = nbytes(draft, skip=("embed_tokens", "lm_head"))
+    levels = 1 + sum(1 for d in range(1, tree.max_depth) if tree.level_nodes(d))  # catch-up + levels
+    r["bytes_decode"] = w_target + kv
+    r["bytes_draft"] = levels * (w_draft_layer + w_lm)
+    r["floor_decode_ms"] = r["bytes_decode"] / bw / 1e6
+    r["floor_draft_ms"] = r["bytes_draft"] / bw / 1e6
+    r["decode_bw_frac"] = r["floor_decode_ms"] / r["decode_ms_per_token"]
+    r["verify_bw_frac"] = r["floor_decode_ms"] / r["verify_ms"]
+    r["draft_vs_floor"] = r["draft_ms"] / r["floor_draft_ms"]
+    r["verify_over_decode"] = r["verify_ms"] / r["decode_ms_per_token"]
+    r["draft_over_verify"] = r["draft_ms"] / r["verify_ms"]
+    del target, draft
+    torch.cuda.empty_cache()
+    if peers:
+        hf_peers(m, r)
+    return r
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="smollm2,llama8b")
+    ap.add_argument("--tpc", type=float, default=2.5, help="tokens per call for ms/token of the spec step")
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--out", default="bench/results/decode.json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_decode: needs a CUDA GPU", file=sys.stderr)
+        return 1
+    torch.backends.cuda.matmul.allow_tf32 = False
+    bw = copy_bandwidth()
+    res = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+           "torch": torch.__version__, "copy_bandwidth_GBps": bw, "context": CTX, "new_tokens": NEW,
+           "shapes": []}
+    print(f"device {res['device']}  copy bandwidth {bw:.0f} GB/s", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.shapes.split(","):
+            r = bench_shape(name, args.tpc, bw, Path(tmp), not args.no_peers)
+            res["shapes"].append(r)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(res, indent=1))
+    print(f"\n{res['device']}, copy bw {bw:.0f} GB/s, ctx {CTX}")
+    hdr = ("shape", "decode ms/tok", "%roofline", "verify ms", "verify/decode", "draft ms", "draft/floor",
+           "step ms", f"spec ms/tok@{args.tpc}", "HF eager", "HF static+compile")
+    print(" | ".join(hdr))
+    for r in res["shapes"]:
+        print(" | ".join([r["shape"], f"{r['decode_ms_per_token']:.3f}", f"{100 * r['decode_bw_frac']:.0f}%",
+                          f"{r['verify_ms']:.3f}", f"{r['verify_over_decode']:.2f}x", f"{r['draft_ms']:.3f}",
+                          f"{r['draft_vs_floor']:.2f}x", f"{r['step_ms']:.3f}", f"{r['spec_ms_per_token']:.3f}",
+                          f"{r.get('hf_eager_ms_per_token', float('nan')):.2f}",
+                          f"{r.get('hf_static_compiled_ms_per_token', float('nan')):.2f}"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
