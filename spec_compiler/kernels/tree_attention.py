@@ -87,7 +87,7 @@ def _prefix_kernel(
             kv_mask = n_ok[:, None] & d_ok[None, :]
             k = tl.load(k_base + n[:, None] * sks + d[None, :] * skd,
                         mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N)
+            s = (tl.dot(q, tl.trans(k)) * qk_scale).to(tl.float32)  # (BLOCK_M, BLOCK_N); Inductor passes fp64 scalars
             s = tl.where(n_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the first tile has a key below end
             alpha = tl.exp2(m_i - m_new)
@@ -139,7 +139,7 @@ def _suffix_merge_kernel(
                  mask=kv_mask, other=0.0)  # (BLOCK_T, BLOCK_D)
     visible = tl.load(Mask + node[:, None] * smi + j[None, :] * smj,
                       mask=row_ok[:, None] & j_ok[None, :], other=0) != 0  # (BLOCK_M, BLOCK_T)
-    s = tl.dot(q, tl.trans(kn)) * qk_scale  # (BLOCK_M, BLOCK_T)
+    s = (tl.dot(q, tl.trans(kn)) * qk_scale).to(tl.float32)  # (BLOCK_M, BLOCK_T)
     s = tl.where(visible, s, float("-inf"))
     m_s = tl.max(s, 1)
     m_s = tl.where(m_s == float("-inf"), 0.0, m_s)  # rows that see nothing: p = 0 below
