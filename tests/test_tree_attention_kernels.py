@@ -47,15 +47,17 @@ def tree_mask_of(T: int, gen: torch.Generator) -> torch.Tensor:
     return mask
 
 
-def make_case(B, Hkv, G, T, Dh, S, cache_len, dtype, device="cpu", seed=0, layout="contiguous"):
-    """Random inputs; cache slots at or past cache_len[b] hold NaN in the kernel's copy only."""
+def make_case(B, Hkv, G, T, Dh, S, cache_len, dtype, device="cpu", seed=0, layout="contiguous", Tk=None):
+    """Random inputs; cache slots at or past cache_len[b] hold NaN in the kernel's copy only.
+    With Tk, the suffix has Tk >= T keys and a random (T, Tk) mask (a draft level that also sees
+    earlier levels' keys)."""
     gen = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
     q = rnd(B, Hkv * G, T, Dh)  # (B, Hq, T, Dh)
     kc, vc = rnd(B, Hkv, S, Dh), rnd(B, Hkv, S, Dh)  # (B, Hkv, S, Dh)
-    kn, vn = rnd(B, Hkv, T, Dh), rnd(B, Hkv, T, Dh)  # (B, Hkv, T, Dh)
+    kn, vn = rnd(B, Hkv, Tk or T, Dh), rnd(B, Hkv, Tk or T, Dh)  # (B, Hkv, Tk, Dh)
     cl = torch.tensor(cache_len, dtype=torch.int64)  # (B,)
-    tm = tree_mask_of(T, gen)  # (T, T)
+    tm = tree_mask_of(T, gen) if Tk is None else torch.rand(T, Tk, generator=gen) < 0.5  # (T, Tk)
     clean = [x.to(device=device, dtype=dtype) for x in (q, kc, vc, kn, vn)]
     stale = torch.arange(S)[None, :] >= cl[:, None]  # (B, S)
     kc_p, vc_p = (x.masked_fill(stale[:, None, :, None], float("nan")) for x in (kc, vc))
@@ -88,6 +90,8 @@ INTERP_CASES = {
     "tree4_gqa3_transposed":
         (dict(B=2, Hkv=2, G=3, T=4, Dh=32, S=200, cache_len=[199, 64], layout="transposed"),
          64, 1e-5),
+    "draft_level_4q_over_11_keys":
+        (dict(B=2, Hkv=1, G=3, T=4, Tk=11, Dh=64, S=150, cache_len=[150, 20]), 64, 1e-5),
     "tree64_gqa2_random":
         (dict(B=1, Hkv=1, G=2, T=64, Dh=64, S=70, cache_len=[70]), 64, 1e-5),
     # fp16, not bf16: triton 3.6's interpreter gets tl.dot on bf16 operands wrong (errors ~1e10

@@ -112,7 +112,8 @@ def _suffix_merge_kernel(
     svb, svh, svt, svd,
     smi, smj,
     sob, soh, sot, sod,
-    n_kv_heads, n_tree, n_rows, group,
+    n_kv_heads, n_tree, n_keys, n_rows, group,  # n_tree queries, n_keys suffix keys (>= n_tree
+    # when the draft's suffix also holds earlier levels' keys)
     DH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
     N_SPLITS: tl.constexpr,  # constexpr loop bound: see SPLIT_TILES in _prefix_kernel
 ):
@@ -131,7 +132,7 @@ def _suffix_merge_kernel(
     q_off = b.to(tl.int64) * sqb + q_head.to(tl.int64) * sqh + node * sqt
     q = tl.load(Q + q_off[:, None] + d[None, :] * sqd, mask=io_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
     j = tl.arange(0, BLOCK_T)
-    j_ok = j < n_tree
+    j_ok = j < n_keys
     kv_mask = j_ok[:, None] & d_ok[None, :]
     kn = tl.load(KN + b.to(tl.int64) * skb + h.to(tl.int64) * skh + j[:, None] * skt + d[None, :] * skd,
                  mask=kv_mask, other=0.0)  # (BLOCK_T, BLOCK_D)
@@ -193,12 +194,13 @@ def _check(q, k_cache, v_cache, k_new, v_new, cache_len, tree_mask):
     B, Hq, T, Dh = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     assert k_cache.shape == v_cache.shape == (B, Hkv, S, Dh), (q.shape, k_cache.shape, v_cache.shape)
-    assert k_new.shape == v_new.shape == (B, Hkv, T, Dh), (q.shape, k_new.shape, v_new.shape)
+    Tk = k_new.shape[2]
+    assert k_new.shape == v_new.shape == (B, Hkv, Tk, Dh), (q.shape, k_new.shape, v_new.shape)
     assert Hq % Hkv == 0, f"n_q_heads={Hq} must be a multiple of n_kv_heads={Hkv}"
-    assert 1 <= T <= MAX_TREE, f"tree of {T} nodes; the kernels handle 1..{MAX_TREE}"
+    assert 1 <= T <= Tk <= MAX_TREE, f"{T} queries, {Tk} suffix keys; the kernels handle 1..{MAX_TREE}"
     assert Dh <= 256, f"head_dim={Dh}; the kernels handle up to 256"
     assert tuple(cache_len.shape) == (B,), f"cache_len {tuple(cache_len.shape)}, expected ({B},)"
-    assert tuple(tree_mask.shape) == (T, T), f"tree_mask {tuple(tree_mask.shape)}, expected ({T}, {T})"
+    assert tuple(tree_mask.shape) == (T, Tk), f"tree_mask {tuple(tree_mask.shape)}, expected ({T}, {Tk})"
 
 
 def prefix_partials(q, k_cache, v_cache, cache_len, scale, *, split_keys=None):
@@ -241,15 +243,16 @@ def suffix_merge(q, k_new, v_new, tree_mask, scale, o_part, lse_part):
     n_splits = lse_part.shape[2]
     assert o_part.is_contiguous() and lse_part.is_contiguous()
     assert tuple(lse_part.shape) == (B, Hkv, n_splits, n_rows), lse_part.shape
-    mask_i8 = tree_mask.to(torch.int8)  # (T, T); bool pointers are avoided on purpose
+    Tk = k_new.shape[2]
+    mask_i8 = tree_mask.to(torch.int8)  # (T, Tk); bool pointers are avoided on purpose
     out = torch.empty(B, Hq, T, Dh, device=q.device, dtype=q.dtype)
     wrap_triton(_suffix_merge_kernel)[(B * Hkv, triton.cdiv(n_rows, block_m))](
         q, k_new, v_new, mask_i8, o_part, lse_part, out,
         scale * LOG2E,
         *q.stride(), *k_new.stride(), *v_new.stride(), *mask_i8.stride(), *out.stride(),
-        Hkv, T, n_rows, group,
+        Hkv, T, Tk, n_rows, group,
         DH=Dh, BLOCK_D=max(16, triton.next_power_of_2(Dh)), BLOCK_M=block_m,
-        BLOCK_T=max(16, triton.next_power_of_2(T)), N_SPLITS=n_splits,
+        BLOCK_T=max(16, triton.next_power_of_2(Tk)), N_SPLITS=n_splits,
         num_warps=_num_warps(block_m, Dh), num_stages=1,
     )
     return out
