@@ -149,14 +149,15 @@ class Engine:
 
     def capture(self) -> None:
         """Capture the step now (CUDA), so the first generate() does not pay for it. Uses a
-        harmless state (every sequence done, n_acc = 1); generate() resets everything."""
+        harmless state (every sequence done, n_acc = 1, cache_len = 1 so the draft's catch-up
+        starts at slot 0); generate() resets everything."""
         if not self.spec.device.startswith("cuda") or self._captured is not None:
             return
         with torch.inference_mode():
             st = self.state
             st["done"].fill_(True)
             st["n_acc"].fill_(1)
-            st["cache_len"].zero_()
+            st["cache_len"].fill_(1)
             self._run_step()
 
     @torch.inference_mode()
