@@ -1,0 +1,107 @@
+"""Acceptance of a real target/draft pair: tokens per verify call on held-out prompts.
+
+Greedy, chat template applied, stop at EOS, at most --max-new tokens. For each (draft, tree)
+an engine is compiled and every prompt generated; reports aggregate tokens per call (emitted by
+verify calls / verify calls), the share of outputs that repeat a 20-token sequence (a small
+model's loops inflate acceptance) and tokens per call without those outputs. Writes JSON, prints
+a table last.
+
+    python bench/bench_acceptance.py models/SmolLM2-135M-Instruct \
+        --drafts drafts/smollm2-eagle,drafts/smollm2-eagle-3l --trees mc_sim_7b_63,chain-3,chain-5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def repeats_ngram(ids: list[int], n: int = 20) -> bool:
+    seen = set()
+    for i in range(len(ids) - n + 1):
+        g = tuple(ids[i:i + n])
+        if g in seen:
+            return True
+        seen.add(g)
+    return False
+
+
+def evaluate(engine, prompts: list[str], max_new: int) -> dict:
+    calls = emitted = 0
+    calls_nr = emitted_nr = 0
+    n_rep = 0
+    t = time.time()
+    per = []
+    for text in prompts:
+        ids = engine.encode_prompt(text)
+        r = engine.generate(ids, max_new_tokens=max_new)
+        rep = repeats_ngram(r.output_ids)
+        n_rep += rep
+        calls += r.verify_calls
+        emitted += sum(r.accept_lengths)
+        if not rep:
+            calls_nr += r.verify_calls
+            emitted_nr += sum(r.accept_lengths)
+        per.append({"tpc": r.tokens_per_call, "n": len(r.output_ids), "repeats": rep, "stop": r.stop_reason})
+    return {"tokens_per_call": emitted / max(calls, 1), "verify_calls": calls, "emitted": emitted,
+            "repeat_share": n_rep / len(prompts), "tokens_per_call_no_repeats": emitted_nr / max(calls_nr, 1),
+            "n_prompts": len(prompts), "seconds": time.time() - t, "per_prompt": per}
+
+
+def main(argv=None):
+    from runtime import Engine
+    from spec_compiler.cli import compile_main
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model_dir")
+    ap.add_argument("--drafts", required=True, help="comma-separated draft dirs")
+    ap.add_argument("--trees", default="mc_sim_7b_63,chain-3,chain-5")
+    ap.add_argument("--prompts", default=str(Path(__file__).resolve().parents[1] / "spec_compiler/data/prompts_dev.jsonl"))
+    ap.add_argument("--max-new", type=int, default=256)
+    ap.add_argument("--limit", type=int, default=None, help="first N prompts only")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backend", default="inductor")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--out", default="bench/results/acceptance.json")
+    args = ap.parse_args(argv)
+    prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    prompts = prompts[: args.limit] if args.limit else prompts
+    results = {"model": args.model_dir, "prompts": args.prompts, "n_prompts": len(prompts),
+               "max_new": args.max_new, "device": args.device, "date": time.strftime("%Y-%m-%d"), "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for draft in args.drafts.split(","):
+            for tree in args.trees.split(","):
+                out = Path(tmp) / f"{Path(draft).name}_{tree}"
+                cmd = [args.model_dir, "--draft", draft, "--out", str(out), "--tree", tree,
+                       "--device", args.device, "--backend", args.backend, "--max-seq-len", "1024"]
+                if args.dtype:
+                    cmd += ["--dtype", args.dtype]
+                t = time.time()
+                rc = compile_main(cmd)
+                if rc:
+                    raise SystemExit(f"compile failed for {draft} {tree}")
+                compile_s = time.time() - t
+                r = evaluate(Engine.load(out), prompts, args.max_new)
+                r.update({"draft": draft, "tree": tree, "compile_s": compile_s})
+                results["runs"].append(r)
+                print(f"{Path(draft).name:22s} {tree:14s} tpc {r['tokens_per_call']:.3f} "
+                      f"(no-repeat {r['tokens_per_call_no_repeats']:.3f}, repeats {100 * r['repeat_share']:.0f}%)",
+                      flush=True)
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(results, indent=1))
+    print(f"\nacceptance on {len(prompts)} prompts ({args.prompts}), greedy, <= {args.max_new} new tokens")
+    print("draft | tree | tokens/call | repeat share | tokens/call without repeats")
+    for r in results["runs"]:
+        print(f"{Path(r['draft']).name} | {r['tree']} | {r['tokens_per_call']:.2f} | "
+              f"{100 * r['repeat_share']:.0f}% | {r['tokens_per_call_no_repeats']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
