@@ -59,9 +59,9 @@ def test_reference_matches_one_sdpa_call(cache_len):
     ref = tree_attention_reference(q, kc, vc, kn, vn, cl, TREE_MASK, scale)
     want = sdpa_one_call(q, kc, vc, kn, vn, cl, TREE_MASK, scale)
     assert ref.dtype == torch.float64
-    # The reference accumulates in float32 (`.float()`) even for float64 inputs, so the match is
-    # to float32 precision, not float64's; an indexing or merge bug would be off by O(0.1).
-    torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-5)
+    # Float64 end to end: the split + LSE merge is exact, so only float64 rounding remains; an
+    # indexing or merge bug would be off by O(0.1).
+    torch.testing.assert_close(ref, want, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -28,16 +28,17 @@ def attend_reference(q, k, v, mask, scale):
     """One attention pass returning (out, lse). mask (B or 1, 1, T, N) bool, True = visible.
 
     Rows with no visible key give out = 0 and lse = -inf, so they merge with zero weight.
-    Accumulates in float32.  q (B, Hq, T, Dh), k/v (B, Hkv, N, Dh).
+    Accumulates in float32 (float64 for float64 inputs).  q (B, Hq, T, Dh), k/v (B, Hkv, N, Dh).
     """
     g = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(g, dim=1) if g > 1 else k
     v = v.repeat_interleave(g, dim=1) if g > 1 else v
-    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, Hq, T, N)
+    acc = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for float64 inputs
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale  # (B, Hq, T, N)
     s = s.masked_fill(~mask, NEG_INF)
     lse = torch.logsumexp(s, dim=-1)  # (B, Hq, T)
     p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
-    return torch.matmul(p, v.float()), lse
+    return torch.matmul(p, v.to(acc)), lse
 
 
 def merge_reference(o_a, lse_a, o_b, lse_b):
