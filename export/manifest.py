@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from spec_compiler.errors import SpecCompileError
+from spec_compiler.hashing import sha256_file
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -43,16 +44,8 @@ class Manifest:
         })
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fingerprint(engine_dir: Path, body: dict) -> tuple[str, dict]:
-    files = {str(p.relative_to(engine_dir)): _sha256(p) for p in sorted(engine_dir.rglob("*"))
+    files = {str(p.relative_to(engine_dir)): sha256_file(p) for p in sorted(engine_dir.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
     h = hashlib.sha256(json.dumps({"body": body, "files": files}, sort_keys=True).encode())
     return h.hexdigest(), files

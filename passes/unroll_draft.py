@@ -25,7 +25,7 @@ from torch import fx
 from spec_compiler.errors import SpecCompileError
 from spec_compiler.trees import TreeSpec
 
-from .infra import aten, finish, inline_graph, outputs, placeholders, record, require, set_outputs
+from .infra import aten, finish, inline_graph, placeholders, record, require
 
 TREE_ATTN = "spec.tree_attention.default"
 

@@ -15,18 +15,16 @@ model hashes, final metrics, history). Checkpoints: DRAFT_DIR/checkpoints (or --
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from ..errors import SpecCompileError
-from .data import DEFAULT_TRAIN_PROMPTS, sha256_file
+from .data import DEFAULT_TRAIN_PROMPTS
 
 # Settings a resumed run must share with the checkpoint (the rest are stop criteria or plumbing).
 RESUME_KEYS = ("layers", "max_new_tokens", "gen_batch", "batch_size", "reuse", "lr", "warmup",

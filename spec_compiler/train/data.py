@@ -10,9 +10,10 @@ Other fields (id, category, template) are carried along and ignored. The package
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
+
+from spec_compiler.hashing import sha256_file  # noqa: F401  (re-exported)
 
 import torch
 
@@ -21,14 +22,6 @@ from ..errors import SpecCompileError
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_TRAIN_PROMPTS = DATA_DIR / "prompts_train.jsonl"
 DEFAULT_DEV_PROMPTS = DATA_DIR / "prompts_dev.jsonl"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_prompts(path: str | Path) -> list[dict]:

@@ -15,7 +15,7 @@ from ..config import DraftConfig
 from ..errors import SpecCompileError
 from ..loading import DTYPES, load_target, save_draft
 from ..models.eagle import EagleDraft
-from .checkpoint import list_checkpoints, load_latest, save_checkpoint
+from .checkpoint import load_latest, save_checkpoint
 from .cli import RESUME_KEYS, _check_args, _settings, _write_json_atomic
 from .data import (batch_prompt_ids, encode_prompts, load_tokenizer, read_prompts, sha256_file)
 from .distill import collate, distill_loss, lr_at, minibatches, supervised_range
