@@ -60,14 +60,6 @@ def set_outputs(gm: fx.GraphModule, named: dict[str, fx.Node]) -> None:
     gm.meta["output_names"] = list(named)
 
 
-def add_placeholder(gm: fx.GraphModule, name: str) -> fx.Node:
-    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
-    with gm.graph.inserting_after(last):
-        node = gm.graph.placeholder(name)
-    node.target = name
-    return node
-
-
 def remove_placeholder(gm: fx.GraphModule, name: str) -> None:
     node = placeholders(gm)[name]
     assert not node.users, f"placeholder {name} still has users {list(node.users)}"
@@ -104,12 +96,11 @@ def finish(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def inline_graph(dst: fx.Graph, src: fx.GraphModule, inputs: dict[str, fx.Node],
-                 attr_prefix: str = "", dst_module: fx.GraphModule | None = None,
                  env: dict | None = None) -> dict[str, fx.Node]:
     """Copy `src`'s nodes into `dst` at the current insertion point, with its placeholders bound
-    to `inputs` (by name). get_attr targets are shared (same module) unless `dst_module` differs,
-    in which case src's attributes are copied across. Returns src's outputs by name; `env`, if
-    given, is filled with the src node -> copy map."""
+    to `inputs` (by name). get_attr targets are shared, so `dst` must belong to the module that
+    owns them. Returns src's outputs by name; `env`, if given, is filled with the src node ->
+    copy map."""
     env = {} if env is None else env
     for n in src.graph.nodes:
         if n.op == "placeholder":
@@ -117,16 +108,9 @@ def inline_graph(dst: fx.Graph, src: fx.GraphModule, inputs: dict[str, fx.Node],
                 raise KeyError(f"inline_graph: no binding for input {n.target!r}")
             env[n] = inputs[n.target]
         elif n.op == "output":
-            outs = n.args[0]
-            return {k: env[v] for k, v in zip(src.meta["output_names"], outs)}
+            return {k: env[v] for k, v in zip(src.meta["output_names"], n.args[0])}
         else:
-            if n.op == "get_attr" and dst_module is not None and dst_module is not src:
-                target = attr_prefix + n.target
-                if not hasattr(dst_module, target):
-                    _set_attr(dst_module, target, _get_attr(src, n.target))
-                env[n] = dst.get_attr(target)
-            else:
-                env[n] = dst.node_copy(n, lambda x: env[x])
+            env[n] = dst.node_copy(n, lambda x: env[x])
             env[n].meta = dict(n.meta)
     raise AssertionError("graph has no output node")
 
