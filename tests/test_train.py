@@ -15,8 +15,8 @@ from spec_compiler.train.cli import main
 from spec_compiler.train.data import batch_prompt_ids, sha256_file
 from spec_compiler.train.distill import collate, distill_loss, draft_hidden
 from spec_compiler.train.evaluate import chain_acceptance
-from spec_compiler.train.generate import generate
-from spec_compiler.train.loop import build_draft, trainable
+from spec_compiler.train.generate import continue_prompts, generate
+from spec_compiler.train.loop import build_draft, hot_ids, trainable
 
 
 def _randomize(draft, seed=1):
@@ -81,6 +81,43 @@ def test_generate_matches_hf_greedy_and_full_forward(tiny_dir):
         n = L - 1 if s.ended else L  # the EOS token is never fed: its feature row is zero
         torch.testing.assert_close(s.features[:n], hidden[0, :n], rtol=1e-4, atol=1e-4)
         assert not s.features[n:].any()
+
+
+def test_dropping_finished_rows_changes_nothing(tiny_dir):
+    """Rows leave the batch only at host syncs; how often must not change any token."""
+    target = load_target(tiny_dir)
+    prompts = _prompts(6, seed=2)
+    free = continue_prompts(target, prompts, 12, eos_ids=())
+    eos = (free[0].tokens[free[0].prompt_len + 2].item(), free[3].tokens[free[3].prompt_len + 7].item())
+    runs = [continue_prompts(target, prompts, 12, eos_ids=eos, sync_every=k) for k in (1, 3, 50)]
+    assert sum(s.ended for s in runs[0]) >= 2
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert a.tokens.tolist() == b.tokens.tolist() and a.ended == b.ended
+    for s in runs[0]:  # an ended row stops at its first EOS, and only there
+        new = s.tokens[s.prompt_len:].tolist()
+        assert s.ended == any(t in eos for t in new)
+        assert not any(t in eos for t in new[:-1])
+
+
+def test_sampling_is_seeded_and_tends_to_greedy(tiny_dir):
+    target = load_target(tiny_dir)
+    prompts = _prompts(4, seed=5)
+
+    def run(t, seed):
+        seqs = continue_prompts(target, prompts, 10, (), t, torch.Generator().manual_seed(seed))
+        return [s.tokens.tolist() for s in seqs]
+
+    greedy = [s.tokens.tolist() for s in continue_prompts(target, prompts, 10, ())]
+    assert run(1.0, 0) == run(1.0, 0)
+    assert run(1.0, 0) != run(1.0, 1) and run(1.0, 0) != greedy
+    assert run(1e-6, 3) == greedy  # Gumbel-max at T -> 0 is the argmax
+
+
+def test_hot_ids_most_frequent_first():
+    counts = torch.tensor([5, 0, 9, 5, 1, 9])
+    assert hot_ids(counts, 4).tolist() == [2, 5, 0, 3]
+    assert hot_ids(counts, 6).tolist() == [2, 5, 0, 3, 4, 1]
 
 
 def test_loss_decreases_on_fixed_batch(tiny_dir):
@@ -193,6 +230,8 @@ def test_bad_inputs_exit_2_with_one_line(tiny_dir, prompt_file, tmp_path, capsys
     bad.write_text('{"prompt": "text needs a tokenizer"}\n')
     assert "tokenizer" in _one_error(capsys, [str(tiny_dir), *out, "--prompts", str(bad)])
     assert "--layers" in _one_error(capsys, [str(tiny_dir), *out, "--layers", "0"])
+    assert "--draft-vocab" in _one_error(capsys, [str(tiny_dir), *out, "--draft-vocab", "-1"])
+    assert "--time-limit" in _one_error(capsys, [str(tiny_dir), *out, "--time-limit", "0"])
     assert "--resume" in _one_error(capsys, [str(tiny_dir), *out, "--prompts", str(prompt_file),
                                              "--resume"])
     done = tmp_path / "done"
@@ -202,3 +241,13 @@ def test_bad_inputs_exit_2_with_one_line(tiny_dir, prompt_file, tmp_path, capsys
     assert "already holds" in _one_error(capsys, [str(tiny_dir), "--out", str(done)])
     assert "--lr" in _one_error(capsys, [str(tiny_dir), "--out", str(done), "--prompts",
                                          str(prompt_file), *ARGS, "--lr", "1e-2", "--resume"])
+
+
+def test_time_limit_stops_and_writes_the_draft(tiny_dir, prompt_file, tmp_path):
+    out = tmp_path / "timed"
+    assert main([str(tiny_dir), "--out", str(out), "--prompts", str(prompt_file), *ARGS,
+                 "--tokens", "100000000", "--time-limit", "3", "--temperature", "0,1"]) == 0
+    info = json.loads((out / "training.json").read_text())
+    assert 0 < info["final_metrics"]["tokens_seen"] < 100000000
+    assert info["settings"]["temperature"] == [0.0, 1.0] and info["settings"]["time_limit"] == 3
+    assert (out / "model.safetensors").is_file()

@@ -137,12 +137,16 @@ class Llama(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     def forward(self, tokens, input_pos, cache_len, *kv):
+        hidden, *new_kv = self.hidden_states(tokens, input_pos, cache_len, *kv)
+        logits = self.lm_head(hidden).float()  # (B, T, V)
+        return (logits, hidden, *new_kv)
+
+    def hidden_states(self, tokens, input_pos, cache_len, *kv):
+        """`forward` without the lm_head: (hidden (B, T, H), *new_kv). Training's features."""
         x = self.embed_tokens(tokens)  # (B, T, H)
         cos, sin = rope_cos_sin(input_pos, self.inv_freq, x.dtype)
         x, new_kv = run_layers(self.layers, x, cos, sin, cache_len, kv)
-        hidden = self.norm(x)  # (B, T, H): the EAGLE feature
-        logits = self.lm_head(hidden).float()  # (B, T, V)
-        return (logits, hidden, *new_kv)
+        return (self.norm(x), *new_kv)  # the norm's output is the EAGLE feature
 
     def cache_shape(self, batch: int, capacity: int) -> tuple[int, ...]:
         return (batch, self.cfg.n_kv_heads, capacity, self.cfg.head_dim)

@@ -29,7 +29,7 @@ from .data import DEFAULT_TRAIN_PROMPTS
 # Settings a resumed run must share with the checkpoint (the rest are stop criteria or plumbing).
 RESUME_KEYS = ("layers", "max_new_tokens", "gen_batch", "batch_size", "reuse", "lr", "warmup",
                "w_feat", "w_kl", "noise", "temperature", "seed", "weight_decay", "grad_clip",
-               "max_prompt_tokens")
+               "max_prompt_tokens", "target_dtype")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,10 +59,18 @@ def parser() -> argparse.ArgumentParser:
     a("--w-kl", type=float, default=0.1, help="weight of the KL to the target (default 0.1)")
     a("--noise", type=float, default=0.05,
       help="uniform input-feature noise, half-width as a fraction of the feature RMS (default 0.05)")
-    a("--temperature", type=float, default=0.0,
-      help="target sampling temperature for the continuations (default 0: greedy)")
+    a("--temperature", type=_temperatures, default=(0.0,),
+      help="target sampling temperature for the continuations (default 0: greedy); a comma "
+           "list (e.g. 0,0.7) cycles over generation batches")
     a("--seed", type=int, default=0)
     a("--device", choices=("cpu", "cuda"), default="cpu")
+    a("--target-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+      help="the target's weights while training (default auto: bfloat16 on cuda, float32 on cpu)")
+    a("--draft-vocab", type=int, default=0,
+      help="also write a hot-token vocabulary of the N tokens the target generated most often "
+           "(EAGLE-3 d2t/t2d; spec-compile then drafts over those N only; default 0: full)")
+    a("--time-limit", type=float, default=None,
+      help="stop after this many seconds (wall clock, loading included) and write the draft")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     a("--save-every", type=int, default=50, help="checkpoint every N steps (default 50)")
     a("--checkpoint-dir", type=Path, default=None, help="default: DRAFT_DIR/checkpoints")
@@ -81,11 +89,15 @@ def _check_args(args) -> None:
         v = getattr(args, flag)
         if v <= 0:
             raise SpecCompileError(f"--{flag.replace('_', '-')} {v}: must be a positive integer")
+    if args.draft_vocab < 0:
+        raise SpecCompileError(f"--draft-vocab {args.draft_vocab}: must be >= 0 (0: full vocabulary)")
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise SpecCompileError(f"--time-limit {args.time_limit}: must be positive")
     if args.max_steps is not None and args.max_steps <= 0:
         raise SpecCompileError(f"--max-steps {args.max_steps}: must be a positive integer")
     if not args.lr > 0:
         raise SpecCompileError(f"--lr {args.lr}: must be positive")
-    for flag in ("w_feat", "w_kl", "noise", "temperature", "weight_decay", "grad_clip"):
+    for flag in ("w_feat", "w_kl", "noise", "weight_decay", "grad_clip"):
         if getattr(args, flag) < 0:
             raise SpecCompileError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 0")
     if args.w_feat == 0 and args.w_kl == 0:
@@ -105,8 +117,19 @@ def _check_args(args) -> None:
                                    "--resume to continue it, or remove them")
 
 
+def _temperatures(text: str) -> tuple[float, ...]:
+    try:
+        ts = tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number or a comma list of numbers")
+    if any(t < 0 for t in ts):
+        raise argparse.ArgumentTypeError(f"{text!r}: temperatures must be >= 0")
+    return ts
+
+
 def _settings(args) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+            for k, v in vars(args).items()}
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:

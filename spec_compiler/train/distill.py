@@ -84,7 +84,7 @@ def distill_loss(draft: EagleDraft, batch: Batch, w_feat: float, w_kl: float, no
     f_in = batch.features[:, :-1]  # (B, T-1, H): f[i]
     if noise > 0:
         rms = batch.features[:, 1:][batch.mask].pow(2).mean().sqrt()  # scalar
-        u = torch.rand(f_in.shape, generator=generator).to(f_in.device)
+        u = torch.rand(f_in.shape, generator=generator, device=f_in.device)
         f_in = f_in + (u * 2 - 1) * noise * rms
     g = draft_hidden(draft, batch.tokens[:, 1:], f_in)  # (B, T-1, H)
     g, f_next = g[batch.mask], batch.features[:, 1:][batch.mask]  # (N, H)
@@ -99,11 +99,10 @@ def distill_loss(draft: EagleDraft, batch: Batch, w_feat: float, w_kl: float, no
     return loss, {"loss": loss.item(), "feat": feat.item(), "kl": kl.item(), "acc": acc.item()}
 
 
-def lr_at(step: int, tokens_seen: int, base: float, warmup: int, total_tokens: int,
-          min_ratio: float = 0.1) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay (by tokens) to min_ratio * base."""
+def lr_at(step: int, frac: float, base: float, warmup: int, min_ratio: float = 0.1) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay over the run's progress `frac` in
+    [0, 1] to min_ratio * base."""
     w = min(1.0, (step + 1) / max(1, warmup))
-    frac = min(1.0, tokens_seen / max(1, total_tokens))
     return base * w * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 

@@ -38,7 +38,7 @@ def chain_acceptance(draft: EagleDraft, seqs: list[Sequence], depth: int = 5) ->
         if starts.numel() == 0:
             continue
         T = L - 1
-        kv = [torch.zeros(draft.cache_shape(1, T + depth), device=dev)
+        kv = [torch.zeros(draft.cache_shape(1, T + depth), device=dev, dtype=draft.fc.weight.dtype)
               for _ in range(2 * draft.cfg.n_layers)]
         logits, g, *kv = draft(x[None, 1:], f[None, :-1], torch.arange(T, device=dev)[None],
                                torch.zeros(1, dtype=torch.long, device=dev), *kv)

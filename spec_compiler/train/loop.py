@@ -19,7 +19,7 @@ from .checkpoint import load_latest, save_checkpoint
 from .cli import RESUME_KEYS, _check_args, _settings, _write_json_atomic
 from .data import (batch_prompt_ids, encode_prompts, load_tokenizer, read_prompts, sha256_file)
 from .distill import collate, distill_loss, lr_at, minibatches, supervised_range
-from .generate import Sequence, generate
+from .generate import Sequence, continue_prompts, featurize, generate
 
 FROZEN = ("embed_tokens.", "lm_head.")  # the target's, shared and frozen
 
@@ -48,12 +48,19 @@ def _seed(*parts: int) -> torch.Generator:
 
 
 def _pack(seqs: list[Sequence]) -> dict:
-    return {"tokens": [s.tokens for s in seqs], "features": [s.features for s in seqs],
-            "prompt_len": [s.prompt_len for s in seqs], "ended": [s.ended for s in seqs]}
+    """The generation batch without its features (a resume recomputes them: deterministic)."""
+    return {"tokens": [s.tokens for s in seqs], "prompt_len": [s.prompt_len for s in seqs],
+            "ended": [s.ended for s in seqs]}
 
 
 def _unpack(d: dict) -> list[Sequence]:
-    return [Sequence(*z) for z in zip(d["tokens"], d["features"], d["prompt_len"], d["ended"])]
+    return [Sequence(t, None, p, e) for t, p, e in zip(d["tokens"], d["prompt_len"], d["ended"])]
+
+
+def hot_ids(counts: torch.Tensor, n: int) -> torch.Tensor:
+    """The `n` most frequent token ids, most frequent first (ties: lower id first)."""
+    order = sorted(range(len(counts)), key=lambda i: (-int(counts[i]), i))
+    return torch.tensor(order[:n], dtype=torch.long)
 
 
 def _hash_weights(model_dir: Path) -> str:
@@ -89,10 +96,13 @@ def train(args, command: str) -> dict:
     _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    t_start = time.time()
     dev = torch.device(args.device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
     ckpt_dir = args.checkpoint_dir or args.out / "checkpoints"
     rows = read_prompts(args.prompts)
-    target = load_target(args.model_dir).to(dev)
+    target = load_target(args.model_dir, _target_dtype(args)).to(dev)
     target.requires_grad_(False)
     ids = encode_prompts(rows, load_tokenizer(args.model_dir), target.cfg.vocab_size, args.prompts,
                          args.max_prompt_tokens)
@@ -109,9 +119,10 @@ def train(args, command: str) -> dict:
     params = trainable(draft)
     opt = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.95),
                             weight_decay=args.weight_decay)
-    noise_gen = torch.Generator().manual_seed(args.seed)
+    noise_gen = torch.Generator(dev).manual_seed(args.seed)
     st = {"step": 0, "tokens_seen": 0, "generated": 0, "gen_idx": 0, "pass": 0, "mb": 0,
-          "train_s": 0.0, "gen_s": 0.0, "history": [], "commands": [command]}
+          "train_s": 0.0, "gen_s": 0.0, "history": [], "commands": [command],
+          "counts": torch.zeros(target.cfg.vocab_size, dtype=torch.long)}
     seqs: list[Sequence] | None = None
     if args.resume:
         path, ck = load_latest(ckpt_dir)
@@ -120,8 +131,8 @@ def train(args, command: str) -> dict:
             p.data.copy_(ck["draft"][n])
         opt.load_state_dict(ck["optimizer"])
         noise_gen.set_state(ck["noise_rng"])
-        st = {**ck["state"], "commands": ck["state"]["commands"] + [command]}
-        seqs = _unpack(ck["batch"]) if ck["batch"] is not None else None
+        st = {**st, **ck["state"], "commands": ck["state"]["commands"] + [command]}
+        seqs = featurize(target, _unpack(ck["batch"])) if ck["batch"] is not None else None
         print(f"resumed from {path} at step {st['step']} ({st['tokens_seen']} tokens)",
               file=sys.stderr)
     draft.train()
@@ -135,15 +146,19 @@ def train(args, command: str) -> dict:
 
     meter, recent = _Meter(), []
     t_log, n_log = time.time(), 0
-    done = _done(st, args)
+    done = _done(st, args, t_start)
     while not done:
         if seqs is None:
             t0 = time.time()
             pids = batch_prompt_ids(len(ids), args.gen_batch, st["gen_idx"], args.seed)
-            seqs = generate(target, [ids[i] for i in pids], args.max_new_tokens, eos,
-                            args.temperature, _seed(args.seed, st["gen_idx"], 1))
+            gen = torch.Generator(dev).manual_seed(_seed(args.seed, st["gen_idx"], 1).initial_seed())
+            seqs = featurize(target, continue_prompts(
+                target, [ids[i] for i in pids], args.max_new_tokens, eos,
+                args.temperature[st["gen_idx"] % len(args.temperature)], gen))
             dt = time.time() - t0
             new = sum(s.n_new for s in seqs)
+            for s in seqs:
+                st["counts"] += torch.bincount(s.tokens[s.prompt_len:], minlength=len(st["counts"]))
             st["gen_s"] += dt
             st["generated"] += new
             seqs = [s for s in seqs if supervised_range(s)[1] > supervised_range(s)[0]]
@@ -157,10 +172,11 @@ def train(args, command: str) -> dict:
         while st["mb"] < len(groups) and not done:
             t0 = time.time()
             batch = collate([seqs[i] for i in groups[st["mb"]]], dev)
-            lr = lr_at(st["step"], st["tokens_seen"], args.lr, args.warmup, args.tokens)
+            lr = lr_at(st["step"], _progress(st, args, t_start), args.lr, args.warmup)
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss, m = distill_loss(draft, batch, args.w_feat, args.w_kl, args.noise, noise_gen)
+            with torch.autocast("cuda", torch.bfloat16, enabled=dev.type == "cuda"):
+                loss, m = distill_loss(draft, batch, args.w_feat, args.w_kl, args.noise, noise_gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if args.grad_clip > 0:
@@ -174,7 +190,7 @@ def train(args, command: str) -> dict:
             meter.add(m, n)
             recent = (recent + [(m, n)])[-20:]
             n_log += n
-            done = _done(st, args)
+            done = _done(st, args, t_start)
             if st["step"] % args.log_every == 0 or done:
                 _log(st, args, meter, lr, n_log / max(1e-9, time.time() - t_log))
                 meter, t_log, n_log = _Meter(), time.time(), 0
@@ -198,9 +214,24 @@ def train(args, command: str) -> dict:
     return metrics
 
 
-def _done(st, args) -> bool:
-    return st["tokens_seen"] >= args.tokens or (args.max_steps is not None
-                                                and st["step"] >= args.max_steps)
+def _done(st, args, t_start: float) -> bool:
+    return (st["tokens_seen"] >= args.tokens
+            or (args.max_steps is not None and st["step"] >= args.max_steps)
+            or (args.time_limit is not None and time.time() - t_start >= args.time_limit))
+
+
+def _progress(st, args, t_start: float) -> float:
+    """Share of the run done: tokens, or wall time under --time-limit, whichever is further."""
+    frac = st["tokens_seen"] / args.tokens
+    if args.time_limit is not None:
+        frac = max(frac, (time.time() - t_start) / args.time_limit)
+    return min(1.0, frac)
+
+
+def _target_dtype(args) -> str:
+    if args.target_dtype != "auto":
+        return args.target_dtype
+    return "bfloat16" if args.device == "cuda" else "float32"
 
 
 def _log(st, args, meter, lr, tps):
@@ -216,11 +247,12 @@ def _log(st, args, meter, lr, tps):
 
 def _check_resume(ck: dict, args, info: dict, path: Path) -> None:
     old = ck["settings"]
-    diff = [k for k in RESUME_KEYS if old.get(k) != getattr(args, k)]
+    new = _settings(args)
+    diff = [k for k in RESUME_KEYS if old.get(k) != new[k]]
     if diff:
         k = diff[0]
         raise SpecCompileError(f"--resume: {path} was trained with --{k.replace('_', '-')} "
-                               f"{old.get(k)}, this run has {getattr(args, k)}; use the same "
+                               f"{old.get(k)}, this run has {new[k]}; use the same "
                                "settings to continue")
     for what in ("prompts", "model"):
         if ck["info"][what]["sha256" if what == "prompts" else "config_sha256"] != \
@@ -241,7 +273,7 @@ def _dev_eval(draft, target, args) -> dict:
     for r in range(0, len(ids), args.gen_batch):
         seqs += generate(target, ids[r:r + args.gen_batch], args.max_new_tokens,
                          target.cfg.eos_token_ids)
-    draft.eval()
+    draft.eval().to(target.embed_tokens.weight.dtype)  # the engine's dtype (bf16 on CUDA)
     res = chain_acceptance(draft, seqs)
     res.update(prompts=str(args.eval_prompts), sha256=sha256_file(args.eval_prompts),
                n_prompts=len(ids), max_new_tokens=args.max_new_tokens,
@@ -257,7 +289,12 @@ def _write_draft(draft, args, info, st, metrics, dev_eval) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = args.out / ".tmp-draft"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_draft(draft.cpu() if args.device == "cpu" else draft, tmp, dtype=DTYPES[args.save_dtype])
+    hot = None
+    counts = st["counts"]
+    if args.draft_vocab:
+        hot = hot_ids(counts, args.draft_vocab)
+    save_draft(draft.cpu() if args.device == "cpu" else draft, tmp, dtype=DTYPES[args.save_dtype],
+               **({"hot_ids": hot} if hot is not None else {}))
     for f in ("model.safetensors", "config.json"):
         (tmp / f).replace(args.out / f)
     tmp.rmdir()
@@ -269,7 +306,11 @@ def _write_draft(draft, args, info, st, metrics, dev_eval) -> None:
         **info,
         "draft": {"n_layers": args.layers, "fc_bias": True, "shares": ["embed_tokens", "lm_head"],
                   "save_dtype": args.save_dtype,
-                  "trainable_params": sum(p.numel() for p in trainable(draft).values())},
+                  "trainable_params": sum(p.numel() for p in trainable(draft).values()),
+                  "draft_vocab": args.draft_vocab or None,
+                  # share of the target's generated tokens that the hot set covers
+                  "hot_coverage": (round(float(counts[hot].sum()) / max(1, int(counts.sum())), 4)
+                                   if hot is not None else None)},
         "final_metrics": metrics,
         "dev_eval": dev_eval,
         "time": {"train_s": round(st["train_s"], 1), "gen_s": round(st["gen_s"], 1)},

