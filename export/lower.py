@@ -2,8 +2,10 @@
 
 Weights are lifted out of the graph into inputs first (`lift_weights`), so one safetensors file
 holds them once for every graph of the engine (the target's embedding and lm_head are shared
-with the draft), and artifacts stay small. Small static tensors (tree indices, masks, rope
-frequencies) stay inside the artifact as constants.
+with the draft), and artifacts stay small. So do the buffers that are model data, which the
+graph names in `gm.meta["weight_buffers"]` (a reduced-vocabulary draft's hot token ids). Small
+static tensors made at compile time (tree indices, masks, rope frequencies) stay inside the
+artifact as constants.
 
 Backends:
   inductor  AOTInductor package (`.pt2`): loading it compiles nothing.
@@ -46,8 +48,9 @@ class WeightRegistry:
 
 
 def lift_weights(gm: fx.GraphModule, registry: WeightRegistry, prefix: str = "") -> list[str]:
-    """Parameters (get_attr) -> leading placeholders. Returns the weight names in input order."""
-    params = {n for n, _ in gm.named_parameters()}
+    """Parameters and `gm.meta["weight_buffers"]` (get_attr) -> leading placeholders. Returns
+    the weight names in input order."""
+    params = {n for n, _ in gm.named_parameters()} | set(gm.meta.get("weight_buffers", ()))
     first = next(n for n in gm.graph.nodes if n.op == "placeholder")
     names: list[str] = []
     seen: dict[str, fx.Node] = {}
@@ -65,7 +68,7 @@ def lift_weights(gm: fx.GraphModule, registry: WeightRegistry, prefix: str = "")
         gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
-    # Drop the now-unused parameters so the artifact does not embed them.
+    # Drop the now-unused parameters (and weight buffers) so the artifact does not embed them.
     for p in params:
         _delete_attr(gm, p)
     return names
@@ -79,6 +82,8 @@ def _delete_attr(m: torch.nn.Module, target: str) -> None:
             return
     if leaf in m._parameters:
         del m._parameters[leaf]
+    elif leaf in m._buffers:
+        del m._buffers[leaf]
 
 
 def lower(gm: fx.GraphModule, example_inputs: list[torch.Tensor], out_path: Path,

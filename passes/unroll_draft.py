@@ -11,8 +11,12 @@ After (static, for a tree of depth D, top-k K):
               ancestor mask (the prefix is the draft cache; drafted K/V never touch it)
     return tree_tokens (B, T_tree), k'
 Only nodes that have children are forwarded (a leaf's logits are never used).
+Reduced draft vocabulary: if the one-level graph also outputs `token_ids` (Vd,), the target id
+of each logit column, the picked top-k columns are mapped through it (toks_d = token_ids[cols]),
+so level tokens, the next level's inputs and tree_tokens are target ids; without it columns are ids.
 Requires: the one-level graph after tree_attention(tree=None); inputs tokens, features,
-input_pos, cache_len, caches; outputs logits, hidden, caches. Required: raises on no attention.
+input_pos, cache_len, caches; outputs logits, hidden, caches (+ token_ids). Required: raises on
+no attention.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from torch import fx
 from spec_compiler.errors import SpecCompileError
 from spec_compiler.trees import TreeSpec
 
-from .infra import aten, finish, inline_graph, placeholders, record, require
+from .infra import aten, finish, inline_graph, outputs, placeholders, record, require
 
 TREE_ATTN = "spec.tree_attention.default"
 
@@ -41,6 +45,7 @@ def unroll_draft(gm: fx.GraphModule, *, tree: TreeSpec) -> fx.GraphModule:
         raise SpecCompileError(f"unroll_draft: the graph has no input(s) {sorted(missing)}; it runs "
                                "once, on the one-level draft graph")
     caches = [k for k in placeholders(src) if k.startswith(("k_", "v_"))]
+    _check_vocab(src, tree)
     g = fx.Graph()
     b = _Builder(g, gm)
     acc_tokens, acc_feats, n_acc, cache_len = (b.ph(n) for n in ("acc_tokens", "acc_feats", "n_acc", "cache_len"))
@@ -53,6 +58,7 @@ def unroll_draft(gm: fx.GraphModule, *, tree: TreeSpec) -> fx.GraphModule:
     out = inline_graph(g, src, {"tokens": acc_tokens, "features": acc_feats, "input_pos": pos,
                                 "cache_len": base, **cache_in})
     cache_new = {k: out[k] for k in caches}
+    token_ids = out.get("token_ids")  # (Vd,) logit column -> target id, or None (columns are ids)
     last = b(aten.unsqueeze.default, b(aten.sub.Tensor, n_acc, 1), 1)  # (B, 1)
     root_tok = b(aten.gather.default, acc_tokens, 1, last)  # (B, 1)
     prev_logits = _rows(b, out["logits"], last)  # (B, 1, V)
@@ -67,7 +73,9 @@ def unroll_draft(gm: fx.GraphModule, *, tree: TreeSpec) -> fx.GraphModule:
         topk_ids = b(operator.getitem, b(aten.topk.default, prev_logits, K, -1), 1)  # (B, n_prev, K)
         flat = b(aten.flatten.using_ints, topk_ids, 1)  # (B, n_prev * K)
         pick = b.const(f"draft_pick_{d}", torch.tensor([r * K + tree.rank[n] for r, n in zip(rows, nodes)]))
-        toks = b(aten.index_select.default, flat, 1, pick)  # (B, n_d)
+        toks = b(aten.index_select.default, flat, 1, pick)  # (B, n_d) logit columns
+        if token_ids is not None:
+            toks = b(aten.index.Tensor, token_ids, [toks])  # (B, n_d) target ids
         level_tokens.append(toks)
         fwd = [n for n in nodes if n in has_child]
         if not fwd:
@@ -94,6 +102,15 @@ def unroll_draft(gm: fx.GraphModule, *, tree: TreeSpec) -> fx.GraphModule:
     gm.meta = {**src_meta, "output_names": ["tree_tokens", *caches]}
     record(gm, "unroll_draft", n_forwards)
     return finish(gm)
+
+
+def _check_vocab(src: fx.GraphModule, tree: TreeSpec) -> None:
+    """The top-k needs at least K logit columns (a reduced draft vocabulary may have fewer)."""
+    logits = outputs(src)["logits"]
+    val = logits.meta.get("val") if isinstance(logits, fx.Node) else None
+    if val is not None and isinstance(val.shape[-1], int) and val.shape[-1] < tree.top_k:
+        raise SpecCompileError(f"unroll_draft: the draft scores {val.shape[-1]} tokens, fewer than "
+                               f"tree {tree.name!r}'s top-k {tree.top_k}; use a larger --draft-vocab")
 
 
 def _rows(b, x: fx.Node, last: fx.Node) -> fx.Node:

@@ -25,6 +25,10 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", type=Path, help="Hugging Face Llama checkpoint directory")
     p.add_argument("--draft", type=Path, default=None,
                    help="EAGLE-1/2 draft head directory (required unless --tree chain-0)")
+    p.add_argument("--draft-vocab", default="auto", metavar="{auto,full,N}",
+                   help="tokens the draft scores: auto (default) = the draft's hot-token list (d2t) "
+                        "if it has one, else all; full = the target's whole vocabulary; N = the "
+                        "first N of the hot list. Output is unchanged, only acceptance may drop")
     p.add_argument("--out", type=Path, required=True, help="engine directory to create")
     p.add_argument("--tree", default="mc_sim_7b_63",
                    help="mc_sim_7b_63 (default), chain-K, or a JSON file of EAGLE tree paths")
@@ -47,17 +51,27 @@ def compile_main(argv: list[str] | None = None) -> int:
         from .pipeline import compile_engine
         from .trees import resolve_tree
 
+        from .loading import parse_draft_vocab
+
+        draft_vocab = parse_draft_vocab(args.draft_vocab)
         tree = resolve_tree(args.tree)
         model = ModelConfig.from_hf(args.model_dir)
         draft_cfg = None
         if args.draft is not None:
-            from .loading import read_draft_state
+            import dataclasses
+
             from .config import DraftConfig
+            from .loading import choose_hot_ids, read_draft_state, read_hot_ids
 
             if not args.draft.is_dir():
                 raise SpecCompileError(f"--draft {args.draft}: no such directory")
-            state = read_draft_state(args.draft)
+            state = {k.removeprefix("model."): v for k, v in read_draft_state(args.draft).items()}
             draft_cfg = DraftConfig.from_dir(args.draft, model, "embed_tokens.weight" in state)
+            # Checked here, before the (slow) target load: d2t/t2d and --draft-vocab.
+            hot = choose_hot_ids(read_hot_ids(args.draft, state, model.vocab_size), draft_vocab, args.draft)
+            draft_cfg = dataclasses.replace(draft_cfg, draft_vocab_size=None if hot is None else hot.numel())
+        elif draft_vocab != "auto":
+            raise SpecCompileError(f"--draft-vocab {draft_vocab}: needs --draft DRAFT_DIR")
         if args.out.exists():
             raise SpecCompileError(f"--out {args.out} already exists; remove it or choose another path")
         cfg = CompileConfig(model=model, draft=draft_cfg, tree=tree, max_seq_len=args.max_seq_len,
@@ -68,7 +82,7 @@ def compile_main(argv: list[str] | None = None) -> int:
             raise SpecCompileError(f"--tree {tree.name} drafts tokens: pass --draft DRAFT_DIR "
                                    "(or use --tree chain-0 for plain decoding)")
         compile_engine(cfg, args.model_dir, args.draft if tree.n_nodes > 1 else None, args.out,
-                       debug_dir=args.debug_dir)
+                       debug_dir=args.debug_dir, draft_vocab=draft_vocab)
     except SpecCompileError as e:
         return _die(str(e))
     except KeyboardInterrupt:

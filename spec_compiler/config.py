@@ -138,12 +138,22 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DraftConfig:
-    """An EAGLE-1/2 draft head: fc(concat(embed, feature)) -> n_layers decoder layers."""
+    """An EAGLE-1/2 draft head: fc(concat(embed, feature)) -> n_layers decoder layers.
+
+    `draft_vocab_size` is None when the head scores the target's whole vocabulary, else the
+    number of "hot" target tokens its lm_head scores (EAGLE-3 / FR-Spec reduced vocabulary)."""
 
     n_layers: int
     fc_bias: bool
     has_embed: bool  # the head ships its own embed_tokens (else the target's is shared)
     layer: ModelConfig  # decoder-layer shapes (hidden, heads, ...), same field names as the target
+    draft_vocab_size: int | None = None
+
+    def __post_init__(self):
+        v = self.draft_vocab_size
+        if v is not None and (not isinstance(v, int) or not 0 < v <= self.layer.vocab_size):
+            raise SpecCompileError(f"draft vocabulary size {v!r} must be an integer in "
+                                   f"[1, {self.layer.vocab_size}] (the target's vocabulary)")
 
     @classmethod
     def from_dir(cls, draft_dir: str | Path, target: ModelConfig, has_embed: bool) -> "DraftConfig":
@@ -183,11 +193,13 @@ class DraftConfig:
 
     def to_json(self) -> dict:
         return {"n_layers": self.n_layers, "fc_bias": self.fc_bias, "has_embed": self.has_embed,
-                "layer": self.layer.to_json()}
+                "layer": self.layer.to_json(), "draft_vocab_size": self.draft_vocab_size}
 
     @classmethod
     def from_json(cls, d: dict) -> "DraftConfig":
-        return cls(d["n_layers"], d["fc_bias"], d["has_embed"], ModelConfig.from_json(d["layer"]))
+        # Manifests written before reduced vocabularies have no draft_vocab_size: full.
+        return cls(d["n_layers"], d["fc_bias"], d["has_embed"], ModelConfig.from_json(d["layer"]),
+                   d.get("draft_vocab_size"))
 
 
 @dataclass(frozen=True)
@@ -217,6 +229,10 @@ class CompileConfig:
                 f"--max-seq-len {self.max_seq_len} is too small for tree {self.tree.name!r} "
                 f"({self.tree.n_nodes} nodes) and prefill chunk {self.prefill_chunk}: "
                 f"use at least {need}")
+        dv = self.draft.draft_vocab_size if self.draft is not None else None
+        if dv is not None and self.tree.n_nodes > 1 and dv < self.tree.top_k:
+            raise SpecCompileError(f"--draft-vocab {dv} is smaller than tree {self.tree.name!r}'s "
+                                   f"top-k {self.tree.top_k}; use at least {self.tree.top_k} tokens")
         if self.tree.n_nodes > 1 and self.draft is None:
             raise SpecCompileError(f"tree {self.tree.name!r} needs a draft: pass --draft DRAFT_DIR "
                                    "(or --tree chain-0 for plain decoding)")

@@ -4,6 +4,13 @@ Target: a Hugging Face Llama directory (`config.json` + `model.safetensors`, or 
 safetensors with `model.safetensors.index.json`). Draft: an EAGLE-1/2 head directory
 (`config.json` + `model.safetensors` or `pytorch_model.bin`, the latter read with
 `weights_only=True`). Names map literally: HF's `model.` prefix is dropped.
+
+Reduced ("hot-token") draft vocabulary, EAGLE-3's convention, so such heads load as written:
+the draft's weights may hold `d2t` (Vd,) int64, with target id = draft index + d2t[draft index],
+and `t2d` (V,) bool, True at the hot target ids; its config.json then says `draft_vocab_size`.
+The draft's lm_head is `lm_head.weight` (Vd, H) if the head ships one, else the target's rows of
+the hot ids. `save_draft` stores hot ids most frequent first, so any prefix (`--draft-vocab N`)
+is a top-N set; a third-party d2t is usually sorted by token id, and its prefix is not.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .config import DraftConfig, ModelConfig
+from .config import DraftConfig, ModelConfig, _read_json
 from .errors import SpecCompileError
 from .models.eagle import EagleDraft
 from .models.llama import Llama
@@ -56,12 +63,99 @@ def read_draft_state(draft_dir: Path) -> dict[str, torch.Tensor]:
         return _load_safetensors(st)
     if pt.is_file():
         try:
-            return torch.load(pt, map_location="cpu", weights_only=True)
+            state = torch.load(pt, map_location="cpu", weights_only=True)
         except Exception as e:  # unpickling errors come in many types
             raise SpecCompileError(f"{pt}: cannot load ({type(e).__name__}: {str(e)[:120]}); the "
                                    "file is corrupt or not a plain state dict") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise SpecCompileError(f"draft {draft_dir}: the weights file is not a flat state dict")
+        return state
     raise SpecCompileError(f"draft {draft_dir}: no model.safetensors or pytorch_model.bin; point "
                            "--draft at an EAGLE head directory")
+
+
+def _draft_weights_file(draft_dir: Path) -> Path:
+    st = draft_dir / "model.safetensors"
+    return st if st.is_file() else draft_dir / "pytorch_model.bin"
+
+
+def parse_draft_vocab(value: str | int) -> str | int:
+    """`--draft-vocab` -> "auto" (the draft's hot list if it has one), "full" or N >= 1."""
+    if value in ("auto", "full"):
+        return value
+    try:
+        n = value if isinstance(value, int) and not isinstance(value, bool) else int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise SpecCompileError(f"--draft-vocab {value!r}: expected auto, full or a positive integer "
+                               "N (the first N of the draft's hot tokens)")
+    return n
+
+
+def read_hot_ids(draft_dir: Path, state: dict[str, torch.Tensor], vocab_size: int) -> torch.Tensor | None:
+    """The draft's hot target ids (Vd,) int64 in stored order, from `d2t` / `t2d` and config.json's
+    `draft_vocab_size`, validated against each other and the target's vocabulary; None: full."""
+    draft_dir = Path(draft_dir)
+    wfile, cfg_path = _draft_weights_file(draft_dir), draft_dir / "config.json"
+    n_cfg = _read_json(cfg_path, "draft").get("draft_vocab_size")
+    d2t, t2d = state.get("d2t"), state.get("t2d")
+    if d2t is None:
+        if t2d is not None:
+            raise SpecCompileError(f"draft {wfile}: has t2d but no d2t; a reduced draft vocabulary "
+                                   "needs d2t (target id = index + d2t[index]) too, or drop t2d")
+        if n_cfg is not None and n_cfg != vocab_size:
+            raise SpecCompileError(f"draft {cfg_path}: draft_vocab_size={n_cfg} but {wfile.name} has "
+                                   "no d2t table; add d2t/t2d or remove draft_vocab_size")
+        return None
+    if d2t.dtype not in (torch.int64, torch.int32) or d2t.dim() != 1 or d2t.numel() == 0:
+        raise SpecCompileError(f"draft {wfile}: d2t has dtype {d2t.dtype} and shape {tuple(d2t.shape)}, "
+                               "expected a non-empty 1-D int64 tensor; re-export the draft")
+    vd = d2t.numel()
+    if n_cfg is not None and n_cfg != vd:
+        raise SpecCompileError(f"draft {cfg_path}: draft_vocab_size={n_cfg} but d2t in {wfile.name} "
+                               f"has {vd} entries; set draft_vocab_size to {vd}")
+    hot = torch.arange(vd) + d2t.long()
+    out = ((hot < 0) | (hot >= vocab_size)).nonzero().flatten()
+    if out.numel():
+        i = int(out[0])
+        raise SpecCompileError(f"draft {wfile}: d2t maps draft index {i} to target id {int(hot[i])}, "
+                               f"outside the target's vocabulary [0, {vocab_size}); the table is "
+                               "corrupt or for another target")
+    ids = hot.sort().values
+    dup = ids[1:][ids[1:] == ids[:-1]]
+    if dup.numel():
+        raise SpecCompileError(f"draft {wfile}: d2t maps several draft indices to target id "
+                               f"{int(dup[0])}; hot token ids must be unique, re-export the draft")
+    if t2d is not None:
+        if t2d.dtype != torch.bool or tuple(t2d.shape) != (vocab_size,):
+            raise SpecCompileError(f"draft {wfile}: t2d has dtype {t2d.dtype} and shape "
+                                   f"{tuple(t2d.shape)}, expected bool ({vocab_size},) (True at hot "
+                                   "target ids); re-export the draft")
+        mark = torch.zeros(vocab_size, dtype=torch.bool)
+        mark[hot] = True
+        if not torch.equal(mark, t2d):
+            n = int(t2d.sum())
+            what = f"t2d marks {n} target ids, d2t lists {vd}" if n != vd else "t2d and d2t list different ids"
+            raise SpecCompileError(f"draft {wfile}: {what}; t2d must be True exactly at d2t's target "
+                                   "ids, re-export the draft")
+    return hot
+
+
+def choose_hot_ids(hot: torch.Tensor | None, draft_vocab: str | int, draft_dir: Path) -> torch.Tensor | None:
+    """Apply `--draft-vocab` to the draft's hot list: auto -> as stored, full -> None, N -> first N."""
+    draft_vocab = parse_draft_vocab(draft_vocab)
+    if draft_vocab == "full" or hot is None and draft_vocab == "auto":
+        return None
+    if draft_vocab == "auto":
+        return hot
+    if hot is None:
+        raise SpecCompileError(f"--draft-vocab {draft_vocab}: draft {draft_dir} has no hot-token list "
+                               "(d2t); use --draft-vocab full, or a draft saved with hot ids")
+    if draft_vocab > hot.numel():
+        raise SpecCompileError(f"--draft-vocab {draft_vocab}: draft {draft_dir} has {hot.numel()} hot "
+                               f"tokens; use at most {hot.numel()}")
+    return hot[:draft_vocab]
 
 
 def _assign(module: torch.nn.Module, state: dict, where: Path, dtype: torch.dtype):
@@ -74,7 +168,8 @@ def _assign(module: torch.nn.Module, state: dict, where: Path, dtype: torch.dtyp
         if tuple(state[k].shape) != tuple(v.shape):
             raise SpecCompileError(f"{where}: weight {k} has shape {tuple(state[k].shape)}, "
                                    f"config.json implies {tuple(v.shape)}")
-    module.load_state_dict({k: state[k].to(dtype) for k in expected}, assign=True, strict=True)
+    module.load_state_dict({k: state[k].to(dtype) if state[k].is_floating_point() else state[k]
+                            for k in expected}, assign=True, strict=True)
 
 
 def _finish(module: torch.nn.Module, buffers_from: torch.nn.Module):
@@ -109,13 +204,15 @@ def _buffers(cfg: ModelConfig) -> torch.nn.Module:
     return m
 
 
-def load_draft(draft_dir: str | Path, target: Llama, dtype: str = "float32") -> EagleDraft:
-    """Load an EAGLE head; the target's embedding (unless the head has one) and lm_head are shared."""
+def load_draft(draft_dir: str | Path, target: Llama, dtype: str = "float32",
+               draft_vocab: str | int = "auto") -> EagleDraft:
+    """Load an EAGLE head; the target's embedding (unless the head has one) and lm_head are shared.
+
+    `draft_vocab`: "auto" uses the head's hot-token list (d2t) if it has one, else the full
+    vocabulary; "full" ignores the list (the target's whole lm_head); N uses its first N ids."""
     draft_dir = Path(draft_dir)
-    state = read_draft_state(draft_dir)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise SpecCompileError(f"draft {draft_dir}: the weights file is not a flat state dict")
-    state = {k.removeprefix("model."): v for k, v in state.items()}
+    draft_vocab = parse_draft_vocab(draft_vocab)
+    state = {k.removeprefix("model."): v for k, v in read_draft_state(draft_dir).items()}
     if "fc.weight" not in state:
         raise SpecCompileError(f"draft {draft_dir}: no fc.weight; not an EAGLE-1/2 head "
                                "(expected fc.weight [h, 2h] and layers.N.*)")
@@ -129,28 +226,71 @@ def load_draft(draft_dir: str | Path, target: Llama, dtype: str = "float32") -> 
         raise SpecCompileError(f"draft {draft_dir}: embed_tokens.weight has shape "
                                f"{tuple(state['embed_tokens.weight'].shape)}, the target's is "
                                f"{tuple(target.embed_tokens.weight.shape)}")
-    cfg = DraftConfig(cfg.n_layers, "fc.bias" in state, cfg.has_embed, cfg.layer)
+    stored = read_hot_ids(draft_dir, state, target.cfg.vocab_size)
+    hot = choose_hot_ids(stored, draft_vocab, draft_dir)
+    cfg = DraftConfig(cfg.n_layers, "fc.bias" in state, cfg.has_embed, cfg.layer,
+                      None if hot is None else hot.numel())
     state.setdefault("embed_tokens.weight", target.embed_tokens.weight)
-    state["lm_head.weight"] = target.lm_head.weight
+    if hot is None:
+        state["lm_head.weight"] = target.lm_head.weight
+    else:
+        state["lm_head.weight"] = _hot_lm_head(draft_dir, state.get("lm_head.weight"), stored, hot, target)
+        state["hot_ids"] = hot
     with torch.device("meta"):
         draft = EagleDraft(cfg, target.cfg)
     _assign(draft, state, draft_dir, DTYPES[dtype])
     if not cfg.has_embed:
         draft.embed_tokens.weight = target.embed_tokens.weight
-    draft.lm_head.weight = target.lm_head.weight
+    if hot is None:
+        draft.lm_head.weight = target.lm_head.weight
     _finish(draft, _buffers(cfg.layer))
     return draft.eval()
 
 
+def _hot_lm_head(draft_dir: Path, own: torch.Tensor | None, stored: torch.Tensor, hot: torch.Tensor,
+                 target: Llama) -> torch.Tensor:
+    """(len(hot), H): the head's own lm_head rows (one per stored hot id) if it ships them, else
+    a copy of the target's rows of the hot ids (never a view: the engine stores it on its own)."""
+    full = target.lm_head.weight
+    if own is not None and tuple(own.shape) == (stored.numel(), full.shape[1]):
+        return own if hot.numel() == stored.numel() else own[:hot.numel()].clone()
+    if own is not None and tuple(own.shape) != tuple(full.shape):
+        raise SpecCompileError(f"draft {_draft_weights_file(draft_dir)}: lm_head.weight has shape "
+                               f"{tuple(own.shape)}, expected ({stored.numel()}, {full.shape[1]}) "
+                               "(one row per d2t entry); fix or drop it to use the target's rows")
+    return full.detach().index_select(0, hot.to(full.device))
+
+
 def save_draft(draft: EagleDraft, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
-               extra_config: dict | None = None) -> Path:
-    """Write an EAGLE-1/2 reference-format head (config.json + model.safetensors)."""
+               extra_config: dict | None = None, hot_ids: torch.Tensor | None = None) -> Path:
+    """Write an EAGLE-1/2 reference-format head (config.json + model.safetensors).
+
+    `hot_ids` (1-D int64 target ids, unique, in the order wanted; default: the draft's own hot
+    list, if any) adds a reduced draft vocabulary in EAGLE-3's format: `d2t`, `t2d` and config
+    `draft_vocab_size`. Give them most frequent first: `--draft-vocab N` takes a prefix. The
+    lm_head is never written; loading takes the target's rows of the hot ids."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
+    V = draft.cfg.layer.vocab_size
+    if hot_ids is None:
+        hot_ids = draft.hot_ids
+    if hot_ids is not None:
+        hot_ids = hot_ids.detach().cpu()
+        if hot_ids.dim() != 1 or hot_ids.numel() == 0 or hot_ids.is_floating_point() or hot_ids.dtype == torch.bool:
+            raise SpecCompileError(f"save_draft: hot_ids has dtype {hot_ids.dtype} and shape "
+                                   f"{tuple(hot_ids.shape)}; expected non-empty 1-D int64 target ids")
+        hot_ids = hot_ids.long()
+        if int(hot_ids.min()) < 0 or int(hot_ids.max()) >= V or hot_ids.unique().numel() != hot_ids.numel():
+            raise SpecCompileError(f"save_draft: hot_ids must be unique target ids in [0, {V})")
     out_dir.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to(dtype).contiguous() for k, v in draft.state_dict().items()
-          if not k.startswith("lm_head.") and (draft.cfg.has_embed or not k.startswith("embed_tokens."))}
+          if not k.startswith("lm_head.") and k != "hot_ids"
+          and (draft.cfg.has_embed or not k.startswith("embed_tokens."))}
+    if hot_ids is not None:
+        t2d = torch.zeros(V, dtype=torch.bool)
+        t2d[hot_ids] = True
+        sd.update(d2t=hot_ids - torch.arange(hot_ids.numel()), t2d=t2d)
     save_file(sd, str(out_dir / "model.safetensors"))
     c = draft.cfg.layer
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "bias": draft.cfg.fc_bias,
@@ -161,5 +301,7 @@ def save_draft(draft: EagleDraft, out_dir: str | Path, dtype: torch.dtype = torc
            "torch_dtype": str(dtype).removeprefix("torch."), **(extra_config or {})}
     if c.rope_scaling:
         cfg["rope_scaling"] = c.rope_scaling
+    if hot_ids is not None:
+        cfg["draft_vocab_size"] = hot_ids.numel()
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return out_dir

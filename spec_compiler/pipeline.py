@@ -11,11 +11,14 @@ Engine graphs (B = batch bucket, C = prefill chunk, T = tree nodes, D = tree dep
     verify         target over the tree + accept      (tokens, cache_len, k_*, v_*)
                                                       -> acc_tokens, acc_feats, n_acc, cache_len
 Caches are updated in place (static_kv_cache). A root-only tree (chain-0) has no draft graphs:
-verify is then plain one-token decoding.
+verify is then plain one-token decoding. A draft with a reduced ("hot-token") vocabulary scores
+only its hot tokens; the draft graph maps the chosen columns to target ids (unroll_draft), so
+tree_tokens are target ids either way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -26,10 +29,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import fx
 
 from export.lower import WeightRegistry, lift_weights, lower
 from export.manifest import Manifest, write_manifest
 from passes import default_passes, run_passes
+from passes.infra import _get_attr, _set_attr, output_node, outputs, set_outputs
 
 from .config import CompileConfig
 from .errors import SpecCompileError
@@ -67,19 +72,38 @@ def example(shape, dtype, device) -> torch.Tensor:
     return torch.randn(shape, dtype=dtype, device=device)
 
 
-def build_graph(cfg: CompileConfig, graph: str, module: torch.nn.Module, debug_dir: Path | None):
+def trace_graph(cfg: CompileConfig, graph: str, module: torch.nn.Module) -> fx.GraphModule:
+    """`module` exported for `graph`, before any pass: outputs logits, hidden, caches, plus
+    `token_ids` for a draft with a reduced vocabulary (its `hot_ids` buffer, the target id of
+    each logit column), which unroll_draft maps the top-k columns through. Such buffers are model
+    data, not compile-time constants: gm.meta["weight_buffers"] names them for lift_weights."""
     specs = graph_inputs(cfg, graph)
     args = [example(s, d, cfg.device) for _, s, d in specs]
     names = [n for n, _, _ in specs]
     caches = [n for n in names if n[:2] in ("k_", "v_")]
-    outs = ["logits", "hidden", *caches]
     dyn = {"tokens": 1, "features": 1, "input_pos": 1} if graph == "draft" else None
-    gm = trace(module, args, names, outs, dynamic_dim=dyn)
-    if graph == "draft_prefill":  # its logits are never used: don't compute them
-        from passes.infra import outputs, set_outputs
+    gm = trace(module, args, names, ["logits", "hidden", *caches], dynamic_dim=dyn)
+    hot = getattr(module, "hot_ids", None) if graph.startswith("draft") else None
+    if hot is not None:
+        name = next((n for n, b in module.named_buffers() if b is hot), "hot_ids")
+        try:
+            _get_attr(gm, name)  # export keeps every buffer, used or not
+        except AttributeError:
+            _set_attr(gm, name, hot)
+        with gm.graph.inserting_before(output_node(gm)):
+            node = gm.graph.get_attr(name)
+        set_outputs(gm, {**outputs(gm), "token_ids": node})
+        gm.meta["weight_buffers"] = [name]
+        gm.recompile()
+    return gm
 
+
+def build_graph(cfg: CompileConfig, graph: str, module: torch.nn.Module, debug_dir: Path | None):
+    gm = trace_graph(cfg, graph, module)
+    if graph == "draft_prefill":  # its logits are never used: don't compute them
         o = outputs(gm)
         del o["logits"]
+        o.pop("token_ids", None)
         set_outputs(gm, o)
     gm = run_passes(gm, default_passes(graph, cfg.tree, cfg.prefill_chunk), debug_dir, graph)
     return gm
@@ -101,11 +125,13 @@ def final_input_specs(cfg: CompileConfig, graph: str, gm) -> list[tuple[str, tup
 
 def compile_engine(cfg: CompileConfig, model_dir: Path, draft_dir: Path | None, out_dir: Path,
                    progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
-                   debug_dir: Path | None = None, draft_module: torch.nn.Module | None = None) -> Path:
+                   debug_dir: Path | None = None, draft_module: torch.nn.Module | None = None,
+                   draft_vocab: str | int = "auto") -> Path:
     """Compile into `out_dir`, atomically: built in a temp dir beside it, renamed at the end.
 
+    `draft_vocab` ("auto", "full" or N) picks the draft's vocabulary (`load_draft`).
     `draft_module` replaces loading `draft_dir` (tests use it for drafts with known behaviour;
-    it must follow `EagleDraft.forward`'s calling convention)."""
+    it must follow `EagleDraft.forward`'s calling convention, and may have `hot_ids`)."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise SpecCompileError(f"--out {out_dir} already exists; remove it or choose another path")
@@ -114,7 +140,7 @@ def compile_engine(cfg: CompileConfig, model_dir: Path, draft_dir: Path | None, 
     target = load_target(model_dir, cfg.dtype).to(cfg.device)
     draft = draft_module
     if draft is None and draft_dir is not None:
-        draft = load_draft(draft_dir, target, cfg.dtype).to(cfg.device)
+        draft = load_draft(draft_dir, target, cfg.dtype, draft_vocab).to(cfg.device)
     return compile_modules(cfg, target, draft, out_dir, progress, debug_dir, model_dir=model_dir, t0=t0)
 
 
@@ -123,8 +149,13 @@ def compile_modules(cfg: CompileConfig, target: torch.nn.Module, draft: torch.nn
                     debug_dir: Path | None = None, graphs: list[str] | None = None,
                     model_dir: Path | None = None, t0: float | None = None) -> Path:
     """Compile already-built modules (benchmarks use random-weight modules). `graphs` limits
-    which step graphs are built (default: all that the tree needs)."""
+    which step graphs are built (default: all that the tree needs). The manifest records the
+    draft vocabulary of the module compiled (`hot_ids`), whatever cfg.draft said."""
     out_dir = Path(out_dir)
+    if draft is not None and cfg.draft is not None:
+        hot = getattr(draft, "hot_ids", None)
+        cfg = dataclasses.replace(cfg, draft=dataclasses.replace(
+            cfg.draft, draft_vocab_size=None if hot is None else hot.numel()))
     t0 = time.time() if t0 is None else t0
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))

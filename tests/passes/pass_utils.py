@@ -9,8 +9,8 @@ import torch
 from torch import fx
 
 from spec_compiler.config import CompileConfig
-from spec_compiler.pipeline import example, graph_inputs
-from spec_compiler.trace import input_names, trace
+from spec_compiler.pipeline import graph_inputs, trace_graph
+from spec_compiler.trace import input_names
 from spec_compiler.trees import TreeSpec
 
 S, C = 64, 8  # cache capacity, prefill chunk: small, so the tests stay sub-second
@@ -28,12 +28,7 @@ def traced(cfg: CompileConfig, graph: str, module: torch.nn.Module) -> fx.GraphM
     specs = graph_inputs(cfg, graph)
     key = (id(module), graph, tuple((n, s) for n, s, _ in specs))
     if key not in _TRACES:
-        names = [n for n, _, _ in specs]
-        outs = ["logits", "hidden", *[n for n in names if n[:2] in ("k_", "v_")]]
-        dyn = {"tokens": 1, "features": 1, "input_pos": 1} if graph == "draft" else None
-        args = [example(s, d, "cpu") for _, s, d in specs]
-        gm = trace(module, args, names, outs, dynamic_dim=dyn)
-        _TRACES[key] = (module, gm)  # holding the module keeps id(module) unique
+        _TRACES[key] = (module, trace_graph(cfg, graph, module))  # holding the module keeps id unique
     return copy_graph(_TRACES[key][1])
 
 
