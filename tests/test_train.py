@@ -246,8 +246,13 @@ def test_bad_inputs_exit_2_with_one_line(tiny_dir, prompt_file, tmp_path, capsys
 def test_time_limit_stops_and_writes_the_draft(tiny_dir, prompt_file, tmp_path):
     out = tmp_path / "timed"
     assert main([str(tiny_dir), "--out", str(out), "--prompts", str(prompt_file), *ARGS,
-                 "--tokens", "100000000", "--time-limit", "3", "--temperature", "0,1"]) == 0
+                 "--tokens", "100000000", "--time-limit", "3", "--temperature", "0,1",
+                 "--draft-vocab", "16"]) == 0
     info = json.loads((out / "training.json").read_text())
     assert 0 < info["final_metrics"]["tokens_seen"] < 100000000
     assert info["settings"]["temperature"] == [0.0, 1.0] and info["settings"]["time_limit"] == 3
-    assert (out / "model.safetensors").is_file()
+    assert info["draft"]["draft_vocab"] == 16 and 0 < info["draft"]["hot_coverage"] <= 1
+    target = load_target(tiny_dir)
+    hot = load_draft(out, target).hot_ids  # the 16 tokens the target generated most often
+    assert hot.shape == (16,) and len(set(hot.tolist())) == 16
+    assert load_draft(out, target, draft_vocab="full").hot_ids is None

@@ -293,7 +293,7 @@ def _write_draft(draft, args, info, st, metrics, dev_eval) -> None:
     counts = st["counts"]
     if args.draft_vocab:
         hot = hot_ids(counts, args.draft_vocab)
-    save_draft(draft.cpu() if args.device == "cpu" else draft, tmp, dtype=DTYPES[args.save_dtype],
+    save_draft(draft.cpu(), tmp, dtype=DTYPES[args.save_dtype],
                **({"hot_ids": hot} if hot is not None else {}))
     for f in ("model.safetensors", "config.json"):
         (tmp / f).replace(args.out / f)
