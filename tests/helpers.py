@@ -27,6 +27,11 @@ TINY_CONFIGS = {
 }
 
 
+# A reduced draft vocabulary for the tiny models: 48 of the 128 ids in a shuffled ("frequency")
+# order, so logit columns, sorted ids and target ids all differ.
+HOT_IDS = torch.randperm(128, generator=torch.Generator().manual_seed(7))[:48].tolist()
+
+
 def make_tiny_checkpoint(out: Path, name: str = "gqa_untied", seed: int = 0, **over) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -42,7 +47,9 @@ def make_tiny_checkpoint(out: Path, name: str = "gqa_untied", seed: int = 0, **o
     return out
 
 
-def make_random_draft(out: Path, target_dir: Path, n_layers: int = 1, seed: int = 1) -> Path:
+def make_random_draft(out: Path, target_dir: Path, n_layers: int = 1, seed: int = 1,
+                      hot_ids: list[int] | torch.Tensor | None = None) -> Path:
+    """A random EAGLE head; `hot_ids` (target ids, most frequent first) gives it a reduced vocabulary."""
     from spec_compiler.loading import load_target, save_draft
     from spec_compiler.config import DraftConfig
     from spec_compiler.models.eagle import EagleDraft
@@ -54,23 +61,24 @@ def make_random_draft(out: Path, target_dir: Path, n_layers: int = 1, seed: int 
     with torch.no_grad():
         for p in draft.parameters():
             p.normal_(0, 0.3)
-    save_draft(draft, out, dtype=torch.float32)
+    save_draft(draft, out, dtype=torch.float32,
+               hot_ids=None if hot_ids is None else torch.as_tensor(hot_ids, dtype=torch.long))
     return out
 
 
 def build_engine(out: Path, model_dir: Path, *, tree: str = "mc_sim_7b_63", draft_dir: Path | None = None,
                  backend: str = "eager", max_seq_len: int = 256, chunk: int = 16,
                  draft_module: nn.Module | None = None, draft_cfg: DraftConfig | None = None,
-                 device: str = "cpu", dtype: str = "float32") -> Path:
+                 device: str = "cpu", dtype: str = "float32", draft_vocab: str | int = "auto") -> Path:
     model = ModelConfig.from_hf(model_dir)
     t = resolve_tree(tree)
     if draft_cfg is None and draft_dir is not None:
-        draft_cfg = load_draft(draft_dir, load_target(model_dir)).cfg
+        draft_cfg = load_draft(draft_dir, load_target(model_dir), draft_vocab=draft_vocab).cfg
     cfg = CompileConfig(model=model, draft=draft_cfg if t.n_nodes > 1 else None, tree=t,
                         max_seq_len=max_seq_len, backend=backend, prefill_chunk=chunk,
                         device=device, dtype=dtype)
     return compile_engine(cfg, model_dir, draft_dir if t.n_nodes > 1 else None, out,
-                          progress=lambda s: None, draft_module=draft_module)
+                          progress=lambda s: None, draft_module=draft_module, draft_vocab=draft_vocab)
 
 
 _HF_CACHE: dict = {}
@@ -99,7 +107,9 @@ class OracleDraft(nn.Module):
     The pair at rotary position p predicts seq[p + 2]; this draft ranks that token at
     `rank_of(p)` among its top-k (so a branch other than the first is right), except at
     `poisoned(p)` positions, where every top-k token is wrong. It keeps the real draft's layers
-    (attention included, so every pass applies) and overrides only the logits.
+    (attention included, so every pass applies) and overrides only the logits. With a reduced
+    vocabulary (`inner.hot_ids`) the logits are the table's hot columns: a token that is not
+    hot cannot be proposed, and ranks hold as long as the decoys 0..8 are hot.
     """
 
     def __init__(self, inner: nn.Module, seq: list[int], capacity: int, vocab: int, rank_of, poisoned):
@@ -111,7 +121,13 @@ class OracleDraft(nn.Module):
             decoys = [t for t in range(vocab) if t != true][:8]
             table[p, decoys] = torch.arange(8, 0, -1, dtype=torch.float32) + 10  # 18, 17, ...
             table[p, true] = -10.0 if poisoned(p) else 18.0 - rank_of(p) + 0.5
+        if self.hot_ids is not None:
+            table = table[:, self.hot_ids]
         self.register_buffer("table", table)
+
+    @property
+    def hot_ids(self):
+        return getattr(self.inner, "hot_ids", None)
 
     def forward(self, tokens, features, input_pos, cache_len, *kv):
         logits, x, *new_kv = self.inner(tokens, features, input_pos, cache_len, *kv)
