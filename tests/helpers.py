@@ -66,6 +66,32 @@ def make_random_draft(out: Path, target_dir: Path, n_layers: int = 1, seed: int 
     return out
 
 
+def copy_draft(src: Path, dst: Path, edit_state=None, **config) -> Path:
+    """A copy of draft dir `src` at `dst`, `edit_state(state_dict)` applied in place to its
+    model.safetensors and config.json fields set (None deletes one): for bad-input tests."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    if edit_state is not None:
+        st = load_file(dst / "model.safetensors")
+        edit_state(st)
+        save_file({k: v.contiguous() for k, v in st.items()}, str(dst / "model.safetensors"))
+    if config:
+        cfg = json.loads((dst / "config.json").read_text())
+        for k, v in config.items():
+            cfg.pop(k) if v is None else cfg.update({k: v})
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def d2t_of(hot_ids: list[int]) -> torch.Tensor:
+    """EAGLE-3's d2t for a hot list: target id = index + d2t[index]."""
+    return torch.tensor(hot_ids) - torch.arange(len(hot_ids))
+
+
 def build_engine(out: Path, model_dir: Path, *, tree: str = "mc_sim_7b_63", draft_dir: Path | None = None,
                  backend: str = "eager", max_seq_len: int = 256, chunk: int = 16,
                  draft_module: nn.Module | None = None, draft_cfg: DraftConfig | None = None,

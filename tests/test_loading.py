@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from helpers import HOT_IDS, make_random_draft, make_tiny_checkpoint
+from helpers import HOT_IDS, copy_draft, d2t_of, make_random_draft, make_tiny_checkpoint
 from spec_compiler.config import ModelConfig, rope_inv_freq
 from spec_compiler.errors import SpecCompileError
 from spec_compiler.loading import load_draft, load_target, save_draft
@@ -156,37 +156,18 @@ def _state(d):
 
 
 def _copy_with(tmp_path, src, edit_state=None, **config):
-    """A copy of draft dir `src` with its state dict edited in place and config.json fields set
-    (None deletes)."""
-    from safetensors.torch import save_file
-
-    d = tmp_path / "edited"
-    shutil.copytree(src, d)
-    if edit_state is not None:
-        st = _state(d)
-        edit_state(st)
-        save_file({k: v.contiguous() for k, v in st.items()}, str(d / "model.safetensors"))
-    if config:
-        cfg = json.loads((d / "config.json").read_text())
-        for k, v in config.items():
-            cfg.pop(k) if v is None else cfg.update({k: v})
-        (d / "config.json").write_text(json.dumps(cfg))
-    return d
+    return copy_draft(src, tmp_path / "edited", edit_state, **config)
 
 
 def _set(key, fn):
     return lambda st: st.update({key: fn(st)})
 
 
-def _d2t(ids: list[int]) -> torch.Tensor:
-    return torch.tensor(ids) - torch.arange(len(ids))
-
-
 # (state edit, config edits, draft_vocab, words in the error)
 BAD_HOT = {
-    "d2t-out-of-range": (_set("d2t", lambda st: _d2t(HOT_IDS[:3] + [500] + HOT_IDS[4:])), {}, "auto",
+    "d2t-out-of-range": (_set("d2t", lambda st: d2t_of(HOT_IDS[:3] + [500] + HOT_IDS[4:])), {}, "auto",
                          ["d2t", "index 3", "target id 500", "[0, 128)", "model.safetensors"]),
-    "d2t-duplicate": (_set("d2t", lambda st: _d2t(HOT_IDS[:1] * 2 + HOT_IDS[2:])), {}, "auto",
+    "d2t-duplicate": (_set("d2t", lambda st: d2t_of(HOT_IDS[:1] * 2 + HOT_IDS[2:])), {}, "auto",
                       ["d2t", "unique", f"target id {HOT_IDS[0]}"]),
     "d2t-float": (_set("d2t", lambda st: st["d2t"].float()), {}, "auto", ["d2t", "float32", "int64"]),
     "d2t-2d": (_set("d2t", lambda st: st["d2t"][None]), {}, "auto", ["d2t", "(1, 48)", "1-D"]),
