@@ -160,6 +160,14 @@ class OracleDraft(nn.Module):
         return (logits * 0 + F.embedding(input_pos, self.table), x, *new_kv)
 
 
+def oracle_hot_ids(n_extra: int = 80, seed: int = 11) -> list[int]:
+    """A hot set for OracleDraft on the tiny models: its decoys 0..8 (so its ranks hold) and
+    n_extra other ids, in shuffled order (columns are not ids)."""
+    rest = [t for t in torch.randperm(128, generator=torch.Generator().manual_seed(seed)).tolist() if t > 8]
+    ids = list(range(9)) + rest[:n_extra]
+    return [ids[i] for i in torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed + 1))]
+
+
 def expected_emitted(tree, prompt_len: int, n_steps: int, rank_of, poisoned) -> list[int]:
     """Independent model of greedy acceptance with the oracle draft: tokens emitted per step."""
     children = {}

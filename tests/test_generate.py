@@ -16,7 +16,8 @@ import shutil
 import pytest
 import torch
 
-from helpers import HOT_IDS, OracleDraft, build_engine, expected_emitted, hf_greedy, make_random_draft
+from helpers import (HOT_IDS, OracleDraft, build_engine, expected_emitted, hf_greedy, make_random_draft,
+                     oracle_hot_ids)
 from runtime import Engine
 from spec_compiler.loading import load_draft, load_target
 from spec_compiler.trees import resolve_tree
@@ -148,10 +149,7 @@ def test_oracle_hot_vocab_cuts_acceptance(tmp_path, tiny_dir):
     P, N = 11, 90
     p = torch.randint(3, 128, (P,), generator=torch.Generator().manual_seed(3)).tolist()
     seq = p + hf_greedy(tiny_dir, p, 300, eos=[])
-    # The oracle's decoys (0..8) stay hot so its ranks hold; 80 more ids, in shuffled order.
-    rest = [t for t in torch.randperm(128, generator=torch.Generator().manual_seed(11)).tolist() if t > 8]
-    hot = torch.randperm(89, generator=torch.Generator().manual_seed(12))
-    hot = torch.tensor(list(range(9)) + rest[:80])[hot].tolist()
+    hot = oracle_hot_ids()
     hot_dir = make_random_draft(tmp_path / "hot", tiny_dir, hot_ids=hot)
     oracle = OracleDraft(load_draft(hot_dir, load_target(tiny_dir)), seq, capacity=256, vocab=128,
                          rank_of=rank_of, poisoned=poisoned)
