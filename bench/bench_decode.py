@@ -1,20 +1,25 @@
 """Decode benchmarks on one GPU, one run: the project vs transformers, against the HBM roofline.
 
-For each model shape (SmolLM2-135M, Llama-3.1-8B; random bf16 weights, the 8B-shape draft is one
-decoder layer at the target's dimensions with the full lm_head), 128-token context:
+For each model shape (SmolLM2-135M, Llama-3.1-8B; random bf16 weights, the draft is one decoder
+layer at the target's dimensions with the full lm_head), 128-token context:
   - spec-compiler non-speculative decode: the chain-0 verify graph (T=1), one CUDA-graph replay
   - the speculative step (mc_sim_7b_63, depth 5): draft graph, verify+accept graph, whole step
     (one CUDA graph), and ms/token at a given tokens-per-call (measured for the real SmolLM2 pair)
+  - the same draft with a reduced ("hot-token") vocabulary of N tokens (--draft-vocab): its
+    lm_head is N rows of the target's; draft graph time, its byte floor, and its ratio to the
+    verify step (issue targets: under 30% of verify, within 1.2x of its byte floor)
   - transformers eager, and transformers with its static cache + auto-compile (generate)
   - achieved HBM bandwidth of decode, verify and draft vs a measured device-to-device copy
 Writes JSON (--out) and prints a table last.
 
-    python bench/bench_decode.py [--shapes smollm2,llama8b] [--tpc 2.5] [--out bench/results/decode.json]
+    python bench/bench_decode.py [--shapes smollm2,llama8b] [--tpc 2.5] [--draft-vocab N | shape=N,...]
+                                 [--out bench/results/decode.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -43,6 +48,10 @@ SHAPES = {
 }
 CTX = 128
 NEW = 128
+# Hot-token draft vocabulary per shape: about a quarter of the vocabulary (FR-Spec and EAGLE-3
+# report most of the acceptance kept at 16k-32k tokens of 49k-128k).
+DRAFT_VOCAB = {"smollm2": 16384, "llama8b": 32768}
+DRAFT_TARGETS = {"draft_over_verify": 0.30, "draft_vs_floor": 1.2}
 
 
 def timed(fn, iters=50, warmup=5) -> float:
@@ -71,9 +80,9 @@ def copy_bandwidth() -> float:
     return 2 * n / ms / 1e6
 
 
-def random_modules(m: ModelConfig, seed=0):
+def random_modules(m: ModelConfig, seed=0, device="cuda"):
     torch.manual_seed(seed)
-    with torch.device("cuda"):
+    with torch.device(device):
         target = Llama(m).to(torch.bfloat16)
         dcfg = DraftConfig(n_layers=1, fc_bias=True, has_embed=False, layer=m)
         draft = EagleDraft(dcfg, m).to(torch.bfloat16)
@@ -83,6 +92,48 @@ def random_modules(m: ModelConfig, seed=0):
     draft.embed_tokens.weight = target.embed_tokens.weight
     draft.lm_head.weight = target.lm_head.weight
     return target, draft, dcfg
+
+
+def hot_draft(target, draft, dcfg: DraftConfig, n: int, seed=0):
+    """`draft` with a reduced vocabulary of n random hot tokens: the same fc and layers (shared),
+    the target's embedding, lm_head = a copy of the target's rows of the hot ids (as load_draft
+    builds it), hot_ids buffer. Built on the meta device, so no full-vocabulary tensor is allocated."""
+    m = dcfg.layer
+    if not 1 <= n <= m.vocab_size:
+        raise ValueError(f"--draft-vocab {n}: must be in [1, {m.vocab_size}]")
+    dev = target.lm_head.weight.device
+    ids = torch.randperm(m.vocab_size, generator=torch.Generator().manual_seed(seed))[:n].to(dev)
+    hcfg = dataclasses.replace(dcfg, draft_vocab_size=n)
+    with torch.device("meta"):
+        hot = EagleDraft(hcfg, m)
+    hot.fc, hot.layers = draft.fc, draft.layers
+    hot.embed_tokens.weight = target.embed_tokens.weight
+    hot.lm_head.weight = torch.nn.Parameter(target.lm_head.weight.detach().index_select(0, ids),
+                                            requires_grad=False)
+    hot._buffers["hot_ids"] = ids
+    hot._buffers["inv_freq"] = draft.inv_freq
+    assert not any(t.is_meta for t in [*hot.parameters(), *hot.buffers()])
+    return hot.eval(), hcfg
+
+
+def parse_draft_vocab(spec: str, shapes: list[str]) -> dict[str, int]:
+    """--draft-vocab: "N" for every shape, "shape=N,..." per shape (others keep the default), or
+    "0" for none (full vocabulary only)."""
+    out = {s: DRAFT_VOCAB[s] for s in shapes}
+    if spec.strip() == "":
+        return out
+    for part in spec.split(","):
+        name, _, n = part.rpartition("=")
+        if name and name not in SHAPES:
+            raise SystemExit(f"--draft-vocab {spec!r}: unknown shape {name!r} ({', '.join(SHAPES)})")
+        try:
+            n = int(n)
+        except ValueError:
+            raise SystemExit(f"--draft-vocab {spec!r}: expected N, 0 or shape=N,...") from None
+        for s in [name] if name else shapes:
+            if s in out:
+                out[s] = n
+    return {s: n for s, n in out.items() if n > 0}
 
 
 def nbytes(mod, skip=()) -> int:
@@ -95,11 +146,12 @@ def nbytes(mod, skip=()) -> int:
     return total
 
 
-def build(m, target, draft, dcfg, tree, graphs, root: Path, name: str):
+def build(m, target, draft, dcfg, tree, graphs, root: Path, name: str, device="cuda", backend="inductor"):
     from runtime import Engine
 
     cfg = CompileConfig(model=m, draft=dcfg if tree.n_nodes > 1 else None, tree=tree,
-                        max_seq_len=1024, dtype="bfloat16", device="cuda", prefill_chunk=64)
+                        max_seq_len=1024, dtype="bfloat16", device=device, prefill_chunk=64,
+                        backend=backend)
     t = time.time()
     out = compile_modules(cfg, target, draft if tree.n_nodes > 1 else None, root / name,
                           progress=lambda s: print("  " + s, flush=True), graphs=graphs)
@@ -183,7 +235,15 @@ def hf_peers(m: ModelConfig, results: dict, skip_compile=False):
     torch.cuda.empty_cache()
 
 
-def bench_shape(name: str, tpc: float, bw: float, root: Path, peers: bool) -> dict:
+def draft_bytes(tree, w_draft_layer: int, vocab_rows: int, hidden: int) -> int:
+    """Bytes a draft step must read: every forward (catch-up + each level with children) reads
+    the layer weights and the lm_head rows it scores (bf16). Embedding rows, the KV cache and the
+    hot-id lookups are negligible."""
+    forwards = 1 + sum(1 for d in range(1, tree.max_depth) if tree.level_nodes(d))
+    return forwards * (w_draft_layer + vocab_rows * hidden * 2)
+
+
+def bench_shape(name: str, tpc: float, bw: float, root: Path, peers: bool, draft_vocab: int | None = None) -> dict:
     m = SHAPES[name]
     print(f"== {name}", flush=True)
     target, draft, dcfg = random_modules(m)
@@ -206,11 +266,9 @@ def bench_shape(name: str, tpc: float, bw: float, root: Path, peers: bool) -> di
     # Bytes that must move (weights; the 128-token KV cache is negligible but counted).
     w_target = nbytes(target)
     kv = 2 * m.n_layers * m.n_kv_heads * m.head_dim * CTX * 2
-    w_lm = m.vocab_size * m.hidden_size * 2
     w_draft_layer = nbytes(draft, skip=("embed_tokens", "lm_head"))
-    levels = 1 + sum(1 for d in range(1, tree.max_depth) if tree.level_nodes(d))  # catch-up + levels
     r["bytes_decode"] = w_target + kv
-    r["bytes_draft"] = levels * (w_draft_layer + w_lm)
+    r["bytes_draft"] = draft_bytes(tree, w_draft_layer, m.vocab_size, m.hidden_size)
     r["floor_decode_ms"] = r["bytes_decode"] / bw / 1e6
     r["floor_draft_ms"] = r["bytes_draft"] / bw / 1e6
     r["decode_bw_frac"] = r["floor_decode_ms"] / r["decode_ms_per_token"]
@@ -218,6 +276,18 @@ def bench_shape(name: str, tpc: float, bw: float, root: Path, peers: bool) -> di
     r["draft_vs_floor"] = r["draft_ms"] / r["floor_draft_ms"]
     r["verify_over_decode"] = r["verify_ms"] / r["decode_ms_per_token"]
     r["draft_over_verify"] = r["draft_ms"] / r["verify_ms"]
+    if draft_vocab:  # the same draft with a hot-token lm_head of N rows (draft graph alone)
+        hot, hcfg = hot_draft(target, draft, dcfg, draft_vocab)
+        eng, r["hot_draft_compile_s"], _ = build(m, target, hot, hcfg, tree, ["draft"], root, f"{name}_hot")
+        r["draft_vocab"] = draft_vocab
+        r["hot_draft_ms"] = graph_ms(eng, "draft")
+        r["bytes_hot_draft"] = draft_bytes(tree, w_draft_layer, draft_vocab, m.hidden_size)
+        r["floor_hot_draft_ms"] = r["bytes_hot_draft"] / bw / 1e6
+        r["hot_draft_vs_floor"] = r["hot_draft_ms"] / r["floor_hot_draft_ms"]
+        r["hot_draft_over_verify"] = r["hot_draft_ms"] / r["verify_ms"]
+        r["hot_draft_meets_targets"] = (r["hot_draft_over_verify"] < DRAFT_TARGETS["draft_over_verify"]
+                                        and r["hot_draft_vs_floor"] <= DRAFT_TARGETS["draft_vs_floor"])
+        del eng, hot
     del target, draft
     torch.cuda.empty_cache()
     if peers:
@@ -229,9 +299,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="smollm2,llama8b")
     ap.add_argument("--tpc", type=float, default=2.5, help="tokens per call for ms/token of the spec step")
+    ap.add_argument("--draft-vocab", default="",
+                    help="hot-token draft vocabulary: N (every shape), shape=N,... or 0 for none "
+                         f"(default {','.join(f'{k}={v}' for k, v in DRAFT_VOCAB.items())})")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--out", default="bench/results/decode.json")
     args = ap.parse_args(argv)
+    shapes = args.shapes.split(",")
+    vocab = parse_draft_vocab(args.draft_vocab, shapes)
     if not torch.cuda.is_available():
         print("bench_decode: needs a CUDA GPU", file=sys.stderr)
         return 1
@@ -242,8 +317,8 @@ def main(argv=None):
            "shapes": []}
     print(f"device {res['device']}  copy bandwidth {bw:.0f} GB/s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.shapes.split(","):
-            r = bench_shape(name, args.tpc, bw, Path(tmp), not args.no_peers)
+        for name in shapes:
+            r = bench_shape(name, args.tpc, bw, Path(tmp), not args.no_peers, vocab.get(name))
             res["shapes"].append(r)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(res, indent=1))
@@ -257,6 +332,19 @@ def main(argv=None):
                           f"{r['draft_vs_floor']:.2f}x", f"{r['step_ms']:.3f}", f"{r['spec_ms_per_token']:.3f}",
                           f"{r.get('hf_eager_ms_per_token', float('nan')):.2f}",
                           f"{r.get('hf_static_compiled_ms_per_token', float('nan')):.2f}"]))
+    hot = [r for r in res["shapes"] if "draft_vocab" in r]
+    if hot:
+        print(f"\ndraft, depth 5, full vs hot-token vocabulary (targets: draft/verify < "
+              f"{DRAFT_TARGETS['draft_over_verify']:.2f}, draft/floor <= {DRAFT_TARGETS['draft_vs_floor']:.1f}x)")
+        print(" | ".join(("shape", "vocab", "draft ms", "floor ms", "draft/floor", "draft/verify", "targets met")))
+        for r in hot:
+            print(" | ".join([r["shape"], f"full {SHAPES[r['shape']].vocab_size}", f"{r['draft_ms']:.3f}",
+                              f"{r['floor_draft_ms']:.3f}", f"{r['draft_vs_floor']:.2f}x",
+                              f"{r['draft_over_verify']:.2f}", "-"]))
+            print(" | ".join([r["shape"], f"hot {r['draft_vocab']}", f"{r['hot_draft_ms']:.3f}",
+                              f"{r['floor_hot_draft_ms']:.3f}", f"{r['hot_draft_vs_floor']:.2f}x",
+                              f"{r['hot_draft_over_verify']:.2f}",
+                              "yes" if r["hot_draft_meets_targets"] else "no"]))
     return 0
 
 

@@ -10,7 +10,7 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from helpers import TINY_CONFIGS, make_random_draft, make_tiny_checkpoint  # noqa: E402
+from helpers import HOT_IDS, TINY_CONFIGS, make_random_draft, make_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +27,12 @@ def tiny_dir(tiny_dirs) -> Path:
 @pytest.fixture(scope="session")
 def tiny_draft_dir(tmp_path_factory, tiny_dir) -> Path:
     return make_random_draft(tmp_path_factory.mktemp("draft") / "d", tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_hot_draft_dir(tmp_path_factory, tiny_dir) -> Path:
+    """The same random head as tiny_draft_dir, with the reduced vocabulary HOT_IDS."""
+    return make_random_draft(tmp_path_factory.mktemp("hot_draft") / "d", tiny_dir, hot_ids=HOT_IDS)
 
 
 def pytest_collection_modifyitems(config, items):

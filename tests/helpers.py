@@ -27,6 +27,11 @@ TINY_CONFIGS = {
 }
 
 
+# A reduced draft vocabulary for the tiny models: 48 of the 128 ids in a shuffled ("frequency")
+# order, so logit columns, sorted ids and target ids all differ.
+HOT_IDS = torch.randperm(128, generator=torch.Generator().manual_seed(7))[:48].tolist()
+
+
 def make_tiny_checkpoint(out: Path, name: str = "gqa_untied", seed: int = 0, **over) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -42,7 +47,9 @@ def make_tiny_checkpoint(out: Path, name: str = "gqa_untied", seed: int = 0, **o
     return out
 
 
-def make_random_draft(out: Path, target_dir: Path, n_layers: int = 1, seed: int = 1) -> Path:
+def make_random_draft(out: Path, target_dir: Path, n_layers: int = 1, seed: int = 1,
+                      hot_ids: list[int] | torch.Tensor | None = None) -> Path:
+    """A random EAGLE head; `hot_ids` (target ids, most frequent first) gives it a reduced vocabulary."""
     from spec_compiler.loading import load_target, save_draft
     from spec_compiler.config import DraftConfig
     from spec_compiler.models.eagle import EagleDraft
@@ -54,23 +61,50 @@ def make_random_draft(out: Path, target_dir: Path, n_layers: int = 1, seed: int 
     with torch.no_grad():
         for p in draft.parameters():
             p.normal_(0, 0.3)
-    save_draft(draft, out, dtype=torch.float32)
+    save_draft(draft, out, dtype=torch.float32,
+               hot_ids=None if hot_ids is None else torch.as_tensor(hot_ids, dtype=torch.long))
     return out
+
+
+def copy_draft(src: Path, dst: Path, edit_state=None, **config) -> Path:
+    """A copy of draft dir `src` at `dst`, `edit_state(state_dict)` applied in place to its
+    model.safetensors and config.json fields set (None deletes one): for bad-input tests."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    if edit_state is not None:
+        st = load_file(dst / "model.safetensors")
+        edit_state(st)
+        save_file({k: v.contiguous() for k, v in st.items()}, str(dst / "model.safetensors"))
+    if config:
+        cfg = json.loads((dst / "config.json").read_text())
+        for k, v in config.items():
+            cfg.pop(k) if v is None else cfg.update({k: v})
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def d2t_of(hot_ids: list[int]) -> torch.Tensor:
+    """EAGLE-3's d2t for a hot list: target id = index + d2t[index]."""
+    return torch.tensor(hot_ids) - torch.arange(len(hot_ids))
 
 
 def build_engine(out: Path, model_dir: Path, *, tree: str = "mc_sim_7b_63", draft_dir: Path | None = None,
                  backend: str = "eager", max_seq_len: int = 256, chunk: int = 16,
                  draft_module: nn.Module | None = None, draft_cfg: DraftConfig | None = None,
-                 device: str = "cpu", dtype: str = "float32") -> Path:
+                 device: str = "cpu", dtype: str = "float32", draft_vocab: str | int = "auto") -> Path:
     model = ModelConfig.from_hf(model_dir)
     t = resolve_tree(tree)
     if draft_cfg is None and draft_dir is not None:
-        draft_cfg = load_draft(draft_dir, load_target(model_dir)).cfg
+        draft_cfg = load_draft(draft_dir, load_target(model_dir), draft_vocab=draft_vocab).cfg
     cfg = CompileConfig(model=model, draft=draft_cfg if t.n_nodes > 1 else None, tree=t,
                         max_seq_len=max_seq_len, backend=backend, prefill_chunk=chunk,
                         device=device, dtype=dtype)
     return compile_engine(cfg, model_dir, draft_dir if t.n_nodes > 1 else None, out,
-                          progress=lambda s: None, draft_module=draft_module)
+                          progress=lambda s: None, draft_module=draft_module, draft_vocab=draft_vocab)
 
 
 _HF_CACHE: dict = {}
@@ -99,7 +133,9 @@ class OracleDraft(nn.Module):
     The pair at rotary position p predicts seq[p + 2]; this draft ranks that token at
     `rank_of(p)` among its top-k (so a branch other than the first is right), except at
     `poisoned(p)` positions, where every top-k token is wrong. It keeps the real draft's layers
-    (attention included, so every pass applies) and overrides only the logits.
+    (attention included, so every pass applies) and overrides only the logits. With a reduced
+    vocabulary (`inner.hot_ids`) the logits are the table's hot columns: a token that is not
+    hot cannot be proposed, and ranks hold as long as the decoys 0..8 are hot.
     """
 
     def __init__(self, inner: nn.Module, seq: list[int], capacity: int, vocab: int, rank_of, poisoned):
@@ -111,11 +147,25 @@ class OracleDraft(nn.Module):
             decoys = [t for t in range(vocab) if t != true][:8]
             table[p, decoys] = torch.arange(8, 0, -1, dtype=torch.float32) + 10  # 18, 17, ...
             table[p, true] = -10.0 if poisoned(p) else 18.0 - rank_of(p) + 0.5
+        if self.hot_ids is not None:
+            table = table[:, self.hot_ids]
         self.register_buffer("table", table)
+
+    @property
+    def hot_ids(self):
+        return getattr(self.inner, "hot_ids", None)
 
     def forward(self, tokens, features, input_pos, cache_len, *kv):
         logits, x, *new_kv = self.inner(tokens, features, input_pos, cache_len, *kv)
         return (logits * 0 + F.embedding(input_pos, self.table), x, *new_kv)
+
+
+def oracle_hot_ids(n_extra: int = 80, seed: int = 11) -> list[int]:
+    """A hot set for OracleDraft on the tiny models: its decoys 0..8 (so its ranks hold) and
+    n_extra other ids, in shuffled order (columns are not ids)."""
+    rest = [t for t in torch.randperm(128, generator=torch.Generator().manual_seed(seed)).tolist() if t > 8]
+    ids = list(range(9)) + rest[:n_extra]
+    return [ids[i] for i in torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed + 1))]
 
 
 def expected_emitted(tree, prompt_len: int, n_steps: int, rank_of, poisoned) -> list[int]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import build_engine
+from helpers import HOT_IDS, build_engine, copy_draft, d2t_of, hf_greedy
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -92,6 +92,54 @@ def test_draft_weights_missing(tmp_path, tiny_dir, tiny_draft_dir):
     (draft / "model.safetensors").unlink()
     r = cli(tiny_dir, "--draft", draft, "--out", tmp_path / "engine")
     assert_clean_error(r, "pytorch_model.bin")
+
+
+def _d2t(ids):
+    return lambda st: st.update(d2t=d2t_of(ids))
+
+
+@pytest.mark.parametrize("edit, config, flags, words", [
+    (_d2t(HOT_IDS[:5] + [1000] + HOT_IDS[6:]), {}, [], ["d2t", "target id 1000", "[0, 128)"]),
+    (_d2t(HOT_IDS[:2] + HOT_IDS[:1] + HOT_IDS[3:]), {}, [], ["d2t", "unique"]),
+    (lambda st: st.update(d2t=st["d2t"].float()), {}, [], ["d2t", "int64"]),
+    (lambda st: st.update(d2t=st["d2t"][:40]), {}, [], ["draft_vocab_size=48", "40 entries"]),
+    (None, {"draft_vocab_size": 47}, [], ["config.json", "draft_vocab_size=47", "48"]),
+    (None, {}, ["--draft-vocab", "49"], ["--draft-vocab 49", "48 hot tokens"]),
+    (None, {}, ["--draft-vocab", "many"], ["--draft-vocab 'many'", "auto, full"]),
+    (None, {}, ["--draft-vocab", "-3"], ["--draft-vocab '-3'", "positive"]),
+    (None, {}, ["--draft-vocab", "3"], ["--draft-vocab 3", "top-k 4"]),
+], ids=["d2t-range", "d2t-duplicate", "d2t-dtype", "d2t-shape", "config-size", "n-too-large",
+        "n-not-int", "n-negative", "n-below-top-k"])
+def test_bad_hot_vocab_draft(tmp_path, tiny_dir, tiny_hot_draft_dir, edit, config, flags, words):
+    draft = copy_draft(tiny_hot_draft_dir, tmp_path / "draft", edit, **config)
+    out = tmp_path / "engine"
+    r = cli(tiny_dir, "--draft", draft, "--out", out, "--backend", "eager", *flags)
+    assert_clean_error(r, *words)
+    no_leftovers(out)
+
+
+def test_draft_vocab_needs_a_hot_list(tmp_path, tiny_dir, tiny_draft_dir):
+    out = tmp_path / "engine"
+    assert_clean_error(cli(tiny_dir, "--draft", tiny_draft_dir, "--out", out, "--draft-vocab", "16"),
+                       "--draft-vocab 16", "no hot-token list", "full")
+    assert_clean_error(cli(tiny_dir, "--tree", "chain-0", "--out", out, "--draft-vocab", "16"),
+                       "--draft-vocab 16", "--draft")
+    no_leftovers(out)
+
+
+def test_draft_vocab_prefix_compiles(tmp_path, tiny_dir, tiny_hot_draft_dir):
+    """--draft-vocab N: the engine's draft scores the first N hot ids; the manifest says N."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "engine"
+    r = cli(tiny_dir, "--draft", tiny_hot_draft_dir, "--out", out, "--backend", "eager",
+            "--tree", "chain-2", "--max-seq-len", "128", "--draft-vocab", "20")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "manifest.json").read_text())["draft"]["draft_vocab_size"] == 20
+    assert load_file(out / "weights.safetensors")["draft.hot_ids"].tolist() == HOT_IDS[:20]
+    r = run(out, "--prompt-ids", "5,6,7", "--max-new-tokens", "6", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["output_ids"] == hf_greedy(tiny_dir, [5, 6, 7], 6)
 
 
 @pytest.mark.parametrize("content, word", [("[[0], [1, 0], [2, 2]]", "prefix"), ("{{", "JSON"),

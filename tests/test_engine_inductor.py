@@ -2,7 +2,8 @@
 
 Each engine is an AOTInductor build of the four step graphs; generation must be token-identical
 to transformers. The static-tree engine uses the oracle draft, so acceptance and KV compaction
-run in compiled code. A fresh process with an empty Inductor cache and Inductor's compile entry
+run in compiled code; a chain engine's oracle has a reduced (hot-token) vocabulary, so the
+column -> target id mapping runs in compiled code too. A fresh process with an empty Inductor cache and Inductor's compile entry
 points patched to raise must load an engine and generate the same tokens.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import OracleDraft, build_engine, expected_emitted, hf_greedy
+from helpers import OracleDraft, build_engine, expected_emitted, hf_greedy, make_random_draft, oracle_hot_ids
 from runtime import Engine
 from spec_compiler.loading import load_draft, load_target
 from spec_compiler.trees import resolve_tree
@@ -71,6 +72,28 @@ def test_manifest_records_passes(built):
     assert m["graphs"]["draft"]["pass_counts"]["unroll_draft"] > 0
     assert m["graphs"]["verify"]["pass_counts"]["accept_epilogue"] > 0
     assert set(m["files"]) >= {"weights.safetensors", "verify.pt2", "draft.pt2"}
+
+
+def test_inductor_hot_vocab_oracle(tmp_path, tiny_dir):
+    """The oracle restricted to a hot set (chain-2, never poisoned): it proposes the target's
+    next token exactly when that token is hot, so acceptance stops exactly where it is not."""
+    from safetensors.torch import load_file
+
+    P = 11
+    p = torch.randint(3, 128, (P,), generator=torch.Generator().manual_seed(3)).tolist()
+    seq = p + hf_greedy(tiny_dir, p, 120, eos=[])
+    hot = oracle_hot_ids()
+    hot_dir = make_random_draft(tmp_path / "hot", tiny_dir, hot_ids=hot)
+    oracle = OracleDraft(load_draft(hot_dir, load_target(tiny_dir)), seq, 128, 128, lambda q: 0, lambda q: False)
+    out = build_engine(tmp_path / "e", tiny_dir, tree="chain-2", draft_dir=hot_dir, backend="inductor",
+                       max_seq_len=128, draft_module=oracle)
+    assert load_file(out / "weights.safetensors")["draft.inner.hot_ids"].tolist() == hot  # OracleDraft.inner
+    res = Engine.load(out).generate(p, max_new_tokens=60)
+    assert res.output_ids == seq[P:P + 60]
+    exp = expected_emitted(resolve_tree("chain-2"), P, res.verify_calls, lambda q: 0,
+                           lambda q: seq[q + 2] not in hot)
+    assert res.accept_lengths[:-1] == exp[:-1]
+    assert set(exp[:-1]) == {1, 2, 3}, "cut at every depth, and full chains too"
 
 
 NO_COMPILE = r"""

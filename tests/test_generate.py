@@ -3,7 +3,8 @@
 Random drafts (almost never accepted) on several tiny Llama configurations and every tree kind;
 an oracle draft (tests/helpers.py) that is right on a non-first branch at varying depths, so
 acceptance and KV compaction are exercised with known accepted lengths; stops at EOS, at
-max-new-tokens and at the context limit. The Inductor backend is covered in
+max-new-tokens and at the context limit; drafts with a reduced (hot-token) vocabulary, whose
+oracle cannot propose a token outside its hot set. The Inductor backend is covered in
 test_engine_inductor.py.
 """
 
@@ -15,7 +16,8 @@ import shutil
 import pytest
 import torch
 
-from helpers import OracleDraft, build_engine, expected_emitted, hf_greedy, make_random_draft
+from helpers import (HOT_IDS, OracleDraft, build_engine, expected_emitted, hf_greedy, make_random_draft,
+                     oracle_hot_ids)
 from runtime import Engine
 from spec_compiler.loading import load_draft, load_target
 from spec_compiler.trees import resolve_tree
@@ -115,3 +117,50 @@ def test_oracle_draft_acceptance_and_compaction(tmp_path, tiny_dir, tiny_draft_d
     assert res.accept_lengths[-1] <= expected[-1]  # the last step is cut at max_new_tokens
     assert len(set(expected)) >= 3, "the oracle should accept at several depths"
     assert res.tokens_per_call > 2.0
+
+
+def test_hot_vocab_draft_matches_transformers(tmp_path, tiny_dir, tiny_hot_draft_dir):
+    """A random draft with 48 hot tokens: output is still transformers' greedy output, and the
+    engine stores the hot lm_head rows (its own tensor) and the ids as draft weights."""
+    from safetensors.torch import load_file
+
+    out = build_engine(tmp_path / "e", tiny_dir, draft_dir=tiny_hot_draft_dir)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["draft"]["draft_vocab_size"] == 48
+    assert "draft.hot_ids" in m["graphs"]["draft"]["weights"]
+    assert "draft.lm_head.weight" in m["graphs"]["draft"]["weights"]
+    assert not [w for w in m["graphs"]["draft_prefill"]["weights"] if "hot_ids" in w or "lm_head" in w]
+    w = load_file(out / "weights.safetensors")
+    assert torch.equal(w["draft.hot_ids"], torch.tensor(HOT_IDS))
+    assert torch.equal(w["draft.lm_head.weight"], load_target(tiny_dir).lm_head.weight[HOT_IDS])
+    engine = Engine.load(out)
+    assert engine.spec.draft.draft_vocab_size == 48
+    for p in prompts(2):
+        res = engine.generate(p, max_new_tokens=40)
+        assert res.output_ids == hf_greedy(tiny_dir, p, 40), p
+
+
+def test_oracle_hot_vocab_cuts_acceptance(tmp_path, tiny_dir):
+    """The oracle draft restricted to a hot set: where the target's next token is not hot the
+    draft cannot propose it, so acceptance stops exactly there (and nowhere else): the top-k
+    columns must be mapped to the right target ids, and only hot ids may be proposed."""
+    rank_of, poisoned = ORACLE_CASES["mc_sim_7b_63"]
+    tree = resolve_tree("mc_sim_7b_63")
+    P, N = 11, 90
+    p = torch.randint(3, 128, (P,), generator=torch.Generator().manual_seed(3)).tolist()
+    seq = p + hf_greedy(tiny_dir, p, 300, eos=[])
+    hot = oracle_hot_ids()
+    hot_dir = make_random_draft(tmp_path / "hot", tiny_dir, hot_ids=hot)
+    oracle = OracleDraft(load_draft(hot_dir, load_target(tiny_dir)), seq, capacity=256, vocab=128,
+                         rank_of=rank_of, poisoned=poisoned)
+    engine = Engine.load(build_engine(tmp_path / "e", tiny_dir, tree="mc_sim_7b_63", draft_dir=hot_dir,
+                                      draft_module=oracle))
+    res = engine.generate(p, max_new_tokens=N)
+    assert res.output_ids == seq[P:P + N]
+    not_hot = lambda q: poisoned(q) or seq[q + 2] not in hot  # noqa: E731
+    expected = expected_emitted(tree, P, res.verify_calls, rank_of, not_hot)
+    assert res.accept_lengths[:-1] == expected[:-1]
+    assert res.accept_lengths[-1] <= expected[-1]
+    full = expected_emitted(tree, P, res.verify_calls, rank_of, poisoned)
+    assert sum(expected[:-1]) < sum(full[:-1]), "no step was cut by the hot set"
+    assert len(set(expected)) >= 3, "the oracle should still accept at several depths"

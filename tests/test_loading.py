@@ -1,5 +1,6 @@
 """Checkpoint formats and configurations: sharded safetensors, pytorch_model.bin drafts,
-multi-layer drafts, rope settings in both transformers layouts, eos as int or list."""
+multi-layer drafts, rope settings in both transformers layouts, eos as int or list, and the
+reduced draft vocabulary (d2t / t2d / draft_vocab_size): round trip, prefixes, bad tables."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import shutil
 import pytest
 import torch
 
-from helpers import make_random_draft, make_tiny_checkpoint
+from helpers import HOT_IDS, copy_draft, d2t_of, make_random_draft, make_tiny_checkpoint
 from spec_compiler.config import ModelConfig, rope_inv_freq
 from spec_compiler.errors import SpecCompileError
-from spec_compiler.loading import load_draft, load_target
+from spec_compiler.loading import load_draft, load_target, save_draft
 
 
 def _logits(model, tokens):
@@ -85,3 +86,125 @@ def test_unsupported_rope_type(tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(SpecCompileError, match="yarn"):
         ModelConfig.from_hf(d)
+
+
+# ---- reduced ("hot-token") draft vocabulary: d2t / t2d / draft_vocab_size ----
+
+def _hot_target_and_draft(tiny_dir, hot_dir, **kw):
+    target = load_target(tiny_dir)
+    return target, load_draft(hot_dir, target, **kw)
+
+
+def test_hot_vocab_round_trip(tmp_path, tiny_dir, tiny_draft_dir, tiny_hot_draft_dir):
+    from safetensors.torch import load_file
+
+    hot = torch.tensor(HOT_IDS)
+    st = load_file(tiny_hot_draft_dir / "model.safetensors")
+    assert st["d2t"].dtype == torch.int64 and st["d2t"].shape == (48,)
+    assert torch.equal(torch.arange(48) + st["d2t"], hot)  # target id = index + d2t[index], in order
+    assert st["t2d"].dtype == torch.bool and st["t2d"].shape == (128,)
+    assert st["t2d"].nonzero().flatten().tolist() == sorted(HOT_IDS)
+    assert "lm_head.weight" not in st and "hot_ids" not in st
+    assert json.loads((tiny_hot_draft_dir / "config.json").read_text())["draft_vocab_size"] == 48
+
+    target, draft = _hot_target_and_draft(tiny_dir, tiny_hot_draft_dir)  # auto: the hot list
+    full = load_draft(tiny_draft_dir, target)  # the same random head, full vocabulary
+    assert draft.cfg.draft_vocab_size == 48 and torch.equal(draft.hot_ids, hot)
+    assert draft.lm_head.weight.shape == (48, 64)
+    assert torch.equal(draft.lm_head.weight, target.lm_head.weight[hot])
+    assert draft.lm_head.weight.data_ptr() != target.lm_head.weight.data_ptr()  # its own tensor
+    assert draft.embed_tokens.weight is target.embed_tokens.weight
+    # Column j scores target token hot[j]: the hot logits are the full head's hot columns.
+    x = (torch.randint(0, 128, (1, 5)), torch.randn(1, 5, 64), torch.arange(5)[None], torch.tensor([0]))
+    kv = [torch.zeros(draft.cache_shape(1, 16)) for _ in range(2)]
+    with torch.no_grad():
+        lh, lf = draft(*x, *kv)[0], full(*x, *kv)[0]
+    assert lh.shape == (1, 5, 48)
+    torch.testing.assert_close(lh, lf[..., hot], rtol=1e-5, atol=1e-4)
+    assert torch.equal(draft.token_ids(lh.argmax(-1)), hot[lh.argmax(-1)])
+
+    # A prefix N is the first N ids (the most frequent); "full" ignores the list.
+    d10 = load_draft(tiny_hot_draft_dir, target, draft_vocab=10)
+    assert d10.cfg.draft_vocab_size == 10 and d10.hot_ids.tolist() == HOT_IDS[:10]
+    assert torch.equal(d10.lm_head.weight, target.lm_head.weight[hot[:10]])
+    dfull = load_draft(tiny_hot_draft_dir, target, draft_vocab="full")
+    assert dfull.cfg.draft_vocab_size is None and dfull.hot_ids is None
+    assert dfull.lm_head.weight is target.lm_head.weight
+    assert load_draft(tiny_draft_dir, target).hot_ids is None  # no list: auto is full
+
+    # Saving a hot draft keeps its list (default hot_ids) and order.
+    save_draft(d10, tmp_path / "again", dtype=torch.float32)
+    again = load_draft(tmp_path / "again", target)
+    assert again.hot_ids.tolist() == HOT_IDS[:10]
+    for k, v in d10.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+
+
+def test_hot_vocab_own_lm_head(tmp_path, tiny_dir, tiny_hot_draft_dir):
+    """A head that ships lm_head.weight (Vd, H) (EAGLE-3 style) uses it, row i for d2t entry i."""
+    d = _copy_with(tmp_path, tiny_hot_draft_dir, lambda st: st.update({"lm_head.weight": torch.randn(48, 64)}))
+    own = _state(d)["lm_head.weight"]
+    target = load_target(tiny_dir)
+    assert torch.equal(load_draft(d, target).lm_head.weight, own)
+    assert torch.equal(load_draft(d, target, draft_vocab=5).lm_head.weight, own[:5])
+
+
+def _state(d):
+    from safetensors.torch import load_file
+
+    return load_file(d / "model.safetensors")
+
+
+def _copy_with(tmp_path, src, edit_state=None, **config):
+    return copy_draft(src, tmp_path / "edited", edit_state, **config)
+
+
+def _set(key, fn):
+    return lambda st: st.update({key: fn(st)})
+
+
+# (state edit, config edits, draft_vocab, words in the error)
+BAD_HOT = {
+    "d2t-out-of-range": (_set("d2t", lambda st: d2t_of(HOT_IDS[:3] + [500] + HOT_IDS[4:])), {}, "auto",
+                         ["d2t", "index 3", "target id 500", "[0, 128)", "model.safetensors"]),
+    "d2t-duplicate": (_set("d2t", lambda st: d2t_of(HOT_IDS[:1] * 2 + HOT_IDS[2:])), {}, "auto",
+                      ["d2t", "unique", f"target id {HOT_IDS[0]}"]),
+    "d2t-float": (_set("d2t", lambda st: st["d2t"].float()), {}, "auto", ["d2t", "float32", "int64"]),
+    "d2t-2d": (_set("d2t", lambda st: st["d2t"][None]), {}, "auto", ["d2t", "(1, 48)", "1-D"]),
+    "t2d-inconsistent": (_set("t2d", lambda st: ~st["t2d"]), {}, "auto", ["t2d", "80", "48"]),
+    "t2d-other-ids": (_set("t2d", lambda st: st["t2d"].roll(1)), {}, "auto", ["t2d", "different"]),
+    "t2d-shape": (_set("t2d", lambda st: st["t2d"][:100]), {}, "auto", ["t2d", "(100,)", "(128,)"]),
+    "t2d-without-d2t": (lambda st: st.pop("d2t"), {}, "auto", ["t2d", "no d2t"]),
+    "config-mismatch": (None, {"draft_vocab_size": 40}, "auto", ["config.json", "draft_vocab_size=40", "48"]),
+    "config-without-d2t": (lambda st: (st.pop("d2t"), st.pop("t2d")), {}, "auto", ["draft_vocab_size=48", "no d2t"]),
+    "lm-head-shape": (_set("lm_head.weight", lambda st: torch.randn(47, 64)), {}, "auto", ["lm_head.weight", "(47, 64)", "(48, 64)"]),
+    "n-too-large": (None, {}, 49, ["--draft-vocab 49", "48 hot tokens"]),
+    "n-zero": (None, {}, 0, ["--draft-vocab", "positive integer"]),
+    "n-not-a-number": (None, {}, "lots", ["--draft-vocab 'lots'", "auto, full"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_HOT))
+def test_bad_hot_vocab(tmp_path, tiny_dir, tiny_hot_draft_dir, case):
+    edit, config, draft_vocab, words = BAD_HOT[case]
+    d = _copy_with(tmp_path, tiny_hot_draft_dir, edit, **config)
+    with pytest.raises(SpecCompileError) as e:
+        load_draft(d, load_target(tiny_dir), draft_vocab=draft_vocab)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_draft_vocab_n_needs_a_hot_list(tiny_dir, tiny_draft_dir):
+    with pytest.raises(SpecCompileError, match="no hot-token list"):
+        load_draft(tiny_draft_dir, load_target(tiny_dir), draft_vocab=10)
+
+
+def test_save_draft_rejects_bad_hot_ids(tmp_path, tiny_dir, tiny_draft_dir):
+    draft = load_draft(tiny_draft_dir, load_target(tiny_dir))
+    for bad in (torch.tensor([1, 2, 2]), torch.tensor([1, 128]), torch.tensor([-1]), torch.tensor([1.0, 2.0]),
+                torch.tensor([[1, 2]]), torch.tensor([], dtype=torch.long)):
+        with pytest.raises(SpecCompileError, match="hot_ids"):
+            save_draft(draft, tmp_path / "x", hot_ids=bad)
+    assert not (tmp_path / "x").exists()

@@ -26,6 +26,12 @@ def draft(tiny_draft_dir, target):
 
 
 @pytest.fixture(scope="session")
+def hot_draft(tiny_hot_draft_dir, target):
+    """The draft with a reduced vocabulary (tests/helpers.py HOT_IDS): logits over 48 columns."""
+    return load_draft(tiny_hot_draft_dir, target)
+
+
+@pytest.fixture(scope="session")
 def bushy():
     return resolve_tree("mc_sim_7b_63")  # 26 nodes, depth 5, top-4
 

@@ -4,7 +4,8 @@ Reference: plain eager EagleDraft calls. Catch-up runs the n_acc accepted pairs 
 cache_len - n_acc + [0, n_acc). Then, node by node (parents first), a node's token is its
 parent's top-k at the node's rank, and a node with children is forwarded by running the draft
 causally over the pairs of its path root..node alone (the catch-up cache as prefix) at
-positions cache_len + depth - 1: its output feature and logits are the last row.
+positions cache_len + depth - 1: its output feature and logits are the last row. With a reduced
+draft vocabulary the top-k is over the hot columns, mapped to target ids (`hot_ids[column]`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def draft_step_reference(draft, tree: TreeSpec, x: dict, b: int):
     has_child = set(tree.parent[1:])
     for n in range(1, tree.n_nodes):  # node order is by depth: parents come first
         p = tree.parent[n]
-        token[n] = int(out_logits[p].topk(tree.top_k).indices[tree.rank[n]])
+        token[n] = int(draft.token_ids(out_logits[p].topk(tree.top_k).indices[tree.rank[n]]))
         if n not in has_child:
             continue
         path = tree.ancestors(n)[1:]  # drafted nodes a_1 .. a_d = n; the root is in the cache
@@ -57,9 +58,11 @@ def _unrolled(target, draft, tree):
     return cfg, gm
 
 
+@pytest.mark.parametrize("vocab", ["full", "hot"])
 @pytest.mark.parametrize("tree", [chain(3), "mc_sim_7b_63"], ids=["chain-3", "mc_sim_7b_63"])
-def test_unroll_draft_matches_eager_step(target, draft, bushy, tree):
+def test_unroll_draft_matches_eager_step(request, target, bushy, tree, vocab):
     tree = bushy if tree == "mc_sim_7b_63" else tree
+    draft = request.getfixturevalue("draft" if vocab == "full" else "hot_draft")
     cfg, gm = _unrolled(target, draft, tree)
     n_layers = len(draft.layers)
     # Shape: catch-up + one forward per level that has children; top-k per drafted level.
@@ -72,7 +75,12 @@ def test_unroll_draft_matches_eager_step(target, draft, bushy, tree):
     assert gm.meta["output_names"] == ["tree_tokens", *cache_names(gm)]
     FileCheck().check("spec.tree_attention").check("aten.topk").check("spec.tree_attention") \
         .check("aten.cat").run(str(gm.graph))
+    hot = draft.hot_ids
+    # A hot draft maps each level's picked columns through its ids (lifted later as a weight).
+    assert count_ops(gm, aten.index.Tensor) == (tree.max_depth if hot is not None else 0)
+    assert gm.meta.get("weight_buffers", []) == ([] if hot is None else ["hot_ids"])
 
+    drafted = []
     for seed, n_acc in ((0, [1, 1]), (1, [3, 3]), (2, [1, 3]), (3, [3, 1])):
         x = draft_step_inputs(cfg, seed, n_acc)
         out = call(gm, x)
@@ -80,11 +88,27 @@ def test_unroll_draft_matches_eager_step(target, draft, bushy, tree):
         for b in range(cfg.batch_size):
             tokens, caches = draft_step_reference(draft, tree, x, b)
             assert out["tree_tokens"][b].tolist() == tokens, f"seed {seed} row {b}"
+            drafted += tokens[1:]
             c, n = int(x["cache_len"][b]), n_acc[b]
             for k, ref in zip(cache_names(gm), caches, strict=True):
                 # the catch-up pairs' K/V at slots cache_len - n_acc .. cache_len - 1
                 close(out[k][b, :, c - n:c], ref[0, :, c - n:c], f"{k} row {b} catch-up")
                 exact(out[k][b, :, :c - n], x[k][b, :, :c - n], f"{k} row {b} untouched")
+    if hot is not None:  # drafted tokens are target ids of the hot set, not column indices
+        assert set(drafted) <= set(hot.tolist())
+        assert max(drafted) >= len(hot), "every drafted id is also a column index"
+
+
+def test_unroll_draft_top_k_larger_than_draft_vocab(tiny_hot_draft_dir, target, bushy):
+    from spec_compiler.loading import load_draft
+
+    small = load_draft(tiny_hot_draft_dir, target, draft_vocab=3)  # top-k of mc_sim_7b_63 is 4
+    cfg = config(target, small, chain(3))  # chain: top-1 fits
+    gm = apply(traced(cfg, "draft", small), cleanup, fuse_projections, partial(tree_attention, tree=None))
+    with pytest.raises(SpecCompileError, match="scores 3 tokens, fewer than tree 'mc_sim_7b_63'"):
+        unroll_draft(gm, tree=bushy)
+    with pytest.raises(SpecCompileError, match="--draft-vocab 3 is smaller than"):
+        config(target, small, bushy)
 
 
 def test_unroll_draft_requires_tree_attention(target, draft, bushy):
