@@ -243,7 +243,8 @@ def draft_bytes(tree, w_draft_layer: int, vocab_rows: int, hidden: int) -> int:
     return forwards * (w_draft_layer + vocab_rows * hidden * 2)
 
 
-def bench_shape(name: str, tpc: float, bw: float, root: Path, peers: bool, draft_vocab: int | None = None) -> dict:
+def bench_shape(name: str, tpc: float, bw: float, root: Path, peers: bool, draft_vocab: int | None = None,
+                save=lambda r: None) -> dict:
     m = SHAPES[name]
     print(f"== {name}", flush=True)
     target, draft, dcfg = random_modules(m)
@@ -290,6 +291,7 @@ def bench_shape(name: str, tpc: float, bw: float, root: Path, peers: bool, draft
         del eng, hot
     del target, draft
     torch.cuda.empty_cache()
+    save(r)  # ours is complete: keep it even if the peers run out of time
     if peers:
         hf_peers(m, r)
     return r
@@ -318,7 +320,11 @@ def main(argv=None):
     print(f"device {res['device']}  copy bandwidth {bw:.0f} GB/s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in shapes:
-            r = bench_shape(name, args.tpc, bw, Path(tmp), not args.no_peers, vocab.get(name))
+            def save(partial, done=list(res["shapes"])):
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps({**res, "shapes": done + [partial]}, indent=1))
+
+            r = bench_shape(name, args.tpc, bw, Path(tmp), not args.no_peers, vocab.get(name), save)
             res["shapes"].append(r)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(res, indent=1))
