@@ -48,10 +48,9 @@ def compile_main(argv: list[str] | None = None) -> int:
     args = compile_parser().parse_args(argv)
     try:
         from .config import CompileConfig, ModelConfig
+        from .loading import parse_draft_vocab
         from .pipeline import compile_engine
         from .trees import resolve_tree
-
-        from .loading import parse_draft_vocab
 
         draft_vocab = parse_draft_vocab(args.draft_vocab)
         tree = resolve_tree(args.tree)

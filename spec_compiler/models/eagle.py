@@ -46,7 +46,7 @@ class EagleDraft(nn.Module):
         x = self.fc(torch.cat((e, features.to(e.dtype)), dim=-1))  # (B, T, H)
         cos, sin = rope_cos_sin(input_pos, self.inv_freq, x.dtype)
         x, new_kv = run_layers(self.layers, x, cos, sin, cache_len, kv)
-        logits = self.lm_head(x).float()  # (B, T, V)
+        logits = self.lm_head(x).float()  # (B, T, Vd)
         return (logits, x, *new_kv)
 
     def token_ids(self, columns: torch.Tensor) -> torch.Tensor:
