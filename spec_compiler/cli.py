@@ -30,8 +30,10 @@ def compile_parser() -> argparse.ArgumentParser:
                         "if it has one, else all; full = the target's whole vocabulary; N = the "
                         "first N of the hot list. Output is unchanged, only acceptance may drop")
     p.add_argument("--out", type=Path, required=True, help="engine directory to create")
-    p.add_argument("--tree", default="mc_sim_7b_63",
-                   help="mc_sim_7b_63 (default), chain-K, or a JSON file of EAGLE tree paths")
+    p.add_argument("--tree", default="auto",
+                   help="auto (default): the draft's own tree.json (spec-fit-tree) if it has one, "
+                        "else mc_sim_7b_63; or mc_sim_7b_63, chain-K, or a JSON file of EAGLE "
+                        "tree paths")
     p.add_argument("--max-seq-len", type=int, default=2048,
                    help="engine capacity in tokens, scratch room for one tree included (default 2048)")
     p.add_argument("--backend", choices=("inductor", "eager"), default="inductor",
@@ -53,7 +55,7 @@ def compile_main(argv: list[str] | None = None) -> int:
         from .trees import resolve_tree
 
         draft_vocab = parse_draft_vocab(args.draft_vocab)
-        tree = resolve_tree(args.tree)
+        tree = resolve_tree(_auto_tree(args.tree, args.draft))
         model = ModelConfig.from_hf(args.model_dir)
         draft_cfg = None
         if args.draft is not None:
@@ -88,6 +90,15 @@ def compile_main(argv: list[str] | None = None) -> int:
         print("interrupted: no engine written", file=sys.stderr)
         return 130
     return 0
+
+
+def _auto_tree(tree: str, draft: Path | None) -> str:
+    """--tree auto: a draft's fitted tree (DRAFT_DIR/tree.json) if it ships one, else EAGLE's."""
+    if tree != "auto":
+        return tree
+    if draft is not None and (draft / "tree.json").is_file():
+        return str(draft / "tree.json")
+    return "mc_sim_7b_63"
 
 
 def run_parser() -> argparse.ArgumentParser:
