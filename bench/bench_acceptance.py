@@ -7,7 +7,7 @@ model's loops inflate acceptance) and tokens per call without those outputs. Wri
 a table last.
 
     python bench/bench_acceptance.py models/SmolLM2-135M-Instruct \
-        --drafts drafts/smollm2-eagle,drafts/smollm2-eagle-3l --trees mc_sim_7b_63,chain-3,chain-5
+        --drafts drafts/smollm2-eagle,drafts/smollm2-eagle-2l --trees auto,mc_sim_7b_63,chain-3,chain-5
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def main(argv=None):
         pairs = []
     with tempfile.TemporaryDirectory() as tmp:
         for draft, tree in pairs:
-            out = Path(tmp) / f"{Path(draft).name}_{tree}"
+            out = Path(tmp) / f"{Path(draft).name}_{tree}".replace("/", "_")
             cmd = [args.model_dir, "--draft", draft, "--out", str(out), "--tree", tree,
                    "--device", args.device, "--backend", args.backend, "--max-seq-len", "1024",
                    "--draft-vocab", args.draft_vocab]
@@ -96,7 +96,9 @@ def main(argv=None):
                 raise SystemExit(f"compile failed for {draft} {tree}")
             compile_s = time.time() - t
             r = evaluate(Engine.load(out), prompts, args.max_new)
-            r.update({"draft": draft, "tree": tree, "compile_s": compile_s,
+            t_used = json.loads((out / "manifest.json").read_text())["tree"]  # what --tree resolved to
+            r.update({"draft": draft, "tree": tree, "tree_paths": t_used["paths"],
+                      "tree_nodes": len(t_used["paths"]) + 1, "compile_s": compile_s,
                       "draft_vocab": args.draft_vocab})
             results["runs"].append(r)
             print(f"{Path(draft).name:22s} {tree:14s} tpc {r['tokens_per_call']:.3f} "

@@ -7,8 +7,8 @@ set -uo pipefail
 fetch_smollm2 "${1:-/root/gg}" || exit 1
 restore_drafts
 D=drafts/smollm2-eagle,drafts/smollm2-eagle-2l
-timeout 560 python3 bench/bench_acceptance.py "$SMOL" --drafts $D --trees mc_sim_7b_63,chain-3,chain-5 \
-  --device cuda --jobs 6 --out "$OUT/acceptance.json" > "$OUT/acceptance.log" 2>&1 &
+timeout 560 python3 bench/bench_acceptance.py "$SMOL" --drafts $D --trees auto,mc_sim_7b_63,chain-3,chain-5 \
+  --device cuda --jobs 8 --out "$OUT/acceptance.json" > "$OUT/acceptance.log" 2>&1 &
 timeout 560 python3 bench/bench_acceptance.py "$SMOL" --drafts $D --trees mc_sim_7b_63 --draft-vocab full \
   --device cuda --jobs 2 --out "$OUT/acceptance_full.json" > "$OUT/acceptance_full.log" 2>&1 &
 wait

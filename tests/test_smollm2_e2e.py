@@ -36,8 +36,10 @@ def smollm2_dir():
 def test_smollm2_speculative_equals_transformers(tmp_path, smollm2_dir):
     from runtime import Engine
 
+    # The draft's fitted tree (what `spec-compile --tree auto` picks), its hot vocabulary.
     engine = Engine.load(build_engine(tmp_path / "engine", smollm2_dir, draft_dir=DRAFT,
-                                      backend="eager", max_seq_len=512, chunk=64))
+                                      tree=str(DRAFT / "tree.json"), backend="eager",
+                                      max_seq_len=512, chunk=64))
     dev = [json.loads(x)["prompt"] for x in
            (REPO / "spec_compiler/data/prompts_dev.jsonl").read_text().splitlines()[:3]]
     emitted = calls = 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import hf_greedy
-from spec_compiler.loading import load_draft, load_target, read_draft_state
+from spec_compiler.loading import load_draft, load_target, read_draft_state, save_draft
 from spec_compiler.train.cli import main
 from spec_compiler.train.data import batch_prompt_ids, sha256_file
 from spec_compiler.train.distill import collate, distill_loss, draft_hidden
@@ -138,10 +138,15 @@ def test_loss_decreases_on_fixed_batch(tiny_dir):
     assert not any(p.grad is not None for p in (target.embed_tokens.weight, target.lm_head.weight))
 
 
-def test_chain_acceptance_matches_incremental_drafting(tiny_dir):
+@pytest.mark.parametrize("hot", [False, True])
+def test_chain_acceptance_matches_incremental_drafting(tiny_dir, tmp_path, hot):
     target = load_target(tiny_dir)
     draft = _randomize(build_draft(target, 1, seed=0), seed=3).eval()
     seqs = generate(target, _prompts(2, seed=4), 8, eos_ids=())
+    if hot:  # the same head over a reduced vocabulary: drafts must come back as target ids
+        save_draft(draft, tmp_path / "hot", dtype=torch.float32, hot_ids=torch.arange(127, 40, -1))
+        draft = load_draft(tmp_path / "hot", target)
+        assert draft.hot_ids is not None
     depth = 3
     res = chain_acceptance(draft, seqs, depth)
     lens = []
@@ -152,14 +157,14 @@ def test_chain_acceptance_matches_incremental_drafting(tiny_dir):
             with torch.no_grad():
                 lg, g, *kv = draft(x[None, 1:i + 2], f[None, :i + 1], torch.arange(i + 1)[None],
                                    torch.zeros(1, dtype=torch.long), *kv)
-                y, g, n = lg[0, -1].argmax(), g[:, -1:], 0
+                y, g, n = draft.token_ids(lg[0, -1].argmax()), g[:, -1:], 0
                 for d in range(depth):
                     if y != x[i + 2 + d]:
                         break
                     n += 1
                     pos = torch.tensor([i + 1 + d])
                     lg, g, *kv = draft(y.view(1, 1), g, pos[None], pos, *kv)
-                    y = lg[0, 0].argmax()
+                    y = draft.token_ids(lg[0, 0].argmax())
             lens.append(n)
     assert res["n_starts"] == len(lens)
     assert res["chain_accepted"][-1] == pytest.approx(sum(lens) / len(lens))

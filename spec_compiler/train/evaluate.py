@@ -43,14 +43,14 @@ def chain_acceptance(draft: EagleDraft, seqs: list[Sequence], depth: int = 5) ->
         logits, g, *kv = draft(x[None, 1:], f[None, :-1], torch.arange(T, device=dev)[None],
                                torch.zeros(1, dtype=torch.long, device=dev), *kv)
         M = starts.numel()
-        y = logits[0, starts].argmax(-1)  # (M,) depth-1 drafts
+        y = draft.token_ids(logits[0, starts].argmax(-1))  # (M,) depth-1 drafts (target ids)
         g = g[0, starts][:, None]         # (M, 1, H)
         kv = [c.expand(M, -1, -1, -1) for c in kv]
         match = [y == x[starts + 2]]
         for d in range(1, depth):
             pos = starts + d  # the pair (y_d, g_d) sits one position further
             logits, g, *kv = draft(y[:, None], g, pos[:, None], pos, *kv)
-            y = logits[:, 0].argmax(-1)
+            y = draft.token_ids(logits[:, 0].argmax(-1))
             match.append(y == x[starts + 2 + d])
         m = torch.stack(match, 1).int()       # (M, depth)
         accepted.append(m.cumprod(1).cpu())   # leading matches
@@ -70,7 +70,7 @@ def draft_top1(draft: EagleDraft, x, f, i):
     from .distill import draft_hidden
 
     g = draft_hidden(draft, x[None, 1:], f[None, :-1])[0, i]  # (n, H)
-    return draft.lm_head(g).argmax(-1) == x[i + 2]
+    return draft.token_ids(draft.lm_head(g).argmax(-1)) == x[i + 2]
 
 
 def _seqs_to_state(seqs: list[Sequence]) -> dict:
