@@ -17,10 +17,11 @@ from helpers import build_engine, hf_greedy
 
 REPO = Path(__file__).resolve().parents[1]
 DRAFT = REPO / "drafts" / "smollm2-eagle"
-# The goal for this check is 2.0 tokens per call; the shipped CPU-trained draft reaches
-# about 1.5-1.6 (BENCHMARKS.md), so the test holds it to what it measurably does: clearly
-# better than no speculation. Raise this when a better-trained draft ships.
-MIN_TOKENS_PER_CALL = 1.4
+# The goal for this check is 2.0 tokens per call. The shipped GPU-trained draft with its
+# fitted tree measures 1.65 here (3 prompts x 48 tokens, CPU float32) and 2.02 over all 117
+# development prompts on an H100 (BENCHMARKS.md), so the test holds it to what it measurably
+# does on these prompts, with a small margin. Raise this when a better-trained draft ships.
+MIN_TOKENS_PER_CALL = 1.55
 
 
 @pytest.fixture(scope="module")
