@@ -4,7 +4,7 @@
 # Usage: bash bench/gpu_acceptance.sh [PARTS_DIR]   (after bench/gpu_train.sh: its drafts)
 set -uo pipefail
 . "$(dirname "$0")/gpu_env.sh"
-fetch_smollm2 "${1:-/root/gg}" || exit 1
+fetch_smollm2 "${1:?usage: gpu_acceptance.sh PARTS_DIR}" || exit 1
 restore_drafts
 D=drafts/smollm2-eagle,drafts/smollm2-eagle-2l
 timeout 560 python3 bench/bench_acceptance.py "$SMOL" --drafts $D --trees auto,mc_sim_7b_63,chain-3,chain-5 \

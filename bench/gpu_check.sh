@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call: environment facts, GPU tests (runtime, kernels), then benchmarks.
+# One GPU job: environment facts, GPU tests (runtime, kernels), then benchmarks.
 # Usage: bash bench/gpu_check.sh [tests|bench|all]
 set -uo pipefail
 MODE=${1:-all}

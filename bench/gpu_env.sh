@@ -1,6 +1,6 @@
 # Sourced by the bench/gpu_*.sh scripts: environment, and SmolLM2 assembled from GGUF parts.
-# The GGUF (98 MB) is more than one device call can send beside the repository, so it travels
-# in parts over two calls (each copies its parts to a folder that outlives the call) and is
+# The GGUF (98 MB) is more than one GPU job can carry beside the repository, so it travels
+# in parts over two jobs (each copies its parts to a folder that outlives the job) and is
 # assembled and converted once by `fetch_smollm2 PARTS_DIR` into $SMOL (skipped if present).
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SMOL=${SMOL:-models/SmolLM2-135M-Instruct}  # ignored: outlives calls while the machine is warm
@@ -14,8 +14,10 @@ fetch_smollm2() {
   PYTHONPATH=/tmp/site:$PWD:/tmp/pkg python3 -c \
     "from spec_compiler.smollm2 import main; raise SystemExit(main(['--out', '$SMOL']))"
 }
-# Drafts trained on the device are kept in /root/keep for later calls (the repo copy is refreshed).
+# Drafts trained on the GPU machine are kept in $KEEP, outside the repository copy, for later
+# calls on the same machine (the repository copy is refreshed by each call).
+KEEP=${KEEP:-${XDG_CACHE_HOME:-$HOME/.cache}/spec-compiler/drafts}
 restore_drafts() {
-  [ -d /root/keep ] && cp -r /root/keep/. drafts/ && ls drafts
+  [ -d "$KEEP" ] && cp -r "$KEEP"/. drafts/ && ls drafts
 }
 export PYTHONPATH=$PWD

@@ -17,11 +17,11 @@ for L in 1 2; do
     > "$OUT/train_$L.log" 2>&1 &
 done
 wait
-mkdir -p /root/keep
+mkdir -p "$KEEP"
 for L in 1 2; do
   tail -4 "$OUT/train_$L.log"
   rm -rf "drafts/${NAME[$L]}/checkpoints"
-  cp -r "drafts/${NAME[$L]}" /root/keep/
+  cp -r "drafts/${NAME[$L]}" "$KEEP/"
   mkdir -p "$OUT/d$L" && cp drafts/${NAME[$L]}/{model.safetensors,config.json,training.json} "$OUT/d$L/"
 done
 nvidia-smi --query-gpu=name --format=csv,noheader
