@@ -142,11 +142,12 @@ def test_loss_decreases_on_fixed_batch(tiny_dir):
 def test_chain_acceptance_matches_incremental_drafting(tiny_dir, tmp_path, hot):
     target = load_target(tiny_dir)
     draft = _randomize(build_draft(target, 1, seed=0), seed=3).eval()
-    seqs = generate(target, _prompts(2, seed=4), 8, eos_ids=())
-    if hot:  # the same head over a reduced vocabulary: drafts must come back as target ids
-        save_draft(draft, tmp_path / "hot", dtype=torch.float32, hot_ids=torch.arange(127, 40, -1))
+    seqs = generate(target, _prompts(4, seed=4), 12, eos_ids=())
+    if hot:  # the same head over the few tokens the target uses: drafts must come back as ids
+        seen = sorted({int(t) for q in seqs for t in q.tokens[q.prompt_len:]}, reverse=True)
+        save_draft(draft, tmp_path / "hot", dtype=torch.float32, hot_ids=torch.tensor(seen))
         draft = load_draft(tmp_path / "hot", target)
-        assert draft.hot_ids is not None
+        assert draft.hot_ids is not None and 0 not in seen  # column 0 is never a valid id here
     depth = 3
     res = chain_acceptance(draft, seqs, depth)
     lens = []
@@ -168,6 +169,8 @@ def test_chain_acceptance_matches_incremental_drafting(tiny_dir, tmp_path, hot):
             lens.append(n)
     assert res["n_starts"] == len(lens)
     assert res["chain_accepted"][-1] == pytest.approx(sum(lens) / len(lens))
+    if hot:  # a small hot set makes hits likely: the comparison is not vacuous
+        assert res["top1"] > 0 and sum(lens) > 0
 
 
 def test_batch_prompt_ids_walks_shuffled_epochs():
