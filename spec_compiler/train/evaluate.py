@@ -80,8 +80,8 @@ def _seqs_to_state(seqs: list[Sequence]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from ..loading import load_draft, load_target
-    from .data import DEFAULT_DEV_PROMPTS, encode_prompts, load_tokenizer, read_prompts
-    from .generate import generate
+    from .data import DEFAULT_DEV_PROMPTS
+    from .generate import greedy_continuations
 
     p = argparse.ArgumentParser(prog="python -m spec_compiler.train.evaluate")
     p.add_argument("model_dir", type=Path)
@@ -104,13 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             seqs = [Sequence(t, f, pl, e) for t, f, pl, e in
                     zip(c["tokens"], c["features"], c["prompt_len"], c["ended"])]
         else:
-            rows = read_prompts(args.prompts)[:args.n]
-            ids = encode_prompts(rows, load_tokenizer(args.model_dir), target.cfg.vocab_size,
-                                 args.prompts, 1024)
-            t0, seqs = time.time(), []
-            for r in range(0, len(ids), args.batch):
-                seqs += generate(target, ids[r:r + args.batch], args.max_new_tokens,
-                                 target.cfg.eos_token_ids)
+            t0 = time.time()
+            seqs = greedy_continuations(target, args.model_dir, args.prompts, args.n,
+                                        args.max_new_tokens, args.batch)
             print(f"generated {sum(s.n_new for s in seqs)} tokens in {time.time() - t0:.0f}s",
                   file=sys.stderr)
             if args.cache:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -105,8 +104,8 @@ def expected_tpc(tree: TreeSpec, rates: dict[tuple[int, ...], float]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     from ..loading import load_draft, load_target
-    from .data import DEFAULT_TRAIN_PROMPTS, encode_prompts, load_tokenizer, read_prompts
-    from .generate import generate
+    from .data import DEFAULT_TRAIN_PROMPTS
+    from .generate import greedy_continuations
 
     p = argparse.ArgumentParser(prog="spec-fit-tree", description=(
         "Fit a static speculation tree to a draft head: the N rank paths the target accepts "
@@ -138,15 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         dev = torch.device(args.device)
         target = load_target(args.model_dir).to(dev)
         draft = load_draft(args.draft_dir, target, draft_vocab=args.draft_vocab).to(dev)
-        rows = read_prompts(args.prompts)[:args.n]
-        ids = encode_prompts(rows, load_tokenizer(args.model_dir), target.cfg.vocab_size,
-                             args.prompts, 1024)
-        t0, seqs = time.time(), []
-        for r in range(0, len(ids), args.batch):
-            seqs += generate(target, ids[r:r + args.batch], args.max_new_tokens,
-                             target.cfg.eos_token_ids)
-            print(f"continued {min(r + args.batch, len(ids))}/{len(ids)} prompts "
-                  f"({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
+        seqs = greedy_continuations(target, args.model_dir, args.prompts, args.n,
+                                    args.max_new_tokens, args.batch)
         rates = prefix_rates(rank_paths(draft, seqs, args.max_depth, args.top_k))
         tree = best_tree(rates, args.nodes, "fitted")
         if tree.n_nodes < args.nodes:

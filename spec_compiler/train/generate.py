@@ -19,7 +19,10 @@ Two phases, because they have opposite costs:
 
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -159,6 +162,22 @@ def featurize(target: Llama, seqs: list[Sequence], rows: int = 16,
             s.features = f
         i += n
     assert all(s.features is not None and s.features.shape == (len(s.tokens), H) for s in seqs)
+    return seqs
+
+
+def greedy_continuations(target: Llama, model_dir: Path, prompts: Path, n: int, max_new_tokens: int,
+                         batch: int, max_prompt_tokens: int = 1024) -> list[Sequence]:
+    """The first `n` prompts of a prompt file (chat template), continued greedily with features,
+    `batch` at a time, with a progress line per batch: what evaluation and tree fitting score."""
+    from .data import encode_prompts, load_tokenizer, read_prompts
+
+    ids = encode_prompts(read_prompts(prompts)[:n], load_tokenizer(model_dir),
+                         target.cfg.vocab_size, prompts, max_prompt_tokens)
+    t0, seqs = time.time(), []
+    for r in range(0, len(ids), batch):
+        seqs += generate(target, ids[r:r + batch], max_new_tokens, target.cfg.eos_token_ids)
+        print(f"continued {min(r + batch, len(ids))}/{len(ids)} prompts ({time.time() - t0:.0f}s)",
+              file=sys.stderr, flush=True)
     return seqs
 
 

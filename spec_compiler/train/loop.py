@@ -19,7 +19,7 @@ from .checkpoint import load_latest, save_checkpoint
 from .cli import RESUME_KEYS, _check_args, _settings, _write_json_atomic
 from .data import (batch_prompt_ids, encode_prompts, load_tokenizer, read_prompts, sha256_file)
 from .distill import collate, distill_loss, lr_at, minibatches, supervised_range
-from .generate import Sequence, continue_prompts, featurize, generate
+from .generate import Sequence, continue_prompts, featurize, greedy_continuations
 
 FROZEN = ("embed_tokens.", "lm_head.")  # the target's, shared and frozen
 
@@ -265,18 +265,13 @@ def _check_resume(ck: dict, args, info: dict, path: Path) -> None:
 def _dev_eval(draft, target, args) -> dict:
     from .evaluate import chain_acceptance
 
-    rows = read_prompts(args.eval_prompts)[:args.eval_n]
-    ids = encode_prompts(rows, load_tokenizer(args.model_dir), target.cfg.vocab_size,
-                         args.eval_prompts, args.max_prompt_tokens)
     t0 = time.time()
-    seqs = []
-    for r in range(0, len(ids), args.gen_batch):
-        seqs += generate(target, ids[r:r + args.gen_batch], args.max_new_tokens,
-                         target.cfg.eos_token_ids)
+    seqs = greedy_continuations(target, args.model_dir, args.eval_prompts, args.eval_n,
+                                args.max_new_tokens, args.gen_batch, args.max_prompt_tokens)
     draft.eval().to(target.embed_tokens.weight.dtype)  # the engine's dtype (bf16 on CUDA)
     res = chain_acceptance(draft, seqs)
     res.update(prompts=str(args.eval_prompts), sha256=sha256_file(args.eval_prompts),
-               n_prompts=len(ids), max_new_tokens=args.max_new_tokens,
+               n_prompts=len(seqs), max_new_tokens=args.max_new_tokens,
                seconds=round(time.time() - t0, 1))
     print(f"dev: top-1 {res['top1']:.3f}, chain-1..5 tokens/call "
           f"{', '.join(f'{x:.2f}' for x in res['chain_tokens_per_call'])}", file=sys.stderr)
