@@ -19,8 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def repeats_ngram(ids: list[int], n: int = 20) -> bool:
     seen = set()
@@ -55,7 +53,7 @@ def evaluate(engine, prompts: list[str], max_new: int) -> dict:
 
 
 def main(argv=None):
-    from runtime import Engine
+    from spec_compiler.runtime import Engine
     from spec_compiler.cli import compile_main
 
     ap = argparse.ArgumentParser()

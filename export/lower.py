@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import fx
 
-from passes.infra import _get_attr
+from spec_compiler.passes.infra import _get_attr
 
 INDUCTOR_CONFIGS = {
     # Compile-time knobs only; never set globally.

@@ -1,6 +1,6 @@
 """Runtime: load prebuilt engines (no compilation) and generate.
 
-    from runtime import Engine
+    from spec_compiler.runtime import Engine
     engine = Engine.load("engine_dir")
     result = engine.generate(prompt_ids, max_new_tokens=64)
 """

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 import spec_compiler.ops.tree_attention  # noqa: F401  (the op, for eager-backend programs)
-from export.manifest import read_manifest
+from spec_compiler.export.manifest import read_manifest
 from spec_compiler.config import DraftConfig, ModelConfig
 from spec_compiler.errors import SpecCompileError
 from spec_compiler.trees import TreeSpec
@@ -61,7 +61,7 @@ class EngineSpec:
 def _load_artifact(path: Path, backend: str, device: str):
     if backend == "eager":
         return torch.export.load(str(path)).module()
-    from runtime.aoti import load_package
+    from .aoti import load_package
 
     return load_package(path, device)
 

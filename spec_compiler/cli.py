@@ -116,7 +116,7 @@ def run_parser() -> argparse.ArgumentParser:
 def run_main(argv: list[str] | None = None) -> int:
     args = run_parser().parse_args(argv)
     try:
-        from runtime import Engine
+        from spec_compiler.runtime import Engine
 
         if args.prompt_ids is not None:
             try:

@@ -31,10 +31,10 @@ from typing import Callable
 import torch
 from torch import fx
 
-from export.lower import WeightRegistry, lift_weights, lower
-from export.manifest import Manifest, write_manifest
-from passes import default_passes, run_passes
-from passes.infra import _get_attr, _set_attr, output_node, outputs, set_outputs
+from spec_compiler.export.lower import WeightRegistry, lift_weights, lower
+from spec_compiler.export.manifest import Manifest, write_manifest
+from spec_compiler.passes import default_passes, run_passes
+from spec_compiler.passes.infra import _get_attr, _set_attr, output_node, outputs, set_outputs
 
 from .config import CompileConfig
 from .errors import SpecCompileError

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from helpers import OracleDraft, build_engine, expected_emitted, hf_greedy, make_random_draft, oracle_hot_ids
-from runtime import Engine
+from spec_compiler.runtime import Engine
 from spec_compiler.loading import load_draft, load_target
 from spec_compiler.trees import resolve_tree
 
@@ -109,7 +109,7 @@ cf.compile_fx = cf.compile_fx_inner = cf.compile_fx_aot = boom
 cc.AotCodeCompiler.compile = staticmethod(boom)
 cc.CppCodeCache.load = boom
 torch.compile = boom
-from runtime import Engine
+from spec_compiler.runtime import Engine
 e = Engine.load(sys.argv[1])
 r = e.generate(json.loads(sys.argv[2]), max_new_tokens=30)
 print(json.dumps(r.output_ids))

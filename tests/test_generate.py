@@ -18,7 +18,7 @@ import torch
 
 from helpers import (HOT_IDS, OracleDraft, build_engine, expected_emitted, hf_greedy, make_random_draft,
                      oracle_hot_ids)
-from runtime import Engine
+from spec_compiler.runtime import Engine
 from spec_compiler.loading import load_draft, load_target
 from spec_compiler.trees import resolve_tree
 

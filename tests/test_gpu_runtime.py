@@ -27,7 +27,7 @@ def fp32_engine(tmp_path_factory, tiny_dir, tiny_draft_dir):
 
 
 def test_cuda_engine_matches_transformers(fp32_engine, tiny_dir):
-    from runtime import Engine
+    from spec_compiler.runtime import Engine
 
     t = time.time()
     engine = Engine.load(fp32_engine)
@@ -39,7 +39,7 @@ def test_cuda_engine_matches_transformers(fp32_engine, tiny_dir):
 
 def test_hot_vocab_draft_on_cuda_matches_transformers(tmp_path, tiny_dir):
     """A reduced draft vocabulary through Inductor on CUDA: still exactly the target's tokens."""
-    from runtime import Engine
+    from spec_compiler.runtime import Engine
     from helpers import make_random_draft
 
     hot = list(range(3, 128, 2))  # every other id: the target's picks are often cold
@@ -54,8 +54,8 @@ def test_hot_vocab_draft_on_cuda_matches_transformers(tmp_path, tiny_dir):
 
 
 def test_step_is_one_replay_without_sync(fp32_engine):
-    from runtime import Engine
-    from runtime import cuda_graph
+    from spec_compiler.runtime import Engine
+    from spec_compiler.runtime import cuda_graph
 
     engine = Engine.load(fp32_engine)
     engine.capture()
@@ -87,7 +87,7 @@ def test_fresh_process_loads_without_env(fp32_engine, tiny_dir):
     """No LD_PRELOAD by hand: the runtime sets up what AOTInductor packages need."""
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     env["PYTHONPATH"] = str(REPO)
-    code = ("import json,sys; from runtime import Engine; e=Engine.load(sys.argv[1]); "
+    code = ("import json,sys; from spec_compiler.runtime import Engine; e=Engine.load(sys.argv[1]); "
             "print(json.dumps(e.generate(json.loads(sys.argv[2]), max_new_tokens=20).output_ids))")
     r = subprocess.run([sys.executable, "-c", code, str(fp32_engine), json.dumps(PROMPT)],
                        capture_output=True, text=True, env=env, timeout=300)
@@ -97,7 +97,7 @@ def test_fresh_process_loads_without_env(fp32_engine, tiny_dir):
 
 def test_bf16_engine_first_divergence(tmp_path, tiny_dir, tiny_draft_dir):
     """bf16: exact identity is not promised; record where outputs first diverge."""
-    from runtime import Engine
+    from spec_compiler.runtime import Engine
     from transformers import LlamaForCausalLM
 
     eng = Engine.load(build_engine(tmp_path / "bf16", tiny_dir, draft_dir=tiny_draft_dir,

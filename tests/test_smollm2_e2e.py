@@ -35,7 +35,7 @@ def smollm2_dir():
 
 @pytest.mark.slow
 def test_smollm2_speculative_equals_transformers(tmp_path, smollm2_dir):
-    from runtime import Engine
+    from spec_compiler.runtime import Engine
 
     # The draft's fitted tree (what `spec-compile --tree auto` picks), its hot vocabulary.
     engine = Engine.load(build_engine(tmp_path / "engine", smollm2_dir, draft_dir=DRAFT,

@@ -14,8 +14,8 @@ import torch
 from torch.testing import FileCheck
 
 from pass_utils import apply, cache_names, call, config, copy_graph, exact, random_inputs, traced
-from passes import accept_epilogue, cleanup, fuse_projections, static_kv_cache, tree_attention
-from passes.infra import aten, count_ops
+from spec_compiler.passes import accept_epilogue, cleanup, fuse_projections, static_kv_cache, tree_attention
+from spec_compiler.passes.infra import aten, count_ops
 from spec_compiler.errors import SpecCompileError
 from spec_compiler.trees import TreeSpec
 

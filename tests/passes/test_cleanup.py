@@ -6,8 +6,8 @@ import torch
 from torch.testing import FileCheck
 
 from pass_utils import close, exact, apply, call, config, eager, random_inputs, traced
-from passes import cleanup
-from passes.infra import aten, count_ops
+from spec_compiler.passes import cleanup
+from spec_compiler.passes.infra import aten, count_ops
 from spec_compiler.trace import trace
 from spec_compiler.trees import chain
 

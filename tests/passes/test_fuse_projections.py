@@ -10,8 +10,8 @@ import torch
 from torch.testing import FileCheck
 
 from pass_utils import close, exact, apply, cache_names, call, config, eager, random_inputs, traced
-from passes import cleanup, fuse_projections
-from passes.infra import aten, count_ops
+from spec_compiler.passes import cleanup, fuse_projections
+from spec_compiler.passes.infra import aten, count_ops
 from spec_compiler.models.llama import Llama
 from spec_compiler.trace import trace
 from spec_compiler.trees import chain

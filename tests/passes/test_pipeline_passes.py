@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 from pass_utils import cache_names, config
-from passes import REQUIRED, default_passes
-from passes.infra import pass_name
+from spec_compiler.passes import REQUIRED, default_passes
+from spec_compiler.passes.infra import pass_name
 from spec_compiler.pipeline import build_graph
 from spec_compiler.trees import chain, resolve_tree
 

@@ -11,9 +11,9 @@ from torch.testing import FileCheck
 
 from pass_utils import (C, apply, cache_names, call, clone, config, draft_step_inputs, exact,
                         random_inputs, traced)
-from passes import (accept_epilogue, cleanup, fuse_projections, static_kv_cache, tree_attention,
+from spec_compiler.passes import (accept_epilogue, cleanup, fuse_projections, static_kv_cache, tree_attention,
                     unroll_draft)
-from passes.infra import aten, count_ops
+from spec_compiler.passes.infra import aten, count_ops
 from spec_compiler.errors import SpecCompileError
 from spec_compiler.trees import chain
 

@@ -12,8 +12,8 @@ import torch
 from torch.testing import FileCheck
 
 from pass_utils import C, apply, cache_names, call, close, config, eager, random_inputs, traced
-from passes import cleanup, fuse_projections, tree_attention
-from passes.infra import aten, count_ops, placeholders
+from spec_compiler.passes import cleanup, fuse_projections, tree_attention
+from spec_compiler.passes.infra import aten, count_ops, placeholders
 from spec_compiler.errors import SpecCompileError
 from spec_compiler.trees import chain
 

@@ -18,8 +18,8 @@ from torch.testing import FileCheck
 
 from pass_utils import (apply, cache_names, call, close, config, draft_step_inputs, eager, exact,
                         traced)
-from passes import cleanup, fuse_projections, tree_attention, unroll_draft
-from passes.infra import aten, count_ops, placeholders
+from spec_compiler.passes import cleanup, fuse_projections, tree_attention, unroll_draft
+from spec_compiler.passes.infra import aten, count_ops, placeholders
 from spec_compiler.errors import SpecCompileError
 from spec_compiler.trees import TreeSpec, chain
 
