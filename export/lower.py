@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import fx
 
-from spec_compiler.passes.infra import _get_attr
+from spec_compiler.passes.infra import get_attr_path
 
 INDUCTOR_CONFIGS = {
     # Compile-time knobs only; never set globally.
@@ -57,7 +57,7 @@ def lift_weights(gm: fx.GraphModule, registry: WeightRegistry, prefix: str = "")
     for node in list(gm.graph.nodes):
         if node.op != "get_attr" or node.target not in params:
             continue
-        wname = registry.add(prefix + node.target, _get_attr(gm, node.target))
+        wname = registry.add(prefix + node.target, get_attr_path(gm, node.target))
         if wname not in seen:
             with gm.graph.inserting_before(first):
                 ph = gm.graph.placeholder("w_" + wname.replace(".", "_"))

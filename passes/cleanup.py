@@ -1,11 +1,16 @@
 """Remove export noise that would hide patterns from later passes, then dead code.
 
 Before:  _assert_tensor_metadata(x, dtype=...);  y = to(x, float32)   # x already float32
-After:   (nothing);                               uses of y -> x
+         z = slice(x, d, 0, 2**63 - 1)   # a whole dimension (dynamic-shape exports write these)
+After:   (nothing);                               uses of y and z -> x
+Static and dynamic exports of the same code then have the same form, so one traced pattern
+matches both (patterns are normalised by this pass too: infra.trace_pattern).
 Requires: node.meta["val"] for the dtype check. Optional: never raises on zero matches.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from torch import fx
@@ -23,12 +28,21 @@ def cleanup(gm: fx.GraphModule) -> fx.GraphModule:
         if n.target in _NOISE:
             gm.graph.erase_node(n)
             count += 1
-        elif n.target == aten.to.dtype and _same_dtype(n):  # to(x, x.dtype) -> x
+        elif (n.target == aten.to.dtype and _same_dtype(n)) or _whole_slice(n):  # -> x
             n.replace_all_uses_with(n.args[0])
             gm.graph.erase_node(n)
             count += 1
     record(gm, "cleanup", count)
     return finish(gm)
+
+
+def _whole_slice(n: fx.Node) -> bool:
+    """slice(x, dim, 0, INT64_MAX[, 1]): every element of the dimension, i.e. x itself."""
+    if n.target != aten.slice.Tensor:
+        return False
+    args = list(n.args) + [None] * (5 - len(n.args))
+    _, _, start, end, step = args[:5]
+    return start in (0, None) and end in (None, sys.maxsize) and step in (1, None) and not n.kwargs
 
 
 def _same_dtype(n: fx.Node) -> bool:

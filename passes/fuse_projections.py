@@ -14,7 +14,7 @@ import operator
 import torch
 from torch import fx
 
-from .infra import _get_attr, _set_attr, aten, finish, record
+from .infra import get_attr_path, set_attr_path, aten, finish, record
 
 
 def fuse_projections(gm: fx.GraphModule) -> fx.GraphModule:
@@ -45,16 +45,16 @@ def _is_fusable(u: fx.Node, x: fx.Node) -> bool:
 
 
 def _fuse(gm: fx.GraphModule, x: fx.Node, group: list[fx.Node], bias: bool) -> None:
-    ws = [_get_attr(gm, u.args[1].target) for u in group]
+    ws = [get_attr_path(gm, u.args[1].target) for u in group]
     name = "fused__" + "__".join(u.args[1].target.replace(".", "_") for u in group)
     if not hasattr(gm, name):
-        _set_attr(gm, name, torch.nn.Parameter(torch.cat([w.detach() for w in ws]), requires_grad=False))
+        set_attr_path(gm, name, torch.nn.Parameter(torch.cat([w.detach() for w in ws]), requires_grad=False))
     b_name = None
     if bias:
         b_name = name + "__bias"
         if not hasattr(gm, b_name):
-            bs = [_get_attr(gm, u.args[2].target).detach() for u in group]
-            _set_attr(gm, b_name, torch.nn.Parameter(torch.cat(bs), requires_grad=False))
+            bs = [get_attr_path(gm, u.args[2].target).detach() for u in group]
+            set_attr_path(gm, b_name, torch.nn.Parameter(torch.cat(bs), requires_grad=False))
     sizes = [w.shape[0] for w in ws]
     first = group[0]
     with gm.graph.inserting_before(first):

@@ -1,8 +1,13 @@
-"""Pass plumbing: the Pass type, op counting, graph I/O helpers, graph inlining, the runner.
+"""Pass plumbing: the Pass type, op counting, graph I/O helpers, pattern matching, traced
+replacements, graph inlining, the runner.
 
 Invariants every pass keeps (Inductor's fx_passes rules): a pass is `(gm, **opts) -> gm`, reads
-no globals, mutates in place and returns the same module; it leaves no new aliasing between
-inputs and outputs; mutation (in-place cache writes) is introduced only by the last pass.
+no globals, and returns the rewritten module (the same one, mutated in place, except
+`unroll_draft`, which retraces the step as a new module sharing the parameters); it leaves no new
+aliasing between inputs and outputs; mutation (in-place cache writes) is introduced only by the
+last pass.
+Patterns and replacements are plain torch functions, traced (`trace_pattern`, `call_traced`),
+never spelled op by op: every node a pass adds carries `meta["val"]`.
 Graph inputs are placeholders whose `target` is their stable name; output names are kept in
 `gm.meta["output_names"]` and every pass that changes the outputs updates them.
 Each pass records how many nodes it rewrote in `gm.meta["pass_counts"][name]`.
@@ -12,10 +17,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import fx
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.passes.utils.matcher_utils import InternalMatch, SubgraphMatcher
 
 from spec_compiler.errors import SpecCompileError
 
@@ -66,16 +75,138 @@ def remove_placeholder(gm: fx.GraphModule, name: str) -> None:
     gm.graph.erase_node(node)
 
 
+def fake_mode(gm: fx.GraphModule) -> FakeTensorMode:
+    """The fake mode of the graph's example values (export's, with its symbolic sizes)."""
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    if mode is None:  # a graph built by hand: static sizes only
+        mode = gm.meta.setdefault("_fake_mode", FakeTensorMode(allow_non_fake_inputs=True))
+    return mode
+
+
 def register_constant(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
-    """A small static tensor (tree indices, masks) as a buffer + get_attr node."""
+    """A small static tensor (tree indices, masks) as a buffer + get_attr node (with meta["val"]),
+    placed after the last placeholder. Constants belong on the graph's device."""
     name = name.replace(".", "_")
     if hasattr(gm, name):
-        assert torch.equal(getattr(gm, name), value), f"constant {name} already set differently"
+        assert torch.equal(getattr(gm, name).cpu(), value.cpu()), f"constant {name} already set differently"
     else:
         gm.register_buffer(name, value)
     last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     with gm.graph.inserting_after(last):
-        return gm.graph.get_attr(name)
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = fake_mode(gm).from_tensor(getattr(gm, name), static_shapes=True)
+    return node
+
+
+def device_of(gm: fx.GraphModule) -> torch.device:
+    """The device of the graph's tensors (from a placeholder's example value)."""
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        if n.op == "placeholder" and isinstance(v, torch.Tensor):
+            return v.device
+    return torch.device("cpu")
+
+
+def call_traced(gm: fx.GraphModule, fn: Callable, *args: fx.Node) -> Any:
+    """Insert `fn(*args)` at the graph's current insertion point: `fn` is a plain torch function
+    of tensors, traced with make_fx (pre-dispatch aten, the op level torch.export gives) on the
+    arguments' example values, so it may use their (symbolic) sizes and every node it adds carries
+    meta["val"]. Returns the node(s) standing for fn's output, in its structure (a node, or a
+    tuple/list of them). Constants belong in `args` (register_constant), not inside `fn`."""
+    vals = [a.meta["val"] for a in args]
+    with fake_mode(gm):
+        sub = make_fx(fn, tracing_mode="real", pre_dispatch=True)(*vals)
+    env: dict[fx.Node, Any] = {}
+    phs = iter(args)
+    out = None
+    for n in sub.graph.nodes:
+        if n.op == "placeholder":
+            env[n] = next(phs)
+        elif n.op == "output":
+            out = fx.map_arg(n.args[0], lambda x: env[x])
+        elif n.op == "get_attr":
+            raise AssertionError(f"call_traced: {fn} made tensor constant {n.target} inside the "
+                                 "traced function; pass constants as arguments (register_constant)")
+        else:
+            env[n] = gm.graph.node_copy(n, lambda x: env[x])
+            env[n].meta = dict(n.meta)
+    return out
+
+
+def trace_pattern(fn: Callable, args: Sequence[torch.Tensor], names: Sequence[str],
+                  dynamic: dict[str, list[tuple[int, int]]],
+                  normalize: Callable[[fx.GraphModule], fx.GraphModule] | None = None) -> fx.GraphModule:
+    """A plain torch function -> a pattern graph for `match_pattern`, traced by torch.export (the
+    tracer that made the graphs it will be matched against), its inputs named `names`, which
+    `match_pattern` reports the bindings of. `dynamic` names the sizes that are
+    free in the pattern: {name: [(arg index, dim), ...]}. Each becomes a placeholder called
+    `name`, which matches a literal int or a size node in the graph (the binding is checked by the
+    caller); every other size is literal and must be equal. `normalize` (the cleanup pass) puts
+    the pattern in the form the graphs have when they are matched."""
+    from torch.export import Dim
+
+    dims = {name: Dim(name, min=2) for name in dynamic}
+    shapes: list[dict | None] = [None] * len(args)
+    for name, places in dynamic.items():
+        for i, d in places:
+            shapes[i] = {**(shapes[i] or {}), d: dims[name]}
+
+    class Pattern(torch.nn.Module):
+        def forward(self, *xs):
+            return fn(*xs)
+
+    with torch.no_grad():
+        ep = torch.export.export(Pattern(), tuple(args), dynamic_shapes=(tuple(shapes),), strict=False)
+    gm = ep.module()
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    by_symbol = {str(inputs[i].meta["val"].shape[d]): name
+                 for name, places in dynamic.items() for i, d in places}
+    g = fx.Graph()
+    env: dict[fx.Node, Any] = {}
+    sym_ph: dict[str, fx.Node] = {}
+    named = dict(zip(inputs, names, strict=True))
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            env[n] = g.placeholder(named[n])
+            env[n].meta = dict(n.meta)
+        elif n.op == "call_function" and n.target == aten.sym_size.int:
+            name = by_symbol[str(n.meta["val"])]
+            if name not in sym_ph:
+                with g.inserting_after(env[inputs[-1]]):
+                    sym_ph[name] = g.placeholder(name)
+            env[n] = sym_ph[name]
+        elif n.op == "call_function" and n.target in _NOISE:
+            continue
+        elif n.op == "output":
+            g.output(fx.map_arg(n.args[0], lambda x: env[x]))
+        elif n.op == "call_module":  # export's input-guard hook
+            continue
+        else:
+            env[n] = g.node_copy(n, lambda x: env[x])
+    g.eliminate_dead_code()
+    pat = fx.GraphModule(torch.nn.Module(), g)
+    return normalize(pat) if normalize is not None else pat
+
+
+_NOISE = (aten._assert_tensor_metadata.default, aten.sym_constrain_range_for_size.default,
+          aten._assert_scalar.default)
+
+
+def match_pattern(gm: fx.GraphModule, pattern: fx.GraphModule) -> list[dict[str, Any]]:
+    """Every non-overlapping occurrence of `pattern` (trace_pattern) in gm, as {pattern
+    placeholder name: the graph node or literal bound to it, and "_out": [graph nodes standing for
+    the pattern's outputs]}. Intermediate pattern nodes have no users outside a match."""
+    matcher = SubgraphMatcher(pattern.graph, match_output=False, match_placeholder=False,
+                              remove_overlapping_matches=True, ignore_literals=False)
+    found: list[dict[str, Any]] = []
+    for m in matcher.match(gm.graph):
+        m: InternalMatch
+        bound = {pn.target: m.nodes_map[pn] for pn in pattern.graph.nodes if pn.op == "placeholder"
+                 and pn in m.nodes_map}
+        bound["_out"] = list(m.returning_nodes)
+        found.append(bound)
+    return found
 
 
 def record(gm: fx.GraphModule, name: str, count: int) -> None:
@@ -85,7 +216,7 @@ def record(gm: fx.GraphModule, name: str, count: int) -> None:
 def require(name: str, count: int, expected: str) -> None:
     if count == 0:
         raise SpecCompileError(f"{name}: 0 matches, expected {expected}; the exported graph does "
-                               "not have the form this pass rewrites (see passes/{name}.py)")
+                               f"not have the form this pass rewrites (see passes/{name}.py)")
 
 
 def finish(gm: fx.GraphModule) -> fx.GraphModule:
@@ -115,13 +246,13 @@ def inline_graph(dst: fx.Graph, src: fx.GraphModule, inputs: dict[str, fx.Node],
     raise AssertionError("graph has no output node")
 
 
-def _get_attr(m: torch.nn.Module, target: str):
+def get_attr_path(m: torch.nn.Module, target: str):
     for a in target.split("."):
         m = getattr(m, a)
     return m
 
 
-def _set_attr(m: torch.nn.Module, target: str, value) -> None:
+def set_attr_path(m: torch.nn.Module, target: str, value) -> None:
     *path, leaf = target.split(".")
     for a in path:
         if not hasattr(m, a):

@@ -2,10 +2,11 @@
 
 Before (one level, block length T symbolic):
     logits, feat, k' = draft(tokens, features, input_pos, cache_len, k)     # causal tree_attention
-After (static, for a tree of depth D, top-k K):
+After (static, for a tree of depth D, top-k K): `DraftStep.forward` below, retraced by
+torch.export into one graph:
     catch-up: draft(acc_tokens, acc_feats, base + [0, D], base, k)          # base = cache_len - n_acc
               -> the root's draft logits/feature = row n_acc - 1; cache now holds cache_len pairs
-    level d:  toks_d = topk(parent logits, K)[parent row, rank]              # static gathers
+    level d:  toks_d = topk(parent logits, K)[parent row, rank]              # static indices
               draft(toks_d[with children], parent feature, cache_len + d - 1, cache_len, k')
               with tree_attention's suffix = every drafted ancestor level's K/V and the static
               ancestor mask (the prefix is the draft cache; drafted K/V never touch it)
@@ -14,6 +15,11 @@ Only nodes that have children are forwarded (a leaf's logits are never used).
 Reduced draft vocabulary: if the one-level graph also outputs `token_ids` (Vd,), the target id
 of each logit column, the picked top-k columns are mapped through it (toks_d = token_ids[cols]),
 so level tokens, the next level's inputs and tree_tokens are target ids; without it columns are ids.
+
+The one-level graph is called as a module (`_level`: its tree_attention suffix widened to take
+the earlier levels' K/V and a mask as inputs, its block K/V returned), so the step reads as
+torch and the retrace gives every node static shapes and meta["val"]. The pass returns that new
+module (sharing the parameters); its inputs are acc_tokens, acc_feats, n_acc, cache_len, caches.
 Requires: the one-level graph after tree_attention(tree=None); inputs tokens, features,
 input_pos, cache_len, caches; outputs logits, hidden, caches (+ token_ids). Required: raises on
 no attention.
@@ -21,87 +27,166 @@ no attention.
 
 from __future__ import annotations
 
-import operator
-
 import torch
-from torch import fx
+from torch import fx, nn
 
 from spec_compiler.errors import SpecCompileError
+from spec_compiler.trace import trace
 from spec_compiler.trees import TreeSpec
 
-from .infra import aten, finish, inline_graph, outputs, placeholders, record, require
+from .cleanup import cleanup
+from .infra import (aten, device_of, get_attr_path, outputs, placeholders, record, require,
+                    set_attr_path)
 
-TREE_ATTN = "spec.tree_attention.default"
+TREE_ATTN = torch.ops.spec.tree_attention.default
 
 
 def unroll_draft(gm: fx.GraphModule, *, tree: TreeSpec) -> fx.GraphModule:
-    src_graph, src_meta = gm.graph, dict(gm.meta)
-    src = fx.GraphModule(gm, src_graph)
-    src.meta = src_meta
-    attn = [n for n in src_graph.nodes if str(n.target) == TREE_ATTN]
+    attn = [n for n in gm.graph.nodes if n.target == TREE_ATTN]
     require("unroll_draft", len(attn), "tree_attention nodes in the one-level draft graph")
-    missing = {"tokens", "features", "input_pos", "cache_len"} - set(placeholders(src))
+    ph = placeholders(gm)
+    missing = {"tokens", "features", "input_pos", "cache_len"} - set(ph)
     if missing:
         raise SpecCompileError(f"unroll_draft: the graph has no input(s) {sorted(missing)}; it runs "
                                "once, on the one-level draft graph")
-    caches = [k for k in placeholders(src) if k.startswith(("k_", "v_"))]
-    _check_vocab(src, tree)
-    g = fx.Graph()
-    b = _Builder(g, gm)
-    acc_tokens, acc_feats, n_acc, cache_len = (b.ph(n) for n in ("acc_tokens", "acc_feats", "n_acc", "cache_len"))
-    cache_in = {k: b.ph(k) for k in caches}
-    D, K = tree.max_depth, tree.top_k
+    _check_vocab(gm, tree)
+    caches = [k for k in ph if k.startswith(("k_", "v_"))]
+    token_ids = outputs(gm).get("token_ids")
+    hot = get_attr_path(gm, token_ids.target) if token_ids is not None else None
+    hot_name = token_ids.target if token_ids is not None else None
+    level = _level(gm, attn, caches)
+    step = DraftStep(level, tree, caches, len(attn), hot, device_of(gm))
+    args = [_example(ph[n]) for n in ("tokens", "features", "cache_len")]
+    B, D1 = args[0].shape[0], tree.max_depth + 1
+    acc_tokens = torch.zeros(B, D1, dtype=torch.long, device=args[0].device)
+    acc_feats = torch.zeros(B, D1, args[1].shape[2], dtype=args[1].dtype, device=args[1].device)
+    n_acc = torch.ones(B, dtype=torch.long, device=args[0].device)
+    example = [acc_tokens, acc_feats, n_acc, args[2] + D1, *[_example(ph[k]) for k in caches]]
+    names = ["acc_tokens", "acc_feats", "n_acc", "cache_len", *caches]
+    new = cleanup(trace(step, example, names, ["tree_tokens", *caches]))
+    _unprefix(new, "level.")
+    meta = {k: v for k, v in gm.meta.items() if k not in ("output_names", "weight_buffers")}
+    new.meta.update(meta)
+    if hot is not None:
+        new.meta["weight_buffers"] = [hot_name]
+    record(new, "unroll_draft", step.n_forwards)
+    return new
 
-    # Catch-up: the accepted (token, true feature) pairs, padded to D + 1.
-    base = b(aten.sub.Tensor, cache_len, n_acc)
-    pos = b(aten.add.Tensor, b(aten.unsqueeze.default, base, 1), b.const("draft_arange", torch.arange(D + 1)))
-    out = inline_graph(g, src, {"tokens": acc_tokens, "features": acc_feats, "input_pos": pos,
-                                "cache_len": base, **cache_in})
-    cache_new = {k: out[k] for k in caches}
-    token_ids = out.get("token_ids")  # (Vd,) logit column -> target id, or None (columns are ids)
-    last = b(aten.unsqueeze.default, b(aten.sub.Tensor, n_acc, 1), 1)  # (B, 1)
-    root_tok = b(aten.gather.default, acc_tokens, 1, last)  # (B, 1)
-    prev_logits = _rows(b, out["logits"], last)  # (B, 1, V)
-    prev_feats = _rows(b, out["hidden"], last)  # (B, 1, H)
-    prev_nodes, level_tokens, forwarded = [0], [root_tok], []
-    hist = [([], []) for _ in attn]
-    n_forwards = 1
-    has_child = set(tree.parent[1:])
-    for d in range(1, D + 1):
-        nodes = tree.level_nodes(d)
-        rows = [prev_nodes.index(tree.parent[n]) for n in nodes]
-        topk_ids = b(operator.getitem, b(aten.topk.default, prev_logits, K, -1), 1)  # (B, n_prev, K)
-        flat = b(aten.flatten.using_ints, topk_ids, 1)  # (B, n_prev * K)
-        pick = b.const(f"draft_pick_{d}", torch.tensor([r * K + tree.rank[n] for r, n in zip(rows, nodes)]))
-        toks = b(aten.index_select.default, flat, 1, pick)  # (B, n_d) logit columns
-        if token_ids is not None:
-            toks = b(aten.index.Tensor, token_ids, [toks])  # (B, n_d) target ids
-        level_tokens.append(toks)
-        fwd = [n for n in nodes if n in has_child]
-        if not fwd:
-            break
-        sel = b.const(f"draft_sel_{d}", torch.tensor([nodes.index(n) for n in fwd]))
-        feat_rows = b.const(f"draft_rows_{d}", torch.tensor([rows[nodes.index(n)] for n in fwd]))
-        depth_off = b.const(f"draft_depth_{d}", torch.full((len(fwd),), d - 1))
-        forwarded += fwd
-        mask = torch.tensor([[m in tree.ancestors(n) for m in forwarded] for n in fwd])
-        mask_node = b.const(f"draft_mask_{d}", mask)  # (n_fwd_d, n_forwarded so far)
-        env: dict = {}
-        out = inline_graph(g, src, {
-            "tokens": b(aten.index_select.default, toks, 1, sel),
-            "features": b(aten.index_select.default, prev_feats, 1, feat_rows),
-            "input_pos": b(aten.add.Tensor, b(aten.unsqueeze.default, cache_len, 1), depth_off),
-            "cache_len": cache_len, **cache_new}, env=env)
-        for i, a_src in enumerate(attn):
-            _widen_suffix(g, env[a_src], hist[i], mask_node)
-        prev_logits, prev_feats, prev_nodes = out["logits"], out["hidden"], fwd
-        n_forwards += 1
-    tree_tokens = b(aten.cat.default, level_tokens, 1)  # (B, T)
-    g.output((tree_tokens, *cache_new.values()))
-    gm.graph = g
-    gm.meta = {**src_meta, "output_names": ["tree_tokens", *caches]}
-    record(gm, "unroll_draft", n_forwards)
-    return finish(gm)
+
+def _unprefix(gm: fx.GraphModule, prefix: str) -> None:
+    """Parameters read through the `level` submodule keep their own names (as in draft_prefill)."""
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.target.startswith(prefix):
+            name = n.target.removeprefix(prefix)
+            set_attr_path(gm, name, get_attr_path(gm, n.target))
+            n.target = name
+    delattr(gm, prefix.rstrip("."))
+    gm.recompile()
+
+
+def _example(node: fx.Node) -> torch.Tensor:
+    v = node.meta["val"]
+    shape = [s if isinstance(s, int) else 2 for s in v.shape]
+    return torch.zeros(shape, dtype=v.dtype, device=v.device)
+
+
+class DraftStep(nn.Module):
+    """The draft step in plain torch: catch-up over the accepted pairs, then each tree level."""
+
+    def __init__(self, level: fx.GraphModule, tree: TreeSpec, caches: list[str], n_attn: int,
+                 hot_ids: torch.Tensor | None, device: torch.device):
+        super().__init__()
+        self.level, self.tree, self.n_caches, self.n_attn = level, tree, len(caches), n_attn
+        if hot_ids is not None:
+            self.register_buffer("hot_ids", hot_ids)
+        else:
+            self.hot_ids = None
+        D, K = tree.max_depth, tree.top_k
+        has_child = set(tree.parent[1:])
+        self.levels = []  # per drafted level: (pick, sel, rows, mask) buffer names, or None
+        prev, forwarded = [0], []
+        for d in range(1, D + 1):
+            nodes = tree.level_nodes(d)
+            rows = [prev.index(tree.parent[n]) for n in nodes]  # parent's row in the previous level
+            fwd = [n for n in nodes if n in has_child]
+            forwarded += fwd
+            bufs = {
+                "pick": [r * K + tree.rank[n] for r, n in zip(rows, nodes)],  # flat (row, rank)
+                "sel": [nodes.index(n) for n in fwd],  # level nodes that are forwarded
+                "rows": [rows[nodes.index(n)] for n in fwd],  # their parents' feature rows
+                "mask": [[m in tree.ancestors(n) for m in forwarded] for n in fwd],  # vs history
+            }
+            for k, v in bufs.items():
+                self.register_buffer(f"{k}_{d}", torch.tensor(v, device=device))
+            self.levels.append(bool(fwd))
+            prev = fwd
+            if not fwd:
+                break
+        self.register_buffer("catchup_pos", torch.arange(D + 1, device=device))
+        self.register_buffer("catchup_mask", torch.ones(D + 1, D + 1, dtype=torch.bool, device=device).tril())
+        self.n_forwards = 1 + sum(self.levels)
+
+    def forward(self, acc_tokens, acc_feats, n_acc, cache_len, *caches):
+        B = acc_tokens.shape[0]
+        # Catch-up: the accepted (token, true feature) pairs, padded to D + 1, at their slots.
+        base = cache_len - n_acc
+        empty = [c.new_zeros(B, c.shape[1], 0, c.shape[3]) for c in caches[:2 * self.n_attn]]
+        logits, feats, caches, _ = self._call(acc_tokens, acc_feats, base[:, None] + self.catchup_pos,
+                                              base, self.catchup_mask, empty, caches)
+        last = (n_acc - 1)[:, None]  # (B, 1): the root's row
+        tokens = [acc_tokens.gather(1, last)]
+        logits = logits.gather(1, last[..., None].expand(-1, -1, logits.shape[-1]))  # (B, 1, V)
+        feats = feats.gather(1, last[..., None].expand(-1, -1, feats.shape[-1]))  # (B, 1, H)
+        hist: list[list[torch.Tensor]] = [[] for _ in range(2 * self.n_attn)]
+        for d, forwards in enumerate(self.levels, start=1):
+            cols = logits.topk(self.tree.top_k, -1).indices.flatten(1).index_select(1, getattr(self, f"pick_{d}"))
+            toks = cols if self.hot_ids is None else self.hot_ids[cols]  # (B, n_d) target ids
+            tokens.append(toks)
+            if not forwards:
+                break
+            x = toks.index_select(1, getattr(self, f"sel_{d}"))
+            f = feats.index_select(1, getattr(self, f"rows_{d}"))
+            pos = (cache_len[:, None] + (d - 1)).expand(-1, x.shape[1])
+            past = [torch.cat(h, 2) if h else e for h, e in zip(hist, empty)]
+            logits, feats, _, block = self._call(x, f, pos, cache_len, getattr(self, f"mask_{d}"),
+                                                 past, caches)
+            for h, b in zip(hist, block):
+                h.append(b)
+        return (torch.cat(tokens, 1), *caches)
+
+    def _call(self, tokens, features, input_pos, cache_len, mask, past, caches):
+        out = self.level(tokens, features, input_pos, cache_len, *caches, mask, *past)
+        n = self.n_caches
+        return out[0], out[1], list(out[2:2 + n]), list(out[2 + n:])
+
+
+def _level(gm: fx.GraphModule, attn: list[fx.Node], caches: list[str]) -> fx.GraphModule:
+    """A copy of the one-level graph whose attention suffix is [earlier levels' K/V | block]:
+    new inputs `mask` (T, Th + T) and per attention `k_past_i`, `v_past_i` (B, Hkv, Th, Dh);
+    outputs logits, hidden, caches, then every attention's block K/V (for the next level)."""
+    g = fx.Graph()
+    env: dict = {}
+    out = g.graph_copy(gm.graph, env)
+    last = [n for n in g.nodes if n.op == "placeholder"][-1]
+    with g.inserting_before(last.next):  # new inputs after the existing ones, in this order
+        mask = g.placeholder("mask")
+        past = [g.placeholder(f"{kv}_past_{i}") for i in range(len(attn)) for kv in "kv"]
+    block = []
+    for i, a in enumerate(attn):
+        node = env[a]
+        q, kc, vc, k_new, v_new, cache_len, _, scale = node.args
+        with g.inserting_before(node):
+            k_all = g.call_function(aten.cat.default, ([past[2 * i], k_new], 2))
+            v_all = g.call_function(aten.cat.default, ([past[2 * i + 1], v_new], 2))
+        node.args = (q, kc, vc, k_all, v_all, cache_len, mask, scale)
+        block += [k_new, v_new]
+    named = dict(zip(gm.meta["output_names"], out))
+    g.output((named["logits"], named["hidden"], *[named[k] for k in caches], *block))
+    g.eliminate_dead_code()
+    level = fx.GraphModule(gm, g)
+    level.graph._codegen = fx.graph.CodeGen()
+    level.recompile()
+    return level
 
 
 def _check_vocab(src: fx.GraphModule, tree: TreeSpec) -> None:
@@ -111,43 +196,3 @@ def _check_vocab(src: fx.GraphModule, tree: TreeSpec) -> None:
     if val is not None and isinstance(val.shape[-1], int) and val.shape[-1] < tree.top_k:
         raise SpecCompileError(f"unroll_draft: the draft scores {val.shape[-1]} tokens, fewer than "
                                f"tree {tree.name!r}'s top-k {tree.top_k}; use a larger --draft-vocab")
-
-
-def _rows(b, x: fx.Node, last: fx.Node) -> fx.Node:
-    """x (B, N, C) -> row `last` (B, 1) of each sequence: (B, 1, C)."""
-    idx = b(aten.expand.default, b(aten.unsqueeze.default, last, 2), [-1, -1, b(aten.sym_size.int, x, 2)])
-    return b(aten.gather.default, x, 1, idx)
-
-
-def _widen_suffix(g: fx.Graph, a: fx.Node, hist: tuple[list, list], mask_node: fx.Node) -> None:
-    """tree_attention's suffix := K/V of every forwarded ancestor level plus its own block."""
-    q, kc, vc, k_new, v_new, cache_len, _, scale = a.args
-    hist[0].append(k_new)
-    hist[1].append(v_new)
-    if len(hist[0]) > 1:
-        with g.inserting_before(a):
-            k_new = g.call_function(aten.cat.default, (list(hist[0]), 2))
-            v_new = g.call_function(aten.cat.default, (list(hist[1]), 2))
-    a.args = (q, kc, vc, k_new, v_new, cache_len, mask_node, scale)
-
-
-class _Builder:
-    """Appends aten calls and constants to a graph (short names keep the unrolling readable)."""
-
-    def __init__(self, g: fx.Graph, gm: fx.GraphModule):
-        self.g, self.gm = g, gm
-
-    def __call__(self, target, *args):
-        return self.g.call_function(target, args)
-
-    def ph(self, name: str) -> fx.Node:
-        n = self.g.placeholder(name)
-        n.target = name
-        return n
-
-    def const(self, name: str, value: torch.Tensor) -> fx.Node:
-        if hasattr(self.gm, name):
-            assert torch.equal(getattr(self.gm, name), value), name
-        else:
-            self.gm.register_buffer(name, value)
-        return self.g.get_attr(name)

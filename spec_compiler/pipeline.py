@@ -34,7 +34,7 @@ from torch import fx
 from spec_compiler.export.lower import WeightRegistry, lift_weights, lower
 from spec_compiler.export.manifest import Manifest, write_manifest
 from spec_compiler.passes import default_passes, run_passes
-from spec_compiler.passes.infra import _get_attr, _set_attr, output_node, outputs, set_outputs
+from spec_compiler.passes.infra import get_attr_path, set_attr_path, output_node, outputs, set_outputs
 
 from .config import CompileConfig
 from .errors import SpecCompileError
@@ -87,9 +87,9 @@ def trace_graph(cfg: CompileConfig, graph: str, module: torch.nn.Module) -> fx.G
     if hot is not None:
         name = next((n for n, b in module.named_buffers() if b is hot), "hot_ids")
         try:
-            _get_attr(gm, name)  # export keeps every buffer, used or not
+            get_attr_path(gm, name)  # export keeps every buffer, used or not
         except AttributeError:
-            _set_attr(gm, name, hot)
+            set_attr_path(gm, name, hot)
         with gm.graph.inserting_before(output_node(gm)):
             node = gm.graph.get_attr(name)
         set_outputs(gm, {**outputs(gm), "token_ids": node})

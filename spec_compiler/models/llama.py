@@ -63,6 +63,19 @@ def causal_slot_mask(cache_len, T: int, S: int):
     return (k_slot[None, None, :] <= q_slot[:, :, None])[:, None]
 
 
+def cache_attention(q, k, v, k_cache, v_cache, cache_len):
+    """A block of T new tokens attends causally over [cache | block]: the block's K/V are written
+    to slots cache_len + [0, T) and every query sees each slot up to its own.
+    q (B, Hq, T, Dh), k/v (B, Hkv, T, Dh), caches (B, Hkv, S, Dh) -> o (B, Hq, T, Dh), k', v'.
+    The tree_attention pass rewrites exactly this (it traces this function as its pattern)."""
+    k_all = write_cache(k_cache, k, cache_len)  # (B, Hkv, S, Dh)
+    v_all = write_cache(v_cache, v, cache_len)
+    mask = causal_slot_mask(cache_len, k.shape[2], k_cache.shape[2])
+    o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask,
+                                       enable_gqa=q.shape[1] != k.shape[1])
+    return o, k_all, v_all
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -79,11 +92,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, Dh)
-        k_all = write_cache(k_cache, k, cache_len)  # (B, Hkv, S, Dh)
-        v_all = write_cache(v_cache, v, cache_len)
-        mask = causal_slot_mask(cache_len, T, k_cache.shape[2])
-        o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        o, k_all, v_all = cache_attention(q, k, v, k_cache, v_cache, cache_len)
         o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(o), k_all, v_all
 
