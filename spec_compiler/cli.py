@@ -1,6 +1,7 @@
 """Console entry points: `spec-compile` and `spec-run`. `*_main(argv)` are testable.
 
-Bad input (SpecCompileError) prints one line `error: ...` and exits 2, with no traceback.
+Bad input (SpecCompileError) prints one line `error: ...` and exits 2, with no traceback
+(`errors.cli_entry`).
 """
 
 from __future__ import annotations
@@ -10,12 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import SpecCompileError
-
-
-def _die(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
+from .errors import SpecCompileError, cli_entry
 
 
 def compile_parser() -> argparse.ArgumentParser:
@@ -46,49 +42,33 @@ def compile_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_entry(interrupted="interrupted: no engine written")
 def compile_main(argv: list[str] | None = None) -> int:
     args = compile_parser().parse_args(argv)
-    try:
-        from .config import CompileConfig, ModelConfig
-        from .loading import parse_draft_vocab
-        from .pipeline import compile_engine
-        from .trees import resolve_tree
+    from .config import CompileConfig, ModelConfig
+    from .loading import parse_draft_vocab, read_draft
+    from .pipeline import compile_engine
+    from .trees import resolve_tree
 
-        draft_vocab = parse_draft_vocab(args.draft_vocab)
-        tree = resolve_tree(_auto_tree(args.tree, args.draft))
-        model = ModelConfig.from_hf(args.model_dir)
-        draft_cfg = None
-        if args.draft is not None:
-            import dataclasses
-
-            from .config import DraftConfig
-            from .loading import choose_hot_ids, read_draft_state, read_hot_ids
-
-            if not args.draft.is_dir():
-                raise SpecCompileError(f"--draft {args.draft}: no such directory")
-            state = {k.removeprefix("model."): v for k, v in read_draft_state(args.draft).items()}
-            draft_cfg = DraftConfig.from_dir(args.draft, model, "embed_tokens.weight" in state)
-            # Checked here, before the (slow) target load: d2t/t2d and --draft-vocab.
-            hot = choose_hot_ids(read_hot_ids(args.draft, state, model.vocab_size), draft_vocab, args.draft)
-            draft_cfg = dataclasses.replace(draft_cfg, draft_vocab_size=None if hot is None else hot.numel())
-        elif draft_vocab != "auto":
-            raise SpecCompileError(f"--draft-vocab {draft_vocab}: needs --draft DRAFT_DIR")
-        if args.out.exists():
-            raise SpecCompileError(f"--out {args.out} already exists; remove it or choose another path")
-        cfg = CompileConfig(model=model, draft=draft_cfg, tree=tree, max_seq_len=args.max_seq_len,
-                            backend=args.backend,
-                            dtype=args.dtype or ("bfloat16" if args.device == "cuda" else "float32"),
-                            device=args.device, prefill_chunk=args.prefill_chunk)
-        if args.draft is None and tree.n_nodes > 1:
-            raise SpecCompileError(f"--tree {tree.name} drafts tokens: pass --draft DRAFT_DIR "
-                                   "(or use --tree chain-0 for plain decoding)")
-        compile_engine(cfg, args.model_dir, args.draft if tree.n_nodes > 1 else None, args.out,
-                       debug_dir=args.debug_dir, draft_vocab=draft_vocab)
-    except SpecCompileError as e:
-        return _die(str(e))
-    except KeyboardInterrupt:
-        print("interrupted: no engine written", file=sys.stderr)
-        return 130
+    draft_vocab = parse_draft_vocab(args.draft_vocab)
+    tree = resolve_tree(_auto_tree(args.tree, args.draft))
+    model = ModelConfig.from_hf(args.model_dir)
+    draft = None
+    if args.draft is not None:
+        if not args.draft.is_dir():
+            raise SpecCompileError(f"--draft {args.draft}: no such directory")
+        # Read and checked once, before the (slow) target load: shapes, d2t/t2d, --draft-vocab.
+        draft = read_draft(args.draft, model, draft_vocab)
+    elif draft_vocab != "auto":
+        raise SpecCompileError(f"--draft-vocab {draft_vocab}: needs --draft DRAFT_DIR")
+    if args.out.exists():
+        raise SpecCompileError(f"--out {args.out} already exists; remove it or choose another path")
+    cfg = CompileConfig(model=model, draft=None if draft is None else draft.cfg, tree=tree,
+                        max_seq_len=args.max_seq_len, backend=args.backend,
+                        dtype=args.dtype or ("bfloat16" if args.device == "cuda" else "float32"),
+                        device=args.device, prefill_chunk=args.prefill_chunk)
+    compile_engine(cfg, args.model_dir, draft if tree.n_nodes > 1 else None, args.out,
+                   debug_dir=args.debug_dir, draft_vocab=draft_vocab)
     return 0
 
 
@@ -113,24 +93,22 @@ def run_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_entry()
 def run_main(argv: list[str] | None = None) -> int:
     args = run_parser().parse_args(argv)
-    try:
-        from spec_compiler.runtime import Engine
+    from spec_compiler.runtime import Engine
 
-        if args.prompt_ids is not None:
-            try:
-                ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
-            except ValueError:
-                raise SpecCompileError(f"--prompt-ids {args.prompt_ids!r}: expected comma-separated "
-                                       "integers such as 1,2,3") from None
-        engine = Engine.load(args.engine_dir)
-        if args.prompt is not None:
-            ids = engine.encode_prompt(args.prompt)
-        res = engine.generate(ids, max_new_tokens=args.max_new_tokens)
-        res.text = engine.decode(res.output_ids)
-    except SpecCompileError as e:
-        return _die(str(e))
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise SpecCompileError(f"--prompt-ids {args.prompt_ids!r}: expected comma-separated "
+                                   "integers such as 1,2,3") from None
+    engine = Engine.load(args.engine_dir)
+    if args.prompt is not None:
+        ids = engine.encode_prompt(args.prompt)
+    res = engine.generate(ids, max_new_tokens=args.max_new_tokens)
+    res.text = engine.decode(res.output_ids)
     if args.json:
         print(json.dumps(res.to_json()))
     else:

@@ -7,29 +7,14 @@ transformers 4 and 5 layouts); `DraftConfig.from_dir` reads an EAGLE-1/2 head's 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SpecCompileError
+from .fileio import read_json_object
 from .trees import TreeSpec
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
-
-
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise SpecCompileError(f"{what}: {path} is missing; point at a Hugging Face checkpoint "
-                               "directory that contains config.json")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SpecCompileError(f"{what}: {path} is not valid JSON ({e}); re-download or fix the "
-                               "file") from None
-    if not isinstance(data, dict):
-        raise SpecCompileError(f"{what}: {path} must hold a JSON object")
-    return data
 
 
 def _need(cfg: dict, key: str, path: Path):
@@ -94,7 +79,7 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, model_dir: str | Path) -> "ModelConfig":
         path = Path(model_dir) / "config.json"
-        cfg = _read_json(path, "model")
+        cfg = read_json_object(path, "model")
         arch = cfg.get("architectures") or []
         mtype = cfg.get("model_type")
         if mtype != "llama" or (arch and "LlamaForCausalLM" not in arch):
@@ -158,7 +143,7 @@ class DraftConfig:
     @classmethod
     def from_dir(cls, draft_dir: str | Path, target: ModelConfig, has_embed: bool) -> "DraftConfig":
         path = Path(draft_dir) / "config.json"
-        cfg = _read_json(path, "draft")
+        cfg = read_json_object(path, "draft")
         hidden = _need(cfg, "hidden_size", path)
         if hidden != target.hidden_size:
             raise SpecCompileError(
@@ -241,25 +226,3 @@ class CompileConfig:
     def scratch(self) -> int:
         """Slots past cache_len a step may write: the tree (target) and D+1 catch-up pairs (draft)."""
         return max(self.tree.n_nodes, self.tree.max_depth + 1, self.prefill_chunk)
-
-
-def rope_inv_freq(cfg: ModelConfig):
-    """Inverse frequencies (head_dim/2,) float32, with llama3 / linear scaling as transformers does."""
-    import torch
-
-    d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    s = cfg.rope_scaling
-    if not s:
-        return inv
-    if s["rope_type"] == "linear":
-        return inv / s["factor"]
-    factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
-    old_ctx = s.get("original_max_position_embeddings", 8192)
-    low_wavelen, high_wavelen = old_ctx / lo, old_ctx / hi
-    wavelen = 2 * math.pi / inv
-    inv_l = torch.where(wavelen > low_wavelen, inv / factor, inv)
-    smooth = (old_ctx / wavelen - lo) / (hi - lo)
-    smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
-    is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
-    return torch.where(is_medium, smoothed, inv_l)

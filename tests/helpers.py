@@ -50,9 +50,10 @@ def make_tiny_checkpoint(out: Path, name: str = "gqa_untied", seed: int = 0, **o
 def make_random_draft(out: Path, target_dir: Path, n_layers: int = 1, seed: int = 1,
                       hot_ids: list[int] | torch.Tensor | None = None) -> Path:
     """A random EAGLE head; `hot_ids` (target ids, most frequent first) gives it a reduced vocabulary."""
-    from spec_compiler.loading import load_target, save_draft
     from spec_compiler.config import DraftConfig
+    from spec_compiler.loading import load_target
     from spec_compiler.models.eagle import EagleDraft
+    from spec_compiler.train.save import save_draft
 
     target = load_target(target_dir)
     cfg = DraftConfig(n_layers=n_layers, fc_bias=True, has_embed=False, layer=target.cfg)

@@ -155,7 +155,25 @@ def test_bad_tree_file(tmp_path, tiny_dir, tiny_draft_dir, content, word):
 
 def test_unknown_tree_and_missing_draft(tmp_path, tiny_dir):
     assert_clean_error(cli(tiny_dir, "--out", tmp_path / "e", "--tree", "bushy-9"), "bushy-9")
-    assert_clean_error(cli(tiny_dir, "--out", tmp_path / "e"), "--draft")
+    # A drafting tree without --draft: CompileConfig's check, through the CLI.
+    assert_clean_error(cli(tiny_dir, "--out", tmp_path / "e"), "--draft", "needs a draft", "chain-0")
+    no_leftovers(tmp_path / "e")
+
+
+def test_compile_reads_the_draft_once(tmp_path, tiny_dir, tiny_hot_draft_dir, monkeypatch):
+    """spec-compile checks the draft before loading the target and hands the weights it read to
+    the compile: they are read from disk once."""
+    from spec_compiler import loading
+    from spec_compiler.cli import compile_main
+
+    calls, real = [], loading.read_draft_state
+    monkeypatch.setattr(loading, "read_draft_state", lambda d: calls.append(d) or real(d))
+    out = tmp_path / "engine"
+    assert compile_main([str(tiny_dir), "--draft", str(tiny_hot_draft_dir), "--out", str(out),
+                         "--backend", "eager", "--tree", "chain-2", "--max-seq-len", "64",
+                         "--prefill-chunk", "8", "--draft-vocab", "20"]) == 0
+    assert calls == [tiny_hot_draft_dir]
+    assert json.loads((out / "manifest.json").read_text())["draft"]["draft_vocab_size"] == 20
 
 
 def test_sigint_leaves_no_engine(tmp_path, tiny_dir, tiny_draft_dir):

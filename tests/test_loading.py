@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from helpers import HOT_IDS, copy_draft, d2t_of, make_random_draft, make_tiny_checkpoint
-from spec_compiler.config import ModelConfig, rope_inv_freq
+from spec_compiler.config import ModelConfig
 from spec_compiler.errors import SpecCompileError
-from spec_compiler.loading import load_draft, load_target, save_draft
+from spec_compiler.loading import load_draft, load_target
+from spec_compiler.models.llama import rope_inv_freq
+from spec_compiler.train.save import save_draft
 
 
 def _logits(model, tokens):
@@ -208,3 +210,52 @@ def test_save_draft_rejects_bad_hot_ids(tmp_path, tiny_dir, tiny_draft_dir):
         with pytest.raises(SpecCompileError, match="hot_ids"):
             save_draft(draft, tmp_path / "x", hot_ids=bad)
     assert not (tmp_path / "x").exists()
+
+
+def test_read_draft_then_load_reads_the_weights_once(tiny_dir, tiny_hot_draft_dir, monkeypatch):
+    """read_draft checks a head against the target's config alone; load_draft takes it as read
+    (what spec-compile does: bad drafts fail before the slow target load, weights read once)."""
+    from spec_compiler import loading
+
+    target = load_target(tiny_dir)
+    src = loading.read_draft(tiny_hot_draft_dir, target.cfg, draft_vocab=10)
+    assert str(src) == str(tiny_hot_draft_dir)
+    assert src.cfg.draft_vocab_size == 10 and src.hot.tolist() == HOT_IDS[:10]
+    assert src.stored_hot.tolist() == HOT_IDS
+    monkeypatch.setattr(loading, "read_draft_state", lambda d: pytest.fail("weights read again"))
+    a = load_draft(src, target)
+    monkeypatch.undo()
+    b = load_draft(tiny_hot_draft_dir, target, draft_vocab=10)
+    assert a.cfg == b.cfg and a.state_dict().keys() == b.state_dict().keys()
+    for k, v in b.state_dict().items():
+        assert torch.equal(a.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="draft_vocab"):
+        load_draft(src, target, draft_vocab="full")
+    with pytest.raises(SpecCompileError, match="--draft-vocab 49"):
+        loading.read_draft(tiny_hot_draft_dir, target.cfg, draft_vocab=49)
+
+
+def test_save_draft_is_atomic_and_keeps_other_files(tmp_path, tiny_dir, tiny_draft_dir, tiny_hot_draft_dir,
+                                                    monkeypatch):
+    """save_draft swaps config.json + model.safetensors in together; files it does not write stay."""
+    import safetensors.torch
+
+    target = load_target(tiny_dir)
+    out = tmp_path / "d"
+    save_draft(load_draft(tiny_draft_dir, target), out, dtype=torch.float32)
+    (out / "tree.json").write_text("[[0]]")
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    hot = load_draft(tiny_hot_draft_dir, target)
+
+    def disk_full(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        save_draft(hot, out, dtype=torch.float32)
+    monkeypatch.undo()
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    save_draft(hot, out, dtype=torch.float32)
+    assert (out / "tree.json").read_text() == "[[0]]"
+    assert load_draft(out, target).hot_ids.tolist() == HOT_IDS

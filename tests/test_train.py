@@ -5,18 +5,23 @@ the written draft loads, resume continues bit-for-bit, bad input exits 2 with on
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import hf_greedy
-from spec_compiler.loading import load_draft, load_target, read_draft_state, save_draft
+from spec_compiler.hashing import record_path, sha256_file
+from spec_compiler.loading import load_draft, load_target, read_draft_state
 from spec_compiler.train.cli import main
-from spec_compiler.train.data import batch_prompt_ids, sha256_file
+from spec_compiler.train.data import DEFAULT_TRAIN_PROMPTS, batch_prompt_ids
 from spec_compiler.train.distill import collate, distill_loss, draft_hidden
 from spec_compiler.train.evaluate import chain_acceptance
 from spec_compiler.train.generate import continue_prompts, generate
 from spec_compiler.train.loop import build_draft, hot_ids, trainable
+from spec_compiler.train.options import command_line
+from spec_compiler.train.save import save_draft
 
 
 def _randomize(draft, seed=1):
@@ -199,6 +204,10 @@ def test_cli_writes_loadable_draft_and_resumes_exactly(tiny_dir, prompt_file, tm
     assert len(info["resume_commands"]) == 1 and "--resume" in info["resume_commands"][0]
     assert info["prompts"]["sha256"] == sha256_file(prompt_file)
     assert info["model"]["config_sha256"] == sha256_file(tiny_dir / "config.json")
+    # Outside the repository a path is recorded by its name alone: never this machine's.
+    assert info["prompts"]["path"] == prompt_file.name and info["model"]["dir"] == tiny_dir.name
+    assert info["settings"]["out"] == "split" and info["settings"]["checkpoint_dir"] is None
+    assert not _absolute_paths(info), _absolute_paths(info)
     assert info["settings"]["layers"] == 2 and info["history"]
 
     a, b = read_draft_state(straight), read_draft_state(split)
@@ -214,6 +223,73 @@ def test_cli_writes_loadable_draft_and_resumes_exactly(tiny_dir, prompt_file, tm
     target = load_target(tiny_dir)
     draft = load_draft(straight, target)
     assert draft.cfg.n_layers == 2 and draft.lm_head.weight is target.lm_head.weight
+
+
+def _absolute_paths(record) -> list[str]:
+    """Strings in a JSON record holding a word that starts with `/` (an absolute path)."""
+    if isinstance(record, dict):
+        return [s for v in record.values() for s in _absolute_paths(v)]
+    if isinstance(record, list):
+        return [s for v in record for s in _absolute_paths(v)]
+    return [record] if isinstance(record, str) and re.search(r"(^|[\s=])/", record) else []
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_record_path_and_command_line(tmp_path, monkeypatch):
+    assert record_path(DEFAULT_TRAIN_PROMPTS) == "spec_compiler/data/prompts_train.jsonl"
+    monkeypatch.chdir(REPO / "spec_compiler")
+    assert record_path("data/prompts_dev.jsonl") == "spec_compiler/data/prompts_dev.jsonl"
+    assert record_path(tmp_path / "x" / "p.jsonl") == "p.jsonl"
+    monkeypatch.chdir(tmp_path)
+    assert record_path("models/m") == "m"
+    assert command_line("spec-train", [str(tmp_path / "m"), "--out", "d", f"--prompts={DEFAULT_TRAIN_PROMPTS}",
+                                       "--lr", "1e-3"]) == \
+        "spec-train m --out d --prompts=spec_compiler/data/prompts_train.jsonl --lr 1e-3"
+
+
+@pytest.mark.parametrize("name", ["smollm2-eagle", "smollm2-eagle-2l"])
+def test_shipped_drafts_record_repository_paths(name):
+    """The shipped drafts' training.json names its prompt files relative to the repository, and
+    they are the files recorded (sha256)."""
+    info = json.loads((REPO / "drafts" / name / "training.json").read_text())
+    assert not _absolute_paths(info), _absolute_paths(info)
+    for path, sha in ((info["prompts"]["path"], info["prompts"]["sha256"]),
+                      (info["dev_eval"]["prompts"], info["dev_eval"]["sha256"])):
+        assert sha256_file(REPO / path) == sha, path
+    assert info["settings"]["prompts"] == info["prompts"]["path"]
+
+
+def test_interrupted_draft_write_keeps_the_previous_draft(tiny_dir, prompt_file, tmp_path, capsys,
+                                                          monkeypatch):
+    """Ctrl-C while the new draft is written (weights and config done, training.json not): the
+    previous draft stays whole and loadable, no temporary is left, and --resume still works."""
+    out = tmp_path / "d"
+    common = [str(tiny_dir), "--out", str(out), "--prompts", str(prompt_file), *ARGS, "--draft-vocab", "16"]
+    assert main([*common, "--max-steps", "2"]) == 0
+    before = {f: (out / f).read_bytes() for f in ("model.safetensors", "config.json", "training.json")}
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+
+    write_text = Path.write_text
+
+    def interrupted(self, *a, **k):
+        if self.name.startswith(("training.json", ".training.json")):
+            raise KeyboardInterrupt
+        return write_text(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", interrupted)
+    assert main([*common, "--max-steps", "4", "--resume"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert {f: (out / f).read_bytes() for f in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "model.safetensors",
+                                                     "training.json"]
+    assert load_draft(out, load_target(tiny_dir)).hot_ids.shape == (16,)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ckpts + ["step-0000004.pt"]
+    assert main([*common, "--max-steps", "4", "--resume"]) == 0
+    assert json.loads((out / "training.json").read_text())["final_metrics"]["step"] == 4
 
 
 def _one_error(capsys, argv) -> str:

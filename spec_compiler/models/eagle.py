@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import DraftConfig, ModelConfig, rope_inv_freq
-from .llama import DecoderLayer, rope_cos_sin, run_layers
+from ..config import DraftConfig, ModelConfig
+from .llama import DecoderLayer, rope_cos_sin, rope_inv_freq, run_layers
 
 
 class EagleDraft(nn.Module):

@@ -5,19 +5,19 @@ parameters (float32), the optimizer state, the noise RNG state, the counters (st
 generation-batch index, pass and minibatch cursor), the settings that shape training, and the
 current generation batch itself (tokens + target features), so a resume does not regenerate it.
 Prompt order and per-batch shuffles are pure functions of (seed, index): they need no state.
-Writes go to a temporary file in the same directory, fsync'd, then `os.replace`d; the newest
-`keep` checkpoints are kept.
+Writes are atomic (`fileio.atomic_open`: a temporary file beside it, fsync'd, then renamed), so
+an interrupted save leaves the older checkpoints as they were; the newest `keep` are kept.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import torch
 
 from ..errors import SpecCompileError
+from ..fileio import atomic_open
 
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 
@@ -32,12 +32,8 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
 def save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep: int = 2) -> Path:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / f"step-{step:07d}.pt"
-    tmp = ckpt_dir / f".{path.name}.tmp"
-    with open(tmp, "wb") as f:
+    with atomic_open(path) as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     for old in list_checkpoints(ckpt_dir)[:-keep]:
         old.unlink()
     return path

@@ -8,28 +8,18 @@ optimizer step each; repeat until `--tokens` supervised positions have been trai
 
 Output (DRAFT_DIR): config.json + model.safetensors in the EAGLE-1/2 reference format (what
 `spec-compile --draft` reads), and training.json (command line, settings, prompt-file sha256,
-model hashes, final metrics, history). Checkpoints: DRAFT_DIR/checkpoints (or --checkpoint-dir);
+model hashes, final metrics, history; paths repository-relative), all three swapped in at once. Checkpoints: DRAFT_DIR/checkpoints (or --checkpoint-dir);
 `--resume` continues from the newest one. Bad input: one line `error: ...`, exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shlex
 import sys
 from pathlib import Path
 
-import torch
-
-from ..errors import SpecCompileError
+from ..errors import cli_entry
 from .data import DEFAULT_TRAIN_PROMPTS
-
-# Settings a resumed run must share with the checkpoint (the rest are stop criteria or plumbing).
-RESUME_KEYS = ("layers", "max_new_tokens", "gen_batch", "batch_size", "reuse", "lr", "warmup",
-               "w_feat", "w_kl", "noise", "temperature", "seed", "weight_decay", "grad_clip",
-               "max_prompt_tokens", "target_dtype")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -83,40 +73,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_args(args) -> None:
-    for flag in ("layers", "tokens", "max_new_tokens", "max_prompt_tokens", "gen_batch",
-                 "batch_size", "reuse", "save_every", "log_every", "eval_n"):
-        v = getattr(args, flag)
-        if v <= 0:
-            raise SpecCompileError(f"--{flag.replace('_', '-')} {v}: must be a positive integer")
-    if args.draft_vocab < 0:
-        raise SpecCompileError(f"--draft-vocab {args.draft_vocab}: must be >= 0 (0: full vocabulary)")
-    if args.time_limit is not None and not args.time_limit > 0:
-        raise SpecCompileError(f"--time-limit {args.time_limit}: must be positive")
-    if args.max_steps is not None and args.max_steps <= 0:
-        raise SpecCompileError(f"--max-steps {args.max_steps}: must be a positive integer")
-    if not args.lr > 0:
-        raise SpecCompileError(f"--lr {args.lr}: must be positive")
-    for flag in ("w_feat", "w_kl", "noise", "weight_decay", "grad_clip"):
-        if getattr(args, flag) < 0:
-            raise SpecCompileError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 0")
-    if args.w_feat == 0 and args.w_kl == 0:
-        raise SpecCompileError("--w-feat and --w-kl are both 0: nothing to train")
-    if not args.model_dir.is_dir():
-        raise SpecCompileError(f"MODEL_DIR {args.model_dir}: no such directory")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SpecCompileError("--device cuda: no CUDA device is available; use --device cpu")
-    if args.threads is not None and args.threads <= 0:
-        raise SpecCompileError(f"--threads {args.threads}: must be a positive integer")
-    if not args.resume:
-        if (args.out / "model.safetensors").exists() or (args.out / "training.json").exists():
-            raise SpecCompileError(f"--out {args.out} already holds a trained draft; choose another "
-                                   "directory or remove it")
-        if list((args.checkpoint_dir or args.out / "checkpoints").glob("step-*.pt")):
-            raise SpecCompileError(f"--out {args.out} has checkpoints from an earlier run; pass "
-                                   "--resume to continue it, or remove them")
-
-
 def _temperatures(text: str) -> tuple[float, ...]:
     try:
         ts = tuple(float(t) for t in text.split(","))
@@ -127,30 +83,14 @@ def _temperatures(text: str) -> tuple[float, ...]:
     return ts
 
 
-def _settings(args) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
-            for k, v in vars(args).items()}
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
+@cli_entry(interrupted="interrupted: continue with the same command plus --resume")
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
-    try:
-        from .loop import train
+    from .loop import train
+    from .options import command_line
 
-        train(args, command=shlex.join(["spec-train", *argv]))
-    except SpecCompileError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: continue with the same command plus --resume", file=sys.stderr)
-        return 130
+    train(args, command=command_line("spec-train", argv))
     return 0
 
 

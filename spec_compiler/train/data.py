@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from spec_compiler.hashing import sha256_file  # noqa: F401  (re-exported)
-
 import torch
 
 from ..errors import SpecCompileError

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import SpecCompileError
+from ..errors import SpecCompileError, cli_entry
 from ..models.eagle import EagleDraft
 from .generate import Sequence
 
@@ -78,6 +78,7 @@ def _seqs_to_state(seqs: list[Sequence]) -> dict:
             "prompt_len": [s.prompt_len for s in seqs], "ended": [s.ended for s in seqs]}
 
 
+@cli_entry()
 def main(argv: list[str] | None = None) -> int:
     from ..loading import load_draft, load_target
     from .data import DEFAULT_DEV_PROMPTS
@@ -95,28 +96,24 @@ def main(argv: list[str] | None = None) -> int:
                    help="store/reuse the generated continuations here (torch file)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
-    try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        target = load_target(args.model_dir)
-        if args.cache and args.cache.is_file():
-            c = torch.load(args.cache, weights_only=True)
-            seqs = [Sequence(t, f, pl, e) for t, f, pl, e in
-                    zip(c["tokens"], c["features"], c["prompt_len"], c["ended"])]
-        else:
-            t0 = time.time()
-            seqs = greedy_continuations(target, args.model_dir, args.prompts, args.n,
-                                        args.max_new_tokens, args.batch)
-            print(f"generated {sum(s.n_new for s in seqs)} tokens in {time.time() - t0:.0f}s",
-                  file=sys.stderr)
-            if args.cache:
-                torch.save(_seqs_to_state(seqs), args.cache)
-        for d in args.draft_dirs:
-            res = chain_acceptance(load_draft(d, target), seqs, args.depth)
-            print(json.dumps({"draft": str(d), **res}))
-    except SpecCompileError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target = load_target(args.model_dir)
+    if args.cache and args.cache.is_file():
+        c = torch.load(args.cache, weights_only=True)
+        seqs = [Sequence(t, f, pl, e) for t, f, pl, e in
+                zip(c["tokens"], c["features"], c["prompt_len"], c["ended"])]
+    else:
+        t0 = time.time()
+        seqs = greedy_continuations(target, args.model_dir, args.prompts, args.n,
+                                    args.max_new_tokens, args.batch)
+        print(f"generated {sum(s.n_new for s in seqs)} tokens in {time.time() - t0:.0f}s",
+              file=sys.stderr)
+        if args.cache:
+            torch.save(_seqs_to_state(seqs), args.cache)
+    for d in args.draft_dirs:
+        res = chain_acceptance(load_draft(d, target), seqs, args.depth)
+        print(json.dumps({"draft": str(d), **res}))
     return 0
 
 

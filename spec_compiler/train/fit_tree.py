@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import SpecCompileError
+from ..errors import SpecCompileError, cli_entry
+from ..fileio import atomic_write_text
 from ..models.eagle import EagleDraft
 from ..trees import TreeSpec, resolve_tree
 from .generate import Sequence
@@ -102,6 +103,7 @@ def expected_tpc(tree: TreeSpec, rates: dict[tuple[int, ...], float]) -> float:
     return 1 + sum(rates.get(p, 0.0) for p in tree.paths)
 
 
+@cli_entry(interrupted="interrupted: no tree written")
 def main(argv: list[str] | None = None) -> int:
     from ..loading import load_draft, load_target
     from .data import DEFAULT_TRAIN_PROMPTS
@@ -124,39 +126,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--batch", type=int, default=32, help="prompts the target continues at once")
     args = p.parse_args(argv)
-    try:
-        for flag in ("n", "max_new_tokens", "max_depth", "top_k", "batch"):
-            if getattr(args, flag) <= 0:
-                raise SpecCompileError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
-        if args.nodes < 2:
-            raise SpecCompileError(f"--nodes {args.nodes}: a tree needs the root and at least one node")
-        if not args.model_dir.is_dir():
-            raise SpecCompileError(f"MODEL_DIR {args.model_dir}: no such directory")
-        if not args.draft_dir.is_dir():
-            raise SpecCompileError(f"DRAFT_DIR {args.draft_dir}: no such directory")
-        dev = torch.device(args.device)
-        target = load_target(args.model_dir).to(dev)
-        draft = load_draft(args.draft_dir, target, draft_vocab=args.draft_vocab).to(dev)
-        seqs = greedy_continuations(target, args.model_dir, args.prompts, args.n,
-                                    args.max_new_tokens, args.batch)
-        rates = prefix_rates(rank_paths(draft, seqs, args.max_depth, args.top_k))
-        tree = best_tree(rates, args.nodes, "fitted")
-        if tree.n_nodes < args.nodes:
-            print(f"note: only {tree.n_nodes - 1} distinct rank paths were seen; the tree has "
-                  f"{tree.n_nodes} nodes (more --n prompts or a larger --top-k give more)",
-                  file=sys.stderr)
-        out = args.out or args.draft_dir / "tree.json"
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps([list(q) for q in tree.paths]) + "\n")
-        tmp.replace(out)
-        print(f"wrote {out}: {tree.n_nodes} nodes, depth {tree.max_depth}, top-k {tree.top_k}",
+    for flag in ("n", "max_new_tokens", "max_depth", "top_k", "batch"):
+        if getattr(args, flag) <= 0:
+            raise SpecCompileError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
+    if args.nodes < 2:
+        raise SpecCompileError(f"--nodes {args.nodes}: a tree needs the root and at least one node")
+    if not args.model_dir.is_dir():
+        raise SpecCompileError(f"MODEL_DIR {args.model_dir}: no such directory")
+    if not args.draft_dir.is_dir():
+        raise SpecCompileError(f"DRAFT_DIR {args.draft_dir}: no such directory")
+    dev = torch.device(args.device)
+    target = load_target(args.model_dir).to(dev)
+    draft = load_draft(args.draft_dir, target, draft_vocab=args.draft_vocab).to(dev)
+    seqs = greedy_continuations(target, args.model_dir, args.prompts, args.n,
+                                args.max_new_tokens, args.batch)
+    rates = prefix_rates(rank_paths(draft, seqs, args.max_depth, args.top_k))
+    tree = best_tree(rates, args.nodes, "fitted")
+    if tree.n_nodes < args.nodes:
+        print(f"note: only {tree.n_nodes - 1} distinct rank paths were seen; the tree has "
+              f"{tree.n_nodes} nodes (more --n prompts or a larger --top-k give more)",
               file=sys.stderr)
-        print("tree | nodes | expected tokens/call on these prompts")
-        for t in (tree, resolve_tree("mc_sim_7b_63"), resolve_tree("chain-3"), resolve_tree("chain-5")):
-            print(f"{t.name} | {t.n_nodes} | {expected_tpc(t, rates):.3f}")
-    except SpecCompileError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = args.out or args.draft_dir / "tree.json"
+    atomic_write_text(out, json.dumps([list(q) for q in tree.paths]) + "\n")
+    print(f"wrote {out}: {tree.n_nodes} nodes, depth {tree.max_depth}, top-k {tree.top_k}",
+          file=sys.stderr)
+    print("tree | nodes | expected tokens/call on these prompts")
+    for t in (tree, resolve_tree("mc_sim_7b_63"), resolve_tree("chain-3"), resolve_tree("chain-5")):
+        print(f"{t.name} | {t.n_nodes} | {expected_tpc(t, rates):.3f}")
     return 0
 
 

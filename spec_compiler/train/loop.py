@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import shutil
+import json
 import sys
 import time
 from pathlib import Path
@@ -13,13 +13,15 @@ import torch
 
 from ..config import DraftConfig
 from ..errors import SpecCompileError
-from ..loading import DTYPES, load_target, save_draft
+from ..hashing import record_path, sha256_file
+from ..loading import DTYPES, load_target
 from ..models.eagle import EagleDraft
 from .checkpoint import load_latest, save_checkpoint
-from .cli import RESUME_KEYS, _check_args, _settings, _write_json_atomic
-from .data import (batch_prompt_ids, encode_prompts, load_tokenizer, read_prompts, sha256_file)
+from .data import batch_prompt_ids, encode_prompts, load_tokenizer, read_prompts
 from .distill import collate, distill_loss, lr_at, minibatches, supervised_range
 from .generate import Sequence, continue_prompts, featurize, greedy_continuations
+from .options import RESUME_KEYS, check_args, settings
+from .save import save_draft
 
 FROZEN = ("embed_tokens.", "lm_head.")  # the target's, shared and frozen
 
@@ -93,7 +95,7 @@ def _fmt_t(s: float) -> str:
 
 
 def train(args, command: str) -> dict:
-    _check_args(args)
+    check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.time()
@@ -108,9 +110,9 @@ def train(args, command: str) -> dict:
                          args.max_prompt_tokens)
     eos = target.cfg.eos_token_ids
     info = {
-        "prompts": {"path": str(args.prompts), "sha256": sha256_file(args.prompts),
+        "prompts": {"path": record_path(args.prompts), "sha256": sha256_file(args.prompts),
                     "n_prompts": len(ids)},
-        "model": {"dir": str(args.model_dir),
+        "model": {"dir": record_path(args.model_dir),
                   "config_sha256": sha256_file(args.model_dir / "config.json"),
                   "weights_sha256": _hash_weights(args.model_dir)},
     }
@@ -141,7 +143,7 @@ def train(args, command: str) -> dict:
         save_checkpoint(ckpt_dir, st["step"], {
             "draft": {n: p.detach().cpu() for n, p in params.items()},
             "optimizer": opt.state_dict(), "noise_rng": noise_gen.get_state(), "state": st,
-            "settings": _settings(args), "info": info,
+            "settings": settings(args), "info": info,
             "batch": _pack(seqs) if seqs is not None else None})
 
     meter, recent = _Meter(), []
@@ -247,7 +249,7 @@ def _log(st, args, meter, lr, tps):
 
 def _check_resume(ck: dict, args, info: dict, path: Path) -> None:
     old = ck["settings"]
-    new = _settings(args)
+    new = settings(args)
     diff = [k for k in RESUME_KEYS if old.get(k) != new[k]]
     if diff:
         k = diff[0]
@@ -270,7 +272,7 @@ def _dev_eval(draft, target, args) -> dict:
                                 args.max_new_tokens, args.gen_batch, args.max_prompt_tokens)
     draft.eval().to(target.embed_tokens.weight.dtype)  # the engine's dtype (bf16 on CUDA)
     res = chain_acceptance(draft, seqs)
-    res.update(prompts=str(args.eval_prompts), sha256=sha256_file(args.eval_prompts),
+    res.update(prompts=record_path(args.eval_prompts), sha256=sha256_file(args.eval_prompts),
                n_prompts=len(seqs), max_new_tokens=args.max_new_tokens,
                seconds=round(time.time() - t0, 1))
     print(f"dev: top-1 {res['top1']:.3f}, chain-1..5 tokens/call "
@@ -279,25 +281,17 @@ def _dev_eval(draft, target, args) -> dict:
 
 
 def _write_draft(draft, args, info, st, metrics, dev_eval) -> None:
+    """DRAFT_DIR's model.safetensors, config.json and training.json, swapped in together
+    (save_draft): an interruption leaves the previous draft, if any, whole."""
     import transformers
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / ".tmp-draft"
-    shutil.rmtree(tmp, ignore_errors=True)
-    hot = None
     counts = st["counts"]
-    if args.draft_vocab:
-        hot = hot_ids(counts, args.draft_vocab)
-    save_draft(draft.cpu(), tmp, dtype=DTYPES[args.save_dtype],
-               **({"hot_ids": hot} if hot is not None else {}))
-    for f in ("model.safetensors", "config.json"):
-        (tmp / f).replace(args.out / f)
-    tmp.rmdir()
-    _write_json_atomic(args.out / "training.json", {
+    hot = hot_ids(counts, args.draft_vocab) if args.draft_vocab else None
+    record = {
         "format": "spec-train/1",
         "command": st["commands"][0],
         "resume_commands": st["commands"][1:],
-        "settings": _settings(args),
+        "settings": settings(args),
         **info,
         "draft": {"n_layers": args.layers, "fc_bias": True, "shares": ["embed_tokens", "lm_head"],
                   "save_dtype": args.save_dtype,
@@ -311,5 +305,7 @@ def _write_draft(draft, args, info, st, metrics, dev_eval) -> None:
         "time": {"train_s": round(st["train_s"], 1), "gen_s": round(st["gen_s"], 1)},
         "history": st["history"],
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-    })
+    }
+    save_draft(draft.cpu(), args.out, dtype=DTYPES[args.save_dtype], hot_ids=hot,
+               extra_files={"training.json": json.dumps(record, indent=2) + "\n"})
     print(f"wrote {args.out} (step {st['step']}, {st['tokens_seen']} tokens)", file=sys.stderr)

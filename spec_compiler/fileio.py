@@ -1,0 +1,194 @@
+"""Reading JSON configs and writing files and directories atomically: the one place for both.
+
+A reader never sees a half-written file or directory: everything is built under a temporary
+name beside its destination (same filesystem), fsync'd, and renamed into place in one step; on
+any exception, KeyboardInterrupt included, the temporary is removed and the destination is
+left as it was.
+
+    atomic_open(path)          a binary file object; `path` replaced when the block ends
+    atomic_write_bytes(path, data) / atomic_write_text(path, text)
+    atomic_dir(dest, existing="error" | "replace" | "merge")
+                               a temporary directory; `dest` created or swapped when the block ends
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from .errors import SpecCompileError
+
+
+def read_json_object(path: Path, what: str,
+                     hint: str = "point at a Hugging Face checkpoint directory that contains config.json") -> dict:
+    """The JSON object in `path`; a missing file, bad JSON or a non-object is a SpecCompileError
+    naming `what` ("model", "draft", ...) and the file (`hint`: the fix for a missing one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecCompileError(f"{what}: {path} is missing; {hint}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SpecCompileError(f"{what}: {path} is not valid JSON ({e}); re-download or fix the "
+                               "file") from None
+    if not isinstance(data, dict):
+        raise SpecCompileError(f"{what}: {path} must hold a JSON object")
+    return data
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+    """`with atomic_open(p) as f: f.write(...)`: writes `.NAME.tmp-*` beside `p`, fsyncs it and
+    `os.replace`s `p` with it when the block ends; on an exception `p` is untouched."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_open(path) as f:
+        f.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | Path, existing: str = "error") -> Iterator[Path]:
+    """`with atomic_dir(d) as tmp:` build the directory in `tmp` (`.NAME.tmp-*` beside `d`); when
+    the block ends its files are fsync'd and it becomes `d` in one rename. On any exception
+    (KeyboardInterrupt too) `tmp` is removed and `d` is as it was.
+
+    `existing` says what happens if `d` exists by then:
+      "error"    FileExistsError (an empty `d` is replaced, as `os.replace` does);
+      "replace"  `d` is swapped for the new directory as a whole;
+      "merge"    the same, but entries of `d` the block did not write are carried over (hard
+                 links, so nothing is copied and the old directory stays whole until the swap).
+    The swap is one atomic `renameat2(RENAME_EXCHANGE)` on Linux; elsewhere the old directory
+    is renamed aside first, so `d` is briefly missing, but never partial."""
+    if existing not in ("error", "replace", "merge"):
+        raise ValueError(f"atomic_dir: existing={existing!r}; expected error, replace or merge")
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result gets the usual mode
+        yield tmp
+        _fsync_tree(tmp)
+        if not dest.exists():
+            os.replace(tmp, dest)
+        elif existing == "error":
+            try:
+                os.replace(tmp, dest)  # succeeds only over an empty directory
+            except OSError as e:
+                raise FileExistsError(errno.EEXIST, f"{dest} already exists") from e
+        else:
+            if existing == "merge":
+                _carry_over(dest, tmp)
+            _swap(tmp, dest)
+            shutil.rmtree(tmp)  # now the old directory
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(dest.parent)
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Hard-link (copy where links fail) the entries of `old` that `new` does not have."""
+    for src in old.iterdir():
+        dst = new / src.name
+        if dst.exists() or dst.is_symlink():
+            continue
+        if src.is_dir() and not src.is_symlink():
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(src, dst)
+
+
+def _link_or_copy(src, dst) -> None:
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def _swap(new: Path, dest: Path) -> None:
+    """Afterwards `dest` holds what `new` held and `new` the old `dest`."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        renameat2 = None
+    if renameat2 is not None:
+        rc = renameat2(_AT_FDCWD, os.fsencode(new), _AT_FDCWD, os.fsencode(dest), _RENAME_EXCHANGE)
+        if rc == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), str(dest))
+    # No atomic exchange here: move the old one aside, the new one in, the old one to `new`.
+    aside = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+    os.replace(dest, aside)
+    try:
+        os.replace(new, dest)
+    except BaseException:
+        os.replace(aside, dest)
+        raise
+    os.replace(aside, new)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot fsync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,67 @@
+"""`spec-train`'s settings beyond argparse: the checks, what a resume must share, and how the
+run's settings and command line are recorded (training.json, checkpoints)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+
+import torch
+
+from ..errors import SpecCompileError
+from ..hashing import record_path
+
+# Settings a resumed run must share with the checkpoint (the rest are stop criteria or plumbing).
+RESUME_KEYS = ("layers", "max_new_tokens", "gen_batch", "batch_size", "reuse", "lr", "warmup",
+               "w_feat", "w_kl", "noise", "temperature", "seed", "weight_decay", "grad_clip",
+               "max_prompt_tokens", "target_dtype")
+
+
+def check_args(args) -> None:
+    for flag in ("layers", "tokens", "max_new_tokens", "max_prompt_tokens", "gen_batch",
+                 "batch_size", "reuse", "save_every", "log_every", "eval_n"):
+        v = getattr(args, flag)
+        if v <= 0:
+            raise SpecCompileError(f"--{flag.replace('_', '-')} {v}: must be a positive integer")
+    if args.draft_vocab < 0:
+        raise SpecCompileError(f"--draft-vocab {args.draft_vocab}: must be >= 0 (0: full vocabulary)")
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise SpecCompileError(f"--time-limit {args.time_limit}: must be positive")
+    if args.max_steps is not None and args.max_steps <= 0:
+        raise SpecCompileError(f"--max-steps {args.max_steps}: must be a positive integer")
+    if not args.lr > 0:
+        raise SpecCompileError(f"--lr {args.lr}: must be positive")
+    for flag in ("w_feat", "w_kl", "noise", "weight_decay", "grad_clip"):
+        if getattr(args, flag) < 0:
+            raise SpecCompileError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 0")
+    if args.w_feat == 0 and args.w_kl == 0:
+        raise SpecCompileError("--w-feat and --w-kl are both 0: nothing to train")
+    if not args.model_dir.is_dir():
+        raise SpecCompileError(f"MODEL_DIR {args.model_dir}: no such directory")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SpecCompileError("--device cuda: no CUDA device is available; use --device cpu")
+    if args.threads is not None and args.threads <= 0:
+        raise SpecCompileError(f"--threads {args.threads}: must be a positive integer")
+    if not args.resume:
+        if (args.out / "model.safetensors").exists() or (args.out / "training.json").exists():
+            raise SpecCompileError(f"--out {args.out} already holds a trained draft; choose another "
+                                   "directory or remove it")
+        if list((args.checkpoint_dir or args.out / "checkpoints").glob("step-*.pt")):
+            raise SpecCompileError(f"--out {args.out} has checkpoints from an earlier run; pass "
+                                   "--resume to continue it, or remove them")
+
+
+def settings(args) -> dict:
+    """The flags as recorded: JSON values, paths by `record_path` (repository-relative)."""
+    return {k: (record_path(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+            for k, v in vars(args).items()}
+
+
+def command_line(prog: str, argv: list[str]) -> str:
+    """The command as recorded: absolute paths among the arguments (also `--flag=/path`) by
+    `record_path`, the rest as typed."""
+    def arg(a: str) -> str:
+        flag, eq, value = a.partition("=") if a.startswith("-") else ("", "", a)
+        return flag + eq + record_path(value) if os.path.isabs(value) else a
+    return shlex.join([prog, *map(arg, argv)])

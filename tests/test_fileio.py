@@ -1,0 +1,135 @@
+"""fileio: atomic files and directories (an interrupted write leaves the old state and no
+temporaries), read_json_object's errors, and cli_entry's exit codes."""
+
+from __future__ import annotations
+
+import pytest
+
+from spec_compiler import fileio
+from spec_compiler.errors import SpecCompileError, cli_entry
+from spec_compiler.fileio import atomic_dir, atomic_open, atomic_write_text, read_json_object
+
+
+def _names(d):
+    return sorted(p.name for p in d.iterdir())
+
+
+def test_atomic_write_replaces_or_leaves_the_old_file(tmp_path):
+    f = tmp_path / "a.json"
+    atomic_write_text(f, "one")
+    atomic_write_text(f, "two")
+    assert f.read_text() == "two" and _names(tmp_path) == ["a.json"]
+    assert f.stat().st_mode & 0o777 == 0o666 & ~fileio._umask()
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_open(f) as out:
+            out.write(b"half")
+            raise KeyboardInterrupt
+    assert f.read_text() == "two" and _names(tmp_path) == ["a.json"]
+
+
+def _build(dest, existing, files, fail=False):
+    with atomic_dir(dest, existing) as tmp:
+        assert tmp.parent == dest.parent and tmp.name.startswith(f".{dest.name}.tmp-")
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+        if fail:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename-aside"])
+def test_atomic_dir_modes(tmp_path, monkeypatch, exchange):
+    if not exchange:  # a platform without RENAME_EXCHANGE
+        monkeypatch.setattr(fileio.ctypes, "CDLL", lambda *a, **k: (_ for _ in ()).throw(OSError()))
+    d = tmp_path / "d"
+    _build(d, "error", {"a": "1", "b": "1"})
+    assert _names(d) == ["a", "b"] and d.stat().st_mode & 0o777 == 0o777 & ~fileio._umask()
+    with pytest.raises(FileExistsError):
+        _build(d, "error", {"a": "2"})
+    (d / "sub").mkdir()
+    (d / "sub" / "x").write_text("kept")
+    _build(d, "merge", {"a": "2"})  # a rewritten; b and sub/x carried over
+    assert _names(d) == ["a", "b", "sub"] and (d / "a").read_text() == "2"
+    assert (d / "sub" / "x").read_text() == "kept" and (d / "b").read_text() == "1"
+    _build(d, "replace", {"c": "3"})
+    assert _names(d) == ["c"]
+    assert _names(tmp_path) == ["d"]  # no temporaries, no old copies
+
+
+@pytest.mark.parametrize("existing", ["error", "replace", "merge"])
+def test_interrupted_atomic_dir_leaves_the_old_one(tmp_path, existing):
+    d = tmp_path / "d"
+    _build(d, "error", {"a": "old"})
+    with pytest.raises(KeyboardInterrupt):
+        _build(d, existing, {"a": "new", "b": "new"}, fail=True)
+    assert _names(d) == ["a"] and (d / "a").read_text() == "old"
+    with pytest.raises(KeyboardInterrupt):
+        _build(tmp_path / "e", existing, {"a": "new"}, fail=True)
+    assert _names(tmp_path) == ["d"]
+
+
+def test_merge_links_not_copies(tmp_path):
+    d = tmp_path / "d"
+    _build(d, "error", {"big": "x" * 1000})
+    ino = (d / "big").stat().st_ino
+    _build(d, "merge", {"a": "1"})
+    assert (d / "big").stat().st_ino == ino
+
+
+def test_read_json_object_errors(tmp_path):
+    f = tmp_path / "config.json"
+    with pytest.raises(SpecCompileError, match="draft: .*config.json is missing; add it"):
+        read_json_object(f, "draft", hint="add it")
+    f.write_text("{x")
+    with pytest.raises(SpecCompileError, match="not valid JSON"):
+        read_json_object(f, "model")
+    f.write_text("[1]")
+    with pytest.raises(SpecCompileError, match="must hold a JSON object"):
+        read_json_object(f, "model")
+    f.write_text('{"a": 1}')
+    assert read_json_object(f, "model") == {"a": 1}
+
+
+def test_cli_entry_exit_codes(capsys):
+    @cli_entry(interrupted="interrupted: nothing written")
+    def main(what):
+        if what == "bad":
+            raise SpecCompileError("first line\nsecond line")
+        if what == "ctrl-c":
+            raise KeyboardInterrupt
+        if what == "bug":
+            raise RuntimeError("a bug keeps its traceback")
+        return 0
+
+    assert main("ok") == 0 and main.__name__ == "main"
+    assert main("bad") == 2
+    assert capsys.readouterr().err == "error: first line second line\n"
+    assert main("ctrl-c") == 130
+    assert capsys.readouterr().err == "interrupted: nothing written\n"
+    with pytest.raises(RuntimeError):
+        main("bug")
+
+
+def test_every_entry_point_is_wrapped():
+    from spec_compiler import cli, smollm2
+    from spec_compiler.train import cli as train_cli, evaluate, fit_tree
+
+    for main in (cli.compile_main, cli.run_main, train_cli.main, smollm2.main, fit_tree.main,
+                 evaluate.main):
+        assert hasattr(main, "__wrapped__"), main.__module__
+
+
+def test_no_private_cross_module_imports():
+    """`from .x import _name` across modules: none in the files this test covers."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "spec_compiler"
+    files = [root / f for f in ("cli.py", "config.py", "loading.py", "smollm2.py", "fileio.py",
+                                "hashing.py", "errors.py")]
+    files += sorted((root / "train").glob("*.py")) + sorted((root / "models").glob("*.py"))
+    pat = re.compile(r"^\s*from \S+ import (?:\(([^)]*)\)|(.*))$", re.M)
+    for f in files:
+        for group in pat.findall(f.read_text()):
+            names = re.split(r"[\s,]+", " ".join(group).split("#")[0])
+            assert not [n for n in names if n.startswith("_")], (f, group)
+    assert "from .cli" not in (root / "train" / "loop.py").read_text()  # no cycle with cli.py
