@@ -293,6 +293,22 @@ def test_kernels_compile_for_sm90():
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def check_on_gpu(G, Dh, ctx, dtype, seed, **block):
+    """B = 2, Hkv = 2, cache_len [ctx, ctx // 3]; `block` sets T (and Tk, mask) as in make_case.
+    The kernels' output: q's shape and dtype, finite, within 1e-2 of the float64 reference."""
+    from spec_compiler.kernels.tree_attention import tree_attention_triton
+
+    (q, kc, vc, kn, vn), clean, cl, tm = make_case(
+        B=2, Hkv=2, G=G, Dh=Dh, S=ctx + 37, cache_len=[ctx, ctx // 3], dtype=dtype,
+        device="cuda", seed=seed, **block)
+    scale = 1 / math.sqrt(Dh)
+    out = tree_attention_triton(q, kc, vc, kn, vn, cl, tm, scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert out.isfinite().all()
+    err = rel_err(out, clean, cl, tm, scale)
+    assert err < 1e-2, f"rel err {err:.2e}"
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -301,17 +317,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.mark.parametrize("ctx", [1, 100, 4096, 32768])
 @pytest.mark.parametrize("T", [1, 4, 26, 64, 96, 256])
 def test_gpu_matches_reference(T, ctx, G, Dh, dtype):
-    from spec_compiler.kernels.tree_attention import tree_attention_triton
-
-    (q, kc, vc, kn, vn), clean, cl, tm = make_case(
-        B=2, Hkv=2, G=G, T=T, Dh=Dh, S=ctx + 37, cache_len=[ctx, ctx // 3], dtype=dtype,
-        device="cuda", seed=T * 7 + G)
-    scale = 1 / math.sqrt(Dh)
-    out = tree_attention_triton(q, kc, vc, kn, vn, cl, tm, scale)
-    assert out.dtype == dtype and out.shape == q.shape
-    assert out.isfinite().all()
-    err = rel_err(out, clean, cl, tm, scale)
-    assert err < 1e-2, f"rel err {err:.2e}"
+    check_on_gpu(G, Dh, ctx, dtype, seed=T * 7 + G, T=T)
 
 
 # Suffixes past one key tile with other masks: a draft level's queries over every forwarded
@@ -334,17 +340,7 @@ LONG_BLOCKS = {
 @pytest.mark.parametrize("ctx", [0, 100, 4096])
 @pytest.mark.parametrize("block", list(LONG_BLOCKS))
 def test_gpu_long_blocks_match_reference(block, ctx, G, Dh, dtype):
-    from spec_compiler.kernels.tree_attention import tree_attention_triton
-
-    (q, kc, vc, kn, vn), clean, cl, tm = make_case(
-        B=2, Hkv=2, G=G, Dh=Dh, S=ctx + 37, cache_len=[ctx, ctx // 3], dtype=dtype,
-        device="cuda", seed=G + ctx, **LONG_BLOCKS[block])
-    scale = 1 / math.sqrt(Dh)
-    out = tree_attention_triton(q, kc, vc, kn, vn, cl, tm, scale)
-    assert out.dtype == dtype and out.shape == q.shape
-    assert out.isfinite().all()
-    err = rel_err(out, clean, cl, tm, scale)
-    assert err < 1e-2, f"rel err {err:.2e}"
+    check_on_gpu(G, Dh, ctx, dtype, seed=G + ctx, **LONG_BLOCKS[block])
 
 
 def _llama_case(ctx=4096):

@@ -48,6 +48,31 @@ MIN_SPLIT_KEYS = 256  # below this a split's scratch traffic outweighs its paral
 
 
 @triton.jit
+def _load_kv_tile(k_base, v_base, n, n_ok, d, d_ok, sk_n, sk_d, sv_n, sv_d):
+    """Key/value rows n (N,) of one KV head, zero where not n_ok or past the head dim: two (N, D)
+    tiles. k_base, v_base point at the head; sk_n, sv_n are the row strides, sk_d, sv_d the dim's."""
+    mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_base + n[:, None] * sk_n + d[None, :] * sk_d, mask=mask, other=0.0)
+    v = tl.load(v_base + n[:, None] * sv_n + d[None, :] * sv_d, mask=mask, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _attend_tile(q, k, v, visible, qk_scale, m_i, l_i, acc):
+    """One key tile of an online softmax in base 2: q (M, D); k, v (N, D); visible (M, N) or
+    (1, N) bool. -> updated running max m_i (M,), sum l_i (M,) of exp2(s - m_i), and unnormalised
+    acc (M, D), all fp32. A row that has seen no visible key yet keeps m_i = -inf; its exponent
+    base is then 0, so alpha and p are exp2(-inf) = 0 rather than exp2(-inf - -inf) = NaN."""
+    s = (tl.dot(q, tl.trans(k)) * qk_scale).to(tl.float32)  # (M, N); Inductor passes fp64 scalars
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    base = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - base)
+    p = tl.exp2(s - base[:, None])
+    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+
+@triton.jit
 def _prefix_kernel(
     Q, K, V, CacheLen, OPart, LsePart,
     qk_scale,  # softmax scale * log2(e)
@@ -90,19 +115,9 @@ def _prefix_kernel(
         for i in range(0, SPLIT_TILES):
             n = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = n < end
-            kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_base + n[:, None] * sks + d[None, :] * skd,
-                        mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-            s = (tl.dot(q, tl.trans(k)) * qk_scale).to(tl.float32)  # (BLOCK_M, BLOCK_N); Inductor passes fp64 scalars
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the first tile has a key below end
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + n[:, None] * svs + d[None, :] * svd,
-                        mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            k, v = _load_kv_tile(k_base, v_base, n, n_ok, d, d_ok, sks, skd, svs, svd)  # (BLOCK_N, BLOCK_D)
+            # m_i is finite after the first tile: it has a key below end
+            m_i, l_i, acc = _attend_tile(q, k, v, n_ok[None, :], qk_scale, m_i, l_i, acc)
 
         o = acc / l_i[:, None]
         tl.store(OPart + part[:, None] * DH + d[None, :], o, mask=row_ok[:, None] & d_ok[None, :])
@@ -143,29 +158,16 @@ def _suffix_merge_kernel(
     m_s = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, base 2
     l_s = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(s - m_s)
     o_s = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # unnormalised
-    # Fixed trip count, as in _prefix_kernel. Unlike there, a row may see no key in a whole tile
-    # (or in any: a padding row, a row the mask hides everything from), so the running max can
-    # stay -inf: the exponent base then falls back to 0, giving alpha = exp2(-inf) = 0 and
-    # p = exp2(-inf) = 0 rather than exp2(-inf - -inf) = NaN.
+    # Fixed trip count, as in _prefix_kernel. Unlike there, a row may see no key in whole tiles
+    # (or in any: a padding row, a row the mask hides everything from): _attend_tile keeps it
+    # at weight 0 without NaN.
     for i in range(0, KEY_TILES):
         j = i * BLOCK_KN + tl.arange(0, BLOCK_KN)
         j_ok = j < n_keys
-        kv_mask = j_ok[:, None] & d_ok[None, :]
-        kn = tl.load(kn_base + j[:, None] * skt + d[None, :] * skd,
-                     mask=kv_mask, other=0.0)  # (BLOCK_KN, BLOCK_D)
+        kn, vn = _load_kv_tile(kn_base, vn_base, j, j_ok, d, d_ok, skt, skd, svt, svd)  # (BLOCK_KN, BLOCK_D)
         visible = tl.load(Mask + node[:, None] * smi + j[None, :] * smj,
                           mask=row_ok[:, None] & j_ok[None, :], other=0) != 0  # (BLOCK_M, BLOCK_KN)
-        s = (tl.dot(q, tl.trans(kn)) * qk_scale).to(tl.float32)  # (BLOCK_M, BLOCK_KN)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_s, tl.max(s, 1))
-        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_s - m_base)
-        p = tl.exp2(s - m_base[:, None])
-        l_s = l_s * alpha + tl.sum(p, 1)
-        vn = tl.load(vn_base + j[:, None] * svt + d[None, :] * svd,
-                     mask=kv_mask, other=0.0)  # (BLOCK_KN, BLOCK_D)
-        o_s = o_s * alpha[:, None] + tl.dot(p.to(vn.dtype), vn)
-        m_s = m_new
+        m_s, l_s, o_s = _attend_tile(q, kn, vn, visible, qk_scale, m_s, l_s, o_s)
     has_s = l_s > 0  # a visible key contributes exp2(0) = 1 at its row's max
     o_s = o_s / tl.where(has_s, l_s, 1.0)[:, None]
     lse_s = tl.where(has_s, (m_s + tl.log2(tl.where(has_s, l_s, 1.0))) * 0.6931471805599453,
@@ -293,7 +295,7 @@ def suffix_merge(q, k_new, v_new, tree_mask, scale, o_part, lse_part):
         DH=Dh, BLOCK_D=max(16, triton.next_power_of_2(Dh)), BLOCK_M=block_m,
         BLOCK_KN=block_kn, KEY_TILES=triton.cdiv(Tk, block_kn), N_SPLITS=n_splits,
         # num_stages=1: software-pipelining the key-tile loop spills on sm_90 at 128 rows x
-        # Dh 128 (255 registers + stack; 247 and no spill with 1 stage).
+        # Dh 128 (255 registers + stack; about 250 and no spill with 1 stage).
         num_warps=_num_warps(block_m, Dh), num_stages=1,
     )
     return out
