@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import SpecCompileError, cli_entry
+from .kernels.limits import MAX_PREFILL_CHUNK, MAX_TREE_NODES
 
 
 def compile_parser() -> argparse.ArgumentParser:
@@ -29,7 +30,7 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--tree", default="auto",
                    help="auto (default): the draft's own tree.json (spec-fit-tree) if it has one, "
                         "else mc_sim_7b_63; or mc_sim_7b_63, chain-K, or a JSON file of EAGLE "
-                        "tree paths")
+                        f"tree paths; at most {MAX_TREE_NODES} nodes with the root")
     p.add_argument("--max-seq-len", type=int, default=2048,
                    help="engine capacity in tokens, scratch room for one tree included (default 2048)")
     p.add_argument("--backend", choices=("inductor", "eager"), default="inductor",
@@ -37,7 +38,8 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens per prefill call")
+    p.add_argument("--prefill-chunk", type=int, default=64,
+                   help=f"prompt tokens per prefill call (default 64, at most {MAX_PREFILL_CHUNK})")
     p.add_argument("--debug-dir", type=Path, default=None, help="dump the graph after every pass")
     return p
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .errors import SpecCompileError
 from .fileio import read_json_object
+from .kernels.limits import MAX_PREFILL_CHUNK, MAX_TREE_NODES  # plain constants: no triton import
 from .trees import TreeSpec
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
@@ -208,6 +209,17 @@ class CompileConfig:
             raise SpecCompileError(f"--dtype {self.dtype!r}: expected float32 or bfloat16")
         if self.device not in ("cpu", "cuda"):
             raise SpecCompileError(f"--device {self.device!r}: expected cpu or cuda")
+        # The CUDA tree-attention kernels' limits, enforced on every device: only CUDA engines run
+        # them, but a tree or chunk size that compiles should not depend on --device. The tree
+        # bound also covers the draft graph, whose calls are smaller (spec_compiler/kernels/limits.py).
+        if not 1 <= self.prefill_chunk <= MAX_PREFILL_CHUNK:
+            raise SpecCompileError(f"--prefill-chunk {self.prefill_chunk}: must be 1 to "
+                                   f"{MAX_PREFILL_CHUNK} tokens (the tree-attention kernels' limit)")
+        if self.tree.n_nodes > MAX_TREE_NODES:
+            raise SpecCompileError(
+                f"--tree: tree {self.tree.name!r} has {self.tree.n_nodes} nodes, but the "
+                f"tree-attention kernels handle at most {MAX_TREE_NODES} (with the root); use a "
+                f"smaller tree (spec-fit-tree --nodes {MAX_TREE_NODES} or fewer)")
         need = self.prefill_chunk + self.tree.n_nodes + self.tree.max_depth + 2
         if self.max_seq_len < need:
             raise SpecCompileError(

@@ -16,13 +16,14 @@ import pytest
 import torch
 
 from helpers import HOT_IDS, build_engine, copy_draft, d2t_of, hf_greedy
+from spec_compiler.kernels.limits import MAX_PREFILL_CHUNK, MAX_TREE_NODES
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-def cli(*args, entry="compile_main", timeout=600):
-    code = f"import sys; from spec_compiler.cli import {entry}; sys.exit({entry}(sys.argv[1:]))"
+def cli(*args, entry="compile_main", module="spec_compiler.cli", timeout=600):
+    code = f"import sys; from {module} import {entry}; sys.exit({entry}(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
                           text=True, env=ENV, timeout=timeout, cwd=REPO)
 
@@ -174,6 +175,26 @@ def test_compile_reads_the_draft_once(tmp_path, tiny_dir, tiny_hot_draft_dir, mo
                          "--prefill-chunk", "8", "--draft-vocab", "20"]) == 0
     assert calls == [tiny_hot_draft_dir]
     assert json.loads((out / "manifest.json").read_text())["draft"]["draft_vocab_size"] == 20
+
+
+def test_sizes_past_the_kernel_limits(tmp_path, tiny_dir, tiny_draft_dir):
+    """Trees and prefill chunks the CUDA tree-attention kernels cannot take are refused up front
+    (on any --device), naming the flag and the maximum; spec-fit-tree refuses to fit one."""
+    out = tmp_path / "engine"
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps([[r] for r in range(MAX_TREE_NODES)]))  # + the root
+    assert_clean_error(cli(tiny_dir, "--draft", tiny_draft_dir, "--out", out, "--tree", big),
+                       "--tree", f"{MAX_TREE_NODES + 1} nodes", f"at most {MAX_TREE_NODES}")
+    chunk = MAX_PREFILL_CHUNK + 1
+    assert_clean_error(cli(tiny_dir, "--draft", tiny_draft_dir, "--out", out, "--device", "cuda",
+                           "--prefill-chunk", chunk, "--max-seq-len", 4 * chunk),
+                       f"--prefill-chunk {chunk}", str(MAX_PREFILL_CHUNK))
+    no_leftovers(out)
+    tree_out = tmp_path / "tree.json"
+    assert_clean_error(cli(tiny_dir, tiny_draft_dir, "--nodes", MAX_TREE_NODES + 1, "--out", tree_out,
+                           entry="main", module="spec_compiler.train.fit_tree"),
+                       f"--nodes {MAX_TREE_NODES + 1}", f"at most {MAX_TREE_NODES}")
+    assert not tree_out.exists()
 
 
 def test_sigint_leaves_no_engine(tmp_path, tiny_dir, tiny_draft_dir):

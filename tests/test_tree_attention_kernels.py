@@ -5,12 +5,17 @@ CPU (in CI): the kernels run in Triton's interpreter. Triton reads TRITON_INTERP
 so the interpreter cases run in ONE subprocess (this file run as a script with the variable set)
 and each test asserts on its case's result. Shapes are small but cover several KV splits, a
 context that is not a multiple of the block, empty splits, empty prefixes, GQA >= 3, several
-row blocks, non-contiguous views and the default 26-node tree. Cache slots past cache_len are
-filled with NaN: the kernels must never read them. Also on CPU: the kernels compile for sm_90
-(catching GPU-only compile errors) and the CUDA branch of the op traces into two Triton kernels.
+row blocks, non-contiguous views and the default 26-node tree; past one suffix key tile, a
+96-node tree, a draft level's 40 queries over 200 keys, rows that see no key for whole tiles (or
+at all), causal prefill chunks of 128 and 256, and MAX_QUERIES x MAX_SUFFIX_KEYS (tiny head_dim
+and cache there, so the interpreter stays fast). Cache slots past cache_len are filled with NaN:
+the kernels must never read them. Also on CPU: the kernels compile for sm_90 without spills
+(catching GPU-only compile errors), the CUDA branch of the op traces into two Triton kernels, and
+shapes past the limits raise ValueError.
 
-GPU (`-m gpu`): the full bf16/fp16 grid, torch.compile (Inductor must emit the Triton kernels,
-not a Python fallback) and CUDA-graph capture with cache_len changing between replays.
+GPU (`-m gpu`): the full bf16/fp16 grid (trees of 1..256 nodes; draft levels, prefill chunks and
+the limits for GQA 1, 3, 8), torch.compile (Inductor must emit the Triton kernels, not a Python
+fallback) and CUDA-graph capture with cache_len changing between replays.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # so the script form below imports spec_compiler
 
+from spec_compiler.kernels.limits import MAX_QUERIES, MAX_SUFFIX_KEYS  # noqa: E402
 from spec_compiler.ops.tree_attention import tree_attention_reference  # noqa: E402
 from spec_compiler.trees import resolve_tree  # noqa: E402
 
@@ -47,17 +53,39 @@ def tree_mask_of(T: int, gen: torch.Generator) -> torch.Tensor:
     return mask
 
 
-def make_case(B, Hkv, G, T, Dh, S, cache_len, dtype, device="cpu", seed=0, layout="contiguous", Tk=None):
+def suffix_mask(kind: str, T: int, Tk: int, gen: torch.Generator) -> torch.Tensor:
+    """(T, Tk) bool. tree: an ancestor mask (Tk = T); causal: a prefill chunk (Tk = T); random:
+    each key visible with p = 1/2 (a draft level that also sees earlier levels' keys); holes:
+    random, but every third row sees nothing and the rows between see only the last 10 keys, so
+    whole key tiles are invisible to a row before its first visible key."""
+    if kind == "tree":
+        assert Tk == T
+        return tree_mask_of(T, gen)
+    if kind == "causal":
+        assert Tk == T
+        return torch.ones(T, T, dtype=torch.bool).tril()
+    mask = torch.rand(T, Tk, generator=gen) < 0.5
+    if kind == "holes":
+        mask[1::3, :max(0, Tk - 10)] = False
+        mask[::3] = False
+    else:
+        assert kind == "random", kind
+    return mask
+
+
+def make_case(B, Hkv, G, T, Dh, S, cache_len, dtype, device="cpu", seed=0, layout="contiguous",
+              Tk=None, mask=None):
     """Random inputs; cache slots at or past cache_len[b] hold NaN in the kernel's copy only.
-    With Tk, the suffix has Tk >= T keys and a random (T, Tk) mask (a draft level that also sees
-    earlier levels' keys)."""
+    The suffix has Tk keys (default T) under `suffix_mask(mask)`; the default mask is the tree
+    mask, or a random one when Tk is given."""
     gen = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    Tk = Tk or T
     q = rnd(B, Hkv * G, T, Dh)  # (B, Hq, T, Dh)
     kc, vc = rnd(B, Hkv, S, Dh), rnd(B, Hkv, S, Dh)  # (B, Hkv, S, Dh)
-    kn, vn = rnd(B, Hkv, Tk or T, Dh), rnd(B, Hkv, Tk or T, Dh)  # (B, Hkv, Tk, Dh)
+    kn, vn = rnd(B, Hkv, Tk, Dh), rnd(B, Hkv, Tk, Dh)  # (B, Hkv, Tk, Dh)
     cl = torch.tensor(cache_len, dtype=torch.int64)  # (B,)
-    tm = tree_mask_of(T, gen) if Tk is None else torch.rand(T, Tk, generator=gen) < 0.5  # (T, Tk)
+    tm = suffix_mask(mask or ("tree" if Tk == T else "random"), T, Tk, gen)  # (T, Tk)
     clean = [x.to(device=device, dtype=dtype) for x in (q, kc, vc, kn, vn)]
     stale = torch.arange(S)[None, :] >= cl[:, None]  # (B, S)
     kc_p, vc_p = (x.masked_fill(stale[:, None, :, None], float("nan")) for x in (kc, vc))
@@ -94,6 +122,21 @@ INTERP_CASES = {
         (dict(B=2, Hkv=1, G=3, T=4, Tk=11, Dh=64, S=150, cache_len=[150, 20]), 64, 1e-5),
     "tree64_gqa2_random":
         (dict(B=1, Hkv=1, G=2, T=64, Dh=64, S=70, cache_len=[70]), 64, 1e-5),
+    # Past one suffix key tile (BLOCK_N = 64 keys): the online softmax over key tiles. Tiny
+    # head_dim and cache keep the interpreter fast; the GPU grid below has the real sizes.
+    "tree96_gqa3_three_rowblocks":
+        (dict(B=1, Hkv=1, G=3, T=96, Dh=16, S=70, cache_len=[70]), 64, 1e-5),
+    "draft_level_40q_over_200_keys_gqa3":
+        (dict(B=2, Hkv=1, G=3, T=40, Tk=200, Dh=16, S=64, cache_len=[64, 9]), 64, 1e-5),
+    "keys_hidden_for_whole_tiles":  # rows that see nothing, with an empty prefix in row 1
+        (dict(B=2, Hkv=1, G=1, T=40, Tk=200, Dh=16, S=64, cache_len=[50, 0], mask="holes"), 64, 1e-5),
+    "prefill128_causal_gqa3":
+        (dict(B=1, Hkv=2, G=3, T=128, Dh=16, S=130, cache_len=[130], mask="causal"), 64, 1e-5),
+    "prefill256_causal_mha":
+        (dict(B=2, Hkv=1, G=1, T=256, Dh=32, S=100, cache_len=[77, 0], mask="causal"), None, 1e-5),
+    "at_the_limits_causal":  # MAX_QUERIES queries over MAX_SUFFIX_KEYS keys
+        (dict(B=1, Hkv=1, G=1, T=MAX_QUERIES, Tk=MAX_SUFFIX_KEYS, Dh=16, S=64, cache_len=[40],
+              mask="causal" if MAX_QUERIES == MAX_SUFFIX_KEYS else "random"), 64, 1e-5),
     # fp16, not bf16: triton 3.6's interpreter gets tl.dot on bf16 operands wrong (errors ~1e10
     # on a bare 16x16 dot; bf16 loads/stores are fine). bf16 is covered by the GPU tests.
     "tree26_gqa3_fp16":
@@ -156,6 +199,27 @@ def test_interpreter_empty_splits_merge_without_nan(interp_results):
     assert r["finite"] and r["rel_err"] < 1e-5, r
 
 
+@pytest.mark.parametrize("T, Tk, Dh, word", [
+    (MAX_QUERIES, MAX_SUFFIX_KEYS, 128, None),
+    (MAX_QUERIES + 1, 8, 128, "MAX_QUERIES"),
+    (8, MAX_SUFFIX_KEYS + 1, 128, "MAX_SUFFIX_KEYS"),
+    (8, 8, 512, "MAX_HEAD_DIM"),
+], ids=["at-limits", "queries", "suffix-keys", "head-dim"])
+def test_limits_raise_value_error_naming_the_limit(T, Tk, Dh, word):
+    """Checked on shapes alone (meta tensors: nothing is allocated or launched)."""
+    pytest.importorskip("triton")
+    from spec_compiler.kernels.tree_attention import _check
+
+    meta = lambda *s, dtype=torch.bfloat16: torch.empty(*s, device="meta", dtype=dtype)  # noqa: E731
+    args = (meta(1, 6, T, Dh), meta(1, 2, 64, Dh), meta(1, 2, 64, Dh), meta(1, 2, Tk, Dh),
+            meta(1, 2, Tk, Dh), meta(1, dtype=torch.int64), meta(T, Tk, dtype=torch.bool))
+    if word is None:
+        _check(*args)
+        return
+    with pytest.raises(ValueError, match=word):
+        _check(*args)
+
+
 def test_cuda_branch_traces_into_two_triton_kernels():
     """Fake CUDA tensors (no GPU needed): the kernel path is traceable, no host sync, no fallback."""
     pytest.importorskip("triton")
@@ -206,7 +270,10 @@ def test_kernels_compile_for_sm90():
                                 ["sqd", "skd", "svd"]),
                          target=target, options=dict(num_warps=8, num_stages=2))
     assert "async_copy_global_to_local" in pre.asm["ttgir"], "prefix K/V loads not pipelined"
-    suf = triton.compile(source(K._suffix_merge_kernel, dict(common, BLOCK_T=32, N_SPLITS=16),
+    # The largest key tile, several of them (a 256-key suffix): the same 128 x BLOCK_N fp32
+    # score tile as the prefix, plus the mask tile.
+    suf = triton.compile(source(K._suffix_merge_kernel,
+                                dict(common, BLOCK_KN=K.BLOCK_N, KEY_TILES=4, N_SPLITS=16),
                                 ["sqd", "skd", "svd", "smj", "sod"]),
                          target=target, options=dict(num_warps=8, num_stages=1))
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -226,25 +293,54 @@ def test_kernels_compile_for_sm90():
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("Dh", [64, 128])
-@pytest.mark.parametrize("G", [1, 3, 4, 8])
-@pytest.mark.parametrize("ctx", [1, 100, 4096, 32768])
-@pytest.mark.parametrize("T", [1, 4, 26, 64])
-def test_gpu_matches_reference(T, ctx, G, Dh, dtype):
+def check_on_gpu(G, Dh, ctx, dtype, seed, **block):
+    """B = 2, Hkv = 2, cache_len [ctx, ctx // 3]; `block` sets T (and Tk, mask) as in make_case.
+    The kernels' output: q's shape and dtype, finite, within 1e-2 of the float64 reference."""
     from spec_compiler.kernels.tree_attention import tree_attention_triton
 
     (q, kc, vc, kn, vn), clean, cl, tm = make_case(
-        B=2, Hkv=2, G=G, T=T, Dh=Dh, S=ctx + 37, cache_len=[ctx, ctx // 3], dtype=dtype,
-        device="cuda", seed=T * 7 + G)
+        B=2, Hkv=2, G=G, Dh=Dh, S=ctx + 37, cache_len=[ctx, ctx // 3], dtype=dtype,
+        device="cuda", seed=seed, **block)
     scale = 1 / math.sqrt(Dh)
     out = tree_attention_triton(q, kc, vc, kn, vn, cl, tm, scale)
     assert out.dtype == dtype and out.shape == q.shape
     assert out.isfinite().all()
     err = rel_err(out, clean, cl, tm, scale)
     assert err < 1e-2, f"rel err {err:.2e}"
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("Dh", [64, 128])
+@pytest.mark.parametrize("G", [1, 3, 4, 8])
+@pytest.mark.parametrize("ctx", [1, 100, 4096, 32768])
+@pytest.mark.parametrize("T", [1, 4, 26, 64, 96, 256])
+def test_gpu_matches_reference(T, ctx, G, Dh, dtype):
+    check_on_gpu(G, Dh, ctx, dtype, seed=T * 7 + G, T=T)
+
+
+# Suffixes past one key tile with other masks: a draft level's queries over every forwarded
+# node so far (Tk > T), rows that see no suffix key, prefill chunks, and both limits at once.
+LONG_BLOCKS = {
+    "draft_40q_over_200_keys": dict(T=40, Tk=200),
+    "holes_40q_over_200_keys": dict(T=40, Tk=200, mask="holes"),
+    "prefill128_causal": dict(T=128, mask="causal"),
+    "prefill256_causal": dict(T=256, mask="causal"),
+    "at_the_limits": dict(T=MAX_QUERIES, Tk=MAX_SUFFIX_KEYS,
+                          mask="causal" if MAX_QUERIES == MAX_SUFFIX_KEYS else "random"),
+}
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("Dh", [64, 128])
+@pytest.mark.parametrize("G", [1, 3, 8])
+@pytest.mark.parametrize("ctx", [0, 100, 4096])
+@pytest.mark.parametrize("block", list(LONG_BLOCKS))
+def test_gpu_long_blocks_match_reference(block, ctx, G, Dh, dtype):
+    check_on_gpu(G, Dh, ctx, dtype, seed=G + ctx, **LONG_BLOCKS[block])
 
 
 def _llama_case(ctx=4096):

@@ -12,15 +12,20 @@ them into the engine when they trace the triton_op body):
    CAPACITY S, so it can be captured in a CUDA graph; a program whose split starts at or past
    cache_len[b] writes lse = -inf and nothing else. The others write the split's normalised
    output and its LSE (natural log) to fp32 scratch.
-2. `_suffix_merge_kernel`, grid (B * Hkv, n_row_blocks): T x T attention of the same packed rows
-   over the new tree keys with the static tree mask, then the log-sum-exp merge of the suffix with
-   every prefix split, writing the final output in q's dtype. Splits with lse = -inf get weight 0
-   and their (never written) scratch is not read, so an empty split can never inject NaN.
+2. `_suffix_merge_kernel`, grid (B * Hkv, n_row_blocks): attention of the same packed rows over
+   the Tk suffix keys (the tree nodes; for a draft level also earlier levels' nodes, so Tk may
+   exceed T) with the static (T, Tk) mask, as an online softmax over BLOCK_KN-key tiles; then the
+   log-sum-exp merge of the suffix with every prefix split, writing the final output in q's dtype.
+   Splits with lse = -inf get weight 0 and their (never written) scratch is not read, so an empty
+   split can never inject NaN; a row that sees no suffix key gets suffix weight 0 the same way.
 
 Softmax runs in base 2 inside the kernels (exp2 of scores pre-scaled by log2(e)); the LSE that
 crosses kernels is converted to natural log, matching `spec_compiler.ops.tree_attention`.
 Everything accumulates in fp32. Split count, grid and block sizes depend only on shapes: no
 `.item()`, no host sync. Under `TRITON_INTERPRET=1` the same kernels run on CPU tensors.
+
+Sizes: T up to MAX_QUERIES and Tk up to MAX_SUFFIX_KEYS (`spec_compiler.kernels.limits`, which
+CompileConfig reads without importing triton); larger calls raise ValueError.
 """
 
 from __future__ import annotations
@@ -30,15 +35,41 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from .limits import MAX_HEAD_DIM, MAX_QUERIES, MAX_SUFFIX_KEYS
+
 LOG2E = 1.4426950408889634  # log2(e): natural-log scores -> base-2 scores; the kernels turn
 # base-2 LSEs back into natural log with the literal ln(2) = 0.6931471805599453 (a jit function
 # cannot read a plain Python global)
 
 MAX_BLOCK_M = 128  # packed (q head, tree node) rows per program
-BLOCK_N = 64  # cache keys per inner-loop tile
+BLOCK_N = 64  # cache keys per inner-loop tile (prefix); also the largest suffix key tile
 TARGET_PROGRAMS = 256  # prefix programs to aim for (about 2 waves on an H100)
 MIN_SPLIT_KEYS = 256  # below this a split's scratch traffic outweighs its parallelism
-MAX_TREE = 64
+
+
+@triton.jit
+def _load_kv_tile(k_base, v_base, n, n_ok, d, d_ok, sk_n, sk_d, sv_n, sv_d):
+    """Key/value rows n (N,) of one KV head, zero where not n_ok or past the head dim: two (N, D)
+    tiles. k_base, v_base point at the head; sk_n, sv_n are the row strides, sk_d, sv_d the dim's."""
+    mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_base + n[:, None] * sk_n + d[None, :] * sk_d, mask=mask, other=0.0)
+    v = tl.load(v_base + n[:, None] * sv_n + d[None, :] * sv_d, mask=mask, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _attend_tile(q, k, v, visible, qk_scale, m_i, l_i, acc):
+    """One key tile of an online softmax in base 2: q (M, D); k, v (N, D); visible (M, N) or
+    (1, N) bool. -> updated running max m_i (M,), sum l_i (M,) of exp2(s - m_i), and unnormalised
+    acc (M, D), all fp32. A row that has seen no visible key yet keeps m_i = -inf; its exponent
+    base is then 0, so alpha and p are exp2(-inf) = 0 rather than exp2(-inf - -inf) = NaN."""
+    s = (tl.dot(q, tl.trans(k)) * qk_scale).to(tl.float32)  # (M, N); Inductor passes fp64 scalars
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    base = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - base)
+    p = tl.exp2(s - base[:, None])
+    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
 
 @triton.jit
@@ -84,19 +115,9 @@ def _prefix_kernel(
         for i in range(0, SPLIT_TILES):
             n = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = n < end
-            kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_base + n[:, None] * sks + d[None, :] * skd,
-                        mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-            s = (tl.dot(q, tl.trans(k)) * qk_scale).to(tl.float32)  # (BLOCK_M, BLOCK_N); Inductor passes fp64 scalars
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the first tile has a key below end
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + n[:, None] * svs + d[None, :] * svd,
-                        mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            k, v = _load_kv_tile(k_base, v_base, n, n_ok, d, d_ok, sks, skd, svs, svd)  # (BLOCK_N, BLOCK_D)
+            # m_i is finite after the first tile: it has a key below end
+            m_i, l_i, acc = _attend_tile(q, k, v, n_ok[None, :], qk_scale, m_i, l_i, acc)
 
         o = acc / l_i[:, None]
         tl.store(OPart + part[:, None] * DH + d[None, :], o, mask=row_ok[:, None] & d_ok[None, :])
@@ -114,8 +135,9 @@ def _suffix_merge_kernel(
     sob, soh, sot, sod,
     n_kv_heads, n_tree, n_keys, n_rows, group,  # n_tree queries, n_keys suffix keys (>= n_tree
     # when the draft's suffix also holds earlier levels' keys)
-    DH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
-    N_SPLITS: tl.constexpr,  # constexpr loop bound: see SPLIT_TILES in _prefix_kernel
+    DH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KN: tl.constexpr,
+    KEY_TILES: tl.constexpr,  # BLOCK_KN-key suffix tiles: cdiv(n_keys, BLOCK_KN)
+    N_SPLITS: tl.constexpr,  # constexpr loop bounds: see SPLIT_TILES in _prefix_kernel
 ):
     bh = tl.program_id(0)  # b * n_kv_heads + h
     b = bh // n_kv_heads
@@ -128,26 +150,25 @@ def _suffix_merge_kernel(
     d_ok = d < DH
     io_mask = row_ok[:, None] & d_ok[None, :]
 
-    # ---- suffix: packed rows x the T tree keys, static ancestor mask ----
+    # ---- suffix: packed rows x the Tk suffix keys, static (T, Tk) mask, online softmax ----
     q_off = b.to(tl.int64) * sqb + q_head.to(tl.int64) * sqh + node * sqt
     q = tl.load(Q + q_off[:, None] + d[None, :] * sqd, mask=io_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
-    j = tl.arange(0, BLOCK_T)
-    j_ok = j < n_keys
-    kv_mask = j_ok[:, None] & d_ok[None, :]
-    kn = tl.load(KN + b.to(tl.int64) * skb + h.to(tl.int64) * skh + j[:, None] * skt + d[None, :] * skd,
-                 mask=kv_mask, other=0.0)  # (BLOCK_T, BLOCK_D)
-    vn = tl.load(VN + b.to(tl.int64) * svb + h.to(tl.int64) * svh + j[:, None] * svt + d[None, :] * svd,
-                 mask=kv_mask, other=0.0)  # (BLOCK_T, BLOCK_D)
-    visible = tl.load(Mask + node[:, None] * smi + j[None, :] * smj,
-                      mask=row_ok[:, None] & j_ok[None, :], other=0) != 0  # (BLOCK_M, BLOCK_T)
-    s = (tl.dot(q, tl.trans(kn)) * qk_scale).to(tl.float32)  # (BLOCK_M, BLOCK_T)
-    s = tl.where(visible, s, float("-inf"))
-    m_s = tl.max(s, 1)
-    m_s = tl.where(m_s == float("-inf"), 0.0, m_s)  # rows that see nothing: p = 0 below
-    p = tl.exp2(s - m_s[:, None])
-    l_s = tl.sum(p, 1)
-    o_s = tl.dot(p.to(vn.dtype), vn)  # (BLOCK_M, BLOCK_D), unnormalised
-    has_s = l_s > 0
+    kn_base = KN + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    vn_base = VN + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    m_s = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, base 2
+    l_s = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(s - m_s)
+    o_s = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # unnormalised
+    # Fixed trip count, as in _prefix_kernel. Unlike there, a row may see no key in whole tiles
+    # (or in any: a padding row, a row the mask hides everything from): _attend_tile keeps it
+    # at weight 0 without NaN.
+    for i in range(0, KEY_TILES):
+        j = i * BLOCK_KN + tl.arange(0, BLOCK_KN)
+        j_ok = j < n_keys
+        kn, vn = _load_kv_tile(kn_base, vn_base, j, j_ok, d, d_ok, skt, skd, svt, svd)  # (BLOCK_KN, BLOCK_D)
+        visible = tl.load(Mask + node[:, None] * smi + j[None, :] * smj,
+                          mask=row_ok[:, None] & j_ok[None, :], other=0) != 0  # (BLOCK_M, BLOCK_KN)
+        m_s, l_s, o_s = _attend_tile(q, kn, vn, visible, qk_scale, m_s, l_s, o_s)
+    has_s = l_s > 0  # a visible key contributes exp2(0) = 1 at its row's max
     o_s = o_s / tl.where(has_s, l_s, 1.0)[:, None]
     lse_s = tl.where(has_s, (m_s + tl.log2(tl.where(has_s, l_s, 1.0))) * 0.6931471805599453,
                      float("-inf"))
@@ -178,6 +199,12 @@ def _block_m(n_rows: int) -> int:
     return min(MAX_BLOCK_M, max(16, triton.next_power_of_2(n_rows)))
 
 
+def _block_kn(n_keys: int) -> int:
+    """Suffix keys per tile: the whole suffix up to BLOCK_N keys (one trip), then BLOCK_N-key tiles
+    (the prefix kernel's tile, same register budget: a 128 x BLOCK_N fp32 score tile)."""
+    return min(BLOCK_N, max(16, triton.next_power_of_2(n_keys)))
+
+
 def _num_warps(block_m: int, head_dim: int) -> int:
     # 4 warps on a 128 x 64 fp32 accumulator reach 255 registers (sm_90); 8 warps: ~150, no spills.
     return 8 if block_m * head_dim >= 128 * 64 else 4
@@ -191,16 +218,28 @@ def default_split_keys(S: int, n_programs_per_split: int) -> int:
 
 
 def _check(q, k_cache, v_cache, k_new, v_new, cache_len, tree_mask):
+    """ValueError unless the shapes fit each other and the kernels' limits (shapes only: no sync)."""
     B, Hq, T, Dh = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
-    assert k_cache.shape == v_cache.shape == (B, Hkv, S, Dh), (q.shape, k_cache.shape, v_cache.shape)
     Tk = k_new.shape[2]
-    assert k_new.shape == v_new.shape == (B, Hkv, Tk, Dh), (q.shape, k_new.shape, v_new.shape)
-    assert Hq % Hkv == 0, f"n_q_heads={Hq} must be a multiple of n_kv_heads={Hkv}"
-    assert 1 <= T <= Tk <= MAX_TREE, f"{T} queries, {Tk} suffix keys; the kernels handle 1..{MAX_TREE}"
-    assert Dh <= 256, f"head_dim={Dh}; the kernels handle up to 256"
-    assert tuple(cache_len.shape) == (B,), f"cache_len {tuple(cache_len.shape)}, expected ({B},)"
-    assert tuple(tree_mask.shape) == (T, Tk), f"tree_mask {tuple(tree_mask.shape)}, expected ({T}, {Tk})"
+    problems = [
+        (k_cache.shape == v_cache.shape == (B, Hkv, S, Dh),
+         f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must be "
+         f"({B}, Hkv, S, {Dh}) for q {tuple(q.shape)}"),
+        (k_new.shape == v_new.shape == (B, Hkv, Tk, Dh),
+         f"k_new {tuple(k_new.shape)} and v_new {tuple(v_new.shape)} must be ({B}, {Hkv}, Tk, {Dh})"),
+        (Hq % Hkv == 0, f"n_q_heads={Hq} must be a multiple of n_kv_heads={Hkv}"),
+        (1 <= T <= MAX_QUERIES,
+         f"{T} queries; the kernels handle 1..{MAX_QUERIES} per call (MAX_QUERIES)"),
+        (1 <= Tk <= MAX_SUFFIX_KEYS,
+         f"{Tk} suffix keys; the kernels handle 1..{MAX_SUFFIX_KEYS} per call (MAX_SUFFIX_KEYS)"),
+        (Dh <= MAX_HEAD_DIM, f"head_dim={Dh}; the kernels handle up to {MAX_HEAD_DIM} (MAX_HEAD_DIM)"),
+        (tuple(cache_len.shape) == (B,), f"cache_len {tuple(cache_len.shape)}, expected ({B},)"),
+        (tuple(tree_mask.shape) == (T, Tk), f"tree_mask {tuple(tree_mask.shape)}, expected ({T}, {Tk})"),
+    ]
+    for ok, message in problems:
+        if not ok:
+            raise ValueError(f"tree_attention_triton: {message}")
 
 
 def prefix_partials(q, k_cache, v_cache, cache_len, scale, *, split_keys=None):
@@ -234,7 +273,8 @@ def prefix_partials(q, k_cache, v_cache, cache_len, scale, *, split_keys=None):
 
 
 def suffix_merge(q, k_new, v_new, tree_mask, scale, o_part, lse_part):
-    """Suffix pass over the tree keys, merged by LSE with the prefix partials. -> (B, Hq, T, Dh)."""
+    """Suffix pass over the Tk suffix keys k_new/v_new (B, Hkv, Tk, Dh) with tree_mask (T, Tk),
+    merged by LSE with the prefix partials. -> (B, Hq, T, Dh) in q's dtype."""
     B, Hq, T, Dh = q.shape
     Hkv = k_new.shape[1]
     group = Hq // Hkv
@@ -244,6 +284,7 @@ def suffix_merge(q, k_new, v_new, tree_mask, scale, o_part, lse_part):
     assert o_part.is_contiguous() and lse_part.is_contiguous()
     assert tuple(lse_part.shape) == (B, Hkv, n_splits, n_rows), lse_part.shape
     Tk = k_new.shape[2]
+    block_kn = _block_kn(Tk)
     mask_i8 = tree_mask.to(torch.int8)  # (T, Tk); bool pointers are avoided on purpose
     out = torch.empty(B, Hq, T, Dh, device=q.device, dtype=q.dtype)
     wrap_triton(_suffix_merge_kernel)[(B * Hkv, triton.cdiv(n_rows, block_m))](
@@ -252,7 +293,9 @@ def suffix_merge(q, k_new, v_new, tree_mask, scale, o_part, lse_part):
         *q.stride(), *k_new.stride(), *v_new.stride(), *mask_i8.stride(), *out.stride(),
         Hkv, T, Tk, n_rows, group,
         DH=Dh, BLOCK_D=max(16, triton.next_power_of_2(Dh)), BLOCK_M=block_m,
-        BLOCK_T=max(16, triton.next_power_of_2(Tk)), N_SPLITS=n_splits,
+        BLOCK_KN=block_kn, KEY_TILES=triton.cdiv(Tk, block_kn), N_SPLITS=n_splits,
+        # num_stages=1: software-pipelining the key-tile loop spills on sm_90 at 128 rows x
+        # Dh 128 (255 registers + stack; about 250 and no spill with 1 stage).
         num_warps=_num_warps(block_m, Dh), num_stages=1,
     )
     return out
@@ -272,12 +315,14 @@ def tree_attention_triton(q, k_cache, v_cache, k_new, v_new, cache_len, tree_mas
         tested and tuned sizes.
     k_cache, v_cache : Tensor (B, Hkv, S, Dh), q's dtype
         KV cache of capacity S; slots [0, cache_len[b]) are the prefix. Hq % Hkv == 0 (GQA).
-    k_new, v_new : Tensor (B, Hkv, T, Dh), q's dtype
-        K/V of the tree nodes.
+    k_new, v_new : Tensor (B, Hkv, Tk, Dh), q's dtype
+        K/V of the suffix: the tree nodes (Tk = T), or for a draft level also the nodes of the
+        levels before it (Tk > T). 1 <= Tk <= MAX_SUFFIX_KEYS.
     cache_len : Tensor (B,) int64
         Prefix length per sequence, read on the device (no host sync); values past S act as S.
-    tree_mask : Tensor (T, T) bool
-        True where node i may attend to node j (its ancestors and itself). 1 <= T <= 64.
+    tree_mask : Tensor (T, Tk) bool
+        True where query i may attend to suffix key j (its ancestors and itself).
+        1 <= T <= MAX_QUERIES.
     scale : float
         Softmax scale, usually 1 / sqrt(Dh).
     split_keys : int, optional

@@ -10,8 +10,10 @@ Inductor/AOTInductor trace into its body, so the engine carries the kernels, not
 On CUDA the body launches the Triton kernels (`spec_compiler.kernels`); elsewhere it is the
 plain-torch two-pass reference below, which Inductor compiles like any other torch code.
 
-Shapes: q (B, Hq, T, Dh); k_cache, v_cache (B, Hkv, S, Dh); k_new, v_new (B, Hkv, T, Dh);
-cache_len (B,) int64 (prefix = slots [0, cache_len)); tree_mask (T, T) bool. -> (B, Hq, T, Dh).
+Shapes: q (B, Hq, T, Dh); k_cache, v_cache (B, Hkv, S, Dh); k_new, v_new (B, Hkv, Tk, Dh) (Tk = T,
+or more for a draft level that also sees earlier levels' keys); cache_len (B,) int64 (prefix =
+slots [0, cache_len)); tree_mask (T, Tk) bool. -> (B, Hq, T, Dh). The CUDA kernels take T and Tk
+up to `spec_compiler.kernels.limits` (MAX_QUERIES, MAX_SUFFIX_KEYS); the reference has no limit.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ import torch
 
 from ..errors import SpecCompileError, cli_entry
 from ..fileio import atomic_write_text
+from ..kernels.limits import MAX_TREE_NODES
 from ..models.eagle import EagleDraft
 from ..trees import TreeSpec, resolve_tree
 from .generate import Sequence
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="prompt file (default: the packaged training prompts; keep dev held out)")
     p.add_argument("--n", type=int, default=64, help="first N prompts of the file (default 64)")
     p.add_argument("--max-new-tokens", type=int, default=192)
-    p.add_argument("--nodes", type=int, default=26, help="tree nodes with the root (default 26)")
+    p.add_argument("--nodes", type=int, default=26,
+                   help=f"tree nodes with the root (default 26, at most {MAX_TREE_NODES})")
     p.add_argument("--max-depth", type=int, default=6, help="deepest level considered (default 6)")
     p.add_argument("--top-k", type=int, default=8, help="widest rank considered (default 8)")
     p.add_argument("--draft-vocab", default="auto", help="as spec-compile --draft-vocab")
@@ -131,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SpecCompileError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
     if args.nodes < 2:
         raise SpecCompileError(f"--nodes {args.nodes}: a tree needs the root and at least one node")
+    if args.nodes > MAX_TREE_NODES:  # spec-compile would reject the tree (CompileConfig)
+        raise SpecCompileError(f"--nodes {args.nodes}: the tree-attention kernels handle at most "
+                               f"{MAX_TREE_NODES} nodes with the root; use --nodes {MAX_TREE_NODES} "
+                               "or fewer")
     if not args.model_dir.is_dir():
         raise SpecCompileError(f"MODEL_DIR {args.model_dir}: no such directory")
     if not args.draft_dir.is_dir():

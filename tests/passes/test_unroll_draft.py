@@ -99,6 +99,30 @@ def test_unroll_draft_matches_eager_step(request, target, bushy, tree, vocab):
         assert max(drafted) >= len(hot), "every drafted id is also a column index"
 
 
+def test_draft_attention_calls_stay_within_the_tree(target, draft, bushy):
+    """spec_compiler/kernels/limits.py bounds only the tree's node count (and the prefill chunk):
+    that covers the draft because its tree_attention calls are (T queries, Tk suffix keys) =
+    (depth + 1, depth + 1) for the catch-up, then per level its forwarded nodes over every
+    forwarded node so far (root excluded), all below the tree's node count."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from spec_compiler.trace import input_names
+
+    cfg, gm = _unrolled(target, draft, bushy)
+    x = draft_step_inputs(cfg, 0, [1, 1])
+    ShapeProp(gm).propagate(*[x[n] for n in input_names(gm)])
+    calls = [(a.args[0].meta["tensor_meta"].shape[2], a.args[3].meta["tensor_meta"].shape[2])
+             for a in gm.graph.nodes if a.target == TREE_ATTN]
+    has_child = set(bushy.parent[1:])
+    want, n_forwarded = [(bushy.max_depth + 1,) * 2], 0
+    for d in range(1, bushy.max_depth + 1):
+        n_fwd = sum(n in has_child for n in bushy.level_nodes(d))
+        n_forwarded += n_fwd
+        want += [(n_fwd, n_forwarded)] if n_fwd else []
+    assert calls == [c for c in want for _ in draft.layers], calls
+    assert max(tk for _, tk in calls) < bushy.n_nodes
+
+
 def test_unroll_draft_top_k_larger_than_draft_vocab(tiny_hot_draft_dir, target, bushy):
     from spec_compiler.loading import load_draft
 
