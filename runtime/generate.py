@@ -2,7 +2,20 @@
 
 Greedy output is token-identical to plain greedy decoding with the target: the verify graph
 accepts a drafted token only where it equals the target's own argmax, and always adds the
-target's next token (the bonus). Host work per step is reading n_acc and acc_tokens.
+target's next token (the bonus). Host work per step is none: the step (draft, verify + accept,
+the state update and the output append) runs on the device, as one CUDA graph on a GPU, and the
+host reads the done flags every few steps.
+
+Public API (the benchmarks use nothing else):
+    Engine.load(dir)                 an engine, loaded (runtime/loader.py)
+    engine.generate(ids, ...)        one whole generation -> GenerationResult
+    engine.start(ids, max_new)       prefill a prompt and arm the step state
+    engine.start_synthetic(n)        the same without a prompt: random context of n cache slots
+    engine.step()                    one speculative step (a CUDA-graph replay on a GPU)
+    engine.running()                 whether any sequence still runs (reads the device)
+    engine.result()                  the finished generation
+    engine.call(graph, **args)       one step graph, its other inputs read from the state
+    engine.capture()                 capture the step now, so the first generate() does not
 """
 
 from __future__ import annotations
@@ -13,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from spec_compiler.chat import encode_user_prompt
 from spec_compiler.errors import SpecCompileError
 
 
@@ -38,18 +52,26 @@ class GenerationResult:
 class Engine:
     def __init__(self, spec, graphs, state, tokenizer_dir: Path | None):
         self.spec, self.graphs, self.state = spec, graphs, state
+        self.dims = spec.dims
         self.tokenizer_dir = tokenizer_dir
         self._tokenizer = None
-        t = spec.tree
-        # A step writes at most max(T, D+1) slots past cache_len.
-        self.step_scratch = max(t.n_nodes, t.max_depth + 1)
-        self._init_step_buffers()
+        dev = spec.device
+        eos = list(spec.model.eos_token_ids) or [-1]
+        self._eos = torch.tensor(eos, dtype=torch.long, device=dev)
+        self._ar = torch.arange(self.dims.tree_depth + 1, device=dev)
+        self._captured = None
+        self._request: tuple[int, int | None, float] | None = None  # prompt tokens, max_new, t0
 
     @classmethod
     def load(cls, engine_dir, device: str | None = None) -> "Engine":
         from .loader import load
 
         return load(engine_dir, device)
+
+    @property
+    def step_scratch(self) -> int:
+        """Cache slots past cache_len one step writes (engine_format.step_slots)."""
+        return self.dims.step_slots
 
     # ---- tokenizer ----
     @property
@@ -61,28 +83,26 @@ class Engine:
         return self._tokenizer
 
     def encode_prompt(self, text: str) -> list[int]:
-        tok = self.tokenizer
-        if tok is None:
+        if self.tokenizer is None:
             raise SpecCompileError("this engine has no tokenizer (the checkpoint had none); "
                                    "pass --prompt-ids instead of --prompt")
-        if tok.chat_template:
-            ids = tok.apply_chat_template([{"role": "user", "content": text}],
-                                          add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        return tok(text)["input_ids"]
+        return encode_user_prompt(self.tokenizer, text)
 
-    # ---- generation ----
+    def decode(self, ids: list[int]) -> str | None:
+        tok = self.tokenizer
+        return None if tok is None else tok.decode(ids, skip_special_tokens=True)
+
+    # ---- requests ----
     def check_request(self, n_prompt: int, max_new_tokens: int | None) -> None:
-        s = self.spec
+        d = self.dims
         if n_prompt < 1:
             raise SpecCompileError("empty prompt: give at least one token")
-        padded = -(-n_prompt // s.prefill_chunk) * s.prefill_chunk
-        need = n_prompt + (max_new_tokens or 1) + self.step_scratch
-        if padded > s.max_seq_len or need > s.max_seq_len:
+        if not d.fits(n_prompt, max_new_tokens or 1):
+            need = n_prompt + (max_new_tokens or 1) + d.step_slots
             raise SpecCompileError(
                 f"request does not fit: prompt ({n_prompt} tokens) + max-new-tokens "
-                f"({max_new_tokens or 1}) + tree scratch ({self.step_scratch}) = {need} exceeds the "
-                f"engine's max-seq-len {s.max_seq_len}; shorten the prompt or lower "
+                f"({max_new_tokens or 1}) + one step's scratch ({d.step_slots}) = {need} exceeds "
+                f"the engine's max-seq-len {d.max_seq_len}; shorten the prompt or lower "
                 "--max-new-tokens, or compile with a larger --max-seq-len")
 
     def _validate_ids(self, ids: list[int]) -> None:
@@ -91,33 +111,135 @@ class Engine:
         if bad:
             raise SpecCompileError(f"prompt token id {bad[0]} is outside the vocabulary [0, {V})")
 
-    # ---- the step: device ops only, no host sync (captured as one CUDA graph on GPU) ----
-    def _init_step_buffers(self) -> None:
-        s, dev = self.spec, self.spec.device
-        B, D1 = s.batch_size, s.tree.max_depth + 1
-        n_cols = s.max_seq_len + D1 + 1  # the last column takes masked writes
+    # ---- public step API ----
+    def call(self, graph: str, **args: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run one step graph; inputs not given are read from the engine state (caches are
+        updated in place). Returns its outputs by name (engine_format.graph_io)."""
+        if graph not in self.graphs:
+            raise SpecCompileError(f"this engine has no {graph!r} graph (it has {sorted(self.graphs)})")
+        return self.graphs[graph](self.state, **args)
+
+    @torch.inference_mode()
+    def start(self, prompt_ids: list[int], max_new_tokens: int | None = None) -> None:
+        """Validate and prefill a prompt and arm the step state; step() then generates."""
+        prompt_ids = [int(t) for t in prompt_ids]
+        self._validate_ids(prompt_ids)
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise SpecCompileError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+        self.check_request(len(prompt_ids), max_new_tokens)
+        t0 = time.perf_counter()
+        first = self._prefill(prompt_ids)
+        self._arm(first, max_new_tokens)
+        self._request = (len(prompt_ids), max_new_tokens, t0)
+
+    @torch.inference_mode()
+    def start_synthetic(self, context_len: int, seed: int = 0) -> None:
+        """Arm the step state over a random context of `context_len` cache slots (random cache
+        contents, root token and features) without a prompt: for timing steps at a given
+        context. Generation runs until the capacity or max_seq_len tokens."""
+        d = self.dims
+        if not 1 <= context_len <= d.max_seq_len - d.step_slots:
+            raise SpecCompileError(f"context {context_len}: must be in [1, "
+                                   f"{d.max_seq_len - d.step_slots}] for this engine")
+        g = torch.Generator(device=self.spec.device).manual_seed(seed)
         st = self.state
-        st["out_buf"] = torch.zeros(B, n_cols, dtype=torch.long, device=dev)
-        st["n_out"] = torch.zeros(B, dtype=torch.long, device=dev)
-        st["n_steps"] = torch.zeros(B, dtype=torch.long, device=dev)
-        st["accept_hist"] = torch.zeros(B, s.max_seq_len + 1, dtype=torch.long, device=dev)
-        st["done"] = torch.ones(B, dtype=torch.bool, device=dev)
-        st["max_new"] = torch.full((B,), s.max_seq_len, dtype=torch.long, device=dev)
-        eos = list(s.model.eos_token_ids) or [-1]
-        self._eos = torch.tensor(eos, dtype=torch.long, device=dev)
-        self._ar = torch.arange(D1, device=dev)
-        self._captured = None
+        for k, v in st.items():
+            if k.startswith(("target.", "draft.")):
+                v.normal_(generator=g)
+        st["cache_len"].fill_(context_len)
+        st["n_acc"].fill_(1)
+        st["acc_tokens"].random_(0, self.spec.model.vocab_size, generator=g)
+        st["acc_feats"].normal_(generator=g)
+        self._arm(int(st["acc_tokens"][0, 0]), None, check_eos=False)
+        self._request = (context_len, None, time.perf_counter())
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One speculative step for every live slot: one CUDA-graph replay on a GPU."""
+        if self.spec.device.startswith("cuda"):
+            if self._captured is None:
+                from .cuda_graph import CapturedStep
+
+                self._captured = CapturedStep(self._step)
+            self._captured()
+        else:
+            self._step()
+
+    def running(self) -> bool:
+        return not bool(self.state["done"].all())
+
+    def capture(self) -> None:
+        """Capture the step now (CUDA), so the first generate() does not pay for it. Uses a
+        harmless state (every sequence done, n_acc = 1, cache_len = 1 so the draft's catch-up
+        starts at slot 0); start() resets everything."""
+        if not self.spec.device.startswith("cuda") or self._captured is not None:
+            return
+        st = self.state
+        st["done"].fill_(True)
+        st["n_acc"].fill_(1)
+        st["cache_len"].fill_(1)
+        self.step()
+
+    @torch.inference_mode()
+    def result(self) -> GenerationResult:
+        """The generation armed by start(), read back once it has stopped."""
+        if self._request is None:
+            raise SpecCompileError("no generation to read: call start() first")
+        n_prompt, max_new, t0 = self._request
+        st = self.state
+        n_out, n_steps = int(st["n_out"][0]), int(st["n_steps"][0])
+        raw = st["out_buf"][0, :n_out].tolist()
+        hist = st["accept_hist"][0, :n_steps].tolist()
+        if self.spec.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        out, stop = self._truncate(raw, set(self.spec.model.eos_token_ids), max_new)
+        kept, accepts = 1, []  # per verify call: tokens kept after truncation
+        for h in hist:
+            take = min(h, len(out) - kept)
+            if take <= 0:
+                break
+            accepts.append(take)
+            kept += take
+        calls = len(accepts)
+        return GenerationResult(output_ids=out, stop_reason=stop, verify_calls=calls,
+                                tokens_per_call=(sum(accepts) / calls) if calls else 0.0,
+                                seconds=seconds, prompt_tokens=n_prompt, accept_lengths=accepts)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int | None = None,
+                 sync_every: int = 4) -> GenerationResult:
+        """Greedy speculative generation of one sequence. The host reads the done flag every
+        `sync_every` steps (1 on CPU, where reading is free)."""
+        self.start(prompt_ids, max_new_tokens)
+        if not self.spec.device.startswith("cuda"):
+            sync_every = 1
+        while self.running():
+            for _ in range(sync_every):
+                self.step()
+        return self.result()
+
+    # ---- internals ----
+    def _arm(self, first: int, max_new_tokens: int | None, check_eos: bool = True) -> None:
+        """Slot state for a sequence whose first emitted token is `first` (already the root)."""
+        d, st = self.dims, self.state
+        st["out_buf"][:, 0] = first
+        st["n_out"].fill_(1)
+        st["n_steps"].zero_()
+        st["slot_valid"].fill_(True)
+        st["max_new"].fill_(max_new_tokens or d.max_seq_len)
+        st["done"].fill_((check_eos and first in self.spec.model.eos_token_ids) or max_new_tokens == 1)
+        st["done"] |= st["cache_len"] + d.step_slots > d.max_seq_len
 
     def _step(self) -> None:
         """draft -> verify -> state update -> append emitted tokens. Finished sequences' writes
         are masked and their cache_len is clamped so replays past the end stay in bounds."""
-        s, st = self.spec, self.state
+        d, st = self.dims, self.state
         if "draft" in self.graphs:
             tree_tokens = self.graphs["draft"](st)["tree_tokens"]
         else:  # plain decoding: the tree is the root alone
             tree_tokens = st["acc_tokens"].gather(1, st["n_acc"][:, None] - 1)
         res = self.graphs["verify"](st, tokens=tree_tokens)
-        active = ~st["done"]  # (B,)
+        active = ~st["done"] & st["slot_valid"]  # (B,)
         n_acc = res["n_acc"]
         valid = (self._ar[None, :] < n_acc[:, None]) & active[:, None]  # (B, D+1)
         trash = st["out_buf"].shape[1] - 1
@@ -129,83 +251,13 @@ class Engine:
         st["n_out"] += torch.where(active, n_acc, 0)
         hit_eos = ((res["acc_tokens"][..., None] == self._eos).any(-1) & valid).any(1)
         new_len = res["cache_len"]
-        full = new_len + self.step_scratch > s.max_seq_len
+        full = new_len + d.step_slots > d.max_seq_len
         st["done"] |= active & (hit_eos | (st["n_out"] >= st["max_new"]) | full)
-        safe = torch.clamp(new_len, max=s.max_seq_len - self.step_scratch)
+        safe = torch.clamp(new_len, max=d.max_seq_len - d.step_slots)
         st["cache_len"].copy_(torch.where(st["done"], safe, new_len))
         st["acc_tokens"].copy_(res["acc_tokens"])
         st["acc_feats"].copy_(res["acc_feats"])
         st["n_acc"].copy_(n_acc)
-
-    def _run_step(self) -> None:
-        if self.spec.device.startswith("cuda"):
-            if self._captured is None:
-                from .cuda_graph import CapturedStep
-
-                self._captured = CapturedStep(self._step)
-            self._captured()
-        else:
-            self._step()
-
-    def capture(self) -> None:
-        """Capture the step now (CUDA), so the first generate() does not pay for it. Uses a
-        harmless state (every sequence done, n_acc = 1, cache_len = 1 so the draft's catch-up
-        starts at slot 0); generate() resets everything."""
-        if not self.spec.device.startswith("cuda") or self._captured is not None:
-            return
-        with torch.inference_mode():
-            st = self.state
-            st["done"].fill_(True)
-            st["n_acc"].fill_(1)
-            st["cache_len"].fill_(1)
-            self._run_step()
-
-    @torch.inference_mode()
-    def generate(self, prompt_ids: list[int], max_new_tokens: int | None = None,
-                 sync_every: int = 4) -> GenerationResult:
-        """Greedy speculative generation of one sequence. The host reads the done flag every
-        `sync_every` steps (1 on CPU, where reading is free)."""
-        s = self.spec
-        prompt_ids = [int(t) for t in prompt_ids]
-        self._validate_ids(prompt_ids)
-        if max_new_tokens is not None and max_new_tokens < 1:
-            raise SpecCompileError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
-        self.check_request(len(prompt_ids), max_new_tokens)
-        eos = set(s.model.eos_token_ids)
-        cuda = s.device.startswith("cuda")
-        if not cuda:
-            sync_every = 1
-        t0 = time.perf_counter()
-        first = self._prefill(prompt_ids)
-        st = self.state
-        st["out_buf"][:, 0] = first
-        st["n_out"].fill_(1)
-        st["n_steps"].zero_()
-        st["max_new"].fill_(max_new_tokens or s.max_seq_len)
-        st["done"].fill_(first in eos or max_new_tokens == 1)
-        st["done"] |= st["cache_len"] + self.step_scratch > s.max_seq_len
-        while not bool(st["done"].all()):
-            for _ in range(sync_every):
-                self._run_step()
-        n_out, n_steps = int(st["n_out"][0]), int(st["n_steps"][0])
-        raw = st["out_buf"][0, :n_out].tolist()
-        hist = st["accept_hist"][0, :n_steps].tolist()
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        out, stop = self._truncate(raw, eos, max_new_tokens)
-        kept, accepts = 1, []  # per verify call: tokens kept after truncation
-        for h in hist:
-            take = min(h, len(out) - kept)
-            if take <= 0:
-                break
-            accepts.append(take)
-            kept += take
-        calls = len(accepts)
-        return GenerationResult(output_ids=out, stop_reason=stop, verify_calls=calls,
-                                tokens_per_call=(sum(accepts) / calls) if calls else 0.0,
-                                seconds=seconds, prompt_tokens=len(prompt_ids),
-                                accept_lengths=accepts)
 
     @staticmethod
     def _truncate(raw: list[int], eos: set, max_new: int | None) -> tuple[list[int], str]:
@@ -217,8 +269,7 @@ class Engine:
         return raw, "length"
 
     def _prefill(self, prompt: list[int]) -> int:
-        s, st = self.spec, self.state
-        C, dev = s.prefill_chunk, s.device
+        st, C, dev = self.state, self.dims.prefill_chunk, self.spec.device
         st["cache_len"].zero_()
         P = len(prompt)
         for start in range(0, P, C):
@@ -226,12 +277,12 @@ class Engine:
             n = len(chunk)
             toks = torch.zeros(1, C, dtype=torch.long, device=dev)
             toks[0, :n] = torch.tensor(chunk, device=dev)
-            res = self.graphs["prefill"](st, tokens=toks)
+            res = self.call("prefill", tokens=toks)
             if "draft_prefill" in self.graphs:
                 nxt = prompt[start + 1:start + C + 1]
                 ntoks = torch.zeros(1, C, dtype=torch.long, device=dev)
                 ntoks[0, :len(nxt)] = torch.tensor(nxt, dtype=torch.long, device=dev)
-                self.graphs["draft_prefill"](st, tokens=ntoks, features=res["hidden"])
+                self.call("draft_prefill", tokens=ntoks, features=res["hidden"])
             st["cache_len"] += n
         first = res["logits"][0, n - 1].argmax()
         st["acc_tokens"].zero_()
@@ -239,7 +290,3 @@ class Engine:
         st["acc_feats"][0, 0] = res["hidden"][0, n - 1]
         st["n_acc"].fill_(1)
         return int(first)
-
-    def decode(self, ids: list[int]) -> str | None:
-        tok = self.tokenizer
-        return None if tok is None else tok.decode(ids, skip_special_tokens=True)

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from .engine_format import min_capacity
 from .errors import SpecCompileError
 from .fileio import read_json_object
 from .kernels.limits import MAX_PREFILL_CHUNK, MAX_TREE_NODES  # plain constants: no triton import
@@ -220,12 +221,12 @@ class CompileConfig:
                 f"--tree: tree {self.tree.name!r} has {self.tree.n_nodes} nodes, but the "
                 f"tree-attention kernels handle at most {MAX_TREE_NODES} (with the root); use a "
                 f"smaller tree (spec-fit-tree --nodes {MAX_TREE_NODES} or fewer)")
-        need = self.prefill_chunk + self.tree.n_nodes + self.tree.max_depth + 2
+        need = min_capacity(self.prefill_chunk, self.tree.max_depth)
         if self.max_seq_len < need:
             raise SpecCompileError(
-                f"--max-seq-len {self.max_seq_len} is too small for tree {self.tree.name!r} "
-                f"({self.tree.n_nodes} nodes) and prefill chunk {self.prefill_chunk}: "
-                f"use at least {need}")
+                f"--max-seq-len {self.max_seq_len} is too small for a prefill chunk of "
+                f"{self.prefill_chunk} and one step of tree {self.tree.name!r} (depth "
+                f"{self.tree.max_depth}): use at least {need}")
         dv = self.draft.draft_vocab_size if self.draft is not None else None
         if dv is not None and self.tree.n_nodes > 1 and dv < self.tree.top_k:
             raise SpecCompileError(f"--draft-vocab {dv} is smaller than tree {self.tree.name!r}'s "
@@ -234,7 +235,3 @@ class CompileConfig:
             raise SpecCompileError(f"tree {self.tree.name!r} needs a draft: pass --draft DRAFT_DIR "
                                    "(or --tree chain-0 for plain decoding)")
 
-    @property
-    def scratch(self) -> int:
-        """Slots past cache_len a step may write: the tree (target) and D+1 catch-up pairs (draft)."""
-        return max(self.tree.n_nodes, self.tree.max_depth + 1, self.prefill_chunk)

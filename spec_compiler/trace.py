@@ -17,9 +17,13 @@ from torch.export import Dim
 
 
 def trace(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str],
-          dynamic_dim: dict[str, int] | None = None) -> fx.GraphModule:
+          dynamic_dim: dict[str, int] | None = None,
+          buffer_outputs: dict[str, str] | None = None) -> fx.GraphModule:
     """Export `module(*args)`. `dynamic_dim` maps input name -> the dim that is the block length T
-    (one shared symbol), for graphs that the unroll pass re-instantiates at several lengths."""
+    (one shared symbol), for graphs that the unroll pass re-instantiates at several lengths.
+    `buffer_outputs` maps extra output names to buffers of the module returned as they are (model
+    data, such as a draft's hot-token ids, that later passes read): they are appended to the
+    outputs and listed in gm.meta["weight_buffers"], so lowering stores them with the weights."""
     assert len(input_names) == len(args), (input_names, len(args))
     dynamic_shapes = None
     if dynamic_dim:
@@ -44,6 +48,18 @@ def trace(module: torch.nn.Module, args: tuple, input_names: list[str], output_n
     n_out = len(next(n for n in gm.graph.nodes if n.op == "output").args[0])
     assert n_out == len(output_names), (n_out, output_names)
     gm.meta["output_names"] = list(output_names)
+    if buffer_outputs:
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        nodes = []
+        kept = dict(gm.named_buffers())  # export keeps every buffer of the module, used or not
+        for target in buffer_outputs.values():
+            if target not in kept:
+                raise ValueError(f"trace: {target!r} is not a buffer of {type(module).__name__}")
+            with gm.graph.inserting_before(out):
+                nodes.append(gm.graph.get_attr(target))
+        out.args = (tuple(out.args[0]) + tuple(nodes),)
+        gm.meta["output_names"] += list(buffer_outputs)
+        gm.meta["weight_buffers"] = list(buffer_outputs.values())
     gm.recompile()
     return gm
 

@@ -67,20 +67,18 @@ def test_step_is_one_replay_without_sync(fp32_engine):
         replays["n"] += 1
         orig(self)
     cuda_graph.CapturedStep.__call__ = counting
-    st = engine.state
-    st["done"].fill_(False)
-    st["max_new"].fill_(10_000)
+    engine.start(PROMPT)  # no max_new_tokens: runs to the capacity
     try:
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         for _ in range(6):
-            engine._run_step()
+            engine.step()
         torch.cuda.set_sync_debug_mode("default")
     finally:
         cuda_graph.CapturedStep.__call__ = orig
         torch.cuda.set_sync_debug_mode("default")
     assert replays["n"] == 6  # one replay per speculative step (draft + verify + accept)
-    assert int(st["n_steps"][0]) >= 6
+    assert int(engine.state["n_steps"][0]) >= 6
 
 
 def test_fresh_process_loads_without_env(fp32_engine, tiny_dir):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..chat import encode_user_prompt
 from ..errors import SpecCompileError
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -82,12 +83,7 @@ def encode_prompts(rows: list[dict], tokenizer, vocab_size: int, where: Path,
                 raise SpecCompileError(f"--prompts {where}: text prompts need a tokenizer, and the "
                                        "model directory has none; add tokenizer files or give "
                                        "\"input_ids\"")
-            msgs = [{"role": "user", "content": row["prompt"]}]
-            if getattr(tokenizer, "chat_template", None):
-                ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True,
-                                                    tokenize=True)["input_ids"]
-            else:
-                ids = tokenizer(row["prompt"])["input_ids"]
+            ids = encode_user_prompt(tokenizer, row["prompt"])
         ids = list(ids)[-max_prompt_tokens:]  # keep the end: the generation prompt lives there
         bad = [i for i in ids if i >= vocab_size]
         if bad:

@@ -9,7 +9,8 @@ import torch
 from torch import fx
 
 from spec_compiler.config import CompileConfig
-from spec_compiler.pipeline import graph_inputs, trace_graph
+from spec_compiler import engine_format as fmt
+from spec_compiler.pipeline import trace_graph
 from spec_compiler.trace import input_names
 from spec_compiler.trees import TreeSpec
 
@@ -19,6 +20,12 @@ S, C = 64, 8  # cache capacity, prefill chunk: small, so the tests stay sub-seco
 def config(target, draft, tree: TreeSpec, batch_size: int = 2) -> CompileConfig:
     return CompileConfig(model=target.cfg, draft=draft.cfg, tree=tree, max_seq_len=S,
                          prefill_chunk=C, batch_size=batch_size)
+
+
+def graph_inputs(cfg: CompileConfig, graph: str) -> list[tuple[str, tuple, torch.dtype]]:
+    """(name, shape, dtype) of the graph's inputs as exported (the engine contract's)."""
+    return [(t.name, t.shape, fmt.DTYPES[t.dtype])
+            for t in fmt.traced_inputs(fmt.Dims.from_config(cfg), graph)]
 
 
 def traced(cfg: CompileConfig, graph: str, module: torch.nn.Module) -> fx.GraphModule:
@@ -67,7 +74,9 @@ def random_inputs(cfg: CompileConfig, graph: str, seed: int, T: int | None = Non
     distinct random cache_len per row, input_pos = cache_len + [0, T)."""
     g = torch.Generator().manual_seed(seed)
     B = cfg.batch_size
-    hi = S - cfg.scratch  # leaves room for the block / tree / catch-up writes
+    # Leave room for the writes of an unrewritten block: the prefill chunk, every tree node (before
+    # accept_epilogue compacts them) or the catch-up pairs.
+    hi = S - max(cfg.prefill_chunk, cfg.tree.n_nodes, cfg.tree.max_depth + 1)
     cache_len = torch.randperm(hi - min_len + 1, generator=g)[:B] + min_len  # (B,), distinct
     out = {}
     for name, shape, dtype in graph_inputs(cfg, graph):

@@ -1,0 +1,254 @@
+"""The engine contract: what an engine directory is and what its step graphs take and return.
+
+One definition, read by everyone: the compiler (`pipeline.py`) builds and checks its graphs
+against it and writes it into `manifest.json`; the runtime (`runtime/loader.py`,
+`runtime/generate.py`) allocates its state and binds graph inputs from it; benchmarks use the
+runtime's public API, never names from here. Any change to what is below bumps SCHEMA_VERSION,
+and an engine of another version fails to load with one clear line.
+
+Sizes (`Dims`): B batch slots, C prefill chunk, S capacity (max_seq_len), T tree nodes (root
+included), D tree depth, F draft feature width (the target features a draft step reads: the
+final hidden state for EAGLE-1/2, several layers' for EAGLE-3), H hidden, V vocabulary,
+Vd the draft's vocabulary.
+
+Per-slot state: every tensor has the batch (slot) dimension first. The runtime owns it; the
+graphs read it and return the new step state, which the runtime copies back (on the device, in
+the captured step). Fields that no graph reads yet (sampling parameters, RNG) are part of the
+contract so later graphs add inputs, not a new state layout.
+
+Engine graphs (inputs in order; `args` are passed per call, the rest are state):
+    prefill        tokens (B,C) | cache_len, target caches          -> logits (B,C,V) f32, hidden (B,C,H)
+    draft_prefill  tokens (B,C), features (B,C,F) | cache_len, draft caches     -> hidden (B,C,H)
+    draft          acc_tokens, acc_feats, n_acc, cache_len, draft caches        -> tree_tokens (B,T)
+    verify         tokens (B,T) | cache_len, target caches
+                   -> acc_tokens (B,D+1), acc_feats (B,D+1,F), n_acc (B,), cache_len (B,)
+Caches are mutated in place. A root-only tree (chain-0) has no draft graphs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from .errors import SpecCompileError
+
+SCHEMA_VERSION = 2
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                   "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
+GRAPHS = ("prefill", "draft_prefill", "draft", "verify")
+DRAFT_GRAPHS = ("draft_prefill", "draft")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "int64": torch.int64, "bool": torch.bool}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # a DTYPES key; "model" is resolved to the engine's dtype by Dims
+
+    def to_json(self) -> list:
+        return [self.name, list(self.shape), self.dtype]
+
+    def empty(self, device) -> torch.Tensor:
+        return torch.zeros(self.shape, dtype=DTYPES[self.dtype], device=device)
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Every size the engine's graphs and state are built from."""
+
+    batch: int
+    max_seq_len: int
+    prefill_chunk: int
+    tree_nodes: int
+    tree_depth: int
+    vocab: int
+    hidden: int
+    feature_dim: int
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    draft_layers: int  # 0: no draft graphs
+    draft_kv_heads: int
+    draft_head_dim: int
+    dtype: str  # the engine's floating dtype, a DTYPES key
+
+    @classmethod
+    def from_config(cls, cfg) -> "Dims":
+        """From a `config.CompileConfig`."""
+        m, d = cfg.model, cfg.draft
+        has_draft = d is not None and cfg.tree.n_nodes > 1
+        return cls(batch=cfg.batch_size, max_seq_len=cfg.max_seq_len,
+                   prefill_chunk=cfg.prefill_chunk, tree_nodes=cfg.tree.n_nodes,
+                   tree_depth=cfg.tree.max_depth, vocab=m.vocab_size, hidden=m.hidden_size,
+                   feature_dim=m.hidden_size, n_layers=m.n_layers, n_kv_heads=m.n_kv_heads,
+                   head_dim=m.head_dim, draft_layers=d.n_layers if has_draft else 0,
+                   draft_kv_heads=d.layer.n_kv_heads if has_draft else 0,
+                   draft_head_dim=d.layer.head_dim if has_draft else 0, dtype=cfg.dtype)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Dims":
+        names = {f.name for f in dataclasses.fields(cls)}
+        if set(d) != names:
+            raise SpecCompileError(f"manifest dims {sorted(set(d) ^ names)} differ from this "
+                                   "runtime's; rebuild the engine with this spec-compile")
+        return cls(**d)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def step_slots(self) -> int:
+        return step_slots(self.tree_depth)
+
+    @property
+    def has_draft(self) -> bool:
+        return self.draft_layers > 0
+
+
+    def fits(self, n_prompt: int, max_new_tokens: int) -> bool:
+        """A request fits when its padded prompt and every step it may take stay in capacity:
+        generation stops once the next step would not fit (stop_reason "length")."""
+        padded = -(-n_prompt // self.prefill_chunk) * self.prefill_chunk
+        return padded <= self.max_seq_len and n_prompt + max_new_tokens + self.step_slots <= self.max_seq_len
+
+
+def step_slots(tree_depth: int) -> int:
+    """Cache slots past cache_len one speculative step writes: the accepted path (D + 1) in the
+    target cache (verify compacts it there; the tree's own K/V never touch the cache) and the
+    catch-up pairs in the draft's."""
+    return tree_depth + 1
+
+
+def min_capacity(prefill_chunk: int, tree_depth: int) -> int:
+    """The smallest max_seq_len that holds one prefill chunk and one step after it."""
+    return prefill_chunk + step_slots(tree_depth)
+
+
+def caches(dims: Dims, owner: str) -> list[TensorSpec]:
+    """The KV cache inputs of a graph owned by `owner` ("target" or "draft"), as graphs name them."""
+    n, h, dh = ((dims.n_layers, dims.n_kv_heads, dims.head_dim) if owner == "target"
+                else (dims.draft_layers, dims.draft_kv_heads, dims.draft_head_dim))
+    return [TensorSpec(f"{kv}_{i}", (dims.batch, h, dims.max_seq_len, dh), dims.dtype)
+            for i in range(n) for kv in "kv"]
+
+
+def owner(graph: str) -> str:
+    return "draft" if graph in DRAFT_GRAPHS else "target"
+
+
+def state_key(graph: str, name: str) -> str:
+    """The runtime state entry a graph input reads: caches per owner, everything else shared."""
+    return f"{owner(graph)}.{name}" if name[:2] in ("k_", "v_") else name
+
+
+def step_state(dims: Dims) -> list[TensorSpec]:
+    """What one speculative step reads and writes besides the caches (the verify outputs)."""
+    B, D1 = dims.batch, dims.tree_depth + 1
+    return [TensorSpec("acc_tokens", (B, D1), "int64"),      # emitted tokens of the last step
+            TensorSpec("acc_feats", (B, D1, dims.feature_dim), dims.dtype),  # their features
+            TensorSpec("n_acc", (B,), "int64"),              # how many of them are real
+            TensorSpec("cache_len", (B,), "int64")]          # valid cache slots
+
+
+def slot_state(dims: Dims) -> list[TensorSpec]:
+    """Per-slot bookkeeping the runtime keeps on the device (the captured step updates it)."""
+    B, S, D1 = dims.batch, dims.max_seq_len, dims.tree_depth + 1
+    return [TensorSpec("slot_valid", (B,), "bool"),    # the slot holds a live sequence
+            TensorSpec("done", (B,), "bool"),          # finished: its writes are masked
+            TensorSpec("n_out", (B,), "int64"),        # tokens emitted so far
+            TensorSpec("n_steps", (B,), "int64"),      # verify calls so far
+            TensorSpec("max_new", (B,), "int64"),      # its max_new_tokens
+            TensorSpec("out_buf", (B, S + D1 + 1), "int64"),  # emitted tokens; last column: masked writes
+            TensorSpec("accept_hist", (B, S + 1), "int64"),   # tokens emitted per verify call
+            # Sampling, per slot (read by the sampling verify; greedy ignores them):
+            TensorSpec("temperature", (B,), "float32"),
+            TensorSpec("top_p", (B,), "float32"),
+            TensorSpec("top_k", (B,), "int64"),
+            TensorSpec("seed", (B,), "int64"),
+            TensorSpec("rng_offset", (B,), "int64")]
+
+
+def state(dims: Dims) -> list[TensorSpec]:
+    """Every runtime state tensor: step state, slot state, caches (keys as in `state_key`)."""
+    kv = [dataclasses.replace(c, name=f"target.{c.name}") for c in caches(dims, "target")]
+    if dims.has_draft:
+        kv += [dataclasses.replace(c, name=f"draft.{c.name}") for c in caches(dims, "draft")]
+    return [*step_state(dims), *slot_state(dims), *kv]
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    args: tuple[str, ...]  # inputs passed per call; the others are read from state
+    mutates: tuple[str, ...]  # inputs written in place
+
+
+def graph_io(dims: Dims, graph: str) -> GraphIO:
+    """A compiled engine graph's interface."""
+    B, C, T, D1 = dims.batch, dims.prefill_chunk, dims.tree_nodes, dims.tree_depth + 1
+    i64, dt = "int64", dims.dtype
+    cache_len = TensorSpec("cache_len", (B,), i64)
+    kv = caches(dims, owner(graph))
+    mut = tuple(c.name for c in kv)
+    if graph == "prefill":
+        return GraphIO([TensorSpec("tokens", (B, C), i64), cache_len, *kv],
+                       [TensorSpec("logits", (B, C, dims.vocab), "float32"),
+                        TensorSpec("hidden", (B, C, dims.hidden), dt)], ("tokens",), mut)
+    if graph == "draft_prefill":
+        return GraphIO([TensorSpec("tokens", (B, C), i64),
+                        TensorSpec("features", (B, C, dims.feature_dim), dt), cache_len, *kv],
+                       [TensorSpec("hidden", (B, C, dims.hidden), dt)], ("tokens", "features"), mut)
+    if graph == "draft":
+        return GraphIO([*step_state(dims)[:3], cache_len, *kv],
+                       [TensorSpec("tree_tokens", (B, T), i64)], (), mut)
+    if graph == "verify":
+        return GraphIO([TensorSpec("tokens", (B, T), i64), cache_len, *kv], step_state(dims),
+                       ("tokens",), mut)
+    raise ValueError(f"unknown graph {graph!r}")
+
+
+def graphs(dims: Dims) -> tuple[str, ...]:
+    return GRAPHS if dims.has_draft else ("prefill", "verify")
+
+
+def traced_inputs(dims: Dims, graph: str) -> list[TensorSpec]:
+    """What the plain models take when a graph is exported, before the passes change it:
+    `Llama.forward` for prefill/verify, `EagleDraft.forward` for the draft graphs (the draft
+    graph is exported for one level of a dynamic block length, then unrolled)."""
+    B, C, T, D1 = dims.batch, dims.prefill_chunk, dims.tree_nodes, dims.tree_depth + 1
+    i64 = "int64"
+    n = {"prefill": C, "verify": T, "draft_prefill": C, "draft": max(D1, 2)}[graph]
+    lead = [TensorSpec("tokens", (B, n), i64)]
+    if owner(graph) == "draft":
+        lead.append(TensorSpec("features", (B, n, dims.feature_dim), dims.dtype))
+    return [*lead, TensorSpec("input_pos", (B, n), i64), TensorSpec("cache_len", (B,), i64),
+            *caches(dims, owner(graph))]
+
+
+def check_graph(dims: Dims, graph: str, inputs: list[tuple[str, tuple, str]],
+                outputs: list[tuple[str, tuple, str]], mutates: list[str]) -> None:
+    """A built graph's (name, shape, dtype) inputs and outputs must be the contract's, in order,
+    and it must write in place exactly the inputs the contract says it does."""
+    io = graph_io(dims, graph)
+    if sorted(mutates) != sorted(io.mutates):
+        raise SpecCompileError(f"{graph}: writes {sorted(mutates)} in place, the engine contract "
+                               f"says {sorted(io.mutates)}; this is a compiler bug")
+    for what, want, got in (("inputs", io.inputs, inputs), ("outputs", io.outputs, outputs)):
+        want = [(t.name, tuple(t.shape), t.dtype) for t in want]
+        got = [(n, tuple(s), d) for n, s, d in got]
+        if want != got:
+            raise SpecCompileError(f"{graph}: {what} {got} differ from the engine contract {want} "
+                                   "(spec_compiler/engine_format.py); this is a compiler bug")
