@@ -63,31 +63,27 @@ def test_random_draft_matches_transformers(engines, tiny_dirs, case):
         assert res.verify_calls >= 1 and res.tokens_per_call >= 1.0
 
 
+def with_eos(src, dst, eos):
+    """A copy of checkpoint `src` whose EOS ids (config and generation config) are `eos`; with
+    None it has none, so generation can only stop at max-new-tokens or the context limit."""
+    shutil.copytree(src, dst)
+    for name in ("config.json", "generation_config.json"):
+        cfg = json.loads((dst / name).read_text())
+        cfg["eos_token_id"] = eos
+        (dst / name).write_text(json.dumps(cfg))
+    return dst
+
+
 def test_stops_at_eos(tmp_path, tiny_dir, tiny_draft_dir):
     """EOS chosen as a token that greedy decoding emits mid-way: both stop there, EOS included."""
     p = prompts(1)[2]
     free = hf_greedy(tiny_dir, p, 40, eos=[])
     k = next(i for i in range(8, 40) if free[i] not in free[:i])
-    model_dir = tmp_path / "eos_model"
-    shutil.copytree(tiny_dir, model_dir)
-    cfg = json.loads((model_dir / "config.json").read_text())
-    cfg["eos_token_id"] = [free[k]]
-    (model_dir / "config.json").write_text(json.dumps(cfg))
+    model_dir = with_eos(tiny_dir, tmp_path / "eos_model", [free[k]])
     engine = Engine.load(build_engine(tmp_path / "e", model_dir, draft_dir=tiny_draft_dir))
     res = engine.generate(p, max_new_tokens=60)
     assert res.stop_reason == "eos"
     assert res.output_ids == free[:k + 1] == hf_greedy(model_dir, p, 60)
-
-
-def without_eos(src, dst):
-    """A copy of checkpoint `src` with no EOS id (config and generation config): generation can
-    only stop at max-new-tokens or at the context limit."""
-    shutil.copytree(src, dst)
-    for name in ("config.json", "generation_config.json"):
-        cfg = json.loads((dst / name).read_text())
-        cfg["eos_token_id"] = None
-        (dst / name).write_text(json.dumps(cfg))
-    return dst
 
 
 ORACLE_CASES = {
@@ -103,7 +99,7 @@ def test_stops_at_context_limit(tmp_path, tiny_dir, tiny_draft_dir, tree):
     the exact token count that rule gives. An oracle draft (known acceptance) makes the count
     for speculative trees exact too; chain-0 is plain decoding (one token per step)."""
     M, P = 96, 20
-    model_dir = without_eos(tiny_dir, tmp_path / "no_eos")
+    model_dir = with_eos(tiny_dir, tmp_path / "no_eos", None)
     p = torch.randint(3, 128, (P,), generator=torch.Generator().manual_seed(5)).tolist()
     seq = p + hf_greedy(model_dir, p, M)  # more tokens than the context can take
     assert len(seq) == P + M, "the EOS-free reference stopped early"
