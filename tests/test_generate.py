@@ -115,9 +115,10 @@ def test_stops_at_context_limit(tmp_path, tiny_dir, tiny_draft_dir, tree):
     res = engine.generate(p)  # no max_new_tokens: until the capacity
 
     # The rule: after n tokens the cache holds P + n - 1 of them (the last is the next step's
-    # root), and a step writes up to max(T, D + 1) scratch slots past that; generation stops
-    # once the next step would not fit, i.e. at the first n with P + n - 1 + scratch > M.
-    scratch = max(t.n_nodes, t.max_depth + 1)
+    # root), and a step writes D + 1 slots past that (the accepted path, compacted; the tree's
+    # own K/V never reach the cache); generation stops once the next step would not fit, i.e.
+    # at the first n with P + n - 1 + (D + 1) > M.
+    scratch = t.max_depth + 1
     per_step = expected_emitted(t, P, M, rank_of, poisoned) if oracle else [1] * M
     n, accepts = 1, []
     while P + n - 1 + scratch <= M:
