@@ -64,7 +64,10 @@ def unroll_draft(gm: fx.GraphModule, *, tree: TreeSpec) -> fx.GraphModule:
     example = [acc_tokens, acc_feats, n_acc, args[2] + D1, *[_example(ph[k]) for k in caches]]
     names = ["acc_tokens", "acc_feats", "n_acc", "cache_len", *caches]
     new = cleanup(trace(step, example, names, ["tree_tokens", *caches]))
-    _unprefix(new, "level.")
+    _rename_attrs(new, lambda t: t.removeprefix("level.") if t != "hot_ids" else hot_name)
+    delattr(new, "level")
+    if hot is not None and hot_name != "hot_ids":
+        delattr(new, "hot_ids")
     meta = {k: v for k, v in gm.meta.items() if k not in ("output_names", "weight_buffers")}
     new.meta.update(meta)
     if hot is not None:
@@ -73,14 +76,14 @@ def unroll_draft(gm: fx.GraphModule, *, tree: TreeSpec) -> fx.GraphModule:
     return new
 
 
-def _unprefix(gm: fx.GraphModule, prefix: str) -> None:
-    """Parameters read through the `level` submodule keep their own names (as in draft_prefill)."""
+def _rename_attrs(gm: fx.GraphModule, rename) -> None:
+    """Weights read through the `level` submodule, and the hot ids, keep the names they have in
+    the one-level graph (as in draft_prefill), so an engine names each weight once."""
     for n in gm.graph.nodes:
-        if n.op == "get_attr" and n.target.startswith(prefix):
-            name = n.target.removeprefix(prefix)
+        if n.op == "get_attr" and rename(n.target) != n.target:
+            name = rename(n.target)
             set_attr_path(gm, name, get_attr_path(gm, n.target))
             n.target = name
-    delattr(gm, prefix.rstrip("."))
     gm.recompile()
 
 
