@@ -1,7 +1,7 @@
 """Fuse sibling projections that read the same input into one matmul (q/k/v, gate/up).
 
 Before:  q = linear(x, Wq);  k = linear(x, Wk);  v = linear(x, Wv)
-After:   qkv = linear(x, cat(Wq, Wk, Wv));  q, k, v = split(qkv, [dq, dk, dv], -1)
+After:   q, k, v = linear(x, cat(Wq, Wk, Wv)).split([dq, dk, dv], -1)   (traced in)
 The fused weight is computed once, at compile time, and registered as a new parameter named
 after its parts (deterministic, so graphs that share weights share the fused one too).
 Requires: weights (and biases, if any) are get_attr parameters. Optional: logs a count.
@@ -9,12 +9,11 @@ Requires: weights (and biases, if any) are get_attr parameters. Optional: logs a
 
 from __future__ import annotations
 
-import operator
-
 import torch
+import torch.nn.functional as F
 from torch import fx
 
-from .infra import get_attr_path, set_attr_path, aten, finish, record
+from .infra import attr_node, aten, call_traced, finish, get_attr_path, record, set_attr_path
 
 
 def fuse_projections(gm: fx.GraphModule) -> fx.GraphModule:
@@ -56,16 +55,10 @@ def _fuse(gm: fx.GraphModule, x: fx.Node, group: list[fx.Node], bias: bool) -> N
             bs = [get_attr_path(gm, u.args[2].target).detach() for u in group]
             set_attr_path(gm, b_name, torch.nn.Parameter(torch.cat(bs), requires_grad=False))
     sizes = [w.shape[0] for w in ws]
-    first = group[0]
-    with gm.graph.inserting_before(first):
-        w = gm.graph.get_attr(name)
-        args = (x, w, gm.graph.get_attr(b_name)) if bias else (x, w)
-        fused = gm.graph.call_function(aten.linear.default, args)
-        parts = gm.graph.call_function(aten.split_with_sizes.default, (fused, sizes, -1))
-        for i, u in enumerate(group):
-            item = gm.graph.call_function(operator.getitem, (parts, i))
-            item.meta = dict(u.meta)
-            u.replace_all_uses_with(item)
-    for u in group:
+    with gm.graph.inserting_before(group[0]):
+        params = [attr_node(gm, n) for n in ([name, b_name] if bias else [name])]
+        parts = call_traced(gm, lambda x, w, *b: F.linear(x, w, *b).split(sizes, -1), x, *params)
+    for u, part in zip(group, parts):
+        u.replace_all_uses_with(part)
         gm.graph.erase_node(u)
 

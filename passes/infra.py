@@ -84,6 +84,14 @@ def fake_mode(gm: fx.GraphModule) -> FakeTensorMode:
     return mode
 
 
+def attr_node(gm: fx.GraphModule, target: str) -> fx.Node:
+    """A get_attr node for an existing parameter or buffer, with meta["val"], at the insertion
+    point."""
+    node = gm.graph.get_attr(target)
+    node.meta["val"] = fake_mode(gm).from_tensor(get_attr_path(gm, target), static_shapes=True)
+    return node
+
+
 def register_constant(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
     """A small static tensor (tree indices, masks) as a buffer + get_attr node (with meta["val"]),
     placed after the last placeholder. Constants belong on the graph's device."""
