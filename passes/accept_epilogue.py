@@ -102,13 +102,14 @@ def _key(n) -> tuple | None:
     v = n.meta.get("val") if isinstance(n, fx.Node) else None
     if not isinstance(v, torch.Tensor) or v.dim() != 4 or n.target != torch.ops.aten.scatter.src:
         return None
-    return (v.shape[0], v.shape[1], v.shape[3], v.dtype, v.device.type)
+    return (v.shape[0], v.shape[1], v.shape[3], v.dtype, v.device)
 
 
 @functools.lru_cache(maxsize=None)
-def _pattern(B: int, H: int, Dh: int, dtype: torch.dtype, device: str) -> fx.GraphModule:
+def _pattern(B: int, H: int, Dh: int, dtype: torch.dtype, device: torch.device) -> fx.GraphModule:
     """`write_cache` traced for a (B, H, S, Dh) cache and a (B, H, T, Dh) block, S and T free."""
-    cache = torch.zeros(B, H, 11, Dh, dtype=dtype, device=device)
-    new = torch.zeros(B, H, 3, Dh, dtype=dtype, device=device)
-    return trace_pattern(write_cache, (cache, new, torch.zeros(B, dtype=torch.long, device=device)),
-                         ("cache", "new", "cache_len"), {"S": [(0, 2)], "T": [(1, 2)]}, normalize=cleanup)
+    cache = torch.zeros(B, H, 11, Dh, dtype=dtype)
+    new = torch.zeros(B, H, 3, Dh, dtype=dtype)
+    return trace_pattern(write_cache, (cache, new, torch.zeros(B, dtype=torch.long)),
+                         ("cache", "new", "cache_len"), {"S": [(0, 2)], "T": [(1, 2)]},
+                         normalize=cleanup, device=device)

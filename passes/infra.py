@@ -144,14 +144,17 @@ def call_traced(gm: fx.GraphModule, fn: Callable, *args: fx.Node) -> Any:
 
 def trace_pattern(fn: Callable, args: Sequence[torch.Tensor], names: Sequence[str],
                   dynamic: dict[str, list[tuple[int, int]]],
-                  normalize: Callable[[fx.GraphModule], fx.GraphModule] | None = None) -> fx.GraphModule:
+                  normalize: Callable[[fx.GraphModule], fx.GraphModule] | None = None,
+                  device: torch.device | str = "cpu") -> fx.GraphModule:
     """A plain torch function -> a pattern graph for `match_pattern`, traced by torch.export (the
     tracer that made the graphs it will be matched against), its inputs named `names`, which
     `match_pattern` reports the bindings of. `dynamic` names the sizes that are
     free in the pattern: {name: [(arg index, dim), ...]}. Each becomes a placeholder called
     `name`, which matches a literal int or a size node in the graph (the binding is checked by the
     caller); every other size is literal and must be equal. `normalize` (the cleanup pass) puts
-    the pattern in the form the graphs have when they are matched."""
+    the pattern in the form the graphs have when they are matched. `args` live on the CPU: a
+    CUDA operator's shape rules can pin the free sizes (SDPA's memory-efficient kernel aligns
+    its mask); `device` is then written into the pattern's device arguments (arange's)."""
     from torch.export import Dim
 
     dims = {name: Dim(name, min=2) for name in dynamic}
@@ -192,6 +195,8 @@ def trace_pattern(fn: Callable, args: Sequence[torch.Tensor], names: Sequence[st
             continue
         else:
             env[n] = g.node_copy(n, lambda x: env[x])
+            if "device" in n.kwargs:
+                env[n].kwargs = {**n.kwargs, "device": torch.device(device)}
     g.eliminate_dead_code()
     pat = fx.GraphModule(torch.nn.Module(), g)
     return normalize(pat) if normalize is not None else pat

@@ -78,7 +78,7 @@ def _matches(gm: fx.GraphModule) -> dict[fx.Node, dict]:
         if all(isinstance(v, torch.Tensor) and v.dim() == 4 for v in vals):
             qv, cv = vals
             keys.setdefault((qv.shape[0], qv.shape[1], qv.shape[3], cv.shape[1], qv.dtype,
-                             qv.device.type), []).append(n)
+                             qv.device), []).append(n)
     found = {}
     for key, nodes in keys.items():
         for m in match_pattern(gm, _pattern(*key)):
@@ -102,16 +102,18 @@ def _same(bound, size) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _pattern(B: int, Hq: int, Dh: int, Hkv: int, dtype: torch.dtype, device: str) -> fx.GraphModule:
+def _pattern(B: int, Hq: int, Dh: int, Hkv: int, dtype: torch.dtype,
+             device: torch.device) -> fx.GraphModule:
     """`cache_attention` traced for q (B, Hq, T, Dh) and caches (B, Hkv, S, Dh), T and S free."""
     T, S = 3, 11  # any sizes: they become placeholders
-    q = torch.zeros(B, Hq, T, Dh, dtype=dtype, device=device)
-    k = torch.zeros(B, Hkv, T, Dh, dtype=dtype, device=device)
-    c = torch.zeros(B, Hkv, S, Dh, dtype=dtype, device=device)
-    cache_len = torch.zeros(B, dtype=torch.long, device=device)
+    q = torch.zeros(B, Hq, T, Dh, dtype=dtype)
+    k = torch.zeros(B, Hkv, T, Dh, dtype=dtype)
+    c = torch.zeros(B, Hkv, S, Dh, dtype=dtype)
+    cache_len = torch.zeros(B, dtype=torch.long)
     return trace_pattern(cache_attention, (q, k, k.clone(), c, c.clone(), cache_len),
                          ("q", "k", "v", "k_cache", "v_cache", "cache_len"),
-                         {"T": [(0, 2), (1, 2), (2, 2)], "S": [(3, 2), (4, 2)]}, normalize=cleanup)
+                         {"T": [(0, 2), (1, 2), (2, 2)], "S": [(3, 2), (4, 2)]},
+                         normalize=cleanup, device=device)
 
 
 def _mask_node(gm: fx.GraphModule, tree: TreeSpec | None, q: fx.Node) -> fx.Node:
