@@ -29,12 +29,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .config import DraftConfig, ModelConfig
+from .engine_format import DTYPES
 from .errors import SpecCompileError
 from .fileio import read_json_object
 from .models.eagle import EagleDraft
 from .models.llama import Llama, rope_inv_freq
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 
 from ..config import DraftConfig
+from ..engine_format import DTYPES
 from ..errors import SpecCompileError
 from ..hashing import record_path, sha256_file
-from ..loading import DTYPES, load_target
+from ..loading import load_target
 from ..models.eagle import EagleDraft
 from .checkpoint import load_latest, save_checkpoint
 from .data import batch_prompt_ids, encode_prompts, load_tokenizer, read_prompts
