@@ -144,15 +144,21 @@ def nbytes(mod, skip=()) -> int:
     return total
 
 
-def build(m, target, draft, dcfg, tree, graphs, root: Path, name: str, device="cuda", backend="inductor"):
-    from spec_compiler.runtime import Engine
-
+def build_engine_dir(m, target, draft, dcfg, tree, graphs, root: Path, name: str, device="cuda",
+                     backend="inductor") -> Path:
+    """Compile an engine of random-weight modules (graphs=None: every graph the tree needs)."""
     cfg = CompileConfig(model=m, draft=dcfg if tree.n_nodes > 1 else None, tree=tree,
                         max_seq_len=1024, dtype="bfloat16", device=device, prefill_chunk=64,
                         backend=backend)
+    return compile_modules(cfg, target, draft if tree.n_nodes > 1 else None, root / name,
+                           progress=lambda s: print("  " + s, flush=True), graphs=graphs)
+
+
+def build(m, target, draft, dcfg, tree, graphs, root: Path, name: str, device="cuda", backend="inductor"):
+    from spec_compiler.runtime import Engine
+
     t = time.time()
-    out = compile_modules(cfg, target, draft if tree.n_nodes > 1 else None, root / name,
-                          progress=lambda s: print("  " + s, flush=True), graphs=graphs)
+    out = build_engine_dir(m, target, draft, dcfg, tree, graphs, root, name, device, backend)
     compile_s = time.time() - t
     t = time.time()
     eng = Engine.load(out)

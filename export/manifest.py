@@ -20,7 +20,7 @@ import torch
 from spec_compiler import engine_format as fmt
 from spec_compiler.errors import SpecCompileError
 from spec_compiler.fileio import atomic_write_text
-from spec_compiler.hashing import sha256_file
+from spec_compiler.hashing import digest_files
 
 
 @dataclass
@@ -47,8 +47,8 @@ class Manifest:
 
 
 def fingerprint(engine_dir: Path, body: dict) -> tuple[str, dict]:
-    files = {str(p.relative_to(engine_dir)): sha256_file(p) for p in sorted(engine_dir.rglob("*"))
-             if p.is_file() and p.name != fmt.MANIFEST}
+    paths = [p for p in sorted(engine_dir.rglob("*")) if p.is_file() and p.name != fmt.MANIFEST]
+    files = {str(p.relative_to(engine_dir)): d for p, d in digest_files(paths).items()}
     h = hashlib.sha256(json.dumps({"body": body, "files": files}, sort_keys=True).encode())
     return h.hexdigest(), files
 

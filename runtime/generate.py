@@ -61,6 +61,9 @@ class Engine:
         self._ar = torch.arange(self.dims.tree_depth + 1, device=dev)
         self._captured = None
         self._request: tuple[int, int | None, float] | None = None  # prompt tokens, max_new, t0
+        # Where Engine.load spent its time (seconds): check (manifest + fingerprint: every file
+        # hashed), weights (read and placed on the device), graphs (artifacts), state, total.
+        self.load_seconds: dict[str, float] = {}
 
     @classmethod
     def load(cls, engine_dir, device: str | None = None) -> "Engine":

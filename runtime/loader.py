@@ -7,12 +7,12 @@ packages, loaded as they are. Graph interfaces and state come from the engine co
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-import spec_compiler.ops.tree_attention  # noqa: F401  (the op, for eager-backend programs)
 from spec_compiler import engine_format as fmt
 from spec_compiler.config import DraftConfig, ModelConfig
 from spec_compiler.errors import SpecCompileError
@@ -66,6 +66,8 @@ class EngineSpec:
 
 def _load_artifact(path: Path, backend: str, device: str):
     if backend == "eager":
+        import spec_compiler.ops.tree_attention  # noqa: F401  (the op the program calls)
+
         return torch.export.load(str(path)).module()
     from .aoti import load_package
 
@@ -102,14 +104,25 @@ def load(engine_dir: str | Path, device: str | None = None):
     engine_dir = Path(engine_dir)
     if not engine_dir.is_dir():
         raise SpecCompileError(f"engine {engine_dir} does not exist; build it with spec-compile")
-    spec = read_spec(engine_dir, device)
+    t = [time.perf_counter()]
+    spec = read_spec(engine_dir, device)  # hashes every file (the fingerprint)
+    t.append(time.perf_counter())
     weights = load_file(str(engine_dir / fmt.WEIGHTS), device=spec.device)
+    t.append(time.perf_counter())
     graphs = {}
     for name, g in spec.manifest["graphs"].items():
         fn = _load_artifact(engine_dir / g["file"], spec.backend, spec.device)
         graphs[name] = Graph(name, fn, [weights[w] for w in g["weights"]], fmt.graph_io(spec.dims, name))
+    t.append(time.perf_counter())
     state = {t.name: t.empty(spec.device) for t in fmt.state(spec.dims)}
     tdir = engine_dir / fmt.TOKENIZER_DIR
     tok = tdir if any((tdir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")) else None
-    log.info("loaded %s (%d graphs, backend %s)", engine_dir, len(graphs), spec.backend)
-    return Engine(spec, graphs, state, tok)
+    engine = Engine(spec, graphs, state, tok)
+    if spec.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t.append(time.perf_counter())
+    engine.load_seconds = {"check": t[1] - t[0], "weights": t[2] - t[1], "graphs": t[3] - t[2],
+                           "state": t[4] - t[3], "total": t[4] - t[0]}
+    log.info("loaded %s (%d graphs, backend %s) in %.2fs", engine_dir, len(graphs), spec.backend,
+             t[4] - t[0])
+    return engine

@@ -116,11 +116,39 @@ print(json.dumps(r.output_ids))
 """
 
 
-def test_load_compiles_nothing(built, tmp_path, tiny_dir):
+# Spawning anything is refused: Inductor's CPU vector-ISA probe (reached through
+# aoti_load_package's device-information check) asks `g++ --version` and dlopens test programs
+# in fresh Pythons, tens of seconds on a cold start; a compiler lookup would spawn too.
+NO_SUBPROCESS = r"""
+import json, os, subprocess, sys, time
+import torch, transformers
+
+def boom(*a, **k):
+    raise AssertionError(f"a process was started while loading an engine: {a[:1]}")
+
+subprocess.Popen.__init__ = boom
+os.system = os.posix_spawn = os.fork = boom
+t = time.perf_counter()
+from spec_compiler.runtime import Engine
+e = Engine.load(sys.argv[1])
+load = time.perf_counter() - t
+r = e.generate(json.loads(sys.argv[2]), max_new_tokens=30)
+print(json.dumps({"ids": r.output_ids, "load_s": load}))
+"""
+
+
+@pytest.mark.parametrize("script", [NO_COMPILE, NO_SUBPROCESS], ids=["no_compile", "no_subprocess"])
+def test_load_compiles_and_spawns_nothing(built, tmp_path, tiny_dir, script):
+    """A fresh interpreter with an empty Inductor cache (in-process, an earlier probe's cached
+    result would hide the cost) loads an engine and generates, with compiling or spawning made
+    to fail."""
     engines, _ = built
     env = {**os.environ, "PYTHONPATH": str(REPO), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "empty_cache"),
            "TMPDIR": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-c", NO_COMPILE, str(engines["chain"]), json.dumps(PROMPT)],
+    r = subprocess.run([sys.executable, "-c", script, str(engines["chain"]), json.dumps(PROMPT)],
                        capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads(r.stdout.strip().splitlines()[-1]) == hf_greedy(tiny_dir, PROMPT, 30)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    ids = out["ids"] if isinstance(out, dict) else out
+    assert ids == hf_greedy(tiny_dir, PROMPT, 30)
+    assert not (tmp_path / "empty_cache").exists() or not any((tmp_path / "empty_cache").rglob("*.so"))
