@@ -11,6 +11,7 @@ left as it was.
                                a temporary directory; `dest` created or swapped when the block ends
     output_lock(dest)          an exclusive lock on `dest` for a whole build (`.NAME.lock` beside
                                it): a second writer fails at once; stale temporaries are removed
+    path_inside(root, name)    `root / name` if `name` (read from a file) stays inside `root`
 
 Parent directories that `atomic_dir` / `output_lock` create are removed again when the block
 fails. A process killed outright (SIGKILL) cannot clean up: its `.NAME.tmp-*` directory stays
@@ -217,6 +218,25 @@ def _remove_dirs(dirs: list[Path]) -> None:
             d.rmdir()
         except OSError:
             return
+
+
+def path_inside(root: Path, name: object, plain: bool = False, links: bool = True) -> Path | None:
+    """`root / name` if `name`, a string read from a manifest or index, names something inside
+    `root`: relative, no empty, `.` or `..` component (`plain`: one component, no separator at
+    all). `links=False` also requires the path to resolve inside `root` with symlinks followed
+    (a link out is refused). None otherwise."""
+    if not isinstance(name, str) or "\0" in name or "\\" in name:
+        return None
+    parts = name.split("/")
+    if (plain and len(parts) != 1) or any(p in ("", ".", "..") for p in parts):
+        return None
+    path = Path(root) / name
+    if not links:
+        top = Path(root).resolve()
+        real = path.resolve()
+        if real == top or not real.is_relative_to(top):
+            return None
+    return path
 
 
 def _carry_over(old: Path, new: Path) -> None:

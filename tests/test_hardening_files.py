@@ -153,3 +153,117 @@ def test_second_compile_to_the_same_out_fails_at_once(tmp_path, tiny_dir, tiny_d
     from spec_compiler.runtime import Engine
 
     assert len(Engine.load(out).generate([5, 6, 7], max_new_tokens=4).output_ids) == 4
+
+
+# ---- integrity: engine files and checkpoint shards stay inside their directory ----
+
+@pytest.fixture(scope="module")
+def engine_dir(tmp_path_factory, tiny_dir, tiny_draft_dir):
+    return build_engine(tmp_path_factory.mktemp("integrity") / "engine", tiny_dir, tree="chain-2",
+                        draft_dir=tiny_draft_dir, max_seq_len=64, chunk=8)
+
+
+def _resign(d: Path, edit) -> None:
+    """Edit the manifest's data and sign it again, as anyone can (the fingerprint is no secret)."""
+    from spec_compiler.export.manifest import Manifest, write_manifest
+
+    data = json.loads((d / "manifest.json").read_text())
+    edit(data)
+    write_manifest(d, Manifest(data))
+
+
+def _move_out(d: Path, name: str) -> Path:
+    outside = d.parent / "outside"
+    outside.mkdir(exist_ok=True)
+    return Path(shutil.move(d / name, outside / name))
+
+
+def _graph_file(value):
+    return lambda d: _resign(d, lambda m: m["graphs"]["verify"].update(file=value(d)))
+
+
+def _symlink_out(d: Path, name: str) -> None:
+    (d / name).symlink_to(_move_out(d, name))
+
+
+@pytest.mark.parametrize("tamper, words", [
+    (_graph_file(lambda d: str(_move_out(d, "verify.pt2"))), ["graph 'verify' file", "/outside/verify.pt2"]),
+    (_graph_file(lambda d: _move_out(d, "verify.pt2") and "../outside/verify.pt2"),
+     ["graph 'verify' file", "'../outside/verify.pt2'"]),
+    (_graph_file(lambda d: str(d / "verify.pt2")), ["graph 'verify' file", "plain file name"]),
+    (lambda d: _symlink_out(d, "verify.pt2"), ["graph 'verify' file 'verify.pt2'", "link out"]),
+    (lambda d: _symlink_out(d, "weights.safetensors"), ["'weights.safetensors'"]),
+    (lambda d: _edit_files(d, "/etc/passwd"), ["files entry '/etc/passwd'"]),
+    (lambda d: _edit_files(d, "../engine/verify.pt2"), ["files entry '../engine/verify.pt2'"]),
+], ids=["absolute", "dotdot", "absolute-inside", "symlink-out", "weights-symlink-out",
+        "files-absolute", "files-dotdot"])
+def test_engine_files_are_plain_names_inside(tmp_path, engine_dir, tamper, words):
+    from spec_compiler.runtime import Engine
+
+    d = tmp_path / "engine"
+    shutil.copytree(engine_dir, d)
+    tamper(d)
+    with pytest.raises(SpecCompileError) as e:
+        Engine.load(d)
+    assert "\n" not in str(e.value) and "spec-compile" in str(e.value)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def _edit_files(d: Path, name: str) -> None:
+    """A `files` entry (outside the fingerprinted body: the fingerprint still matches)."""
+    m = json.loads((d / "manifest.json").read_text())
+    m["files"][name] = "0" * 64
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+def test_engine_file_outside_through_spec_run(tmp_path, engine_dir):
+    d = tmp_path / "engine"
+    shutil.copytree(engine_dir, d)
+    _graph_file(lambda d: str(_move_out(d, "verify.pt2")))(d)
+    assert_clean_error(cli(d, "--prompt-ids", "5,6,7", "--max-new-tokens", "4", entry="run_main"),
+                       "graph 'verify' file", "outside/verify.pt2")
+
+
+@pytest.fixture
+def sharded(tmp_path, tiny_dir):
+    from transformers import LlamaForCausalLM
+
+    d = tmp_path / "sharded"
+    LlamaForCausalLM.from_pretrained(tiny_dir).save_pretrained(d, max_shard_size="50KB")
+    return d
+
+
+def _point_shard(d: Path, new_name) -> str:
+    """Move the index's first shard out of MODEL_DIR and name it `new_name(moved_path)`."""
+    index = d / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    old = sorted(set(data["weight_map"].values()))[0]
+    moved = _move_out(d, old)
+    name = new_name(moved)
+    data["weight_map"] = {k: name if v == old else v for k, v in data["weight_map"].items()}
+    index.write_text(json.dumps(data))
+    return name
+
+
+@pytest.mark.parametrize("new_name", [lambda p: str(p), lambda p: f"../outside/{p.name}",
+                                      lambda p: f"sub/../../outside/{p.name}"],
+                         ids=["absolute", "dotdot", "nested-dotdot"])
+def test_shards_resolve_inside_model_dir(sharded, new_name):
+    from spec_compiler.loading import load_target
+
+    name = _point_shard(sharded, new_name)
+    with pytest.raises(SpecCompileError) as e:
+        load_target(sharded)
+    msg = str(e.value)
+    assert "model.safetensors.index.json" in msg and repr(name) in msg and "\n" not in msg, msg
+
+
+def test_shard_symlinks_are_followed(sharded):
+    """A shard that is a symlink in MODEL_DIR (the Hugging Face cache's layout: snapshots link
+    to ../../blobs) loads from wherever it points."""
+    from spec_compiler.loading import load_target
+
+    name = _point_shard(sharded, lambda p: p.name)
+    (sharded / name).symlink_to(sharded.parent / "outside" / name)
+    load_target(sharded)
