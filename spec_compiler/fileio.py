@@ -145,7 +145,7 @@ def output_lock(dest: str | Path, what: str = "--out") -> Iterator[Path]:
         _remove_dirs(created)
         raise
     try:
-        for stale in dest.parent.glob(f".{dest.name}.tmp-*"):
+        for stale in [p for p in dest.parent.iterdir() if p.name.startswith(f".{dest.name}.tmp-")]:
             if stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale, ignore_errors=True)
             else:
