@@ -4,8 +4,11 @@ The layout and the graphs' interface are the engine contract (`spec_compiler/eng
 the manifest records the contract's sizes (`dims`) for this engine, the configs it was built
 from, each graph's artifact, weights and passes, and the parallel layout. The runtime reads
 shapes, tree and graphs from here, never from flags. Loading checks, in order: schema version,
-torch version, and the fingerprint (sha256 of every artifact file plus the manifest body), so an
-engine from another version or with an edited file fails with one clear line.
+torch version, file names, and the fingerprint (sha256 of every artifact file plus the manifest
+body), so an engine from another version or with an edited file fails with one clear line.
+Engine files are plain names inside the engine directory (`check_file_names`): an entry that is
+absolute, has `..` or a separator, or is a symlink out of the directory is refused before
+anything is opened, whatever the fingerprint says (anyone can re-sign a manifest).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 
 from spec_compiler import engine_format as fmt
 from spec_compiler.errors import SpecCompileError
-from spec_compiler.fileio import atomic_write_text
+from spec_compiler.fileio import atomic_write_text, path_inside
 from spec_compiler.hashing import digest_files
 
 
@@ -79,6 +82,7 @@ def read_manifest(engine_dir: Path) -> dict:
     if data.get("torch_version") != torch.__version__:
         raise SpecCompileError(f"{engine_dir}: built with torch {data.get('torch_version')}, running "
                                f"torch {torch.__version__}; rebuild the engine with this torch")
+    check_file_names(engine_dir, data)
     body = {k: v for k, v in data.items() if k not in ("fingerprint", "files")}
     fp, files = fingerprint(engine_dir, body)
     if fp != data.get("fingerprint"):
@@ -88,3 +92,22 @@ def read_manifest(engine_dir: Path) -> dict:
         raise SpecCompileError(f"{engine_dir}: fingerprint mismatch ({what} changed since the "
                                "engine was built); rebuild the engine with spec-compile")
     return data
+
+
+def check_file_names(engine_dir: Path, data: dict) -> None:
+    """Each graph's `file` is a plain name, each fingerprinted `files` entry a relative path
+    (`tokenizer/...`), and they, the weights and the tokenizer directory resolve inside
+    `engine_dir` (no symlink out: spec-compile writes none)."""
+    graphs, files = data.get("graphs"), data.get("files", {})
+    if not isinstance(graphs, dict) or not all(isinstance(g, dict) for g in graphs.values()):
+        raise SpecCompileError(f"{engine_dir / fmt.MANIFEST}: corrupt (graphs is not an object of "
+                               "objects); rebuild the engine with spec-compile")
+    entries = [(f"graph {g!r} file", e.get("file"), True) for g, e in graphs.items()]
+    entries += [("files entry", f, False) for f in (files if isinstance(files, dict) else [files])]
+    entries += [("file", fmt.WEIGHTS, True), ("directory", fmt.TOKENIZER_DIR, True)]
+    for what, name, plain in entries:
+        if path_inside(engine_dir, name, plain=plain, links=False) is None:
+            raise SpecCompileError(f"{engine_dir / fmt.MANIFEST}: {what} {name!r} is not a "
+                                   f"{'plain file name' if plain else 'relative path'} inside "
+                                   f"{engine_dir} (absolute, '..', a separator or a link out); "
+                                   "rebuild the engine with spec-compile")

@@ -16,10 +16,20 @@ Public API (the benchmarks use nothing else):
     engine.result()                  the finished generation
     engine.call(graph, **args)       one step graph, its other inputs read from the state
     engine.capture()                 capture the step now, so the first generate() does not
+    engine.session()                 `with engine.session():` drive start/step/result undisturbed
+
+Threads: an Engine holds one set of state buffers, so calls are serialised by `engine.lock` (a
+reentrant lock). generate() holds it for the whole generation; every other public call holds it
+for that call. The start() -> step()... -> result() protocol spans calls: a thread driving it
+must hold the lock throughout, `with engine.session(): ...`, or another thread's generate() may
+run in between and overwrite the state. Other threads' calls wait until the session ends.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +59,15 @@ class GenerationResult:
         return d
 
 
+def _locked(method):
+    """The method runs holding `self.lock` (see the module docstring)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+    return run
+
+
 class Engine:
     def __init__(self, spec, graphs, state, tokenizer_dir: Path | None):
         self.spec, self.graphs, self.state = spec, graphs, state
@@ -64,6 +83,8 @@ class Engine:
         # Where Engine.load spent its time (seconds): check (manifest + fingerprint: every file
         # hashed), weights (read and placed on the device), graphs (artifacts), state, total.
         self.load_seconds: dict[str, float] = {}
+        self.lock = threading.RLock()  # serialises every call on the state (module docstring)
+        self._tokenizer_lock = threading.Lock()
 
     @classmethod
     def load(cls, engine_dir, device: str | None = None) -> "Engine":
@@ -79,21 +100,27 @@ class Engine:
     # ---- tokenizer ----
     @property
     def tokenizer(self):
-        if self._tokenizer is None and self.tokenizer_dir is not None:
-            from transformers import AutoTokenizer
+        with self._tokenizer_lock:  # loaded once; a fast tokenizer is not safe to share unlocked
+            if self._tokenizer is None and self.tokenizer_dir is not None:
+                from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
+                self._tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
         return self._tokenizer
 
     def encode_prompt(self, text: str) -> list[int]:
-        if self.tokenizer is None:
+        tok = self.tokenizer
+        if tok is None:
             raise SpecCompileError("this engine has no tokenizer (the checkpoint had none); "
                                    "pass --prompt-ids instead of --prompt")
-        return encode_user_prompt(self.tokenizer, text)
+        with self._tokenizer_lock:
+            return encode_user_prompt(tok, text)
 
     def decode(self, ids: list[int]) -> str | None:
         tok = self.tokenizer
-        return None if tok is None else tok.decode(ids, skip_special_tokens=True)
+        if tok is None:
+            return None
+        with self._tokenizer_lock:
+            return tok.decode(ids, skip_special_tokens=True)
 
     # ---- requests ----
     def check_request(self, n_prompt: int, max_new_tokens: int | None) -> None:
@@ -115,6 +142,15 @@ class Engine:
             raise SpecCompileError(f"prompt token id {bad[0]} is outside the vocabulary [0, {V})")
 
     # ---- public step API ----
+    @contextlib.contextmanager
+    def session(self):
+        """`with engine.session():` the calling thread alone uses the engine until the block ends
+        (start -> step... -> result without another thread's call in between); other threads'
+        calls wait. Reentrant: generate() and the step calls work inside."""
+        with self.lock:
+            yield self
+
+    @_locked
     def call(self, graph: str, **args: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run one step graph; inputs not given are read from the engine state (caches are
         updated in place). Returns its outputs by name (engine_format.graph_io)."""
@@ -122,6 +158,7 @@ class Engine:
             raise SpecCompileError(f"this engine has no {graph!r} graph (it has {sorted(self.graphs)})")
         return self.graphs[graph](self.state, **args)
 
+    @_locked
     @torch.inference_mode()
     def start(self, prompt_ids: list[int], max_new_tokens: int | None = None) -> None:
         """Validate and prefill a prompt and arm the step state; step() then generates."""
@@ -135,6 +172,7 @@ class Engine:
         self._arm(first, max_new_tokens)
         self._request = (len(prompt_ids), max_new_tokens, t0)
 
+    @_locked
     @torch.inference_mode()
     def start_synthetic(self, context_len: int, seed: int = 0) -> None:
         """Arm the step state over a random context of `context_len` cache slots (random cache
@@ -156,6 +194,7 @@ class Engine:
         self._arm(int(st["acc_tokens"][0, 0]), None, check_eos=False)
         self._request = (context_len, None, time.perf_counter())
 
+    @_locked
     @torch.inference_mode()
     def step(self) -> None:
         """One speculative step for every live slot: one CUDA-graph replay on a GPU."""
@@ -168,9 +207,11 @@ class Engine:
         else:
             self._step()
 
+    @_locked
     def running(self) -> bool:
         return not bool(self.state["done"].all())
 
+    @_locked
     def capture(self) -> None:
         """Capture the step now (CUDA), so the first generate() does not pay for it. Uses a
         harmless state (every sequence done, n_acc = 1, cache_len = 1 so the draft's catch-up
@@ -183,6 +224,7 @@ class Engine:
         st["cache_len"].fill_(1)
         self.step()
 
+    @_locked
     @torch.inference_mode()
     def result(self) -> GenerationResult:
         """The generation armed by start(), read back once it has stopped."""
@@ -209,10 +251,12 @@ class Engine:
                                 tokens_per_call=(sum(accepts) / calls) if calls else 0.0,
                                 seconds=seconds, prompt_tokens=n_prompt, accept_lengths=accepts)
 
+    @_locked
     def generate(self, prompt_ids: list[int], max_new_tokens: int | None = None,
                  sync_every: int = 4) -> GenerationResult:
-        """Greedy speculative generation of one sequence. The host reads the done flag every
-        `sync_every` steps (1 on CPU, where reading is free)."""
+        """Greedy speculative generation of one sequence, holding `self.lock` throughout (other
+        threads' calls wait). The host reads the done flag every `sync_every` steps (1 on CPU,
+        where reading is free)."""
         self.start(prompt_ids, max_new_tokens)
         if not self.spec.device.startswith("cuda"):
             sync_every = 1

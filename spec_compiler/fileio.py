@@ -9,6 +9,13 @@ left as it was.
     atomic_write_bytes(path, data) / atomic_write_text(path, text)
     atomic_dir(dest, existing="error" | "replace" | "merge")
                                a temporary directory; `dest` created or swapped when the block ends
+    output_lock(dest)          an exclusive lock on `dest` for a whole build (`.NAME.lock` beside
+                               it): a second writer fails at once; stale temporaries are removed
+    path_inside(root, name)    `root / name` if `name` (read from a file) stays inside `root`
+
+Parent directories that `atomic_dir` / `output_lock` create are removed again when the block
+fails. A process killed outright (SIGKILL) cannot clean up: its `.NAME.tmp-*` directory stays
+until the next `output_lock(dest)`, which removes it (no live writer holds the lock by then).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -89,8 +97,12 @@ def atomic_dir(dest: str | Path, existing: str = "error") -> Iterator[Path]:
     if existing not in ("error", "replace", "merge"):
         raise ValueError(f"atomic_dir: existing={existing!r}; expected error, replace or merge")
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    created = _make_parents(dest)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    except BaseException:
+        _remove_dirs(created)
+        raise
     try:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result gets the usual mode
         yield tmp
@@ -109,8 +121,122 @@ def atomic_dir(dest: str | Path, existing: str = "error") -> Iterator[Path]:
             shutil.rmtree(tmp)  # now the old directory
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_dirs(created)
         raise
     _fsync_dir(dest.parent)
+
+
+@contextlib.contextmanager
+def output_lock(dest: str | Path, what: str = "--out") -> Iterator[Path]:
+    """`with output_lock(d):` the one writer of `d` for the whole block: an exclusive `flock` on
+    `.NAME.lock` beside `d` (the holder's pid written in it), released and removed when the block
+    ends. A second `output_lock(d)`, in this or another process, fails at once with a
+    SpecCompileError naming the holder's pid (`what`: the flag that named `d`, for the message).
+
+    Once held, `.NAME.tmp-*` siblings of `d` are stale (only a holder builds there, and the
+    kernel drops a killed holder's lock), so they are removed. Parent directories created for
+    the lock file are removed again if the block fails. Yields the lock file's path."""
+    dest = Path(dest)
+    created = _make_parents(dest)
+    lock = dest.parent / f".{dest.name}.lock"
+    try:
+        fd = _take_lock(lock, dest, what)
+    except BaseException:
+        _remove_dirs(created)
+        raise
+    try:
+        for stale in [p for p in dest.parent.iterdir() if p.name.startswith(f".{dest.name}.tmp-")]:
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+        yield lock
+    except BaseException:
+        _release_lock(lock, fd)
+        _remove_dirs(created)
+        raise
+    _release_lock(lock, fd)
+
+
+def _take_lock(lock: Path, dest: Path, what: str) -> int:
+    """An fd holding an exclusive flock on `lock`, the file at that path when taken (a holder
+    that unlinked it on release leaves a dead inode, so retry on a fresh file)."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise SpecCompileError(f"{what} {dest} is being written by another process (pid {pid}, "
+                                   f"lock {lock}); wait for it to finish or choose another path") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)
+
+
+def _release_lock(lock: Path, fd: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        lock.unlink()  # while still held: a waiter that opened it retries on a fresh file
+    os.close(fd)
+
+
+def _make_parents(path: Path) -> list[Path]:
+    """Create `path`'s missing parent directories; returns those this call created, innermost
+    first (one another process made meanwhile is not ours)."""
+    missing = []
+    for p in path.absolute().parents:
+        if p.is_dir():
+            break
+        missing.append(p)
+    created = []
+    for p in reversed(missing):
+        try:
+            p.mkdir()
+        except FileExistsError:
+            continue
+        except BaseException:
+            _remove_dirs(created[::-1])
+            raise
+        created.append(p)
+    return created[::-1]
+
+
+def _remove_dirs(dirs: list[Path]) -> None:
+    """Remove `dirs` (innermost first) where empty: what `_make_parents` created, undone."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
+def path_inside(root: Path, name: object, plain: bool = False, links: bool = True) -> Path | None:
+    """`root / name` if `name`, a string read from a manifest or index, names something inside
+    `root`: relative, no empty, `.` or `..` component (`plain`: one component, no separator at
+    all). `links=False` also requires the path to resolve inside `root` with symlinks followed
+    (a link out is refused). None otherwise."""
+    if not isinstance(name, str) or "\0" in name or "\\" in name:
+        return None
+    parts = name.split("/")
+    if (plain and len(parts) != 1) or any(p in ("", ".", "..") for p in parts):
+        return None
+    path = Path(root) / name
+    if not links:
+        top = Path(root).resolve()
+        real = path.resolve()
+        if real == top or not real.is_relative_to(top):
+            return None
+    return path
 
 
 def _carry_over(old: Path, new: Path) -> None:

@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from .config import DraftConfig, ModelConfig
 from .engine_format import DTYPES
 from .errors import SpecCompileError
-from .fileio import read_json_object
+from .fileio import path_inside, read_json_object
 from .models.eagle import EagleDraft
 from .models.llama import Llama, rope_inv_freq
 
@@ -56,9 +56,16 @@ def read_target_state(model_dir: Path) -> dict[str, torch.Tensor]:
             raise SpecCompileError(f"{index}: not a valid safetensors index ({e})") from None
         state = {}
         for f in files:
-            if not (model_dir / f).is_file():
+            # A shard is a relative name inside MODEL_DIR (no absolute path, no '..'); a symlink
+            # in MODEL_DIR is followed wherever it points, as in the Hugging Face cache.
+            shard = path_inside(model_dir, f)
+            if shard is None:
+                raise SpecCompileError(f"{index} lists shard {f!r}, which is not a relative name "
+                                       f"inside {model_dir} (absolute or '..'); fix the index's "
+                                       "weight_map")
+            if not shard.is_file():
                 raise SpecCompileError(f"{index} lists shard {f}, which is missing from {model_dir}")
-            state.update(_load_safetensors(model_dir / f))
+            state.update(_load_safetensors(shard))
         return state
     raise SpecCompileError(f"{model_dir}: no model.safetensors or model.safetensors.index.json; "
                            "point at a Hugging Face checkpoint saved with safetensors")

@@ -12,10 +12,12 @@ columns to target ids (unroll_draft), so tree_tokens are target ids either way.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -31,7 +33,7 @@ from spec_compiler.passes.infra import outputs, set_outputs
 from . import engine_format as fmt
 from .config import CompileConfig
 from .errors import SpecCompileError
-from .fileio import atomic_dir
+from .fileio import atomic_dir, output_lock
 from .loading import DraftSource, load_draft, load_target
 from .trace import trace
 
@@ -80,22 +82,22 @@ def compile_engine(cfg: CompileConfig, model_dir: Path, draft_dir: Path | DraftS
                    progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
                    debug_dir: Path | None = None, draft_module: torch.nn.Module | None = None,
                    draft_vocab: str | int = "auto") -> Path:
-    """Compile into `out_dir`, atomically: built in a temp dir beside it, renamed at the end.
+    """Compile into `out_dir`, atomically: built in a temp dir beside it, renamed at the end,
+    under the output lock (`_writing`), taken before anything is loaded.
 
     `draft_vocab` ("auto", "full" or N) picks the draft's vocabulary (`load_draft`). `draft_dir`
     may be a `loading.read_draft` result; its weights are not read again.
     `draft_module` replaces loading `draft_dir` (tests use it for drafts with known behaviour;
     it must follow `EagleDraft.forward`'s calling convention, and may have `hot_ids`)."""
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise SpecCompileError(f"--out {out_dir} already exists; remove it or choose another path")
     t0 = time.time()
-    progress(f"[1/4] loading {model_dir}" + (f" and draft {draft_dir}" if draft_dir else ""))
-    target = load_target(model_dir, cfg.dtype).to(cfg.device)
-    draft = draft_module
-    if draft is None and draft_dir is not None:
-        draft = load_draft(draft_dir, target, cfg.dtype, draft_vocab).to(cfg.device)
-    return compile_modules(cfg, target, draft, out_dir, progress, debug_dir, model_dir=model_dir, t0=t0)
+    with _writing(out_dir):
+        progress(f"[1/4] loading {model_dir}" + (f" and draft {draft_dir}" if draft_dir else ""))
+        target = load_target(model_dir, cfg.dtype).to(cfg.device)
+        draft = draft_module
+        if draft is None and draft_dir is not None:
+            draft = load_draft(draft_dir, target, cfg.dtype, draft_vocab).to(cfg.device)
+        return _compile(cfg, target, draft, out_dir, progress, debug_dir, None, model_dir, t0)
 
 
 def compile_modules(cfg: CompileConfig, target: torch.nn.Module, draft: torch.nn.Module | None,
@@ -106,23 +108,43 @@ def compile_modules(cfg: CompileConfig, target: torch.nn.Module, draft: torch.nn
     which step graphs are built (default: all that the tree needs). The manifest records the
     draft vocabulary of the module compiled (`hot_ids`), whatever cfg.draft said."""
     out_dir = Path(out_dir)
+    with _writing(out_dir):
+        return _compile(cfg, target, draft, out_dir, progress, debug_dir, graphs, model_dir, t0)
+
+
+@contextlib.contextmanager
+def _writing(out_dir: Path):
+    """A whole compile to `out_dir`: SIGTERM and SIGHUP raise KeyboardInterrupt (so the cleanup
+    below runs, as for Ctrl-C); `fileio.output_lock` is held (a second compile to the same path
+    fails at once naming this one's pid; temp dirs of killed compiles are removed; parent
+    directories created for it are removed if it fails); `out_dir` must not exist."""
+    prev = {}
+    if threading.current_thread() is threading.main_thread():  # signal handlers live there
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            prev[sig] = signal.signal(sig, _raise_interrupt)
+    try:
+        with output_lock(out_dir):
+            if out_dir.exists():
+                raise SpecCompileError(f"--out {out_dir} already exists; remove it or choose another path")
+            yield
+    finally:
+        for sig, handler in prev.items():
+            signal.signal(sig, handler)
+
+
+def _compile(cfg, target, draft, out_dir: Path, progress, debug_dir, graphs, model_dir, t0) -> Path:
     if draft is not None and cfg.draft is not None:
         hot = getattr(draft, "hot_ids", None)
         cfg = dataclasses.replace(cfg, draft=dataclasses.replace(
             cfg.draft, draft_vocab_size=None if hot is None else hot.numel()))
     t0 = time.time() if t0 is None else t0
-    prev = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        with atomic_dir(out_dir) as tmp:
-            manifest = _build(cfg, target, draft, tmp, progress, debug_dir, graphs)
-            for f in fmt.TOKENIZER_FILES if model_dir is not None else ():
-                if (Path(model_dir) / f).is_file():
-                    (tmp / fmt.TOKENIZER_DIR).mkdir(exist_ok=True)
-                    shutil.copy2(Path(model_dir) / f, tmp / fmt.TOKENIZER_DIR / f)
-            write_manifest(tmp, manifest)
-    finally:
-        signal.signal(signal.SIGTERM, prev)
+    with atomic_dir(out_dir) as tmp:
+        manifest = _build(cfg, target, draft, tmp, progress, debug_dir, graphs)
+        for f in fmt.TOKENIZER_FILES if model_dir is not None else ():
+            if (Path(model_dir) / f).is_file():
+                (tmp / fmt.TOKENIZER_DIR).mkdir(exist_ok=True)
+                shutil.copy2(Path(model_dir) / f, tmp / fmt.TOKENIZER_DIR / f)
+        write_manifest(tmp, manifest)
     progress(f"done in {time.time() - t0:.0f}s: {out_dir}")
     return out_dir
 
