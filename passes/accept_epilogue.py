@@ -1,4 +1,5 @@
-"""Append greedy acceptance, emitted tokens, KV compaction and the next root to the verify graph.
+"""Append acceptance (greedy, or speculative sampling at temperature > 0, per sequence), emitted
+tokens, KV compaction and the next root to the verify graph.
 
 Before:  logits (B,T,V), hidden (B,T,H), k' = write_cache(k, k_new, cache_len)   (all T tree slots)
 After:   `accept` and `compact` below, traced into the graph:
@@ -11,6 +12,11 @@ After:   `accept` and `compact` below, traced into the graph:
          acc_feats   = hidden[path]        # their true target features, for the draft's catch-up
          k'          = write_cache(k, k_new[path], cache_len)  # compaction: only the path's rows
          cache_len'  = cache_len + n_acc
+Rows with temperature > 0 instead take the path, emitted tokens and bonus token of
+`sampling.tree_accept` (multi-round speculative sampling over the tree, lossless; randomness
+keyed by the row's seed and the token positions), on the distribution `sampling.warp` gives
+(temperature, top-k, top-p); rows at temperature 0 keep the greedy result above bit for bit.
+New inputs: temperature, top_p, top_k, seed (B,) per sequence (the engine contract's order).
 Entries past n_acc are padding (written past cache_len', ignored). The new root is
 acc_tokens[n_acc - 1] with feature acc_feats[n_acc - 1]; the draft graph reads it from there.
 Requires: tree_attention(tree=...) has run; placeholders tokens, cache_len; each returned cache
@@ -26,13 +32,19 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from spec_compiler import sampling
 from spec_compiler.errors import SpecCompileError
 from spec_compiler.models.llama import write_cache
 from spec_compiler.trees import TreeSpec
 
 from .cleanup import cleanup
-from .infra import (call_traced, device_of, finish, match_pattern, outputs, placeholders, record,
+from .infra import (add_input, call_traced, device_of, finish, match_pattern, outputs, placeholders, record,
                     register_constant, require, set_outputs, trace_pattern)
+
+
+# Per-sequence sampling inputs the verify graph gains, in the engine contract's order.
+SAMPLING_INPUTS = (("temperature", torch.float32), ("top_p", torch.float32), ("top_k", torch.int64),
+                   ("seed", torch.int64))
 
 
 def accept(tokens, logits, hidden, cache_len, parent, is_root, paths, path_ok):
@@ -52,6 +64,25 @@ def accept(tokens, logits, hidden, cache_len, parent, is_root, paths, path_ok):
     return acc_tokens, acc_feats, n_acc, cache_len + n_acc, path
 
 
+def accept_sampled(tokens, logits, hidden, cache_len, temperature, top_p, top_k, seed, parent,
+                   is_root, paths, path_ok, children, depth, *, max_depth: int):
+    """`accept`, with rows at temperature > 0 replaced by speculative sampling's outcome: the
+    accepted path's drafted tokens then the bonus token. Same outputs as `accept`."""
+    acc_tokens, acc_feats, n_acc, new_len, path = accept(tokens, logits, hidden, cache_len, parent,
+                                                         is_root, paths, path_ok)
+    probs = sampling.warp(logits, temperature, top_k, top_p)
+    s_path, s_n, bonus = sampling.tree_accept(tokens, probs, children, depth, cache_len, seed,
+                                              max_depth)
+    after = torch.cat((tokens.gather(1, s_path)[:, 1:], torch.zeros_like(s_path[:, :1])), 1)
+    col = torch.arange(max_depth + 1, device=tokens.device)
+    s_tokens = torch.where(col == (s_n - 1)[:, None], bonus[:, None], after)
+    s_feats = hidden.gather(1, s_path[..., None].expand(-1, -1, hidden.shape[-1]))
+    hot = (temperature > 0)[:, None]
+    return (torch.where(hot, s_tokens, acc_tokens), torch.where(hot[..., None], s_feats, acc_feats),
+            torch.where(hot[:, 0], s_n, n_acc), torch.where(hot[:, 0], cache_len + s_n, new_len),
+            torch.where(hot, s_path, path))
+
+
 def compact(cache, new, path, cache_len):
     """The accepted path's rows of the block's K/V (B, Hkv, T, Dh) to slots cache_len + [0, D+1)."""
     B, H, _, Dh = new.shape
@@ -68,13 +99,17 @@ def accept_epilogue(gm: fx.GraphModule, *, tree: TreeSpec) -> fx.GraphModule:
     paths = tree.leaf_paths()  # (P, D+1), -1 padded
     consts = [register_constant(gm, f"tree_{name}_{tree.n_nodes}", value.to(dev)) for name, value in (
         ("parent", torch.tensor(tree.parent)), ("is_root", torch.arange(tree.n_nodes) == 0),
-        ("paths", paths.clamp(min=0)), ("path_valid", paths >= 0))]
+        ("paths", paths.clamp(min=0)), ("path_valid", paths >= 0),
+        ("children", tree.children_table()), ("depth", torch.tensor(tree.depth)))]
+    B = ph["tokens"].meta["val"].shape[0]
+    knobs = [add_input(gm, name, (B,), dtype) for name, dtype in SAMPLING_INPUTS]
     writes = _cache_writes(gm, set(outs.values()))
     require("accept_epilogue", len(writes), "one cache write (write_cache) per returned cache")
     out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     with gm.graph.inserting_before(out_node):
         acc_tokens, acc_feats, n_acc, new_len, path = call_traced(
-            gm, accept, ph["tokens"], outs["logits"], outs["hidden"], ph["cache_len"], *consts)
+            gm, functools.partial(accept_sampled, max_depth=tree.max_depth), ph["tokens"],
+            outs["logits"], outs["hidden"], ph["cache_len"], *knobs, *consts)
         compacted = {w: call_traced(gm, compact, m["cache"], m["new"], path, m["cache_len"])
                      for w, m in writes.items()}
     new_outs = {"acc_tokens": acc_tokens, "acc_feats": acc_feats, "n_acc": n_acc, "cache_len": new_len}

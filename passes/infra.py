@@ -55,6 +55,17 @@ def placeholders(gm: fx.GraphModule) -> dict[str, fx.Node]:
     return {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
 
 
+def add_input(gm: fx.GraphModule, name: str, shape: tuple, dtype: torch.dtype) -> fx.Node:
+    """A new graph input after the existing ones, with meta["val"] (on the graph's device)."""
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    with gm.graph.inserting_after(last):
+        node = gm.graph.placeholder(name)
+    node.target = name
+    with fake_mode(gm):
+        node.meta["val"] = torch.empty(shape, dtype=dtype, device=device_of(gm))
+    return node
+
+
 def output_node(gm: fx.GraphModule) -> fx.Node:
     return next(n for n in reversed(gm.graph.nodes) if n.op == "output")
 

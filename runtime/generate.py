@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import secrets
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from spec_compiler import sampling
 from spec_compiler.chat import encode_user_prompt
 from spec_compiler.errors import SpecCompileError
 
@@ -50,11 +53,12 @@ class GenerationResult:
     prompt_tokens: int
     accept_lengths: list[int] = field(default_factory=list)  # tokens emitted per verify call
     text: str | None = None
+    seed: int | None = None  # the seed that replays a sampled generation (None when greedy)
 
     def to_json(self) -> dict:
         d = asdict(self)
         if d["text"] is None:
-            del d["text"]
+            del d["text"]  # (seed stays: null at temperature 0)
         d["tokens_per_second"] = len(self.output_ids) / self.seconds if self.seconds > 0 else None
         return d
 
@@ -66,6 +70,26 @@ def _locked(method):
         with self.lock:
             return method(self, *args, **kwargs)
     return run
+
+
+def check_sampling(temperature, top_p, top_k, seed) -> tuple[float, float, int, int | None]:
+    """Validated (temperature, top_p, top_k, seed); at temperature > 0 a missing seed is drawn.
+    Raises SpecCompileError naming the bad value."""
+    def real(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not real(temperature) or temperature < 0:
+        raise SpecCompileError(f"--temperature {temperature!r}: must be a number >= 0 (0 is greedy)")
+    if not real(top_p) or not 0 < top_p <= 1:
+        raise SpecCompileError(f"--top-p {top_p!r}: must be in (0, 1] (1 is no restriction)")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise SpecCompileError(f"--top-k {top_k!r}: must be an integer >= 0 (0 is no restriction)")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
+                             or not -(1 << 63) <= seed < (1 << 63)):
+        raise SpecCompileError(f"--seed {seed!r}: must be an integer that fits in 64 bits")
+    if temperature == 0:
+        return 0.0, float(top_p), top_k, None
+    return float(temperature), float(top_p), top_k, secrets.randbits(63) if seed is None else seed
 
 
 class Engine:
@@ -160,17 +184,22 @@ class Engine:
 
     @_locked
     @torch.inference_mode()
-    def start(self, prompt_ids: list[int], max_new_tokens: int | None = None) -> None:
-        """Validate and prefill a prompt and arm the step state; step() then generates."""
+    def start(self, prompt_ids: list[int], max_new_tokens: int | None = None,
+              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+              seed: int | None = None) -> None:
+        """Validate and prefill a prompt and arm the step state; step() then generates.
+        Sampling parameters as in `generate`."""
         prompt_ids = [int(t) for t in prompt_ids]
         self._validate_ids(prompt_ids)
         if max_new_tokens is not None and max_new_tokens < 1:
             raise SpecCompileError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+        knobs = check_sampling(temperature, top_p, top_k, seed)
         self.check_request(len(prompt_ids), max_new_tokens)
         t0 = time.perf_counter()
+        self._set_sampling(*knobs)
         first = self._prefill(prompt_ids)
         self._arm(first, max_new_tokens)
-        self._request = (len(prompt_ids), max_new_tokens, t0)
+        self._request = (len(prompt_ids), max_new_tokens, t0, knobs[3])
 
     @_locked
     @torch.inference_mode()
@@ -191,8 +220,9 @@ class Engine:
         st["n_acc"].fill_(1)
         st["acc_tokens"].random_(0, self.spec.model.vocab_size, generator=g)
         st["acc_feats"].normal_(generator=g)
+        self._set_sampling(*check_sampling(0.0, 1.0, 0, None))
         self._arm(int(st["acc_tokens"][0, 0]), None, check_eos=False)
-        self._request = (context_len, None, time.perf_counter())
+        self._request = (context_len, None, time.perf_counter(), None)
 
     @_locked
     @torch.inference_mode()
@@ -230,7 +260,7 @@ class Engine:
         """The generation armed by start(), read back once it has stopped."""
         if self._request is None:
             raise SpecCompileError("no generation to read: call start() first")
-        n_prompt, max_new, t0 = self._request
+        n_prompt, max_new, t0, seed = self._request
         st = self.state
         n_out, n_steps = int(st["n_out"][0]), int(st["n_steps"][0])
         raw = st["out_buf"][0, :n_out].tolist()
@@ -249,15 +279,21 @@ class Engine:
         calls = len(accepts)
         return GenerationResult(output_ids=out, stop_reason=stop, verify_calls=calls,
                                 tokens_per_call=(sum(accepts) / calls) if calls else 0.0,
-                                seconds=seconds, prompt_tokens=n_prompt, accept_lengths=accepts)
+                                seconds=seconds, prompt_tokens=n_prompt, accept_lengths=accepts,
+                                seed=seed)
 
     @_locked
     def generate(self, prompt_ids: list[int], max_new_tokens: int | None = None,
-                 sync_every: int = 4) -> GenerationResult:
-        """Greedy speculative generation of one sequence, holding `self.lock` throughout (other
-        threads' calls wait). The host reads the done flag every `sync_every` steps (1 on CPU,
-        where reading is free)."""
-        self.start(prompt_ids, max_new_tokens)
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | None = None, sync_every: int = 4) -> GenerationResult:
+        """Speculative generation of one sequence, holding `self.lock` throughout (other
+        threads' calls wait). temperature 0 is greedy (token-identical to the target's greedy
+        decoding); above 0 the output is distributed exactly as the target's sampling with that
+        temperature, then top-k (0: none), then top-p (1: none), as transformers warps them. With
+        temperature > 0 and no seed, a fresh seed is drawn and reported (`result.seed`): the same
+        seed gives the same tokens. The host reads the done flag every `sync_every` steps (1 on
+        CPU, where reading is free)."""
+        self.start(prompt_ids, max_new_tokens, temperature, top_p, top_k, seed)
         if not self.spec.device.startswith("cuda"):
             sync_every = 1
         while self.running():
@@ -266,6 +302,13 @@ class Engine:
         return self.result()
 
     # ---- internals ----
+    def _set_sampling(self, temperature: float, top_p: float, top_k: int, seed: int | None) -> None:
+        st = self.state
+        st["temperature"].fill_(temperature)
+        st["top_p"].fill_(top_p)
+        st["top_k"].fill_(top_k)
+        st["seed"].fill_(0 if seed is None else seed)
+
     def _arm(self, first: int, max_new_tokens: int | None, check_eos: bool = True) -> None:
         """Slot state for a sequence whose first emitted token is `first` (already the root)."""
         d, st = self.dims, self.state
@@ -315,6 +358,17 @@ class Engine:
                 return raw[:i + 1], "max_new_tokens"
         return raw, "length"
 
+    def _first_token(self, logits: torch.Tensor, position: int) -> torch.Tensor:
+        """The token after the prompt, on the device: the argmax, or at temperature > 0 a draw
+        from the warped distribution keyed like every other (seed, its position, node 0)."""
+        st = self.state
+        greedy = logits[0].argmax()
+        if float(st["temperature"][0]) == 0:
+            return greedy
+        probs = sampling.warp(logits[:1], st["temperature"][:1], st["top_k"][:1], st["top_p"][:1])
+        u = sampling.uniform(st["seed"][:1], torch.full_like(st["seed"][:1], position), 0, sampling.BONUS)
+        return sampling.sample(probs, u)[0]
+
     def _prefill(self, prompt: list[int]) -> int:
         st, C, dev = self.state, self.dims.prefill_chunk, self.spec.device
         st["cache_len"].zero_()
@@ -331,7 +385,7 @@ class Engine:
                 ntoks[0, :len(nxt)] = torch.tensor(nxt, dtype=torch.long, device=dev)
                 self.call("draft_prefill", tokens=ntoks, features=res["hidden"])
             st["cache_len"] += n
-        first = res["logits"][0, n - 1].argmax()
+        first = self._first_token(res["logits"][:, n - 1], P)
         st["acc_tokens"].zero_()
         st["acc_tokens"][0, 0] = first
         st["acc_feats"][0, 0] = res["hidden"][0, n - 1]

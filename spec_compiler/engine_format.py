@@ -20,8 +20,9 @@ Engine graphs (inputs in order; `args` are passed per call, the rest are state):
     prefill        tokens (B,C) | cache_len, target caches          -> logits (B,C,V) f32, hidden (B,C,H)
     draft_prefill  tokens (B,C), features (B,C,F) | cache_len, draft caches     -> hidden (B,C,H)
     draft          acc_tokens, acc_feats, n_acc, cache_len, draft caches        -> tree_tokens (B,T)
-    verify         tokens (B,T) | cache_len, target caches
+    verify         tokens (B,T) | cache_len, target caches, temperature, top_p, top_k, seed
                    -> acc_tokens (B,D+1), acc_feats (B,D+1,F), n_acc (B,), cache_len (B,)
+                   (greedy where temperature is 0; speculative sampling elsewhere)
 Caches are mutated in place. A root-only tree (chain-0) has no draft graphs.
 """
 
@@ -172,12 +173,16 @@ def slot_state(dims: Dims) -> list[TensorSpec]:
             TensorSpec("max_new", (B,), "int64"),      # its max_new_tokens
             TensorSpec("out_buf", (B, S + D1 + 1), "int64"),  # emitted tokens; last column: masked writes
             TensorSpec("accept_hist", (B, S + 1), "int64"),   # tokens emitted per verify call
-            # Sampling, per slot (read by the sampling verify; greedy ignores them):
-            TensorSpec("temperature", (B,), "float32"),
-            TensorSpec("top_p", (B,), "float32"),
-            TensorSpec("top_k", (B,), "int64"),
-            TensorSpec("seed", (B,), "int64"),
-            TensorSpec("rng_offset", (B,), "int64")]
+            *sampling_state(dims)]
+
+
+def sampling_state(dims: Dims) -> list[TensorSpec]:
+    """Per-slot sampling parameters, read by verify. temperature 0 is greedy; top_k 0 and
+    top_p 1 are no restriction. Draws are keyed by (seed, token position, tree node, purpose):
+    the position is the counter, so no RNG state advances (spec_compiler/sampling.py)."""
+    B = dims.batch
+    return [TensorSpec("temperature", (B,), "float32"), TensorSpec("top_p", (B,), "float32"),
+            TensorSpec("top_k", (B,), "int64"), TensorSpec("seed", (B,), "int64")]
 
 
 def state(dims: Dims) -> list[TensorSpec]:
@@ -215,8 +220,8 @@ def graph_io(dims: Dims, graph: str) -> GraphIO:
         return GraphIO([*step_state(dims)[:3], cache_len, *kv],
                        [TensorSpec("tree_tokens", (B, T), i64)], (), mut)
     if graph == "verify":
-        return GraphIO([TensorSpec("tokens", (B, T), i64), cache_len, *kv], step_state(dims),
-                       ("tokens",), mut)
+        return GraphIO([TensorSpec("tokens", (B, T), i64), cache_len, *kv, *sampling_state(dims)],
+                       step_state(dims), ("tokens",), mut)
     raise ValueError(f"unknown graph {graph!r}")
 
 

@@ -68,15 +68,17 @@ def warp(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     view = (B,) + (1,) * (logits.dim() - 1)
     t = torch.where(temperature > 0, temperature, 1.0).float().view(view)
     s = logits.float() / t
-    ordered, order = s.sort(-1, descending=True)
+    ordered = s.sort(-1, descending=True).values
     k = torch.where((top_k > 0) & (top_k < V), top_k, V).long().view(view)
     kth = ordered.gather(-1, (k - 1).expand(*ordered.shape[:-1], 1))
     ordered = ordered.masked_fill(ordered < kth, float("-inf"))  # top-k, ties at the k-th kept
-    p = ordered.softmax(-1)
-    before = p.cumsum(-1) - p  # probability of the more probable tokens
-    drop = before >= top_p.float().view(view)  # beyond the top-p set (the first is always kept)
-    ordered = ordered.masked_fill(drop, float("-inf"))
-    s = torch.full_like(s, float("-inf")).scatter(-1, order, ordered)
+    # Top-p as transformers computes it: drop a token when it and every less probable token
+    # together have at most 1 - top_p (an ascending cumulative sum), never the most probable.
+    below = ordered.softmax(-1).flip(-1).cumsum(-1).flip(-1)
+    keep = below > (1 - top_p.float()).view(view)
+    n_keep = keep.sum(-1, keepdim=True).clamp(min=1)  # the kept tokens are a prefix
+    floor = ordered.gather(-1, n_keep - 1)  # the least probable kept logit
+    s = s.masked_fill(s < floor, float("-inf"))  # a threshold, not a scatter: ties are kept
     return s.softmax(-1)
 
 

@@ -98,6 +98,13 @@ class TreeSpec:
             m[n, self.ancestors(n)] = True
         return m
 
+    def children_table(self) -> torch.Tensor:
+        """(T, K) long: each node's children in rank order (column = rank), -1 where none."""
+        out = torch.full((self.n_nodes, max(self.top_k, 1)), -1, dtype=torch.long)
+        for n in range(1, self.n_nodes):
+            out[self.parent[n], self.rank[n]] = n
+        return out
+
     def leaf_paths(self) -> torch.Tensor:
         """(P, D+1) long: each root-to-leaf path as node indices, padded with -1."""
         children = set(self.parent[1:])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -185,3 +187,14 @@ def expected_emitted(tree, prompt_len: int, n_steps: int, rank_of, poisoned) -> 
         out.append(d + 1)
         L += d + 1
     return out
+
+
+def with_eos(src, dst, eos):
+    """A copy of checkpoint `src` whose EOS ids (config and generation config) are `eos`; with
+    None it has none, so generation can only stop at max-new-tokens or the context limit."""
+    shutil.copytree(src, dst)
+    for name in ("config.json", "generation_config.json"):
+        cfg = json.loads((dst / name).read_text())
+        cfg["eos_token_id"] = eos
+        (dst / name).write_text(json.dumps(cfg))
+    return dst

@@ -53,7 +53,7 @@ def test_manifest_records_the_contract_and_the_runtime_binds_it(engine_dir):
 def test_per_slot_state_has_what_sampling_and_batching_need():
     dims = dataclasses.replace(_dims(), batch=4, feature_dim=3 * 16)
     state = {t.name: t for t in fmt.state(dims)}
-    for name in ("slot_valid", "done", "temperature", "top_p", "top_k", "seed", "rng_offset",
+    for name in ("slot_valid", "done", "temperature", "top_p", "top_k", "seed",
                  "cache_len", "n_acc", "acc_tokens", "acc_feats", "n_out", "max_new"):
         assert state[name].shape[0] == 4, name  # one row per slot
     assert state["acc_feats"].shape == (4, dims.tree_depth + 1, 48)  # the draft's feature width

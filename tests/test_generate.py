@@ -11,13 +11,12 @@ test_engine_inductor.py.
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 
 from helpers import (HOT_IDS, OracleDraft, build_engine, expected_emitted, hf_greedy, make_random_draft,
-                     oracle_hot_ids)
+                     oracle_hot_ids, with_eos)
 from spec_compiler.runtime import Engine
 from spec_compiler.loading import load_draft, load_target
 from spec_compiler.trees import resolve_tree
@@ -61,17 +60,6 @@ def test_random_draft_matches_transformers(engines, tiny_dirs, case):
         assert res.output_ids == ref, (p, res.output_ids, ref)
         assert res.stop_reason == ("eos" if ref[-1] in engine.spec.model.eos_token_ids else "max_new_tokens")
         assert res.verify_calls >= 1 and res.tokens_per_call >= 1.0
-
-
-def with_eos(src, dst, eos):
-    """A copy of checkpoint `src` whose EOS ids (config and generation config) are `eos`; with
-    None it has none, so generation can only stop at max-new-tokens or the context limit."""
-    shutil.copytree(src, dst)
-    for name in ("config.json", "generation_config.json"):
-        cfg = json.loads((dst / name).read_text())
-        cfg["eos_token_id"] = eos
-        (dst / name).write_text(json.dumps(cfg))
-    return dst
 
 
 def test_stops_at_eos(tmp_path, tiny_dir, tiny_draft_dir):

@@ -127,6 +127,7 @@ def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor, min_expected: f
     keep = exp > 0
     stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
     dof = int(keep.sum()) - 1
+    assert dof >= 1, "one populated cell: nothing to test"
     return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), stat / 2))
 
 

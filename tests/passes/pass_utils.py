@@ -90,7 +90,14 @@ def random_inputs(cfg: CompileConfig, graph: str, seed: int, T: int | None = Non
             out[name] = cache_len.clone()
         else:
             out[name] = torch.randn(shape, generator=g, dtype=dtype)
+    if graph == "verify":  # the sampling inputs accept_epilogue adds: greedy rows
+        out.update(greedy_knobs(B))
     return out
+
+
+def greedy_knobs(B: int) -> dict[str, torch.Tensor]:
+    return {"temperature": torch.zeros(B), "top_p": torch.ones(B), "top_k": torch.zeros(B, dtype=torch.long),
+            "seed": torch.zeros(B, dtype=torch.long)}
 
 
 def call(gm: fx.GraphModule, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -24,11 +24,12 @@ ORDER = {  # documented order (passes/__init__.py, pipeline.py)
     "draft": ["cleanup", "fuse_projections", "tree_attention", "unroll_draft", "static_kv_cache",
               "cleanup"],
 }
-IO = {  # (inputs, outputs) without the caches
-    "prefill": (["tokens", "cache_len"], ["logits", "hidden"]),
-    "draft_prefill": (["tokens", "features", "cache_len"], ["hidden"]),
-    "verify": (["tokens", "cache_len"], ["acc_tokens", "acc_feats", "n_acc", "cache_len"]),
-    "draft": (["acc_tokens", "acc_feats", "n_acc", "cache_len"], ["tree_tokens"]),
+IO = {  # (inputs before the caches, inputs after them, outputs)
+    "prefill": (["tokens", "cache_len"], [], ["logits", "hidden"]),
+    "draft_prefill": (["tokens", "features", "cache_len"], [], ["hidden"]),
+    "verify": (["tokens", "cache_len"], ["temperature", "top_p", "top_k", "seed"],
+               ["acc_tokens", "acc_feats", "n_acc", "cache_len"]),
+    "draft": (["acc_tokens", "acc_feats", "n_acc", "cache_len"], [], ["tree_tokens"]),
 }
 
 
@@ -47,9 +48,9 @@ def test_pipeline_graphs_run_required_passes_in_order(target, draft, tree):
                 assert counts.get(name, 0) > 0, f"{graph}: required pass {name} rewrote nothing"
         assert {"tree_attention", "static_kv_cache"} <= set(ran) & set(REQUIRED)
         assert counts["fuse_projections"] == 2 * len(module.layers)  # q/k/v and gate/up per layer
-        ins, outs = IO[graph]
+        ins, after, outs = IO[graph]
         caches = cache_names(gm)
         assert len(caches) == 2 * len(module.layers)
-        assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ins + caches, graph
+        assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ins + caches + after, graph
         assert gm.meta["output_names"] == outs, graph
         assert gm.meta["mutated_inputs"] == caches, graph
