@@ -188,6 +188,17 @@ def state(dims: Dims) -> list[TensorSpec]:
     return [*step_state(dims), *slot_state(dims), *kv]
 
 
+def state_bytes(dims: Dims) -> int:
+    """Bytes of every runtime state tensor (what the runtime allocates for an engine)."""
+    total = 0
+    for t in state(dims):
+        n = DTYPES[t.dtype].itemsize
+        for d in t.shape:
+            n *= d
+        total += n
+    return total
+
+
 @dataclass(frozen=True)
 class GraphIO:
     inputs: list[TensorSpec]
