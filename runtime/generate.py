@@ -20,14 +20,42 @@ Public API (the benchmarks use nothing else):
 
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from spec_compiler.chat import encode_user_prompt
+from spec_compiler.chat import decode, encode_user_prompt, load_tokenizer
 from spec_compiler.errors import SpecCompileError
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _token_ids(prompt_ids) -> list[int]:
+    """A prompt as a list of Python ints: a list (or tuple, or 1-D integer tensor) of integer ids;
+    a string is not one (encode text with `encode_prompt`), nor are booleans or floats."""
+    if isinstance(prompt_ids, (str, bytes)):
+        raise SpecCompileError(f"prompt ids: got a {type(prompt_ids).__name__} ({prompt_ids[:20]!r}); "
+                               "pass a list of token ids (encode text with engine.encode_prompt)")
+    try:
+        items = list(prompt_ids)
+    except TypeError:
+        raise SpecCompileError(f"prompt ids: got {type(prompt_ids).__name__}; pass a list of token "
+                               "ids") from None
+    ids = []
+    for t in items:
+        try:
+            if isinstance(t, bool) or isinstance(t, torch.Tensor) and t.dtype == torch.bool:
+                raise TypeError
+            ids.append(operator.index(t))  # ints, numpy integers, 0-d integer tensors
+        except TypeError:
+            raise SpecCompileError(f"prompt ids: {t!r} is not an integer token id; pass a list of "
+                                   "token ids") from None
+    return ids
 
 
 @dataclass
@@ -77,9 +105,7 @@ class Engine:
     @property
     def tokenizer(self):
         if self._tokenizer is None and self.tokenizer_dir is not None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
+            self._tokenizer = load_tokenizer(self.tokenizer_dir, f"engine {self.tokenizer_dir.parent}")
         return self._tokenizer
 
     def encode_prompt(self, text: str) -> list[int]:
@@ -90,7 +116,7 @@ class Engine:
 
     def decode(self, ids: list[int]) -> str | None:
         tok = self.tokenizer
-        return None if tok is None else tok.decode(ids, skip_special_tokens=True)
+        return None if tok is None else decode(tok, ids)
 
     # ---- requests ----
     def check_request(self, n_prompt: int, max_new_tokens: int | None) -> None:
@@ -122,10 +148,10 @@ class Engine:
     @torch.inference_mode()
     def start(self, prompt_ids: list[int], max_new_tokens: int | None = None) -> None:
         """Validate and prefill a prompt and arm the step state; step() then generates."""
-        prompt_ids = [int(t) for t in prompt_ids]
+        prompt_ids = _token_ids(prompt_ids)
         self._validate_ids(prompt_ids)
-        if max_new_tokens is not None and max_new_tokens < 1:
-            raise SpecCompileError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+        if max_new_tokens is not None and (not _is_int(max_new_tokens) or max_new_tokens < 1):
+            raise SpecCompileError(f"--max-new-tokens {max_new_tokens!r}: must be an integer >= 1")
         self.check_request(len(prompt_ids), max_new_tokens)
         t0 = time.perf_counter()
         first = self._prefill(prompt_ids)
@@ -210,6 +236,8 @@ class Engine:
                  sync_every: int = 4) -> GenerationResult:
         """Greedy speculative generation of one sequence. The host reads the done flag every
         `sync_every` steps (1 on CPU, where reading is free)."""
+        if not _is_int(sync_every) or sync_every < 1:
+            raise SpecCompileError(f"sync_every={sync_every!r}: must be an integer >= 1")
         self.start(prompt_ids, max_new_tokens)
         if not self.spec.device.startswith("cuda"):
             sync_every = 1

@@ -29,7 +29,8 @@ from spec_compiler.passes import default_passes, run_passes
 from spec_compiler.passes.infra import outputs, set_outputs
 
 from . import engine_format as fmt
-from .config import CompileConfig
+from .chat import check_tokenizer
+from .config import CompileConfig, check_machine
 from .errors import SpecCompileError
 from .fileio import atomic_dir
 from .loading import DraftSource, load_draft, load_target
@@ -89,6 +90,8 @@ def compile_engine(cfg: CompileConfig, model_dir: Path, draft_dir: Path | DraftS
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise SpecCompileError(f"--out {out_dir} already exists; remove it or choose another path")
+    check_machine(cfg)  # the device and the memory for the engine's state, before loading
+    check_tokenizer(model_dir, cfg.model.vocab_size, fmt.TOKENIZER_FILES)  # what spec-run will do
     t0 = time.time()
     progress(f"[1/4] loading {model_dir}" + (f" and draft {draft_dir}" if draft_dir else ""))
     target = load_target(model_dir, cfg.dtype).to(cfg.device)
