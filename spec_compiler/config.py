@@ -84,7 +84,7 @@ def _eos(cfg: dict, where: str, vocab_size: int) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def _rope(cfg: dict, path: Path, default_theta: float = 10000.0) -> tuple[float, dict | None]:
+def _rope(cfg: dict, path: Path) -> tuple[float, dict | None]:
     """(theta, scaling) from `rope_theta`/`rope_scaling` (transformers 4) or `rope_parameters` (5),
     checked: theta and factors finite and > 0, llama3's band low < high, a factor where the type
     needs one."""
@@ -95,10 +95,10 @@ def _rope(cfg: dict, path: Path, default_theta: float = 10000.0) -> tuple[float,
         params, key = _dict(params, "full_attention", f"{where}rope_parameters."), "rope_parameters.full_attention"
     scaling = _dict(cfg, "rope_scaling", where)
     if params is not None:
-        theta = _num(params, "rope_theta", f"{where}{key}.", cfg.get("rope_theta", default_theta))
+        theta = _num(params, "rope_theta", f"{where}{key}.", cfg.get("rope_theta", 10000.0))
         scaling = params if params.get("rope_type", params.get("type", "default")) != "default" else None
     else:
-        theta = _num(cfg, "rope_theta", where, default_theta)
+        theta = _num(cfg, "rope_theta", where, 10000.0)
         key = "rope_scaling"
     if scaling:
         rtype = scaling.get("rope_type", scaling.get("type", "default"))
@@ -123,6 +123,14 @@ def check_rope_scaling(scaling: dict, where: str) -> dict:
         out["original_max_position_embeddings"] = _int(scaling, "original_max_position_embeddings",
                                                        where, 8192)
     return out
+
+
+def _made_from(path, cls, **fields):
+    """cls(**fields), its own checks (across fields) reported against the file they came from."""
+    try:
+        return cls(**fields)
+    except SpecCompileError as e:
+        raise SpecCompileError(f"{path}: {str(e).removeprefix('config: ')}") from None
 
 
 def _check_arch(cfg: dict, path: Path) -> None:
@@ -192,7 +200,8 @@ class ModelConfig:
         n_heads, hidden = _int(cfg, "num_attention_heads", w), _int(cfg, "hidden_size", w)
         vocab = _int(cfg, "vocab_size", w)
         theta, scaling = _rope(cfg, path)
-        return cls(
+        return _made_from(
+            path, cls,
             vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=_int(cfg, "intermediate_size", w),
@@ -235,7 +244,7 @@ class DraftConfig:
 
     def __post_init__(self):
         v = self.draft_vocab_size
-        if v is not None and (not isinstance(v, int) or not 0 < v <= self.layer.vocab_size):
+        if v is not None and (type(v) is not int or not 0 < v <= self.layer.vocab_size):
             raise SpecCompileError(f"draft vocabulary size {v!r} must be an integer in "
                                    f"[1, {self.layer.vocab_size}] (the target's vocabulary)")
 
@@ -255,10 +264,11 @@ class DraftConfig:
                 f"draft {path}: vocab_size={vocab} but the target's is {target.vocab_size}; "
                 "use a draft head trained for this target")
         n_heads = _int(cfg, "num_attention_heads", w, target.n_heads)
-        theta, scaling = _rope(cfg, path, target.rope_theta) if ("rope_theta" in cfg or "rope_parameters" in cfg
-                                                                or "rope_scaling" in cfg) else (target.rope_theta,
-                                                                                                target.rope_scaling)
-        layer = ModelConfig(
+        theta, scaling = _rope(cfg, path) if ("rope_theta" in cfg or "rope_parameters" in cfg
+                                              or "rope_scaling" in cfg) else (target.rope_theta,
+                                                                              target.rope_scaling)
+        layer = _made_from(
+            f"draft {path}", ModelConfig,
             vocab_size=target.vocab_size,
             hidden_size=hidden,
             intermediate_size=_int(cfg, "intermediate_size", w, target.intermediate_size),
@@ -344,10 +354,11 @@ class CompileConfig:
 
 
 def check_machine(cfg: CompileConfig) -> None:
-    """Before loading anything: this machine has the device `cfg` names, and the memory for the
-    engine's runtime state (KV caches of target and draft for `max_seq_len` tokens, plus the
-    per-slot buffers: engine_format.state_bytes, what the runtime allocates), since the compile
-    builds example inputs of those sizes and the engine cannot run where they do not fit."""
+    """Before loading anything: this machine has the device `cfg` names, and memory for the
+    engine's runtime state (the KV caches of target and draft for `max_seq_len` tokens and the
+    per-slot buffers: engine_format.state_bytes, what the runtime allocates) in half of the
+    device's memory, leaving the other half to the weights and to the compile's example inputs
+    (caches of the same size)."""
     import torch
 
     from . import engine_format as fmt
@@ -355,16 +366,23 @@ def check_machine(cfg: CompileConfig) -> None:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise SpecCompileError("--device cuda: no CUDA GPU is visible (torch.cuda.is_available() is "
                                "false); use --device cpu, or compile on a machine with a GPU")
-    have, where = device_memory(cfg.device)
+    total, where = device_memory(cfg.device)
     dims = fmt.Dims.from_config(cfg)
-    need = fmt.state_bytes(dims)
+    need, have = fmt.state_bytes(dims), total // 2
     if need > have:
         per_token = need - fmt.state_bytes(dataclasses.replace(dims, max_seq_len=dims.max_seq_len - 1))
-        fit = max(int(cfg.max_seq_len - (need - have) / per_token), 0)
-        raise SpecCompileError(
-            f"--max-seq-len {cfg.max_seq_len}: the engine's KV caches and buffers would take "
-            f"{need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB of {where}; use a "
-            f"--max-seq-len of at most about {fit} (or fewer layers, a smaller dtype)")
+        fit = int(cfg.max_seq_len - (need - have) / per_token)
+        least = min_capacity(cfg.prefill_chunk, cfg.tree.max_depth)
+        size = f"the engine's KV caches and buffers would take {need / 2**30:.1f} GiB"
+        half = f"half of the {total / 2**30:.1f} GiB of {where} (the weights and the compile need the rest)"
+        if fit < least:
+            m = cfg.model
+            raise SpecCompileError(
+                f"{size} even with the smallest --max-seq-len ({least}), more than {half}: the "
+                f"model is too large for it (config.json: num_hidden_layers={m.n_layers}, "
+                f"num_key_value_heads={m.n_kv_heads}, head_dim={m.head_dim})")
+        raise SpecCompileError(f"--max-seq-len {cfg.max_seq_len}: {size}, more than {half}; use a "
+                               f"--max-seq-len of at most about {fit}")
 
 
 def device_memory(device: str) -> tuple[int, str]:

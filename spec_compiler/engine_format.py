@@ -28,6 +28,7 @@ Caches are mutated in place. A root-only tree (chain-0) has no draft graphs.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -189,14 +190,15 @@ def state(dims: Dims) -> list[TensorSpec]:
 
 
 def state_bytes(dims: Dims) -> int:
-    """Bytes of every runtime state tensor (what the runtime allocates for an engine)."""
-    total = 0
-    for t in state(dims):
-        n = DTYPES[t.dtype].itemsize
-        for d in t.shape:
-            n *= d
-        total += n
-    return total
+    """Bytes of every runtime state tensor (what the runtime allocates for an engine), without
+    listing each layer's caches (a hostile config may claim 2^31 layers)."""
+    def nbytes(specs: list[TensorSpec]) -> int:
+        return sum(DTYPES[t.dtype].itemsize * math.prod(t.shape) for t in specs)
+
+    one = dataclasses.replace(dims, n_layers=1, draft_layers=1)
+    return (nbytes(state(dataclasses.replace(dims, n_layers=0, draft_layers=0)))
+            + dims.n_layers * nbytes(caches(one, "target"))
+            + dims.draft_layers * nbytes(caches(one, "draft")))
 
 
 @dataclass(frozen=True)

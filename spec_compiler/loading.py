@@ -91,13 +91,18 @@ def read_draft_state(draft_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _unpickling_reason(e: Exception) -> str:
-    """torch.load's refusal, short: the weights-only unpickler's own reason when it gives one
-    (its message wraps that in a page of advice), else the exception."""
+    """torch.load's refusal, short: the weights-only unpickler's own reason (its message wraps it
+    in a page of advice: after "WeightsUnpickler error:", or the last paragraph), else the
+    exception."""
     text = str(e)
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
-        return brief(f"the weights-only unpickler refused it: {text}")
-    return brief(e)
+    if not text.startswith("Weights only load failed"):
+        return brief(e)
+    body = text.split("Check the documentation", 1)[0]
+    if "WeightsUnpickler error:" in body:
+        body = body.split("WeightsUnpickler error:", 1)[1]
+    else:
+        body = [p for p in body.split("\n\n") if p.strip()][-1]
+    return brief("the weights-only unpickler refused it: " + body.strip().split(". ", 1)[0].rstrip("."))
 
 
 def _draft_weights_file(draft_dir: Path) -> Path:
