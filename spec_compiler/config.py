@@ -26,12 +26,6 @@ MAX_DIM = 2**31 - 1  # any size or count in a config (kernels index with int32)
 _REQUIRED = object()
 
 
-def _need(cfg: dict, key: str, path: Path):
-    if key not in cfg:
-        raise SpecCompileError(f"{path}: required field {key!r} is missing")
-    return cfg[key]
-
-
 def _get(cfg: dict, key: str, where: str, default):
     """cfg[key]; null counts as absent (HF writes `"head_dim": null`)."""
     v = cfg.get(key)
@@ -42,13 +36,13 @@ def _get(cfg: dict, key: str, where: str, default):
     return v
 
 
-def _int(cfg: dict, key: str, where: str, default=_REQUIRED, low: int = 1) -> int:
-    """An integer field (not a boolean, not a float) in [low, MAX_DIM]; `where`: 'FILE: '."""
+def _int(cfg: dict, key: str, where: str, default=_REQUIRED) -> int | None:
+    """An integer field (not a boolean, not a float) in [1, MAX_DIM]; `where`: 'FILE: '."""
     v = _get(cfg, key, where, default)
     if v is None:  # an optional field without a default
         return None
-    if type(v) is not int or not low <= v <= MAX_DIM:
-        raise SpecCompileError(f"{where}{key}={v!r} must be an integer in [{low}, {MAX_DIM}]")
+    if type(v) is not int or not 1 <= v <= MAX_DIM:
+        raise SpecCompileError(f"{where}{key}={v!r} must be an integer in [1, {MAX_DIM}]")
     return v
 
 
@@ -350,7 +344,6 @@ class CompileConfig:
         if self.tree.n_nodes > 1 and self.draft is None:
             raise SpecCompileError(f"tree {self.tree.name!r} needs a draft: pass --draft DRAFT_DIR "
                                    "(or --tree chain-0 for plain decoding)")
-
 
 
 def check_machine(cfg: CompileConfig) -> None:

@@ -90,11 +90,12 @@ def _depth_within(data, limit: int) -> bool:
 
 
 def read_json_object(path: Path, what: str,
-                     hint: str = "point at a Hugging Face checkpoint directory that contains config.json") -> dict:
+                     hint: str = "point at a Hugging Face checkpoint directory that contains config.json",
+                     fix: str = "re-download or fix the file") -> dict:
     """The JSON object in `path` (`read_json`); a non-object is a SpecCompileError too."""
-    data = read_json(path, what, hint)
+    data = read_json(path, what, hint, fix=fix)
     if not isinstance(data, dict):
-        raise SpecCompileError(f"{what}: {path} must hold a JSON object, not a {_json_type(data)}")
+        raise SpecCompileError(f"{what}: {path} must hold a JSON object, not a {_json_type(data)}; {fix}")
     return data
 
 

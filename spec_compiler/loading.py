@@ -230,13 +230,13 @@ def _check_finite(t: torch.Tensor, stored: torch.Tensor, name: str, where: Path,
                            "re-export it")
 
 
-def _check_layer_count(state: dict, n_layers: int, where: Path, config: Path) -> None:
+def _check_layer_count(state: dict, n_layers: int, config: str) -> None:
     """Before building `n_layers` layers (meta init still costs time per layer): the weights
     must hold that many, so a hostile num_hidden_layers costs nothing."""
     held = {int(m.group(1)) for k in state if (m := re.match(r"layers\.([0-9]{1,9})\.", k))}
     if n_layers > len(held):
-        raise SpecCompileError(f"{where}: {config} says num_hidden_layers={n_layers}, but the weights "
-                               f"hold {len(held)} layers; the checkpoint does not match its config.json")
+        raise SpecCompileError(f"{config}: num_hidden_layers={n_layers}, but the weights hold "
+                               f"{len(held)} layers; the checkpoint does not match its config.json")
 
 
 def _finish(module: torch.nn.Module, buffers_from: torch.nn.Module):
@@ -250,7 +250,7 @@ def load_target(model_dir: str | Path, dtype: str = "float32") -> Llama:
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_hf(model_dir)
     state = {k.removeprefix("model."): v for k, v in read_target_state(model_dir).items()}
-    _check_layer_count(state, cfg.n_layers, model_dir, model_dir / "config.json")
+    _check_layer_count(state, cfg.n_layers, str(model_dir / "config.json"))
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state.get("embed_tokens.weight")
         if state["lm_head.weight"] is None:
@@ -297,7 +297,7 @@ def read_draft(draft_dir: str | Path, target: ModelConfig, draft_vocab: str | in
         raise SpecCompileError(f"draft {draft_dir}: no fc.weight; not an EAGLE-1/2 head "
                                "(expected fc.weight [h, 2h] and layers.N.*)")
     cfg = DraftConfig.from_dir(draft_dir, target, has_embed="embed_tokens.weight" in state)
-    _check_layer_count(state, cfg.n_layers, f"draft {draft_dir}", draft_dir / "config.json")
+    _check_layer_count(state, cfg.n_layers, f"draft {draft_dir / 'config.json'}")
     fc = state["fc.weight"]
     if tuple(fc.shape) != (cfg.layer.hidden_size, 2 * cfg.layer.hidden_size):
         raise SpecCompileError(f"draft {draft_dir}: fc.weight has shape {tuple(fc.shape)}, expected "
