@@ -372,7 +372,7 @@ MANIFEST_CASES = {  # read_manifest (export/manifest.py) must use fileio.read_js
     "2-deep-manifest": (["--prompt-ids", "1"], _manifest('{"a": ' + DEEP + "}"), ["manifest.json", "nested deeper"], []),
     "8-schema-version-string": (["--prompt-ids", "1"], _schema_version("2"), ["schema version '2'"], []),
 }
-_LEAD = pytest.mark.xfail(strict=True, reason="needs export/manifest.py read_manifest on fileio.read_json "
+_LEAD = pytest.mark.xfail(strict=True, reason="needs export/manifest.py read_manifest on fileio.read_json_object "
                           "with the version shown by repr (see the hardening report)")
 
 
