@@ -22,7 +22,7 @@ import torch
 
 from spec_compiler import engine_format as fmt
 from spec_compiler.errors import SpecCompileError
-from spec_compiler.fileio import atomic_write_text, path_inside
+from spec_compiler.fileio import atomic_write_text, path_inside, read_json_object
 from spec_compiler.hashing import digest_files
 
 
@@ -69,14 +69,9 @@ def read_manifest(engine_dir: Path) -> dict:
     if not path.is_file():
         raise SpecCompileError(f"{engine_dir}: no {fmt.MANIFEST}; not an engine directory (build one "
                                "with spec-compile)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SpecCompileError(f"{path}: corrupt ({e}); rebuild the engine with spec-compile") from None
-    if not isinstance(data, dict):
-        raise SpecCompileError(f"{path}: corrupt (not a JSON object); rebuild the engine with spec-compile")
+    data = read_json_object(path, "engine", fix="rebuild the engine with spec-compile")
     if data.get("schema_version") != fmt.SCHEMA_VERSION:
-        raise SpecCompileError(f"{engine_dir}: engine schema version {data.get('schema_version')}, "
+        raise SpecCompileError(f"{engine_dir}: engine schema version {data.get('schema_version')!r}, "
                                f"this runtime reads version {fmt.SCHEMA_VERSION}; rebuild the engine "
                                "with this spec-compile")
     if data.get("torch_version") != torch.__version__:

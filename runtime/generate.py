@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import operator
 import secrets
 import threading
 import time
@@ -39,8 +40,35 @@ from pathlib import Path
 import torch
 
 from spec_compiler import sampling
-from spec_compiler.chat import encode_user_prompt
+from spec_compiler.chat import decode, encode_user_prompt, load_tokenizer
 from spec_compiler.errors import SpecCompileError
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _token_ids(prompt_ids) -> list[int]:
+    """A prompt as a list of Python ints: a list (or tuple, or 1-D integer tensor) of integer ids;
+    a string is not one (encode text with `encode_prompt`), nor are booleans or floats."""
+    if isinstance(prompt_ids, (str, bytes)):
+        raise SpecCompileError(f"prompt ids: got a {type(prompt_ids).__name__} ({prompt_ids[:20]!r}); "
+                               "pass a list of token ids (encode text with engine.encode_prompt)")
+    try:
+        items = list(prompt_ids)
+    except TypeError:
+        raise SpecCompileError(f"prompt ids: got {type(prompt_ids).__name__}; pass a list of token "
+                               "ids") from None
+    ids = []
+    for t in items:
+        try:
+            if isinstance(t, bool) or isinstance(t, torch.Tensor) and t.dtype == torch.bool:
+                raise TypeError
+            ids.append(operator.index(t))  # ints, numpy integers, 0-d integer tensors
+        except TypeError:
+            raise SpecCompileError(f"prompt ids: {t!r} is not an integer token id; pass a list of "
+                                   "token ids") from None
+    return ids
 
 
 @dataclass
@@ -82,10 +110,9 @@ def check_sampling(temperature, top_p, top_k, seed) -> tuple[float, float, int, 
         raise SpecCompileError(f"--temperature {temperature!r}: must be a number >= 0 (0 is greedy)")
     if not real(top_p) or not 0 < top_p <= 1:
         raise SpecCompileError(f"--top-p {top_p!r}: must be in (0, 1] (1 is no restriction)")
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+    if not _is_int(top_k) or top_k < 0:
         raise SpecCompileError(f"--top-k {top_k!r}: must be an integer >= 0 (0 is no restriction)")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
-                             or not -(1 << 63) <= seed < (1 << 63)):
+    if seed is not None and (not _is_int(seed) or not -(1 << 63) <= seed < (1 << 63)):
         raise SpecCompileError(f"--seed {seed!r}: must be an integer that fits in 64 bits")
     if temperature == 0:
         return 0.0, float(top_p), top_k, None
@@ -126,9 +153,7 @@ class Engine:
     def tokenizer(self):
         with self._tokenizer_lock:  # loaded once; a fast tokenizer is not safe to share unlocked
             if self._tokenizer is None and self.tokenizer_dir is not None:
-                from transformers import AutoTokenizer
-
-                self._tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
+                self._tokenizer = load_tokenizer(self.tokenizer_dir, f"engine {self.tokenizer_dir.parent}")
         return self._tokenizer
 
     def encode_prompt(self, text: str) -> list[int]:
@@ -144,7 +169,7 @@ class Engine:
         if tok is None:
             return None
         with self._tokenizer_lock:
-            return tok.decode(ids, skip_special_tokens=True)
+            return decode(tok, ids)
 
     # ---- requests ----
     def check_request(self, n_prompt: int, max_new_tokens: int | None) -> None:
@@ -189,10 +214,10 @@ class Engine:
               seed: int | None = None) -> None:
         """Validate and prefill a prompt and arm the step state; step() then generates.
         Sampling parameters as in `generate`."""
-        prompt_ids = [int(t) for t in prompt_ids]
+        prompt_ids = _token_ids(prompt_ids)
         self._validate_ids(prompt_ids)
-        if max_new_tokens is not None and max_new_tokens < 1:
-            raise SpecCompileError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+        if max_new_tokens is not None and (not _is_int(max_new_tokens) or max_new_tokens < 1):
+            raise SpecCompileError(f"--max-new-tokens {max_new_tokens!r}: must be an integer >= 1")
         knobs = check_sampling(temperature, top_p, top_k, seed)
         self.check_request(len(prompt_ids), max_new_tokens)
         t0 = time.perf_counter()
@@ -293,6 +318,8 @@ class Engine:
         temperature > 0 and no seed, a fresh seed is drawn and reported (`result.seed`): the same
         seed gives the same tokens. The host reads the done flag every `sync_every` steps (1 on
         CPU, where reading is free)."""
+        if not _is_int(sync_every) or sync_every < 1:
+            raise SpecCompileError(f"sync_every={sync_every!r}: must be an integer >= 1")
         self.start(prompt_ids, max_new_tokens, temperature, top_p, top_k, seed)
         if not self.spec.device.startswith("cuda"):
             sync_every = 1

@@ -1,17 +1,19 @@
 """Console entry points: `spec-compile` and `spec-run`. `*_main(argv)` are testable.
 
-Bad input (SpecCompileError) prints one line `error: ...` and exits 2, with no traceback
-(`errors.cli_entry`).
+Bad input (SpecCompileError) prints one line `error: ...` and exits 2, with no traceback; an
+unexpected exception one line `error: internal error: ...` and exits 1 (`errors.cli_entry`;
+`--verbose` shows its traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
-from .errors import SpecCompileError, cli_entry
+from .errors import SpecCompileError, add_verbose_flag, cli_entry
 from .kernels.limits import MAX_PREFILL_CHUNK, MAX_TREE_NODES
 
 
@@ -41,17 +43,22 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=64,
                    help=f"prompt tokens per prefill call (default 64, at most {MAX_PREFILL_CHUNK})")
     p.add_argument("--debug-dir", type=Path, default=None, help="dump the graph after every pass")
-    return p
+    return add_verbose_flag(p)
 
 
 @cli_entry(interrupted="interrupted: no engine written")
 def compile_main(argv: list[str] | None = None) -> int:
     args = compile_parser().parse_args(argv)
     from .config import CompileConfig, ModelConfig
+    from .fileio import check_new_dir, check_writable_dir
     from .loading import parse_draft_vocab, read_draft
     from .pipeline import compile_engine
     from .trees import resolve_tree
 
+    # Where the results go, before any work (the engine is renamed into place at the end).
+    check_new_dir(args.out, "--out")
+    if args.debug_dir is not None:
+        check_writable_dir(args.debug_dir, "--debug-dir")
     draft_vocab = parse_draft_vocab(args.draft_vocab)
     tree = resolve_tree(_auto_tree(args.tree, args.draft))
     model = ModelConfig.from_hf(args.model_dir)
@@ -63,8 +70,6 @@ def compile_main(argv: list[str] | None = None) -> int:
         draft = read_draft(args.draft, model, draft_vocab)
     elif draft_vocab != "auto":
         raise SpecCompileError(f"--draft-vocab {draft_vocab}: needs --draft DRAFT_DIR")
-    if args.out.exists():
-        raise SpecCompileError(f"--out {args.out} already exists; remove it or choose another path")
     cfg = CompileConfig(model=model, draft=None if draft is None else draft.cfg, tree=tree,
                         max_seq_len=args.max_seq_len, backend=args.backend,
                         dtype=args.dtype or ("bfloat16" if args.device == "cuda" else "float32"),
@@ -92,7 +97,7 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="default: until EOS or the engine's capacity")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    return p
+    return add_verbose_flag(p)
 
 
 @cli_entry()
@@ -101,11 +106,7 @@ def run_main(argv: list[str] | None = None) -> int:
     from spec_compiler.runtime import Engine
 
     if args.prompt_ids is not None:
-        try:
-            ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
-        except ValueError:
-            raise SpecCompileError(f"--prompt-ids {args.prompt_ids!r}: expected comma-separated "
-                                   "integers such as 1,2,3") from None
+        ids = parse_prompt_ids(args.prompt_ids)
     engine = Engine.load(args.engine_dir)
     if args.prompt is not None:
         ids = engine.encode_prompt(args.prompt)
@@ -122,6 +123,17 @@ def run_main(argv: list[str] | None = None) -> int:
         print(f"[{len(res.output_ids)} tokens, stop: {res.stop_reason}, {res.tokens_per_call:.2f} "
               f"tokens/call over {res.verify_calls} verify calls, {tps:.1f} tokens/s]", file=sys.stderr)
     return 0
+
+
+def parse_prompt_ids(text: str) -> list[int]:
+    """`--prompt-ids 1,2,3`: comma-separated decimal integers (ASCII digits, spaces around them
+    allowed), nothing else: not `1_2`, not `+1`, not other scripts' digits."""
+    items = text.split(",")
+    for x in items:
+        if not re.fullmatch(r" *[0-9]{1,18} *", x):
+            raise SpecCompileError(f"--prompt-ids {text!r}: {x.strip()!r} is not a token id; expected "
+                                   "comma-separated integers such as 1,2,3")
+    return [int(x) for x in items]
 
 
 if __name__ == "__main__":  # pragma: no cover

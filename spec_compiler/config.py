@@ -2,50 +2,143 @@
 
 `ModelConfig.from_hf` reads a Hugging Face Llama `config.json` (Llama 2 / 3 / 3.1 / 3.2 / 3.3,
 transformers 4 and 5 layouts); `DraftConfig.from_dir` reads an EAGLE-1/2 head's `config.json`.
+Both read every field through one set of typed readers (`_int`, `_num`, `_flag`, `_rope`, ...):
+a value of the wrong type or out of range is one SpecCompileError naming the file, the field
+and the value as written (`'48'` is not 48, `true` is not 1).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .engine_format import min_capacity
 from .errors import SpecCompileError
 from .fileio import read_json_object
-from .kernels.limits import MAX_PREFILL_CHUNK, MAX_TREE_NODES  # plain constants: no triton import
-from .trees import TreeSpec
+from .kernels.limits import MAX_PREFILL_CHUNK  # plain constants: no triton import
+from .trees import TreeSpec, check_tree_nodes
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+MAX_DIM = 2**31 - 1  # any size or count in a config (kernels index with int32)
+_REQUIRED = object()
 
 
-def _need(cfg: dict, key: str, path: Path):
-    if key not in cfg:
-        raise SpecCompileError(f"{path}: required field {key!r} is missing")
-    return cfg[key]
+def _get(cfg: dict, key: str, where: str, default):
+    """cfg[key]; null counts as absent (HF writes `"head_dim": null`)."""
+    v = cfg.get(key)
+    if v is None:
+        if default is _REQUIRED:
+            raise SpecCompileError(f"{where}{key} is missing (a required field)")
+        return default
+    return v
+
+
+def _int(cfg: dict, key: str, where: str, default=_REQUIRED) -> int | None:
+    """An integer field (not a boolean, not a float) in [1, MAX_DIM]; `where`: 'FILE: '."""
+    v = _get(cfg, key, where, default)
+    if v is None:  # an optional field without a default
+        return None
+    if type(v) is not int or not 1 <= v <= MAX_DIM:
+        raise SpecCompileError(f"{where}{key}={v!r} must be an integer in [1, {MAX_DIM}]")
+    return v
+
+
+def _num(cfg: dict, key: str, where: str, default) -> float:
+    """A finite number > 0."""
+    v = _get(cfg, key, where, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+        raise SpecCompileError(f"{where}{key}={v!r} must be a finite number > 0")
+    return float(v)
+
+
+def _flag(cfg: dict, key: str, where: str, default: bool) -> bool:
+    v = _get(cfg, key, where, default)
+    if not isinstance(v, bool):
+        raise SpecCompileError(f"{where}{key}={v!r} must be true or false")
+    return v
+
+
+def _dict(cfg: dict, key: str, where: str) -> dict | None:
+    v = cfg.get(key)
+    if v is not None and not isinstance(v, dict):
+        raise SpecCompileError(f"{where}{key}={v!r} must be an object (or null)")
+    return v
+
+
+def _eos(cfg: dict, where: str, vocab_size: int) -> tuple[int, ...]:
+    """`eos_token_id`: null, a token id or a list of token ids, each in [0, vocab_size)."""
+    v = cfg.get("eos_token_id")
+    ids = [] if v is None else v if isinstance(v, list) else [v]
+    if not all(type(t) is int and 0 <= t < vocab_size for t in ids):
+        raise SpecCompileError(f"{where}eos_token_id={v!r} must be a token id or a list of token "
+                               f"ids in [0, {vocab_size}) (vocab_size)")
+    return tuple(ids)
 
 
 def _rope(cfg: dict, path: Path) -> tuple[float, dict | None]:
-    """(theta, scaling) from `rope_theta`/`rope_scaling` (transformers 4) or `rope_parameters` (5)."""
-    params = cfg.get("rope_parameters")
-    if isinstance(params, dict) and "full_attention" in params:  # per-layer-type layout
-        params = params["full_attention"]
-    scaling = cfg.get("rope_scaling")
-    if isinstance(params, dict):
-        theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    """(theta, scaling) from `rope_theta`/`rope_scaling` (transformers 4) or `rope_parameters` (5),
+    checked: theta and factors finite and > 0, llama3's band low < high, a factor where the type
+    needs one."""
+    where = f"{path}: "
+    params = _dict(cfg, "rope_parameters", where)
+    key = "rope_parameters"
+    if params is not None and "full_attention" in params:  # per-layer-type layout
+        params, key = _dict(params, "full_attention", f"{where}rope_parameters."), "rope_parameters.full_attention"
+    scaling = _dict(cfg, "rope_scaling", where)
+    if params is not None:
+        theta = _num(params, "rope_theta", f"{where}{key}.", cfg.get("rope_theta", 10000.0))
         scaling = params if params.get("rope_type", params.get("type", "default")) != "default" else None
     else:
-        theta = cfg.get("rope_theta", 10000.0)
+        theta = _num(cfg, "rope_theta", where, 10000.0)
+        key = "rope_scaling"
     if scaling:
         rtype = scaling.get("rope_type", scaling.get("type", "default"))
         if rtype not in SUPPORTED_ROPE_TYPES:
             raise SpecCompileError(f"{path}: rope scaling type {rtype!r} is not supported "
                                    f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
-        keep = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-        scaling = {"rope_type": rtype, **{k: scaling[k] for k in keep if k in scaling}}
         if rtype == "default":
-            scaling = None
-    return float(theta), scaling
+            return theta, None
+        return theta, check_rope_scaling(scaling, f"{where}{key}.")
+    return theta, None
+
+
+def check_rope_scaling(scaling: dict, where: str) -> dict:
+    """The scaling fields the model uses, checked, as {"rope_type", "factor", ...}."""
+    rtype = scaling.get("rope_type", scaling.get("type"))
+    out = {"rope_type": rtype, "factor": _num(scaling, "factor", where, _REQUIRED)}
+    if rtype == "llama3":
+        lo = out["low_freq_factor"] = _num(scaling, "low_freq_factor", where, 1.0)
+        hi = out["high_freq_factor"] = _num(scaling, "high_freq_factor", where, 4.0)
+        if not lo < hi:
+            raise SpecCompileError(f"{where}low_freq_factor={lo} must be below high_freq_factor={hi}")
+        out["original_max_position_embeddings"] = _int(scaling, "original_max_position_embeddings",
+                                                       where, 8192)
+    return out
+
+
+def _made_from(path, cls, **fields):
+    """cls(**fields), its own checks (across fields) reported against the file they came from."""
+    try:
+        return cls(**fields)
+    except SpecCompileError as e:
+        raise SpecCompileError(f"{path}: {str(e).removeprefix('config: ')}") from None
+
+
+def _check_arch(cfg: dict, path: Path) -> None:
+    arch, mtype = cfg.get("architectures"), cfg.get("model_type")
+    if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
+        raise SpecCompileError(f"{path}: architectures={arch!r} must be a list of class names such "
+                               "as [\"LlamaForCausalLM\"]")
+    if mtype != "llama" or (arch and "LlamaForCausalLM" not in arch):
+        raise SpecCompileError(
+            f"{path}: model_type={mtype!r}, architectures={arch}; only Llama "
+            "(model_type 'llama', LlamaForCausalLM) checkpoints are supported")
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise SpecCompileError(f"{path}: hidden_act={act!r}; Llama uses 'silu'")
 
 
 @dataclass(frozen=True)
@@ -69,48 +162,55 @@ class ModelConfig:
     max_position_embeddings: int = 2048
 
     def __post_init__(self):
+        # The file readers (from_hf, DraftConfig.from_dir) check every field with its file and
+        # key; this is the backstop for configs built in code.
         for f in ("vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads",
-                  "n_kv_heads", "head_dim"):
+                  "n_kv_heads", "head_dim", "max_position_embeddings"):
             v = getattr(self, f)
-            if not isinstance(v, int) or v <= 0:
+            if type(v) is not int or not 0 < v <= MAX_DIM:
                 raise SpecCompileError(f"config: {f}={v!r} must be a positive integer")
+        for f in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise SpecCompileError(f"config: {f}={v!r} must be a finite number > 0")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling, "config: rope_scaling.")
         if self.n_heads % self.n_kv_heads:
             raise SpecCompileError(f"config: num_attention_heads={self.n_heads} must be a multiple "
                                    f"of num_key_value_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise SpecCompileError(f"config: head_dim={self.head_dim} must be even (rotary "
+                                   "embeddings rotate pairs)")
+        if not all(type(t) is int and 0 <= t < self.vocab_size for t in self.eos_token_ids):
+            raise SpecCompileError(f"config: eos_token_ids={self.eos_token_ids!r} must be token ids "
+                                   f"in [0, {self.vocab_size})")
 
     @classmethod
     def from_hf(cls, model_dir: str | Path) -> "ModelConfig":
         path = Path(model_dir) / "config.json"
         cfg = read_json_object(path, "model")
-        arch = cfg.get("architectures") or []
-        mtype = cfg.get("model_type")
-        if mtype != "llama" or (arch and "LlamaForCausalLM" not in arch):
-            raise SpecCompileError(
-                f"{path}: model_type={mtype!r}, architectures={arch}; only Llama "
-                "(model_type 'llama', LlamaForCausalLM) checkpoints are supported")
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise SpecCompileError(f"{path}: hidden_act={cfg['hidden_act']!r}; Llama uses 'silu'")
-        n_heads = _need(cfg, "num_attention_heads", path)
-        hidden = _need(cfg, "hidden_size", path)
-        eos = cfg.get("eos_token_id")
-        eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        _check_arch(cfg, path)
+        w = f"{path}: "
+        n_heads, hidden = _int(cfg, "num_attention_heads", w), _int(cfg, "hidden_size", w)
+        vocab = _int(cfg, "vocab_size", w)
         theta, scaling = _rope(cfg, path)
-        return cls(
-            vocab_size=_need(cfg, "vocab_size", path),
+        return _made_from(
+            path, cls,
+            vocab_size=vocab,
             hidden_size=hidden,
-            intermediate_size=_need(cfg, "intermediate_size", path),
-            n_layers=_need(cfg, "num_hidden_layers", path),
+            intermediate_size=_int(cfg, "intermediate_size", w),
+            n_layers=_int(cfg, "num_hidden_layers", w),
             n_heads=n_heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            head_dim=cfg.get("head_dim") or hidden // n_heads,
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            n_kv_heads=_int(cfg, "num_key_value_heads", w, n_heads),
+            head_dim=_int(cfg, "head_dim", w, max(hidden // n_heads, 1)),
+            rms_norm_eps=_num(cfg, "rms_norm_eps", w, 1e-5),
             rope_theta=theta,
             rope_scaling=scaling,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", False)),
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
-            eos_token_ids=eos,
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=_flag(cfg, "tie_word_embeddings", w, False),
+            attention_bias=_flag(cfg, "attention_bias", w, False),
+            mlp_bias=_flag(cfg, "mlp_bias", w, False),
+            eos_token_ids=_eos(cfg, w, vocab),
+            max_position_embeddings=_int(cfg, "max_position_embeddings", w, 2048),
         )
 
     def to_json(self) -> dict:
@@ -138,7 +238,7 @@ class DraftConfig:
 
     def __post_init__(self):
         v = self.draft_vocab_size
-        if v is not None and (not isinstance(v, int) or not 0 < v <= self.layer.vocab_size):
+        if v is not None and (type(v) is not int or not 0 < v <= self.layer.vocab_size):
             raise SpecCompileError(f"draft vocabulary size {v!r} must be an integer in "
                                    f"[1, {self.layer.vocab_size}] (the target's vocabulary)")
 
@@ -146,36 +246,39 @@ class DraftConfig:
     def from_dir(cls, draft_dir: str | Path, target: ModelConfig, has_embed: bool) -> "DraftConfig":
         path = Path(draft_dir) / "config.json"
         cfg = read_json_object(path, "draft")
-        hidden = _need(cfg, "hidden_size", path)
+        w = f"draft {path}: "
+        hidden = _int(cfg, "hidden_size", w)
         if hidden != target.hidden_size:
             raise SpecCompileError(
                 f"draft {path}: hidden_size={hidden} but the target's is {target.hidden_size}; "
                 "use a draft head trained for this target")
-        vocab = cfg.get("vocab_size", target.vocab_size)
+        vocab = _int(cfg, "vocab_size", w, target.vocab_size)
         if vocab != target.vocab_size:
             raise SpecCompileError(
                 f"draft {path}: vocab_size={vocab} but the target's is {target.vocab_size}; "
                 "use a draft head trained for this target")
-        n_heads = cfg.get("num_attention_heads", target.n_heads)
+        n_heads = _int(cfg, "num_attention_heads", w, target.n_heads)
         theta, scaling = _rope(cfg, path) if ("rope_theta" in cfg or "rope_parameters" in cfg
                                               or "rope_scaling" in cfg) else (target.rope_theta,
                                                                               target.rope_scaling)
-        layer = ModelConfig(
+        layer = _made_from(
+            f"draft {path}", ModelConfig,
             vocab_size=target.vocab_size,
             hidden_size=hidden,
-            intermediate_size=cfg.get("intermediate_size", target.intermediate_size),
-            n_layers=_need(cfg, "num_hidden_layers", path),
+            intermediate_size=_int(cfg, "intermediate_size", w, target.intermediate_size),
+            n_layers=_int(cfg, "num_hidden_layers", w),
             n_heads=n_heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            head_dim=cfg.get("head_dim") or hidden // n_heads,
-            rms_norm_eps=float(cfg.get("rms_norm_eps", target.rms_norm_eps)),
+            n_kv_heads=_int(cfg, "num_key_value_heads", w, n_heads),
+            head_dim=_int(cfg, "head_dim", w, max(hidden // n_heads, 1)),
+            rms_norm_eps=_num(cfg, "rms_norm_eps", w, target.rms_norm_eps),
             rope_theta=theta,
             rope_scaling=scaling,
-            attention_bias=bool(cfg.get("attention_bias", False)),
+            attention_bias=_flag(cfg, "attention_bias", w, False),
             eos_token_ids=target.eos_token_ids,
             max_position_embeddings=target.max_position_embeddings,
         )
-        return cls(n_layers=layer.n_layers, fc_bias=bool(cfg.get("bias", True)),
+        _int(cfg, "draft_vocab_size", w, None)  # type-checked here; read_hot_ids matches it to d2t
+        return cls(n_layers=layer.n_layers, fc_bias=_flag(cfg, "bias", w, True),
                    has_embed=has_embed, layer=layer)
 
     def to_json(self) -> dict:
@@ -213,14 +316,16 @@ class CompileConfig:
         # The CUDA tree-attention kernels' limits, enforced on every device: only CUDA engines run
         # them, but a tree or chunk size that compiles should not depend on --device. The tree
         # bound also covers the draft graph, whose calls are smaller (spec_compiler/kernels/limits.py).
+        for flag, v in (("--max-seq-len", self.max_seq_len), ("--prefill-chunk", self.prefill_chunk),
+                        ("batch_size", self.batch_size)):
+            if type(v) is not int:
+                raise SpecCompileError(f"{flag} {v!r}: must be an integer")
+        if self.batch_size < 1:
+            raise SpecCompileError(f"batch_size {self.batch_size}: must be at least 1")
         if not 1 <= self.prefill_chunk <= MAX_PREFILL_CHUNK:
             raise SpecCompileError(f"--prefill-chunk {self.prefill_chunk}: must be 1 to "
                                    f"{MAX_PREFILL_CHUNK} tokens (the tree-attention kernels' limit)")
-        if self.tree.n_nodes > MAX_TREE_NODES:
-            raise SpecCompileError(
-                f"--tree: tree {self.tree.name!r} has {self.tree.n_nodes} nodes, but the "
-                f"tree-attention kernels handle at most {MAX_TREE_NODES} (with the root); use a "
-                f"smaller tree (spec-fit-tree --nodes {MAX_TREE_NODES} or fewer)")
+        check_tree_nodes(self.tree.name, self.tree.n_nodes)
         need = min_capacity(self.prefill_chunk, self.tree.max_depth)
         if self.max_seq_len < need:
             raise SpecCompileError(
@@ -231,7 +336,52 @@ class CompileConfig:
         if dv is not None and self.tree.n_nodes > 1 and dv < self.tree.top_k:
             raise SpecCompileError(f"--draft-vocab {dv} is smaller than tree {self.tree.name!r}'s "
                                    f"top-k {self.tree.top_k}; use at least {self.tree.top_k} tokens")
+        if self.tree.top_k > self.model.vocab_size:
+            raise SpecCompileError(f"--tree: tree {self.tree.name!r} has rank {self.tree.top_k - 1} "
+                                   f"(top-k {self.tree.top_k}), but the vocabulary has "
+                                   f"{self.model.vocab_size} tokens; ranks must be below "
+                                   f"{self.model.vocab_size}")
         if self.tree.n_nodes > 1 and self.draft is None:
             raise SpecCompileError(f"tree {self.tree.name!r} needs a draft: pass --draft DRAFT_DIR "
                                    "(or --tree chain-0 for plain decoding)")
 
+
+def check_machine(cfg: CompileConfig) -> None:
+    """Before loading anything: this machine has the device `cfg` names, and memory for the
+    engine's runtime state (the KV caches of target and draft for `max_seq_len` tokens and the
+    per-slot buffers: engine_format.state_bytes, what the runtime allocates) in half of the
+    device's memory, leaving the other half to the weights and to the compile's example inputs
+    (caches of the same size)."""
+    import torch
+
+    from . import engine_format as fmt
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise SpecCompileError("--device cuda: no CUDA GPU is visible (torch.cuda.is_available() is "
+                               "false); use --device cpu, or compile on a machine with a GPU")
+    total, where = device_memory(cfg.device)
+    dims = fmt.Dims.from_config(cfg)
+    need, have = fmt.state_bytes(dims), total // 2
+    if need > have:
+        per_token = need - fmt.state_bytes(dataclasses.replace(dims, max_seq_len=dims.max_seq_len - 1))
+        fit = int(cfg.max_seq_len - (need - have) / per_token)
+        least = min_capacity(cfg.prefill_chunk, cfg.tree.max_depth)
+        size = f"the engine's KV caches and buffers would take {need / 2**30:.1f} GiB"
+        half = f"half of the {total / 2**30:.1f} GiB of {where} (the weights and the compile need the rest)"
+        if fit < least:
+            m = cfg.model
+            raise SpecCompileError(
+                f"{size} even with the smallest --max-seq-len ({least}), more than {half}: the "
+                f"model is too large for it (config.json: num_hidden_layers={m.n_layers}, "
+                f"num_key_value_heads={m.n_kv_heads}, head_dim={m.head_dim})")
+        raise SpecCompileError(f"--max-seq-len {cfg.max_seq_len}: {size}, more than {half}; use a "
+                               f"--max-seq-len of at most about {fit}")
+
+
+def device_memory(device: str) -> tuple[int, str]:
+    """(bytes, description) of the memory an engine on `device` lives in."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory, "GPU memory (device 0)"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"

@@ -29,6 +29,7 @@ Caches are mutated in place. A root-only tree (chain-0) has no draft graphs.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -191,6 +192,18 @@ def state(dims: Dims) -> list[TensorSpec]:
     if dims.has_draft:
         kv += [dataclasses.replace(c, name=f"draft.{c.name}") for c in caches(dims, "draft")]
     return [*step_state(dims), *slot_state(dims), *kv]
+
+
+def state_bytes(dims: Dims) -> int:
+    """Bytes of every runtime state tensor (what the runtime allocates for an engine), without
+    listing each layer's caches (a hostile config may claim 2^31 layers)."""
+    def nbytes(specs: list[TensorSpec]) -> int:
+        return sum(DTYPES[t.dtype].itemsize * math.prod(t.shape) for t in specs)
+
+    one = dataclasses.replace(dims, n_layers=1, draft_layers=1)
+    return (nbytes(state(dataclasses.replace(dims, n_layers=0, draft_layers=0)))
+            + dims.n_layers * nbytes(caches(one, "target"))
+            + dims.draft_layers * nbytes(caches(one, "draft")))
 
 
 @dataclass(frozen=True)

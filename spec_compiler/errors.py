@@ -1,15 +1,22 @@
-"""The one user-facing error type, and the one wrapper that turns it into an exit code.
+"""The one user-facing error type, and the one wrapper that turns errors into exit codes.
 
 Every message says what was found, what was expected, and the file or flag to fix.
 Console entry points are wrapped in `cli_entry`: a SpecCompileError prints one line
-`error: ...` and exits with code 2, Ctrl-C one line and 130; anything else keeps its
-traceback (a bug, not bad input).
+`error: ...` and exits with code 2, Ctrl-C one line and 130; any other exception is a bug, not
+bad input: one line `error: internal error: ...` and exit code 1, with the traceback only under
+`--verbose` (which every entry point accepts: `add_verbose_flag`). Library warnings are shown
+only under `--verbose` too.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
+import logging
+import re
 import sys
+import traceback
+import warnings
 from typing import Callable
 
 
@@ -17,19 +24,64 @@ class SpecCompileError(ValueError):
     """Bad input: a checkpoint, a draft, a tree, an engine or a request that cannot be used."""
 
 
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
+
+
+def one_line(text: str) -> str:
+    """`text` on one line that says exactly what it holds: newlines, terminal escapes and other
+    non-printing characters (in a path, say) are written as escapes (`\\n`, `\\x1b`)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def brief(e: BaseException | str, limit: int = 200) -> str:
+    """A library's exception (or message) as a short clause for an error line: `Type: text`
+    with terminal escape codes dropped, whitespace collapsed, and cut at a word boundary."""
+    text = e if isinstance(e, str) else f"{type(e).__name__}: {e}".rstrip(": ")
+    text = one_line(" ".join(_ANSI.sub("", text).split()))
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(" ", 0, limit)
+    return text[:cut if cut > limit // 2 else limit].rstrip(" ,;:.(") + " ..."
+
+
+def add_verbose_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--verbose", action="store_true",
+                        help="show library warnings and progress logs, and the traceback of an "
+                             "unexpected error")
+    return parser
+
+
 def cli_entry(interrupted: str = "interrupted") -> Callable[[Callable[..., int]], Callable[..., int]]:
     """Decorator for `main(argv=None) -> int`: SpecCompileError -> `error: MESSAGE` on stderr (one
-    line) and 2; KeyboardInterrupt -> `interrupted` on stderr and 130; other exit codes pass."""
+    line) and 2; KeyboardInterrupt -> `interrupted` on stderr and 130; any other exception ->
+    `error: internal error: ...` (one line; the traceback too with `--verbose`) and 1; other exit
+    codes pass. Without `--verbose` (in argv), Python warnings are not shown."""
     def wrap(main: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(main)
         def run(*args, **kwargs) -> int:
-            try:
-                return main(*args, **kwargs)
-            except SpecCompileError as e:
-                print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
-                return 2
-            except KeyboardInterrupt:
-                print(interrupted, file=sys.stderr)
-                return 130
+            argv = args[0] if args else kwargs.get("argv")
+            argv = sys.argv[1:] if argv is None else argv
+            verbose = isinstance(argv, (list, tuple)) and "--verbose" in map(str, argv)
+            with warnings.catch_warnings():
+                if verbose:
+                    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+                else:
+                    warnings.simplefilter("ignore")
+                try:
+                    return main(*args, **kwargs)
+                except SpecCompileError as e:
+                    if verbose:
+                        traceback.print_exc()
+                    print("error: " + one_line(str(e)), file=sys.stderr)
+                    return 2
+                except KeyboardInterrupt:
+                    print(interrupted, file=sys.stderr)
+                    return 130
+                except Exception as e:  # a bug: one line, the traceback on request
+                    if verbose:
+                        traceback.print_exc()
+                    hint = "" if verbose else "; rerun with --verbose for the traceback"
+                    print(f"error: internal error: {brief(e, 300)}{hint}", file=sys.stderr)
+                    return 1
         return run
     return wrap

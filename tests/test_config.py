@@ -13,7 +13,7 @@ from spec_compiler.errors import SpecCompileError
 from spec_compiler.kernels.limits import MAX_PREFILL_CHUNK, MAX_TREE_NODES
 from spec_compiler.trees import TreeSpec, chain
 
-MODEL = ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, n_layers=1, n_heads=4,
+MODEL = ModelConfig(vocab_size=2048, hidden_size=32, intermediate_size=64, n_layers=1, n_heads=4,
                     n_kv_heads=2, head_dim=8)
 DRAFT = DraftConfig(n_layers=1, fc_bias=True, has_embed=False, layer=MODEL)
 

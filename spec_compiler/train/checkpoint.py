@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import SpecCompileError
+from ..errors import SpecCompileError, brief
 from ..fileio import atomic_open
 
 _NAME = re.compile(r"^step-(\d+)\.pt$")
@@ -48,5 +48,5 @@ def load_latest(ckpt_dir: Path) -> tuple[Path, dict]:
     try:
         return path, torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types
-        raise SpecCompileError(f"--resume: cannot read {path} ({type(e).__name__}: "
-                               f"{str(e)[:120]}); delete it to fall back to an older one") from None
+        raise SpecCompileError(f"--resume: cannot read {path} ({brief(e)}); delete it to fall back "
+                               "to an older one") from None

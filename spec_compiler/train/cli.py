@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import cli_entry
+from ..errors import add_verbose_flag, cli_entry
 from .data import DEFAULT_TRAIN_PROMPTS
 
 
@@ -70,7 +70,7 @@ def parser() -> argparse.ArgumentParser:
     a("--eval-prompts", type=Path, default=None,
       help="after training, score the draft on these prompts' continuations (training.json)")
     a("--eval-n", type=int, default=32, help="prompts of --eval-prompts to score (default 32)")
-    return p
+    return add_verbose_flag(p)
 
 
 def _temperatures(text: str) -> tuple[float, ...]:

@@ -10,13 +10,13 @@ Other fields (id, category, template) are carried along and ignored. The package
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from ..chat import encode_user_prompt
+from ..chat import encode_user_prompt, load_tokenizer as load_tokenizer_from
 from ..errors import SpecCompileError
+from ..fileio import parse_json
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_TRAIN_PROMPTS = DATA_DIR / "prompts_train.jsonl"
@@ -37,10 +37,7 @@ def read_prompts(path: str | Path) -> list[dict]:
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SpecCompileError(f"--prompts {path}:{n}: not valid JSON ({e.msg})") from None
+        row = parse_json(line, f"--prompts {path}:{n}", "fix the line")
         if not isinstance(row, dict):
             raise SpecCompileError(f"--prompts {path}:{n}: expected a JSON object, found "
                                    f"{type(row).__name__}")
@@ -63,13 +60,7 @@ def load_tokenizer(model_dir: Path):
     if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
                                                    "tokenizer.model")):
         return None
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as e:  # tokenizers raise many types; keep the reason, drop the traceback
-        raise SpecCompileError(f"{model_dir}: cannot load the tokenizer ({type(e).__name__}: "
-                               f"{str(e)[:160]})") from None
+    return load_tokenizer_from(model_dir, str(model_dir))
 
 
 def encode_prompts(rows: list[dict], tokenizer, vocab_size: int, where: Path,

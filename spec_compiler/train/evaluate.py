@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import SpecCompileError, cli_entry
+from ..errors import SpecCompileError, add_verbose_flag, cli_entry
 from ..models.eagle import EagleDraft
 from .generate import Sequence
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=None,
                    help="store/reuse the generated continuations here (torch file)")
     p.add_argument("--threads", type=int, default=None)
-    args = p.parse_args(argv)
+    args = add_verbose_flag(p).parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     target = load_target(args.model_dir)

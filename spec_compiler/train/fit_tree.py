@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import SpecCompileError, cli_entry
+from ..errors import SpecCompileError, add_verbose_flag, cli_entry
 from ..fileio import atomic_write_text
 from ..kernels.limits import MAX_TREE_NODES
 from ..models.eagle import EagleDraft
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="default: DRAFT_DIR/tree.json")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--batch", type=int, default=32, help="prompts the target continues at once")
-    args = p.parse_args(argv)
+    args = add_verbose_flag(p).parse_args(argv)
     for flag in ("n", "max_new_tokens", "max_depth", "top_k", "batch"):
         if getattr(args, flag) <= 0:
             raise SpecCompileError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
