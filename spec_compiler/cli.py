@@ -96,8 +96,33 @@ def run_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="default: until EOS or the engine's capacity")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--temperature", default="0", metavar="T",
+                   help="0 (default): greedy, token-identical to the target's greedy decoding; "
+                        "> 0: sampled, exactly the target's distribution (speculative sampling)")
+    p.add_argument("--top-p", default="1", metavar="P", help="nucleus: (0, 1], 1 (default) is none")
+    p.add_argument("--top-k", default="0", metavar="K", help="the K most likely tokens; 0 (default) is none")
+    p.add_argument("--seed", default=None, metavar="S",
+                   help="sampling seed (an integer); default: a fresh one, printed, to replay the run")
+    p.add_argument("--json", action="store_true", help="print one JSON object (with the seed)")
     return add_verbose_flag(p)
+
+
+def parse_sampling(args) -> dict:
+    """--temperature/--top-p/--top-k/--seed as Engine.generate's keywords, checked (one line)."""
+    from spec_compiler.runtime.generate import check_sampling
+
+    def num(flag, text, kind):
+        try:
+            return kind(text)
+        except ValueError:
+            raise SpecCompileError(f"{flag} {text!r}: not a{'n integer' if kind is int else ' number'}") from None
+
+    t = num("--temperature", args.temperature, float)
+    p = num("--top-p", args.top_p, float)
+    k = num("--top-k", args.top_k, int)
+    seed = None if args.seed is None else num("--seed", args.seed, int)
+    check_sampling(t, p, k, seed)  # refuse bad values before loading anything
+    return {"temperature": t, "top_p": p, "top_k": k, "seed": seed}
 
 
 @cli_entry()
@@ -107,10 +132,11 @@ def run_main(argv: list[str] | None = None) -> int:
 
     if args.prompt_ids is not None:
         ids = parse_prompt_ids(args.prompt_ids)
+    knobs = parse_sampling(args)
     engine = Engine.load(args.engine_dir)
     if args.prompt is not None:
         ids = engine.encode_prompt(args.prompt)
-    res = engine.generate(ids, max_new_tokens=args.max_new_tokens)
+    res = engine.generate(ids, max_new_tokens=args.max_new_tokens, **knobs)
     res.text = engine.decode(res.output_ids)
     if args.json:
         print(json.dumps(res.to_json()))
@@ -120,8 +146,10 @@ def run_main(argv: list[str] | None = None) -> int:
         else:
             print(",".join(map(str, res.output_ids)))
         tps = len(res.output_ids) / res.seconds if res.seconds else float("nan")
+        seed = "" if res.seed is None else f", seed {res.seed}"
         print(f"[{len(res.output_ids)} tokens, stop: {res.stop_reason}, {res.tokens_per_call:.2f} "
-              f"tokens/call over {res.verify_calls} verify calls, {tps:.1f} tokens/s]", file=sys.stderr)
+              f"tokens/call over {res.verify_calls} verify calls, {tps:.1f} tokens/s{seed}]",
+              file=sys.stderr)
     return 0
 
 

@@ -11,8 +11,10 @@ only under `--verbose` too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
+import os
 import re
 import sys
 import traceback
@@ -51,6 +53,33 @@ def add_verbose_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     return parser
 
 
+@contextlib.contextmanager
+def _output(verbose: bool):
+    """For one command: with --verbose, log lines (INFO) and warnings on stderr; without,
+    neither Python warnings nor torch's own warning lines ("W1129 ... file.py:120] ..." from its
+    Python loggers, and from C++, which reads TORCH_CPP_LOG_LEVEL when torch is first imported).
+    Everything is restored afterwards (commands also run in-process, in tests)."""
+    root, torch_log = logging.getLogger(), logging.getLogger("torch")
+    saved = root.level, torch_log.level
+    handler = None
+    if verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+    else:
+        warnings.simplefilter("ignore")
+        torch_log.setLevel(logging.ERROR)
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    try:
+        yield
+    finally:
+        if handler is not None:
+            root.removeHandler(handler)
+        root.setLevel(saved[0])
+        torch_log.setLevel(saved[1])
+
+
 def cli_entry(interrupted: str = "interrupted") -> Callable[[Callable[..., int]], Callable[..., int]]:
     """Decorator for `main(argv=None) -> int`: SpecCompileError -> `error: MESSAGE` on stderr (one
     line) and 2; KeyboardInterrupt -> `interrupted` on stderr and 130; any other exception ->
@@ -62,11 +91,7 @@ def cli_entry(interrupted: str = "interrupted") -> Callable[[Callable[..., int]]
             argv = args[0] if args else kwargs.get("argv")
             argv = sys.argv[1:] if argv is None else argv
             verbose = isinstance(argv, (list, tuple)) and "--verbose" in map(str, argv)
-            with warnings.catch_warnings():
-                if verbose:
-                    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-                else:
-                    warnings.simplefilter("ignore")
+            with warnings.catch_warnings(), _output(verbose):
                 try:
                     return main(*args, **kwargs)
                 except SpecCompileError as e:

@@ -53,7 +53,8 @@ def test_hot_vocab_draft_on_cuda_matches_transformers(tmp_path, tiny_dir):
         assert res.output_ids == hf_greedy(tiny_dir, p, 60)
 
 
-def test_step_is_one_replay_without_sync(fp32_engine):
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_step_is_one_replay_without_sync(fp32_engine, temperature):
     from spec_compiler.runtime import Engine
     from spec_compiler.runtime import cuda_graph
 
@@ -67,7 +68,7 @@ def test_step_is_one_replay_without_sync(fp32_engine):
         replays["n"] += 1
         orig(self)
     cuda_graph.CapturedStep.__call__ = counting
-    engine.start(PROMPT)  # no max_new_tokens: runs to the capacity
+    engine.start(PROMPT, temperature=temperature, seed=3)  # no max_new_tokens: to the capacity
     try:
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -155,3 +156,37 @@ def test_bf16_engine_diverges_only_at_near_ties(tmp_path, tiny_dir, tiny_draft_d
                                    list(eng.spec.model.eos_token_ids), "cuda")
     print(f"bf16 engine vs transformers bf16: {len(res.output_ids)} tokens, divergences "
           f"(position, hf, engine, float32 gap, tolerance): {found}")
+
+
+def test_sampling_on_cuda_is_lossless_and_replays(fp32_engine, tiny_dir):
+    """The CUDA engine at T > 0: a seed replays exactly, and the first two tokens are distributed
+    as the target's (the chi-square check of test_sampling_engine, on the GPU)."""
+    from transformers import LlamaForCausalLM
+
+    from spec_compiler import sampling
+    from spec_compiler.runtime import Engine
+    from test_sampling import chi_square_pvalue
+
+    engine = Engine.load(fp32_engine)
+    a = engine.generate(PROMPT, max_new_tokens=30, temperature=1.0, seed=5)
+    assert a.output_ids == engine.generate(PROMPT, max_new_tokens=30, temperature=1.0, seed=5).output_ids
+    T, p, N = 2.0, 0.95, 400
+    hf = LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    one = torch.ones(1)
+
+    def dist(ids):
+        with torch.no_grad():
+            lg = hf(torch.tensor([ids])).logits[:, -1]
+        return sampling.warp(lg, one * T, torch.zeros(1, dtype=torch.long), one * p)[0].double()
+
+    p1 = dist(PROMPT)
+    eos = set(engine.spec.model.eos_token_ids)
+    p2 = sum(p1[a] * dist(PROMPT + [a]) for a in range(len(p1)) if p1[a] > 0 and a not in eos)
+    firsts, seconds = torch.zeros_like(p1), torch.zeros_like(p1)
+    for s in range(N):
+        out = engine.generate(PROMPT, max_new_tokens=2, temperature=T, top_p=p, seed=s).output_ids
+        firsts[out[0]] += 1
+        if len(out) > 1:
+            seconds[out[1]] += 1
+    assert chi_square_pvalue(firsts, p1) > 1e-4
+    assert chi_square_pvalue(seconds, p2 / p2.sum()) > 1e-4  # given the first was not EOS

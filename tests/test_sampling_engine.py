@@ -3,12 +3,15 @@ greedy bit for bit at temperature 0, and the first two tokens distributed as the
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from helpers import build_engine, hf_greedy, with_eos
 from spec_compiler.errors import SpecCompileError
 from spec_compiler.runtime import Engine
+from test_cli import assert_clean_error, run
 from test_sampling import chi_square_pvalue
 
 PROMPT = [5, 9, 33, 2, 71, 8]
@@ -21,9 +24,14 @@ def no_eos_dir(tmp_path_factory, tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory, no_eos_dir, tiny_draft_dir):
-    return Engine.load(build_engine(tmp_path_factory.mktemp("samp") / "e", no_eos_dir,
-                                    draft_dir=tiny_draft_dir, max_seq_len=96))
+def engine_dir(tmp_path_factory, no_eos_dir, tiny_draft_dir):
+    return build_engine(tmp_path_factory.mktemp("samp") / "e", no_eos_dir, draft_dir=tiny_draft_dir,
+                        max_seq_len=96)
+
+
+@pytest.fixture(scope="module")
+def engine(engine_dir):
+    return Engine.load(engine_dir)
 
 
 def test_same_seed_same_tokens_different_seeds_differ(engine):
@@ -97,3 +105,18 @@ def test_first_two_tokens_are_distributed_as_the_target(engine, no_eos_dir):
     for counts, probs in ((firsts, p1), (seconds, p2)):
         assert int((probs * N >= 5).sum()) >= 5, "too few populated cells for a meaningful test"
         assert chi_square_pvalue(counts, probs) > 1e-4
+
+
+def test_spec_run_sampling_flags(engine_dir, engine):
+    args = (engine_dir, "--prompt-ids", "5,9,33", "--max-new-tokens", "12", "--json")
+    r1, r2 = (run(*args, "--temperature", "0.9", "--top-k", "20", "--seed", "42") for _ in range(2))
+    assert r1.returncode == r2.returncode == 0, r1.stderr
+    d = json.loads(r1.stdout)
+    assert d["seed"] == 42 and json.loads(r2.stdout)["output_ids"] == d["output_ids"]
+    assert d["output_ids"] == engine.generate([5, 9, 33], max_new_tokens=12, temperature=0.9,
+                                              top_k=20, seed=42).output_ids
+    greedy = json.loads(run(*args).stdout)
+    assert greedy["seed"] is None
+    for flags, word in ((["--temperature", "-1"], "--temperature"), (["--top-p", "0"], "--top-p"),
+                        (["--top-k", "2.5"], "--top-k"), (["--temperature", "1", "--seed", "x"], "--seed")):
+        assert_clean_error(run(*args, *flags), word)
