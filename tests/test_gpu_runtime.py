@@ -79,7 +79,9 @@ def test_step_is_one_replay_without_sync(fp32_engine, temperature):
         cuda_graph.CapturedStep.__call__ = orig
         torch.cuda.set_sync_debug_mode("default")
     assert replays["n"] == 6  # one replay per speculative step (draft + verify + accept)
-    assert int(engine.state["n_steps"][0]) >= 6
+    steps = int(engine.state["n_steps"][0])
+    # Every replay was a step, unless the sequence ended (a sampled EOS) in between.
+    assert steps >= 6 or (steps >= 1 and not engine.running())
 
 
 def test_fresh_process_loads_without_env(fp32_engine, tiny_dir):
