@@ -25,12 +25,14 @@ REQUIRED = ("tree_attention", "unroll_draft", "accept_epilogue", "static_kv_cach
 
 
 def default_passes(graph: str, tree: TreeSpec, prefill_chunk: int) -> list[Pass]:
-    """graph: prefill | draft_prefill (block of prompt tokens), verify (the tree), draft (step)."""
+    """graph: prefill | draft_prefill (block of prompt tokens), verify | verify_sampled (the tree),
+    draft (step)."""
     head = [cleanup, fuse_projections]
     if graph in ("prefill", "draft_prefill"):
         middle = [partial(tree_attention, tree=chain(prefill_chunk - 1))]
-    elif graph == "verify":
-        middle = [partial(tree_attention, tree=tree), partial(accept_epilogue, tree=tree)]
+    elif graph in ("verify", "verify_sampled"):
+        middle = [partial(tree_attention, tree=tree),
+                  partial(accept_epilogue, tree=tree, sampling=graph == "verify_sampled")]
     elif graph == "draft":
         middle = [partial(tree_attention, tree=None), partial(unroll_draft, tree=tree)]
     else:

@@ -16,7 +16,8 @@ Rows with temperature > 0 instead take the path, emitted tokens and bonus token 
 `sampling.tree_accept` (multi-round speculative sampling over the tree, lossless; randomness
 keyed by the row's seed and the token positions), on the distribution `sampling.warp` gives
 (temperature, top-k, top-p); rows at temperature 0 keep the greedy result above bit for bit.
-New inputs: temperature, top_p, top_k, seed (B,) per sequence (the engine contract's order).
+With sampling=True (the verify_sampled graph) the new inputs are temperature, top_p, top_k,
+seed (B,) per sequence (the engine contract's order); without, the graph is greedy alone.
 Entries past n_acc are padding (written past cache_len', ignored). The new root is
 acc_tokens[n_acc - 1] with feature acc_feats[n_acc - 1]; the draft graph reads it from there.
 Requires: tree_attention(tree=...) has run; placeholders tokens, cache_len; each returned cache
@@ -38,8 +39,8 @@ from spec_compiler.models.llama import write_cache
 from spec_compiler.trees import TreeSpec
 
 from .cleanup import cleanup
-from .infra import (add_input, call_traced, device_of, finish, match_pattern, outputs, placeholders, record,
-                    register_constant, require, set_outputs, trace_pattern)
+from .infra import (add_input, call_traced, device_of, finish, match_pattern, outputs, placeholders,
+                    record, register_constant, require, set_outputs, trace_pattern)
 
 
 # Per-sequence sampling inputs the verify graph gains, in the engine contract's order.
@@ -90,26 +91,27 @@ def compact(cache, new, path, cache_len):
     return write_cache(cache, rows, cache_len)
 
 
-def accept_epilogue(gm: fx.GraphModule, *, tree: TreeSpec) -> fx.GraphModule:
+def accept_epilogue(gm: fx.GraphModule, *, tree: TreeSpec, sampling: bool = False) -> fx.GraphModule:
     ph, outs = placeholders(gm), outputs(gm)
     if "logits" not in outs or "hidden" not in outs:
         raise SpecCompileError("accept_epilogue: the graph returns no logits/hidden to accept "
                                f"from (outputs: {list(outs)}); it runs once, on the verify graph")
     dev = device_of(gm)
     paths = tree.leaf_paths()  # (P, D+1), -1 padded
-    consts = [register_constant(gm, f"tree_{name}_{tree.n_nodes}", value.to(dev)) for name, value in (
-        ("parent", torch.tensor(tree.parent)), ("is_root", torch.arange(tree.n_nodes) == 0),
-        ("paths", paths.clamp(min=0)), ("path_valid", paths >= 0),
-        ("children", tree.children_table()), ("depth", torch.tensor(tree.depth)))]
+    tables = [("parent", torch.tensor(tree.parent)), ("is_root", torch.arange(tree.n_nodes) == 0),
+              ("paths", paths.clamp(min=0)), ("path_valid", paths >= 0)]
+    if sampling:
+        tables += [("children", tree.children_table()), ("depth", torch.tensor(tree.depth))]
+    consts = [register_constant(gm, f"tree_{name}_{tree.n_nodes}", value.to(dev)) for name, value in tables]
     B = ph["tokens"].meta["val"].shape[0]
-    knobs = [add_input(gm, name, (B,), dtype) for name, dtype in SAMPLING_INPUTS]
+    knobs = [add_input(gm, name, (B,), dtype) for name, dtype in SAMPLING_INPUTS] if sampling else []
     writes = _cache_writes(gm, set(outs.values()))
     require("accept_epilogue", len(writes), "one cache write (write_cache) per returned cache")
     out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     with gm.graph.inserting_before(out_node):
+        fn = functools.partial(accept_sampled, max_depth=tree.max_depth) if sampling else accept
         acc_tokens, acc_feats, n_acc, new_len, path = call_traced(
-            gm, functools.partial(accept_sampled, max_depth=tree.max_depth), ph["tokens"],
-            outs["logits"], outs["hidden"], ph["cache_len"], *knobs, *consts)
+            gm, fn, ph["tokens"], outs["logits"], outs["hidden"], ph["cache_len"], *knobs, *consts)
         compacted = {w: call_traced(gm, compact, m["cache"], m["new"], path, m["cache_len"])
                      for w, m in writes.items()}
     new_outs = {"acc_tokens": acc_tokens, "acc_feats": acc_feats, "n_acc": n_acc, "cache_len": new_len}

@@ -129,7 +129,8 @@ class Engine:
         eos = list(spec.model.eos_token_ids) or [-1]
         self._eos = torch.tensor(eos, dtype=torch.long, device=dev)
         self._ar = torch.arange(self.dims.tree_depth + 1, device=dev)
-        self._captured = None
+        self._captured: dict[str, object] = {}  # CUDA: one captured step per verify graph
+        self._verify = "verify"  # verify_sampled while a sequence samples (temperature > 0)
         self._request: tuple[int, int | None, float] | None = None  # prompt tokens, max_new, t0
         # Where Engine.load spent its time (seconds): check (manifest + fingerprint: every file
         # hashed), weights (read and placed on the device), graphs (artifacts), state, total.
@@ -254,11 +255,11 @@ class Engine:
     def step(self) -> None:
         """One speculative step for every live slot: one CUDA-graph replay on a GPU."""
         if self.spec.device.startswith("cuda"):
-            if self._captured is None:
+            if self._verify not in self._captured:
                 from .cuda_graph import CapturedStep
 
-                self._captured = CapturedStep(self._step)
-            self._captured()
+                self._captured[self._verify] = CapturedStep(self._step)
+            self._captured[self._verify]()
         else:
             self._step()
 
@@ -271,13 +272,17 @@ class Engine:
         """Capture the step now (CUDA), so the first generate() does not pay for it. Uses a
         harmless state (every sequence done, n_acc = 1, cache_len = 1 so the draft's catch-up
         starts at slot 0); start() resets everything."""
-        if not self.spec.device.startswith("cuda") or self._captured is not None:
+        if not self.spec.device.startswith("cuda"):
             return
         st = self.state
-        st["done"].fill_(True)
-        st["n_acc"].fill_(1)
-        st["cache_len"].fill_(1)
-        self.step()
+        for verify in ("verify", "verify_sampled"):
+            if verify in self.graphs and verify not in self._captured:
+                st["done"].fill_(True)
+                st["n_acc"].fill_(1)
+                st["cache_len"].fill_(1)
+                self._verify = verify
+                self.step()
+        self._verify = "verify"
 
     @_locked
     @torch.inference_mode()
@@ -330,6 +335,10 @@ class Engine:
 
     # ---- internals ----
     def _set_sampling(self, temperature: float, top_p: float, top_k: int, seed: int | None) -> None:
+        if temperature > 0 and "verify_sampled" not in self.graphs:
+            raise SpecCompileError("this engine was compiled with --no-sampling: it decodes greedily "
+                                   "only; use --temperature 0, or rebuild it without --no-sampling")
+        self._verify = "verify_sampled" if temperature > 0 else "verify"
         st = self.state
         st["temperature"].fill_(temperature)
         st["top_p"].fill_(top_p)
@@ -355,7 +364,7 @@ class Engine:
             tree_tokens = self.graphs["draft"](st)["tree_tokens"]
         else:  # plain decoding: the tree is the root alone
             tree_tokens = st["acc_tokens"].gather(1, st["n_acc"][:, None] - 1)
-        res = self.graphs["verify"](st, tokens=tree_tokens)
+        res = self.graphs[self._verify](st, tokens=tree_tokens)
         active = ~st["done"] & st["slot_valid"]  # (B,)
         n_acc = res["n_acc"]
         valid = (self._ar[None, :] < n_acc[:, None]) & active[:, None]  # (B, D+1)

@@ -42,6 +42,9 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--prefill-chunk", type=int, default=64,
                    help=f"prompt tokens per prefill call (default 64, at most {MAX_PREFILL_CHUNK})")
+    p.add_argument("--no-sampling", dest="sampling", action="store_false",
+                   help="greedy only: skip the sampling verify graph (temperature > 0), one graph "
+                        "less to compile")
     p.add_argument("--debug-dir", type=Path, default=None, help="dump the graph after every pass")
     return add_verbose_flag(p)
 
@@ -73,7 +76,7 @@ def compile_main(argv: list[str] | None = None) -> int:
     cfg = CompileConfig(model=model, draft=None if draft is None else draft.cfg, tree=tree,
                         max_seq_len=args.max_seq_len, backend=args.backend,
                         dtype=args.dtype or ("bfloat16" if args.device == "cuda" else "float32"),
-                        device=args.device, prefill_chunk=args.prefill_chunk)
+                        device=args.device, prefill_chunk=args.prefill_chunk, sampling=args.sampling)
     compile_engine(cfg, args.model_dir, draft if tree.n_nodes > 1 else None, args.out,
                    debug_dir=args.debug_dir, draft_vocab=draft_vocab)
     return 0

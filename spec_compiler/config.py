@@ -305,6 +305,7 @@ class CompileConfig:
     device: str = "cpu"
     batch_size: int = 1
     prefill_chunk: int = 64
+    sampling: bool = True  # also build verify_sampled (temperature > 0)
 
     def __post_init__(self):
         if self.backend not in ("inductor", "eager"):

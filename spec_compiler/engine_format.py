@@ -20,9 +20,12 @@ Engine graphs (inputs in order; `args` are passed per call, the rest are state):
     prefill        tokens (B,C) | cache_len, target caches          -> logits (B,C,V) f32, hidden (B,C,H)
     draft_prefill  tokens (B,C), features (B,C,F) | cache_len, draft caches     -> hidden (B,C,H)
     draft          acc_tokens, acc_feats, n_acc, cache_len, draft caches        -> tree_tokens (B,T)
-    verify         tokens (B,T) | cache_len, target caches, temperature, top_p, top_k, seed
-                   -> acc_tokens (B,D+1), acc_feats (B,D+1,F), n_acc (B,), cache_len (B,)
-                   (greedy where temperature is 0; speculative sampling elsewhere)
+    verify         tokens (B,T) | cache_len, target caches
+                   -> acc_tokens (B,D+1), acc_feats (B,D+1,F), n_acc (B,), cache_len (B,)   (greedy)
+    verify_sampled the same, + temperature, top_p, top_k, seed (state): greedy rows where the
+                   temperature is 0, speculative sampling elsewhere. A separate graph, so greedy
+                   steps pay nothing for sampling (its sort over the vocabulary costs a CPU step
+                   as much as the target's forward); absent from engines built with --no-sampling.
 Caches are mutated in place. A root-only tree (chain-0) has no draft graphs.
 """
 
@@ -42,7 +45,7 @@ WEIGHTS = "weights.safetensors"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
-GRAPHS = ("prefill", "draft_prefill", "draft", "verify")
+GRAPHS = ("prefill", "draft_prefill", "draft", "verify", "verify_sampled")
 DRAFT_GRAPHS = ("draft_prefill", "draft")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -85,6 +88,7 @@ class Dims:
     draft_kv_heads: int
     draft_head_dim: int
     dtype: str  # the engine's floating dtype, a DTYPES key
+    sampling: bool  # the engine has verify_sampled (temperature > 0)
 
     @classmethod
     def from_config(cls, cfg) -> "Dims":
@@ -97,7 +101,8 @@ class Dims:
                    feature_dim=m.hidden_size, n_layers=m.n_layers, n_kv_heads=m.n_kv_heads,
                    head_dim=m.head_dim, draft_layers=d.n_layers if has_draft else 0,
                    draft_kv_heads=d.layer.n_kv_heads if has_draft else 0,
-                   draft_head_dim=d.layer.head_dim if has_draft else 0, dtype=cfg.dtype)
+                   draft_head_dim=d.layer.head_dim if has_draft else 0, dtype=cfg.dtype,
+                   sampling=cfg.sampling)
 
     @classmethod
     def from_json(cls, d: dict) -> "Dims":
@@ -232,23 +237,26 @@ def graph_io(dims: Dims, graph: str) -> GraphIO:
     if graph == "draft":
         return GraphIO([*step_state(dims)[:3], cache_len, *kv],
                        [TensorSpec("tree_tokens", (B, T), i64)], (), mut)
-    if graph == "verify":
-        return GraphIO([TensorSpec("tokens", (B, T), i64), cache_len, *kv, *sampling_state(dims)],
+    if graph in ("verify", "verify_sampled"):
+        knobs = sampling_state(dims) if graph == "verify_sampled" else []
+        return GraphIO([TensorSpec("tokens", (B, T), i64), cache_len, *kv, *knobs],
                        step_state(dims), ("tokens",), mut)
     raise ValueError(f"unknown graph {graph!r}")
 
 
 def graphs(dims: Dims) -> tuple[str, ...]:
-    return GRAPHS if dims.has_draft else ("prefill", "verify")
+    """The graphs an engine of these dims has."""
+    return tuple(g for g in GRAPHS if (dims.has_draft or g not in DRAFT_GRAPHS)
+                 and (dims.sampling or g != "verify_sampled"))
 
 
 def traced_inputs(dims: Dims, graph: str) -> list[TensorSpec]:
     """What the plain models take when a graph is exported, before the passes change it:
-    `Llama.forward` for prefill/verify, `EagleDraft.forward` for the draft graphs (the draft
+    `Llama.forward` for prefill/verify(_sampled), `EagleDraft.forward` for the draft graphs (the draft
     graph is exported for one level of a dynamic block length, then unrolled)."""
     B, C, T, D1 = dims.batch, dims.prefill_chunk, dims.tree_nodes, dims.tree_depth + 1
     i64 = "int64"
-    n = {"prefill": C, "verify": T, "draft_prefill": C, "draft": max(D1, 2)}[graph]
+    n = {"prefill": C, "verify": T, "verify_sampled": T, "draft_prefill": C, "draft": max(D1, 2)}[graph]
     lead = [TensorSpec("tokens", (B, n), i64)]
     if owner(graph) == "draft":
         lead.append(TensorSpec("features", (B, n, dims.feature_dim), dims.dtype))

@@ -58,6 +58,12 @@ def test_per_slot_state_has_what_sampling_and_batching_need():
         assert state[name].shape[0] == 4, name  # one row per slot
     assert state["acc_feats"].shape == (4, dims.tree_depth + 1, 48)  # the draft's feature width
     assert fmt.graph_io(dims, "draft_prefill").inputs[1].shape == (4, dims.prefill_chunk, 48)
+    # Greedy verify reads no sampling state; verify_sampled reads all of it, one value per slot.
+    names = [t.name for t in fmt.graph_io(dims, "verify_sampled").inputs]
+    assert names[-4:] == ["temperature", "top_p", "top_k", "seed"]
+    assert not set(names[-4:]) & {t.name for t in fmt.graph_io(dims, "verify").inputs}
+    assert "verify_sampled" in fmt.graphs(dims)
+    assert "verify_sampled" not in fmt.graphs(dataclasses.replace(dims, sampling=False))
     assert state["temperature"].dtype == "float32" and state["slot_valid"].dtype == "bool"
     assert all(t.name.startswith(("target.", "draft.")) for t in fmt.state(dims)
                if t.name.split(".")[-1][:2] in ("k_", "v_"))
@@ -102,7 +108,8 @@ def _dims() -> fmt.Dims:
                     n_kv_heads=2, head_dim=4)
     return fmt.Dims(batch=1, max_seq_len=64, prefill_chunk=8, tree_nodes=4, tree_depth=3,
                     vocab=m.vocab_size, hidden=16, feature_dim=16, n_layers=2, n_kv_heads=2,
-                    head_dim=4, draft_layers=1, draft_kv_heads=2, draft_head_dim=4, dtype="float32")
+                    head_dim=4, draft_layers=1, draft_kv_heads=2, draft_head_dim=4, dtype="float32",
+                    sampling=True)
 
 
 def test_engine_state_dtype_matches_engine(engine_dir):

@@ -120,3 +120,14 @@ def test_spec_run_sampling_flags(engine_dir, engine):
     for flags, word in ((["--temperature", "-1"], "--temperature"), (["--top-p", "0"], "--top-p"),
                         (["--top-k", "2.5"], "--top-k"), (["--temperature", "1", "--seed", "x"], "--seed")):
         assert_clean_error(run(*args, *flags), word)
+
+
+def test_greedy_only_engine(tmp_path, no_eos_dir, tiny_draft_dir):
+    """--no-sampling: no verify_sampled graph, greedy unchanged, temperature > 0 refused."""
+    out = build_engine(tmp_path / "g", no_eos_dir, draft_dir=tiny_draft_dir, max_seq_len=96,
+                       sampling=False)
+    eng = Engine.load(out)
+    assert "verify_sampled" not in eng.graphs and "verify" in eng.graphs
+    assert eng.generate(PROMPT, max_new_tokens=12).output_ids == hf_greedy(no_eos_dir, PROMPT, 12)
+    with pytest.raises(SpecCompileError, match="--no-sampling"):
+        eng.generate(PROMPT, max_new_tokens=4, temperature=0.5)

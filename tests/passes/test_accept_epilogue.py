@@ -37,12 +37,12 @@ def greedy_accept(tree: TreeSpec, tokens: list[int], target_next: list[int]):
 
 
 @functools.lru_cache(maxsize=None)  # calls don't mutate them (no static_kv_cache): share per tree
-def _verify_graphs(target, draft, tree):
-    """(unrewritten verify graph, the same with accept_epilogue)."""
+def _verify_graphs(target, draft, tree, sampling=False):
+    """(unrewritten verify graph, the same with accept_epilogue; with sampling: verify_sampled's)."""
     cfg = config(target, draft, tree)
     pre = apply(traced(cfg, "verify", target), cleanup, fuse_projections,
                 partial(tree_attention, tree=tree))
-    return cfg, pre, apply(copy_graph(pre), partial(accept_epilogue, tree=tree))
+    return cfg, pre, apply(copy_graph(pre), partial(accept_epilogue, tree=tree, sampling=sampling))
 
 
 def _force(tree: TreeSpec, pre, x, last: list[int], vocab: int) -> torch.Tensor:
@@ -140,7 +140,10 @@ def test_sampled_rows_are_speculative_sampling_greedy_rows_unchanged(target, dra
     from spec_compiler import sampling
 
     tree = request.getfixturevalue(tree_name)
-    cfg, pre, gm = _verify_graphs(target, draft, tree)
+    cfg, pre, gm = _verify_graphs(target, draft, tree, sampling=True)
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"][-4:] == \
+        ["temperature", "top_p", "top_k", "seed"]
+    assert "temperature" not in [n.target for n in _verify_graphs(target, draft, tree)[2].graph.nodes]
     accepted = []
     for seed in (0, 1, 2, 3):
         x = random_inputs(cfg, "verify", seed)
@@ -151,7 +154,7 @@ def test_sampled_rows_are_speculative_sampling_greedy_rows_unchanged(target, dra
         x.update(temperature=torch.tensor([0.0, 0.8]), top_p=torch.tensor([1.0, 0.9]),
                  top_k=torch.tensor([0, 0]), seed=torch.tensor([0, 1000 + seed]))
         out = call(gm, x)
-        greedy = _check(tree, pre, gm, {**x, "temperature": torch.zeros(2)})
+        greedy = _check(tree, pre, gm, {**x, "temperature": torch.zeros(2)})  # greedy rows: as verify
         for k in ("acc_tokens", "acc_feats", "n_acc", "cache_len"):
             exact(out[k][0], greedy[k][0], f"greedy row: {k}")
         probs = sampling.warp(ref["logits"][1:], x["temperature"][1:], x["top_k"][1:], x["top_p"][1:])

@@ -1,4 +1,4 @@
-"""The pass list on the real graphs: `pipeline.build_graph` for all four engine graphs.
+"""The pass list on the real graphs: `pipeline.build_graph` for every engine graph.
 
 Every required pass that ran rewrote something, passes ran in the documented order (fusion,
 attention rewrite, structural pass, static_kv_cache last among the rewrites, cleanup around),
@@ -21,14 +21,17 @@ ORDER = {  # documented order (passes/__init__.py, pipeline.py)
                       "cleanup"],
     "verify": ["cleanup", "fuse_projections", "tree_attention", "accept_epilogue",
                "static_kv_cache", "cleanup"],
+    "verify_sampled": ["cleanup", "fuse_projections", "tree_attention", "accept_epilogue",
+                       "static_kv_cache", "cleanup"],
     "draft": ["cleanup", "fuse_projections", "tree_attention", "unroll_draft", "static_kv_cache",
               "cleanup"],
 }
 IO = {  # (inputs before the caches, inputs after them, outputs)
     "prefill": (["tokens", "cache_len"], [], ["logits", "hidden"]),
     "draft_prefill": (["tokens", "features", "cache_len"], [], ["hidden"]),
-    "verify": (["tokens", "cache_len"], ["temperature", "top_p", "top_k", "seed"],
-               ["acc_tokens", "acc_feats", "n_acc", "cache_len"]),
+    "verify": (["tokens", "cache_len"], [], ["acc_tokens", "acc_feats", "n_acc", "cache_len"]),
+    "verify_sampled": (["tokens", "cache_len"], ["temperature", "top_p", "top_k", "seed"],
+                       ["acc_tokens", "acc_feats", "n_acc", "cache_len"]),
     "draft": (["acc_tokens", "acc_feats", "n_acc", "cache_len"], [], ["tree_tokens"]),
 }
 
