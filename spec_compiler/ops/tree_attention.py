@@ -76,7 +76,28 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         from ..kernels.tree_attention import tree_attention_triton
 
         return tree_attention_triton(q, k_cache, v_cache, k_new, v_new, cache_len, tree_mask, scale)
-    return tree_attention_reference(q, k_cache, v_cache, k_new, v_new, cache_len, tree_mask, scale)
+    return tree_attention_filled(q, k_cache, v_cache, k_new, v_new, cache_len, tree_mask, scale)
+
+
+@tree_attention.register_fake
+def _(q, k_cache, v_cache, k_new, v_new, cache_len, tree_mask, scale):
+    """The output's shape without running the body: export keeps the op as one node, and the
+    CPU body's run-time prefix length (tree_attention_filled) is created only where Inductor
+    traces into the body (an op's fake implementation may not create unbacked sizes)."""
+    return q.new_empty(q.shape)
+
+
+def tree_attention_filled(q, k_cache, v_cache, k_new, v_new, cache_len, tree_mask, scale):
+    """The reference over the filled part of the caches only, slots [0, max(cache_len, 1)): the
+    same result (the prefix mask hides every slot past a row's cache_len), but the work and the
+    cache bytes read follow the context, not the capacity. The length is read from the data, so
+    compiled code sizes the prefix at run time (an unbacked size; at least one slot, masked when
+    the cache is empty, so no reduction is over nothing)."""
+    n = cache_len.max().clamp(min=1).item()
+    torch._check(n >= 1)
+    torch._check(n <= k_cache.shape[2])
+    return tree_attention_reference(q, k_cache[:, :, :n], v_cache[:, :, :n], k_new, v_new, cache_len,
+                                    tree_mask, scale)
 
 
 def default_scale(head_dim: int) -> float:
