@@ -17,7 +17,7 @@ T = the tree's nodes (the root included): the verify graph is one target forward
 tokens (acceptance and compaction are small beside it); the draft graph is the catch-up forward
 over depth + 1 accepted pairs, then one forward per tree level over that level's nodes with
 children (passes/unroll_draft.py). target(T) and draft(n) are the models' own eager forwards
-timed on the build device over a cache of the engine's capacity: on a CPU they are the same
+timed on the build device at a typical context (256 tokens): on a CPU they are the same
 matrix-multiply calls the compiled graphs make, and their cost is what depends on T (weights
 read once up to a few rows, compute-bound beyond); the compiled graphs' savings elsewhere
 (fusion, no Python) shift every candidate alike. Every size is timed in one round-robin, a
@@ -139,12 +139,11 @@ def draft_forwards(tree: TreeSpec) -> list[int]:
 
 
 def candidates(table: AcceptTable, extra: list[TreeSpec] = (), max_depth: int | None = None) -> list[TreeSpec]:
-    """Chains, fitted trees of FITTED_SIZES nodes, and `extra` (the draft's tree.json): each
-    distinct path set once (the first name kept), within MAX_TREE_NODES and max_depth."""
+    """`extra` (the draft's tree.json), chains, fitted trees of FITTED_SIZES nodes: each
+    distinct path set once (under the first of its names), within MAX_TREE_NODES and max_depth."""
     deepest = max((len(p) for p in table.rates), default=0)
-    trees = [chain(k) for k in range(min(MAX_CHAIN, deepest) + 1)]
+    trees = list(extra) + [chain(k) for k in range(min(MAX_CHAIN, deepest) + 1)]
     trees += [table.fitted(n) for n in FITTED_SIZES if n - 1 <= len(table.rates)]
-    trees += list(extra)
     seen, out = set(), []
     for t in trees:
         key = frozenset(t.paths)
@@ -259,9 +258,13 @@ class AutoTree:
         if draft is None:
             cands = [t for t in cands if t.n_nodes == 1]
         t0 = time.perf_counter()
-        context = min(256, capacity // 4)
-        cost = measure(target, draft, sorted({t.n_nodes for t in cands}),
-                       sorted({n for t in cands for n in draft_forwards(t)}), capacity, context)
+        sizes = sorted({t.n_nodes for t in cands})
+        # A typical context, in a cache just large enough: the engine's attention reads the
+        # filled slots only (ops/tree_attention.py), so the capacity itself costs nothing there.
+        context = max(0, min(256, capacity // 4, capacity - sizes[-1]))
+        span = context + sizes[-1]
+        cost = measure(target, draft, sizes, sorted({n for t in cands for n in draft_forwards(t)}),
+                       span, context)
         tree, rows = choose(cands, self.table, cost)
         best = rows[0]
         log(f"[tree] auto: {tree.name} ({tree.n_nodes} nodes): {best['expected_tokens_per_call']:.2f} "
@@ -270,7 +273,7 @@ class AutoTree:
             f"{time.perf_counter() - t0:.1f}s")
         return tree, {"method": "auto", "choice": tree.name, "accept_table": self.source,
                       "accept_n_starts": self.table.n_starts, "cost_model": {
-                          **cost.to_json(), "context": context, "capacity": capacity,
+                          **cost.to_json(), "context": context, "cache_slots": span,
                           "rounds": ROUNDS, "seconds": round(time.perf_counter() - t0, 2)},
                       "candidates": rows}
 
