@@ -2,7 +2,10 @@
 
 The layout and the graphs' interface are the engine contract (`spec_compiler/engine_format.py`);
 the manifest records the contract's sizes (`dims`) for this engine, the configs it was built
-from, each graph's artifact, weights and passes, and the parallel layout. The runtime reads
+from, each graph's artifact, weights and passes, the parallel layout, and how --tree auto chose
+the tree (`tree_choice`: the candidates with their expected tokens per call, predicted step ms
+and expected tokens/s, the cost model's timings, the choice; null for an explicit tree; the
+runtime does not read it). The runtime reads
 shapes, tree and graphs from here, never from flags. Loading checks, in order: schema version,
 torch version, file names, and the fingerprint (sha256 of every artifact file plus the manifest
 body), so an engine from another version or with an edited file fails with one clear line.
@@ -46,6 +49,7 @@ class Manifest:
             "parallel": {"tp": 1},  # tensor-parallel world size; per-rank artifacts when > 1
             "state": [t.to_json() for t in fmt.state(dims)],  # for readers; the runtime derives it
             "graphs": graphs,
+            "tree_choice": None,  # set by the pipeline when --tree auto chose among candidates
         })
 
 

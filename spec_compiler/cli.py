@@ -30,9 +30,12 @@ def compile_parser() -> argparse.ArgumentParser:
                         "first N of the hot list. Output is unchanged, only acceptance may drop")
     p.add_argument("--out", type=Path, required=True, help="engine directory to create")
     p.add_argument("--tree", default="auto",
-                   help="auto (default): the draft's own tree.json (spec-fit-tree) if it has one, "
-                        "else mc_sim_7b_63; or mc_sim_7b_63, chain-K, or a JSON file of EAGLE "
-                        f"tree paths; at most {MAX_TREE_NODES} nodes with the root")
+                   help="auto (default): the tree with the most expected tokens/s on the build "
+                        "device, from the draft's acceptance table (accept.json, spec-fit-tree) "
+                        "and a cost model timed at compile time (chains, fitted trees, the "
+                        "draft's tree.json); without accept.json the draft's tree.json, else "
+                        "mc_sim_7b_63. Or mc_sim_7b_63, chain-K, or a JSON file of EAGLE tree "
+                        f"paths; at most {MAX_TREE_NODES} nodes with the root")
     p.add_argument("--max-seq-len", type=int, default=2048,
                    help="engine capacity in tokens, scratch room for one tree included (default 2048)")
     p.add_argument("--backend", choices=("inductor", "eager"), default="inductor",
@@ -56,14 +59,13 @@ def compile_main(argv: list[str] | None = None) -> int:
     from .fileio import check_new_dir, check_writable_dir
     from .loading import parse_draft_vocab, read_draft
     from .pipeline import compile_engine
-    from .trees import resolve_tree
 
     # Where the results go, before any work (the engine is renamed into place at the end).
     check_new_dir(args.out, "--out")
     if args.debug_dir is not None:
         check_writable_dir(args.debug_dir, "--debug-dir")
     draft_vocab = parse_draft_vocab(args.draft_vocab)
-    tree = resolve_tree(_auto_tree(args.tree, args.draft))
+    tree, auto_tree = _auto_tree(args.tree, args.draft)
     model = ModelConfig.from_hf(args.model_dir)
     draft = None
     if args.draft is not None:
@@ -78,17 +80,23 @@ def compile_main(argv: list[str] | None = None) -> int:
                         dtype=args.dtype or ("bfloat16" if args.device == "cuda" else "float32"),
                         device=args.device, prefill_chunk=args.prefill_chunk, sampling=args.sampling)
     compile_engine(cfg, args.model_dir, draft if tree.n_nodes > 1 else None, args.out,
-                   debug_dir=args.debug_dir, draft_vocab=draft_vocab)
+                   debug_dir=args.debug_dir, draft_vocab=draft_vocab, auto_tree=auto_tree)
     return 0
 
 
-def _auto_tree(tree: str, draft: Path | None) -> str:
-    """--tree auto: a draft's fitted tree (DRAFT_DIR/tree.json) if it ships one, else EAGLE's."""
+def _auto_tree(tree: str, draft: Path | None):
+    """(the tree to build, the chooser that may replace it once the models are loaded).
+    An explicit --tree is built as given. --tree auto with a draft that ships its acceptance
+    table (DRAFT_DIR/accept.json, spec-fit-tree) picks, on the build device, the candidate tree
+    with the most expected tokens per second (spec_compiler/tree_choice.py); without one it is
+    the draft's tree.json, else mc_sim_7b_63."""
+    from .tree_choice import auto_tree
+    from .trees import resolve_tree
+
     if tree != "auto":
-        return tree
-    if draft is not None and (draft / "tree.json").is_file():
-        return str(draft / "tree.json")
-    return "mc_sim_7b_63"
+        return resolve_tree(tree), None
+    return auto_tree(draft if draft is not None and draft.is_dir() else None,
+                     lambda s: print(s, file=sys.stderr))
 
 
 def run_parser() -> argparse.ArgumentParser:

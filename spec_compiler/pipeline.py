@@ -37,6 +37,7 @@ from .errors import SpecCompileError
 from .fileio import atomic_dir, output_lock
 from .loading import DraftSource, load_draft, load_target
 from .trace import trace
+from .tree_choice import AutoTree
 
 
 def example(spec: fmt.TensorSpec, device) -> torch.Tensor:
@@ -82,10 +83,13 @@ def check_contract(dims: fmt.Dims, graph: str, gm: fx.GraphModule) -> None:
 def compile_engine(cfg: CompileConfig, model_dir: Path, draft_dir: Path | DraftSource | None, out_dir: Path,
                    progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
                    debug_dir: Path | None = None, draft_module: torch.nn.Module | None = None,
-                   draft_vocab: str | int = "auto") -> Path:
+                   draft_vocab: str | int = "auto", auto_tree: AutoTree | None = None) -> Path:
     """Compile into `out_dir`, atomically: built in a temp dir beside it, renamed at the end,
     under the output lock (`_writing`), taken before anything is loaded.
 
+    `auto_tree` (--tree auto with the draft's acceptance table) replaces cfg.tree, once the
+    modules are loaded, by the tree it measures fastest on this device (tree_choice.py); the
+    manifest records the candidates (`tree_choice`).
     `draft_vocab` ("auto", "full" or N) picks the draft's vocabulary (`load_draft`). `draft_dir`
     may be a `loading.read_draft` result; its weights are not read again.
     `draft_module` replaces loading `draft_dir` (tests use it for drafts with known behaviour;
@@ -100,19 +104,26 @@ def compile_engine(cfg: CompileConfig, model_dir: Path, draft_dir: Path | DraftS
         draft = draft_module
         if draft is None and draft_dir is not None:
             draft = load_draft(draft_dir, target, cfg.dtype, draft_vocab).to(cfg.device)
-        return _compile(cfg, target, draft, out_dir, progress, debug_dir, None, model_dir, t0)
+        choice = None
+        if auto_tree is not None:
+            tree, choice = auto_tree.choose(target, draft, cfg.max_seq_len,
+                                            lambda depth: fmt.min_capacity(cfg.prefill_chunk, depth), progress)
+            cfg = dataclasses.replace(cfg, tree=tree, draft=cfg.draft if tree.n_nodes > 1 else None)
+            draft = draft if tree.n_nodes > 1 else None
+        return _compile(cfg, target, draft, out_dir, progress, debug_dir, None, model_dir, t0, choice)
 
 
 def compile_modules(cfg: CompileConfig, target: torch.nn.Module, draft: torch.nn.Module | None,
                     out_dir: Path, progress: Callable[[str], None] = lambda s: None,
                     debug_dir: Path | None = None, graphs: list[str] | None = None,
-                    model_dir: Path | None = None, t0: float | None = None) -> Path:
+                    model_dir: Path | None = None, t0: float | None = None,
+                    tree_choice: dict | None = None) -> Path:
     """Compile already-built modules (benchmarks use random-weight modules). `graphs` limits
     which step graphs are built (default: all that the tree needs). The manifest records the
     draft vocabulary of the module compiled (`hot_ids`), whatever cfg.draft said."""
     out_dir = Path(out_dir)
     with _writing(out_dir):
-        return _compile(cfg, target, draft, out_dir, progress, debug_dir, graphs, model_dir, t0)
+        return _compile(cfg, target, draft, out_dir, progress, debug_dir, graphs, model_dir, t0, tree_choice)
 
 
 @contextlib.contextmanager
@@ -135,7 +146,8 @@ def _writing(out_dir: Path):
             signal.signal(sig, handler)
 
 
-def _compile(cfg, target, draft, out_dir: Path, progress, debug_dir, graphs, model_dir, t0) -> Path:
+def _compile(cfg, target, draft, out_dir: Path, progress, debug_dir, graphs, model_dir, t0,
+             tree_choice=None) -> Path:
     if draft is not None and cfg.draft is not None:
         hot = getattr(draft, "hot_ids", None)
         cfg = dataclasses.replace(cfg, draft=dataclasses.replace(
@@ -143,6 +155,7 @@ def _compile(cfg, target, draft, out_dir: Path, progress, debug_dir, graphs, mod
     t0 = time.time() if t0 is None else t0
     with atomic_dir(out_dir) as tmp:
         manifest = _build(cfg, target, draft, tmp, progress, debug_dir, graphs)
+        manifest.data["tree_choice"] = tree_choice
         for f in fmt.TOKENIZER_FILES if model_dir is not None else ():
             if (Path(model_dir) / f).is_file():
                 (tmp / fmt.TOKENIZER_DIR).mkdir(exist_ok=True)

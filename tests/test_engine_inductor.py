@@ -74,6 +74,25 @@ def test_manifest_records_passes(built):
     assert set(m["files"]) >= {"weights.safetensors", "verify.pt2", "draft.pt2"}
 
 
+def test_cache_writes_touch_only_the_written_slots(built):
+    """The in-place cache writes compile to stores of the written rows: no kernel loops over a
+    whole cache (a functional scatter compiled to copy the cache out, scatter, copy it back:
+    on a CPU more bytes per step than the weights)."""
+    import re
+    import zipfile
+
+    engines, _ = built
+    for kind, path in engines.items():
+        dims = json.loads((path / "manifest.json").read_text())["dims"]
+        for graph in ("prefill", "verify", "draft_prefill", "draft"):
+            heads, dh = ((dims["n_kv_heads"], dims["head_dim"]) if not graph.startswith("draft")
+                         else (dims["draft_kv_heads"], dims["draft_head_dim"]))
+            numel = dims["batch"] * heads * dims["max_seq_len"] * dh
+            with zipfile.ZipFile(path / f"{graph}.pt2") as z:
+                src = "".join(z.read(n).decode() for n in z.namelist() if n.endswith("kernel.cpp"))
+            assert src and not re.search(rf"<static_cast<int64_t>\({numel}L\)", src), (kind, graph)
+
+
 def test_inductor_hot_vocab_oracle(tmp_path, tiny_dir):
     """The oracle restricted to a hot set (chain-2, never poisoned): it proposes the target's
     next token exactly when that token is hot, so acceptance stops exactly where it is not."""

@@ -1,5 +1,7 @@
 """spec-fit-tree: rank paths equal a level-by-level reference, the fitted tree is the most
-frequent prefixes with the expected acceptance they imply, and spec-compile --tree auto uses it."""
+frequent prefixes with the expected acceptance they imply, the acceptance table it writes
+(accept.json) holds them, and spec-compile --tree auto weighs the table's trees (the fitted one
+among them), or builds tree.json itself when there is no table."""
 
 from __future__ import annotations
 
@@ -70,7 +72,9 @@ def test_best_tree_is_the_most_frequent_prefixes():
     assert expected_tpc(tree, rates) >= expected_tpc(resolve_tree("chain-4"), rates)
 
 
-def test_cli_writes_tree_and_compile_auto_uses_it(tiny_dir, tiny_draft_dir, tmp_path, capsys):
+def test_cli_writes_tree_and_table_and_compile_auto_uses_them(tiny_dir, tiny_draft_dir, tmp_path, capsys):
+    from spec_compiler.tree_choice import ACCEPT, AcceptTable, draft_weights_sha256
+
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"input_ids": [3 + i, 40 + 2 * i, 7]}) + "\n" for i in range(6)))
     draft = tmp_path / "draft"
@@ -84,11 +88,29 @@ def test_cli_writes_tree_and_compile_auto_uses_it(tiny_dir, tiny_draft_dir, tmp_
     paths = [tuple(p) for p in json.loads((draft / "tree.json").read_text())]
     assert len(paths) == 8 and max(map(len, paths)) <= 3 and max(max(p) for p in paths) < 40
 
+    acc = AcceptTable.read(draft / ACCEPT)  # the table: the fitted tree is its 8 most frequent paths
+    assert acc.fitted(9).paths == resolve_tree(str(draft / "tree.json")).paths
+    assert acc.n_starts == 6 * (3 + 10 - 3 - 3)  # per prompt: starts P-1 .. L-2-depth (L = P + 10)
+    raw = json.loads((draft / ACCEPT).read_text())
+    rates = [r for _, r in raw["paths"]]
+    assert rates == sorted(rates, reverse=True) and all(0 < r <= 1 for r in rates)
+    assert raw["command"].startswith("spec-fit-tree ") and "--top-k 40" in raw["command"]
+    assert raw["settings"]["max_depth"] == 3 and raw["draft_sha256"] == draft_weights_sha256(draft)
+
     out = tmp_path / "engine"
-    assert compile_main([str(tiny_dir), "--draft", str(draft), "--out", str(out), "--backend", "eager",
-                         "--max-seq-len", "64", "--prefill-chunk", "8"]) == 0
+    flags = ["--draft", str(draft), "--backend", "eager", "--max-seq-len", "64", "--prefill-chunk", "8"]
+    assert compile_main([str(tiny_dir), "--out", str(out), *flags]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
+    cands = {r["name"]: r for r in manifest["tree_choice"]["candidates"]}
+    assert sorted(map(tuple, cands["tree"]["paths"])) == sorted(paths)  # tree.json is a candidate
+    chosen = cands[manifest["tree_choice"]["choice"]]
+    assert sorted(tuple(p) for p in manifest["tree"]["paths"]) == sorted(map(tuple, chosen["paths"]))
+
+    (draft / ACCEPT).unlink()  # no table: --tree auto builds tree.json as it is
+    assert compile_main([str(tiny_dir), "--out", str(tmp_path / "engine2"), *flags]) == 0
+    manifest = json.loads((tmp_path / "engine2" / "manifest.json").read_text())
     assert sorted(tuple(p) for p in manifest["tree"]["paths"]) == sorted(paths)
+    assert manifest["tree_choice"] is None
 
 
 def test_cli_bad_input_one_line(tiny_dir, tmp_path, capsys):

@@ -27,20 +27,26 @@ NEG_INF = float("-inf")
 
 
 def attend_reference(q, k, v, mask, scale):
-    """One attention pass returning (out, lse). mask (B or 1, 1, T, N) bool, True = visible.
+    """One attention pass returning (out, lse). mask (B or 1, 1, T or 1, N) bool, True = visible.
 
     Rows with no visible key give out = 0 and lse = -inf, so they merge with zero weight.
     Accumulates in float32 (float64 for float64 inputs).  q (B, Hq, T, Dh), k/v (B, Hkv, N, Dh).
+    Grouped-query attention without copying K/V per query head: query head h reads kv head
+    h // g, so the g query heads of a kv head are stacked as g*T rows against that head's keys
+    (a repeat_interleave of the cache would write g copies of it on every call).
     """
-    g = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(g, dim=1) if g > 1 else k
-    v = v.repeat_interleave(g, dim=1) if g > 1 else v
+    B, Hq, T, Dh = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    g = Hq // Hkv
     acc = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for float64 inputs
-    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale  # (B, Hq, T, N)
+    qg = q.reshape(B, Hkv, g * T, Dh).to(acc)  # rows (j, t) of kv head: query head kv * g + j
+    if g > 1 and mask.shape[2] > 1:  # a per-query mask repeats per query head of the group
+        mask = mask[:, :, None].expand(-1, -1, g, -1, -1).reshape(mask.shape[0], 1, g * T, N)
+    s = torch.matmul(qg, k.to(acc).transpose(-1, -2)) * scale  # (B, Hkv, g*T, N)
     s = s.masked_fill(~mask, NEG_INF)
-    lse = torch.logsumexp(s, dim=-1)  # (B, Hq, T)
+    lse = torch.logsumexp(s, dim=-1)  # (B, Hkv, g*T)
     p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
-    return torch.matmul(p, v.to(acc)), lse
+    return torch.matmul(p, v.to(acc)).reshape(B, Hq, T, Dh), lse.reshape(B, Hq, T)
 
 
 def merge_reference(o_a, lse_a, o_b, lse_b):
@@ -70,7 +76,28 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         from ..kernels.tree_attention import tree_attention_triton
 
         return tree_attention_triton(q, k_cache, v_cache, k_new, v_new, cache_len, tree_mask, scale)
-    return tree_attention_reference(q, k_cache, v_cache, k_new, v_new, cache_len, tree_mask, scale)
+    return tree_attention_filled(q, k_cache, v_cache, k_new, v_new, cache_len, tree_mask, scale)
+
+
+@tree_attention.register_fake
+def _(q, k_cache, v_cache, k_new, v_new, cache_len, tree_mask, scale):
+    """The output's shape without running the body: export keeps the op as one node, and the
+    CPU body's run-time prefix length (tree_attention_filled) is created only where Inductor
+    traces into the body (an op's fake implementation may not create unbacked sizes)."""
+    return q.new_empty(q.shape)
+
+
+def tree_attention_filled(q, k_cache, v_cache, k_new, v_new, cache_len, tree_mask, scale):
+    """The reference over the filled part of the caches only, slots [0, max(cache_len, 1)): the
+    same result (the prefix mask hides every slot past a row's cache_len), but the work and the
+    cache bytes read follow the context, not the capacity. The length is read from the data, so
+    compiled code sizes the prefix at run time (an unbacked size; at least one slot, masked when
+    the cache is empty, so no reduction is over nothing)."""
+    n = cache_len.max().clamp(min=1).item()
+    torch._check(n >= 1)
+    torch._check(n <= k_cache.shape[2])
+    return tree_attention_reference(q, k_cache[:, :, :n], v_cache[:, :, :n], k_new, v_new, cache_len,
+                                    tree_mask, scale)
 
 
 def default_scale(head_dim: int) -> float:

@@ -16,9 +16,11 @@ records the rank of the target's next token among its candidates (a token outsid
 vocabulary, or past --top-k, ends the path). EAGLE's mc_sim_7b_63 was fitted the same way to a
 Vicuna-7B draft; a weaker draft on a small target wants a wider, shallower tree.
 
-Writes DRAFT_DIR/tree.json (the paths; `spec-compile --tree auto`, the default, uses it) and
-prints the fitted tree's expected tokens per call beside mc_sim_7b_63 and chains on the same
-data.
+Writes DRAFT_DIR/tree.json (the paths) and DRAFT_DIR/accept.json (the acceptance table: the
+most frequent rank paths with their frequencies, the command and settings that made it, the
+draft weights' sha256), and prints the fitted tree's expected tokens per call beside
+mc_sim_7b_63 and chains on the same data. `spec-compile --tree auto` (the default) weighs the
+table's trees by their cost on the build device (spec_compiler/tree_choice.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -33,10 +36,14 @@ import torch
 
 from ..errors import SpecCompileError, add_verbose_flag, cli_entry
 from ..fileio import atomic_write_text
+from ..hashing import sha256_file
 from ..kernels.limits import MAX_TREE_NODES
 from ..models.eagle import EagleDraft
-from ..trees import TreeSpec, resolve_tree
+from ..tree_choice import ACCEPT, AcceptTable, best_tree, draft_weights_sha256, expected_tpc, ranked
+from ..trees import resolve_tree
 from .generate import Sequence
+
+__all__ = ["rank_paths", "prefix_rates", "best_tree", "expected_tpc", "main"]
 
 
 @torch.no_grad()
@@ -94,16 +101,6 @@ def prefix_rates(paths: list[tuple[int, ...]]) -> dict[tuple[int, ...], float]:
     return {p: n / len(paths) for p, n in c.items()}
 
 
-def best_tree(rates: dict[tuple[int, ...], float], n_nodes: int, name: str = "fitted") -> TreeSpec:
-    """The n_nodes - 1 most frequent prefixes (ties: shorter, then lower ranks first)."""
-    chosen = sorted(rates, key=lambda p: (-rates[p], len(p), p))[:n_nodes - 1]
-    return TreeSpec(name, tuple(chosen))
-
-
-def expected_tpc(tree: TreeSpec, rates: dict[tuple[int, ...], float]) -> float:
-    return 1 + sum(rates.get(p, 0.0) for p in tree.paths)
-
-
 @cli_entry(interrupted="interrupted: no tree written")
 def main(argv: list[str] | None = None) -> int:
     from ..loading import load_draft, load_target
@@ -112,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="spec-fit-tree", description=(
         "Fit a static speculation tree to a draft head: the N rank paths the target accepts "
-        "most often on its own continuations of a prompt set. Writes DRAFT_DIR/tree.json."))
+        "most often on its own continuations of a prompt set. Writes DRAFT_DIR/tree.json and "
+        f"DRAFT_DIR/{ACCEPT} (the acceptance table --tree auto weighs trees with)."))
     p.add_argument("model_dir", type=Path)
     p.add_argument("draft_dir", type=Path)
     p.add_argument("--prompts", type=Path, default=DEFAULT_TRAIN_PROMPTS,
@@ -125,8 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=8, help="widest rank considered (default 8)")
     p.add_argument("--draft-vocab", default="auto", help="as spec-compile --draft-vocab")
     p.add_argument("--out", type=Path, default=None, help="default: DRAFT_DIR/tree.json")
+    p.add_argument("--accept-out", type=Path, default=None,
+                   help=f"the acceptance table (default: DRAFT_DIR/{ACCEPT})")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--batch", type=int, default=32, help="prompts the target continues at once")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = add_verbose_flag(p).parse_args(argv)
     for flag in ("n", "max_new_tokens", "max_depth", "top_k", "batch"):
         if getattr(args, flag) <= 0:
@@ -141,12 +142,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SpecCompileError(f"MODEL_DIR {args.model_dir}: no such directory")
     if not args.draft_dir.is_dir():
         raise SpecCompileError(f"DRAFT_DIR {args.draft_dir}: no such directory")
+    t0 = time.time()
     dev = torch.device(args.device)
     target = load_target(args.model_dir).to(dev)
     draft = load_draft(args.draft_dir, target, draft_vocab=args.draft_vocab).to(dev)
     seqs = greedy_continuations(target, args.model_dir, args.prompts, args.n,
                                 args.max_new_tokens, args.batch)
-    rates = prefix_rates(rank_paths(draft, seqs, args.max_depth, args.top_k))
+    paths = rank_paths(draft, seqs, args.max_depth, args.top_k)
+    rates = prefix_rates(paths)
     tree = best_tree(rates, args.nodes, "fitted")
     if tree.n_nodes < args.nodes:
         print(f"note: only {tree.n_nodes - 1} distinct rank paths were seen; the tree has "
@@ -156,10 +159,29 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(out, json.dumps([list(q) for q in tree.paths]) + "\n")
     print(f"wrote {out}: {tree.n_nodes} nodes, depth {tree.max_depth}, top-k {tree.top_k}",
           file=sys.stderr)
+    accept_out = args.accept_out or args.draft_dir / ACCEPT
+    keep = {q: rates[q] for q in ranked(rates)[:MAX_TREE_NODES - 1]}  # any tree an engine takes
+    AcceptTable(keep, len(paths), _header(args, argv, time.time() - t0)).write(accept_out)
+    print(f"wrote {accept_out}: the {len(keep)} most frequent rank paths over {len(paths)} start "
+          "positions", file=sys.stderr)
     print("tree | nodes | expected tokens/call on these prompts")
     for t in (tree, resolve_tree("mc_sim_7b_63"), resolve_tree("chain-3"), resolve_tree("chain-5")):
         print(f"{t.name} | {t.n_nodes} | {expected_tpc(t, rates):.3f}")
     return 0
+
+
+def _header(args, argv: list[str], seconds: float) -> dict:
+    """What accept.json records about how it was made."""
+    from ..hashing import record_path
+    from .options import command_line
+
+    return {"command": command_line("spec-fit-tree", argv),
+            "settings": {"prompts": record_path(args.prompts), "n": args.n,
+                         "max_new_tokens": args.max_new_tokens, "max_depth": args.max_depth,
+                         "top_k": args.top_k, "draft_vocab": args.draft_vocab, "device": args.device},
+            "prompts_sha256": sha256_file(args.prompts),
+            "draft_sha256": draft_weights_sha256(args.draft_dir),
+            "torch": torch.__version__, "seconds": round(seconds, 1)}
 
 
 if __name__ == "__main__":  # pragma: no cover

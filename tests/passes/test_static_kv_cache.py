@@ -1,4 +1,4 @@
-"""static_kv_cache: returned caches -> in-place scatter_ into the input buffers; same values."""
+"""static_kv_cache: returned caches -> in-place index_put_ into the input buffers; same values."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from spec_compiler.passes.infra import aten, count_ops
 from spec_compiler.errors import SpecCompileError
 from spec_compiler.trees import chain
 
-SCATTER, SCATTER_ = aten.scatter.src, aten.scatter_.src
+SCATTER, INDEX_PUT_ = aten.scatter.src, aten.index_put_.default
 
 
 def _graph(case: str, target, draft, tree):
@@ -54,9 +54,9 @@ def test_static_kv_cache_updates_in_place(target, draft, bushy, case):
     assert gm.meta["output_names"] == [k for k in ref if k not in caches]  # no cache outputs
     assert gm.meta["mutated_inputs"] == caches
     assert gm.meta["pass_counts"]["static_kv_cache"] == len(caches)
-    assert count_ops(gm, SCATTER) == 0 and count_ops(gm, SCATTER_) == len(caches)
-    FileCheck().check_not("aten.scatter.src").check("aten.scatter_.src").run(str(gm.graph))
-    writes = [n.args[0] for n in gm.graph.nodes if n.target == SCATTER_]
+    assert count_ops(gm, SCATTER) == 0 and count_ops(gm, INDEX_PUT_) == len(caches)
+    FileCheck().check_not("aten.scatter.src").check("aten.index_put_.default").run(str(gm.graph))
+    writes = [n.args[0] for n in gm.graph.nodes if n.target == INDEX_PUT_]
     assert all(w.op == "placeholder" for w in writes)  # into the input buffers themselves
     assert sorted(w.target for w in writes) == sorted(caches)
     args = clone(x)

@@ -1,0 +1,149 @@
+"""--tree auto: the tree with the most expected tokens per second on the build device, from the
+draft's acceptance table (accept.json) and a cost model timed at compile time; an explicit
+--tree bypasses it; the manifest records the candidates and the choice."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from spec_compiler.cli import compile_main
+from spec_compiler.errors import SpecCompileError
+from spec_compiler.tree_choice import (ACCEPT, AcceptTable, CostModel, auto_tree, candidates, choose,
+                                       draft_forwards, draft_weights_sha256, measure)
+from spec_compiler.trees import TreeSpec, chain, resolve_tree
+
+# A draft that is right 60% of the time at rank 0, 20% at rank 1 (and deeper alike).
+RATES = {(0,): 0.6, (1,): 0.2, (0, 0): 0.36, (0, 1): 0.12, (1, 0): 0.12, (0, 0, 0): 0.216,
+         (2,): 0.05, (0, 0, 1): 0.07, (0, 0, 0, 0): 0.13}
+TABLE = AcceptTable(RATES, 1000, {})
+
+
+def test_expected_tokens_per_call_from_the_table():
+    assert TABLE.expected_tpc(chain(0)) == 1.0
+    assert TABLE.expected_tpc(chain(2)) == pytest.approx(1 + 0.6 + 0.36)
+    assert TABLE.expected_tpc(chain(6)) == pytest.approx(1 + 0.6 + 0.36 + 0.216 + 0.13)  # unseen: 0
+    fitted = TABLE.fitted(4)
+    assert set(fitted.paths) == {(0,), (0, 0), (0, 0, 0)} and fitted.name == "fitted-4"
+    assert TABLE.fitted(99).n_nodes == len(RATES) + 1
+
+
+def test_draft_forwards_follow_the_unrolled_draft():
+    assert draft_forwards(chain(0)) == []
+    assert draft_forwards(chain(1)) == [2]          # catch-up only: level 1 is a leaf
+    assert draft_forwards(chain(3)) == [4, 1, 1]
+    t = TreeSpec("t", ((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0)))
+    assert draft_forwards(t) == [4, 2, 1]           # level 1: (0,), (1,) have children; level 2: (0, 0)
+
+
+def _cost(target, draft):
+    return CostModel(dict(target), dict(draft))
+
+
+def test_choice_is_the_argmax_of_expected_tokens_per_second():
+    cands = candidates(TABLE, [resolve_tree("mc_sim_7b_63")])
+    names = [t.name for t in cands]
+    assert names[:6] == ["mc_sim_7b_63", "chain-0", "chain-1", "chain-2", "chain-3", "chain-4"]
+    assert "mc_sim_7b_63" in names and len({frozenset(t.paths) for t in cands}) == len(cands)
+    # A CPU-like device: a few rows cost almost nothing more than one, then cost grows with T.
+    cpu = _cost({1: 30, 2: 31, 3: 32, 4: 45, 8: 55, 26: 80, 64: 150}, {1: 3, 2: 3, 4: 3.5, 8: 4})
+    # A GPU-like device: flat in T (launch-bound), the draft a third of the target.
+    gpu = _cost({1: 1.5, 64: 1.6}, {1: 0.5, 8: 0.5})
+    picks = {}
+    for name, cost in (("cpu", cpu), ("gpu", gpu)):
+        tree, rows = choose(cands, TABLE, cost)
+        rate = {t.name: TABLE.expected_tpc(t) / cost.step_ms(t) for t in cands}
+        assert tree.name == max(rate, key=rate.get) == rows[0]["name"]
+        assert [r["name"] for r in rows] == sorted(rate, key=lambda n: -rate[n])
+        assert {r["name"] for r in rows} == set(names)
+        best = rows[0]
+        assert best["expected_tokens_per_s"] == pytest.approx(1000 * rate[tree.name], rel=1e-3)
+        assert best["predicted_step_ms"] == pytest.approx(cost.step_ms(tree), rel=1e-3)
+        picks[name] = tree
+    assert picks["cpu"].n_nodes <= 4 < picks["gpu"].n_nodes  # small on the CPU, larger on the GPU
+    # Interpolation: piecewise linear between measured sizes, the last segment extended.
+    assert cpu.step_ms(chain(0)) == 30
+    six = TABLE.fitted(6)  # (0,), (0, 0), (0, 0, 0), (1,), (0, 0, 0, 0): forwards [5, 1, 1, 1]
+    assert draft_forwards(six) == [5, 1, 1, 1]
+    assert cpu.step_ms(six) == pytest.approx((45 + 10 * 2 / 4) + (3.5 + 0.5 / 4) + 3 * 3)
+    assert gpu.step_ms(chain(0)) == 1.5
+
+
+def test_draft_forwards_count_matches_the_built_draft_graph(tiny_dir, tiny_draft_dir, tmp_path):
+    from helpers import build_engine
+
+    tree = tmp_path / "t.json"
+    t = TreeSpec("t", ((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0)))
+    tree.write_text(json.dumps([list(p) for p in t.paths]))
+    out = build_engine(tmp_path / "e", tiny_dir, tree=str(tree), draft_dir=tiny_draft_dir, max_seq_len=64)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["graphs"]["draft"]["pass_counts"]["unroll_draft"] == len(draft_forwards(t))
+    assert m["tree_choice"] is None  # named explicitly: no choice made
+
+
+def test_measure_times_every_size(tiny_dir, tiny_draft_dir):
+    from spec_compiler.loading import load_draft, load_target
+
+    target = load_target(tiny_dir)
+    draft = load_draft(tiny_draft_dir, target)
+    cost = measure(target, draft, [1, 3], [2], capacity=64, context=16, rounds=2)
+    assert set(cost.target_ms) == {1, 3} and set(cost.draft_ms) == {2}
+    assert all(v > 0 for v in [*cost.target_ms.values(), *cost.draft_ms.values()])
+
+
+def _draft_with_table(tiny_draft_dir, tmp_path, **header):
+    d = tmp_path / "draft"
+    shutil.copytree(tiny_draft_dir, d)
+    (d / "tree.json").write_text(json.dumps([[0], [1], [0, 0]]))
+    AcceptTable(RATES, 1000, {"draft_sha256": draft_weights_sha256(d), **header}).write(d / ACCEPT)
+    return d
+
+
+def test_compile_auto_records_candidates_and_explicit_tree_bypasses(tiny_dir, tiny_draft_dir, tmp_path):
+    draft = _draft_with_table(tiny_draft_dir, tmp_path)
+    flags = ["--draft", str(draft), "--backend", "eager", "--max-seq-len", "64", "--prefill-chunk", "8"]
+    assert compile_main([str(tiny_dir), "--out", str(tmp_path / "auto"), *flags]) == 0
+    m = json.loads((tmp_path / "auto" / "manifest.json").read_text())
+    ch = m["tree_choice"]
+    assert ch["method"] == "auto" and ch["accept_table"].endswith(ACCEPT)
+    rows = ch["candidates"]
+    assert ch["choice"] == rows[0]["name"] == m["tree"]["name"]
+    assert rows[0]["expected_tokens_per_s"] == max(r["expected_tokens_per_s"] for r in rows)
+    assert sorted(map(tuple, rows[0]["paths"])) == sorted(map(tuple, m["tree"]["paths"]))
+    assert {"chain-0", "chain-1", "tree"} <= {r["name"] for r in rows}  # tree: the draft's tree.json
+    for r in rows:
+        t = TreeSpec(r["name"], tuple(map(tuple, r["paths"])))
+        assert r["expected_tokens_per_call"] == pytest.approx(TABLE.expected_tpc(t), abs=1e-4)
+        assert r["predicted_step_ms"] == pytest.approx(
+            CostModel({int(k): v for k, v in ch["cost_model"]["target_ms"].items()},
+                      {int(k): v for k, v in ch["cost_model"]["draft_ms"].items()}).step_ms(t), rel=1e-2)
+    assert set(m["graphs"]) == ({"prefill", "verify"} if m["tree"]["name"] == "chain-0"
+                                else {"prefill", "verify", "draft_prefill", "draft"})
+
+    assert compile_main([str(tiny_dir), "--out", str(tmp_path / "named"), "--tree", "chain-2", *flags]) == 0
+    m = json.loads((tmp_path / "named" / "manifest.json").read_text())
+    assert m["tree"]["name"] == "chain-2" and m["tree_choice"] is None
+
+
+def test_auto_without_a_usable_table_falls_back(tiny_draft_dir, tmp_path, capsys):
+    draft = _draft_with_table(tiny_draft_dir, tmp_path)
+    tree, chooser = auto_tree(draft)
+    assert chooser is not None and tree.name == "tree" and chooser.extra == (tree,)
+    (draft / ACCEPT).write_text(json.dumps({**json.loads((draft / ACCEPT).read_text()),
+                                            "draft_sha256": "0" * 64}))
+    tree, chooser = auto_tree(draft, lambda s: print(s))
+    assert chooser is None and tree.name == "tree"  # other weights' table: ignored, tree.json
+    assert "other draft weights" in capsys.readouterr().out
+    (draft / ACCEPT).unlink()
+    assert auto_tree(draft)[1] is None
+    (draft / "tree.json").unlink()
+    assert auto_tree(draft)[0].name == "mc_sim_7b_63" and auto_tree(None)[0].name == "mc_sim_7b_63"
+    (draft / ACCEPT).write_text("{not json")
+    with pytest.raises(SpecCompileError, match="accept.json.*unreadable"):
+        auto_tree(draft)
+    (draft / ACCEPT).write_text(json.dumps({"format": "spec-accept/1", "n_starts": 3,
+                                            "paths": [[[0], 1.5]]}))
+    with pytest.raises(SpecCompileError, match="corrupt"):
+        auto_tree(draft)
