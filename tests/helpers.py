@@ -221,3 +221,36 @@ def add_tiny_tokenizer(model_dir: Path, chat_template: str | None = (
         fast.chat_template = chat_template
     fast.save_pretrained(model_dir)
     return model_dir
+
+
+def check_first_two_tokens(engine, model_dir: Path, prompt: list[int], n: int,
+                           temperature: float = 2.0, top_p: float = 0.95) -> None:
+    """The engine's first two sampled tokens over seeds 0..n-1 against the target's warped
+    distribution (transformers, enumerated): a chi-square test per position (the second given
+    that the first was not an EOS). The tiny models are peaked, so the default T = 2 spreads
+    their mass over enough tokens for a test with few draws."""
+    from transformers import LlamaForCausalLM
+
+    from spec_compiler import sampling
+    from test_sampling import chi_square_pvalue
+
+    hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    one = torch.ones(1)
+
+    def dist(ids):
+        with torch.no_grad():
+            lg = hf(torch.tensor([ids])).logits[:, -1]
+        return sampling.warp(lg, one * temperature, torch.zeros(1, dtype=torch.long), one * top_p)[0].double()
+
+    p1 = dist(prompt)
+    eos = set(engine.spec.model.eos_token_ids)
+    p2 = sum(p1[a] * dist(prompt + [a]) for a in range(len(p1)) if p1[a] > 0 and a not in eos)
+    firsts, seconds = torch.zeros_like(p1), torch.zeros_like(p1)
+    for s in range(n):
+        out = engine.generate(prompt, max_new_tokens=2, temperature=temperature, top_p=top_p, seed=s).output_ids
+        firsts[out[0]] += 1
+        if len(out) > 1:
+            seconds[out[1]] += 1
+    for counts, probs in ((firsts, p1), (seconds, p2 / p2.sum())):
+        assert int((probs * counts.sum() >= 5).sum()) >= 5, "too few populated cells for a meaningful test"
+        assert chi_square_pvalue(counts, probs) > 1e-4

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -236,9 +237,21 @@ def test_run_json_fields(engine_dir):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert len(d["output_ids"]) == 9 or d["stop_reason"] == "eos"
-    for k in ("output_ids", "stop_reason", "verify_calls", "tokens_per_call", "seconds"):
+    for k in ("output_ids", "stop_reason", "verify_calls", "tokens_per_call", "seconds", "load_seconds"):
         assert k in d
-    assert d["stop_reason"] in ("eos", "max_new_tokens", "length")
+    assert d["stop_reason"] in ("eos", "max_new_tokens", "length") and 0 < d["load_seconds"] < 60
+
+
+def test_run_summary_line(engine_dir):
+    """Without --json: the text (here the ids, no tokenizer) on stdout, and on stderr one summary
+    line and nothing else (no library warnings): load time, tokens/s, tokens per verify call."""
+    r = run(engine_dir, "--prompt-ids", "5,6,7", "--max-new-tokens", "9")
+    assert r.returncode == 0, r.stderr
+    assert all(x.isdigit() for x in r.stdout.strip().split(","))
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert re.fullmatch(r"\[load \d+\.\d\d s \| \d+ tokens in \d+\.\d\d s: \d+\.\d tokens/s, \d\.\d\d "
+                        r"tokens/call over \d+ verify calls, stop: (eos|max_new_tokens|length)\]", lines[0]), lines
 
 
 def test_request_that_cannot_fit(engine_dir):

@@ -37,10 +37,11 @@ def built(tmp_path_factory, tiny_dir, tiny_draft_dir):
     engines = {
         "static": build_engine(root / "static", tiny_dir, tree="mc_sim_7b_63", draft_dir=tiny_draft_dir,
                                backend="inductor", max_seq_len=128, draft_module=oracle),
+        # greedy only (--no-sampling): the sampled verify graph is compiled once, in "static"
         "chain": build_engine(root / "chain", tiny_dir, tree="chain-2", draft_dir=tiny_draft_dir,
-                              backend="inductor", max_seq_len=128),
+                              backend="inductor", max_seq_len=128, sampling=False),
         "user": build_engine(root / "user", tiny_dir, tree=str(root / "tree.json"),
-                             draft_dir=tiny_draft_dir, backend="inductor", max_seq_len=128),
+                             draft_dir=tiny_draft_dir, backend="inductor", max_seq_len=128, sampling=False),
     }
     return engines, seq
 
@@ -64,13 +65,15 @@ def test_manifest_records_passes(built):
     engines, _ = built
     m = json.loads((engines["static"] / "manifest.json").read_text())
     assert m["backend"] == "inductor" and len(m["fingerprint"]) == 64
-    assert set(m["graphs"]) == {"prefill", "verify", "draft_prefill", "draft"}
+    assert set(m["graphs"]) == {"prefill", "verify", "verify_sampled", "draft_prefill", "draft"}
     for name, g in m["graphs"].items():
         assert g["passes"][-1] == "cleanup" and "static_kv_cache" in g["passes"]
         for p in ("tree_attention", "static_kv_cache", "fuse_projections"):
             assert g["pass_counts"][p] > 0, (name, p)
     assert m["graphs"]["draft"]["pass_counts"]["unroll_draft"] > 0
     assert m["graphs"]["verify"]["pass_counts"]["accept_epilogue"] > 0
+    assert m["graphs"]["verify_sampled"]["pass_counts"]["accept_epilogue"] > 0
+    assert set(m["files"]) >= {"verify_sampled.pt2"}
     assert set(m["files"]) >= {"weights.safetensors", "verify.pt2", "draft.pt2"}
 
 
@@ -83,8 +86,10 @@ def test_cache_writes_touch_only_the_written_slots(built):
 
     engines, _ = built
     for kind, path in engines.items():
-        dims = json.loads((path / "manifest.json").read_text())["dims"]
-        for graph in ("prefill", "verify", "draft_prefill", "draft"):
+        m = json.loads((path / "manifest.json").read_text())
+        dims = m["dims"]
+        assert {"prefill", "verify", "draft_prefill", "draft"} <= set(m["graphs"])
+        for graph in m["graphs"]:
             heads, dh = ((dims["n_kv_heads"], dims["head_dim"]) if not graph.startswith("draft")
                          else (dims["draft_kv_heads"], dims["draft_head_dim"]))
             numel = dims["batch"] * heads * dims["max_seq_len"] * dh
@@ -105,7 +110,7 @@ def test_inductor_hot_vocab_oracle(tmp_path, tiny_dir):
     hot_dir = make_random_draft(tmp_path / "hot", tiny_dir, hot_ids=hot)
     oracle = OracleDraft(load_draft(hot_dir, load_target(tiny_dir)), seq, 128, 128, lambda q: 0, lambda q: False)
     out = build_engine(tmp_path / "e", tiny_dir, tree="chain-2", draft_dir=hot_dir, backend="inductor",
-                       max_seq_len=128, draft_module=oracle)
+                       max_seq_len=128, draft_module=oracle, sampling=False)
     assert load_file(out / "weights.safetensors")["draft.inner.hot_ids"].tolist() == hot  # OracleDraft.inner
     res = Engine.load(out).generate(p, max_new_tokens=60)
     assert res.output_ids == seq[P:P + 60]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import build_engine, hf_greedy
+from helpers import build_engine, check_first_two_tokens, hf_greedy
 
 pytestmark = pytest.mark.gpu
 REPO = Path(__file__).resolve().parents[1]
@@ -163,32 +163,9 @@ def test_bf16_engine_diverges_only_at_near_ties(tmp_path, tiny_dir, tiny_draft_d
 def test_sampling_on_cuda_is_lossless_and_replays(fp32_engine, tiny_dir):
     """The CUDA engine at T > 0: a seed replays exactly, and the first two tokens are distributed
     as the target's (the chi-square check of test_sampling_engine, on the GPU)."""
-    from transformers import LlamaForCausalLM
-
-    from spec_compiler import sampling
     from spec_compiler.runtime import Engine
-    from test_sampling import chi_square_pvalue
 
     engine = Engine.load(fp32_engine)
     a = engine.generate(PROMPT, max_new_tokens=30, temperature=1.0, seed=5)
     assert a.output_ids == engine.generate(PROMPT, max_new_tokens=30, temperature=1.0, seed=5).output_ids
-    T, p, N = 2.0, 0.95, 400
-    hf = LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
-    one = torch.ones(1)
-
-    def dist(ids):
-        with torch.no_grad():
-            lg = hf(torch.tensor([ids])).logits[:, -1]
-        return sampling.warp(lg, one * T, torch.zeros(1, dtype=torch.long), one * p)[0].double()
-
-    p1 = dist(PROMPT)
-    eos = set(engine.spec.model.eos_token_ids)
-    p2 = sum(p1[a] * dist(PROMPT + [a]) for a in range(len(p1)) if p1[a] > 0 and a not in eos)
-    firsts, seconds = torch.zeros_like(p1), torch.zeros_like(p1)
-    for s in range(N):
-        out = engine.generate(PROMPT, max_new_tokens=2, temperature=T, top_p=p, seed=s).output_ids
-        firsts[out[0]] += 1
-        if len(out) > 1:
-            seconds[out[1]] += 1
-    assert chi_square_pvalue(firsts, p1) > 1e-4
-    assert chi_square_pvalue(seconds, p2 / p2.sum()) > 1e-4  # given the first was not EOS
+    check_first_two_tokens(engine, tiny_dir, PROMPT, 400)

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from helpers import build_engine, hf_greedy, with_eos
+from helpers import build_engine, check_first_two_tokens, hf_greedy, with_eos
 from spec_compiler.errors import SpecCompileError
 from spec_compiler.runtime import Engine
 from test_cli import assert_clean_error, run
@@ -82,29 +82,7 @@ def test_first_two_tokens_are_distributed_as_the_target(engine, no_eos_dir):
     spreads its mass over enough tokens for a test with few draws) by a chi-square test. The
     exactness itself is tested at scale in test_sampling.py; this checks the engine's plumbing
     (prefill's draw, the verify graph's sampling, seeds) with 300 draws."""
-    from transformers import LlamaForCausalLM
-
-    from spec_compiler import sampling
-
-    T, p, N = 2.0, 0.95, 300
-    hf = LlamaForCausalLM.from_pretrained(no_eos_dir, dtype=torch.float32).eval()
-    one = torch.ones(1)
-
-    def dist(ids):
-        with torch.no_grad():
-            lg = hf(torch.tensor([ids])).logits[:, -1]
-        return sampling.warp(lg, one * T, torch.zeros(1, dtype=torch.long), one * p)[0].double()
-
-    p1 = dist(PROMPT)
-    p2 = sum(p1[a] * dist(PROMPT + [a]) for a in range(len(p1)) if p1[a] > 0)
-    firsts, seconds = torch.zeros_like(p1), torch.zeros_like(p1)
-    for s in range(N):
-        out = engine.generate(PROMPT, max_new_tokens=2, temperature=T, top_p=p, seed=s).output_ids
-        firsts[out[0]] += 1
-        seconds[out[1]] += 1
-    for counts, probs in ((firsts, p1), (seconds, p2)):
-        assert int((probs * N >= 5).sum()) >= 5, "too few populated cells for a meaningful test"
-        assert chi_square_pvalue(counts, probs) > 1e-4
+    check_first_two_tokens(engine, no_eos_dir, PROMPT, 300)
 
 
 def test_spec_run_sampling_flags(engine_dir, engine):

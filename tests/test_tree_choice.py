@@ -119,8 +119,8 @@ def test_compile_auto_records_candidates_and_explicit_tree_bypasses(tiny_dir, ti
         assert r["predicted_step_ms"] == pytest.approx(
             CostModel({int(k): v for k, v in ch["cost_model"]["target_ms"].items()},
                       {int(k): v for k, v in ch["cost_model"]["draft_ms"].items()}).step_ms(t), rel=1e-2)
-    assert set(m["graphs"]) == ({"prefill", "verify"} if m["tree"]["name"] == "chain-0"
-                                else {"prefill", "verify", "draft_prefill", "draft"})
+    assert set(m["graphs"]) == ({"prefill", "verify", "verify_sampled"} if m["tree"]["name"] == "chain-0"
+                                else {"prefill", "verify", "verify_sampled", "draft_prefill", "draft"})
 
     assert compile_main([str(tiny_dir), "--out", str(tmp_path / "named"), "--tree", "chain-2", *flags]) == 0
     m = json.loads((tmp_path / "named" / "manifest.json").read_text())
