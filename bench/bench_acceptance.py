@@ -1,13 +1,16 @@
 """Acceptance of a real target/draft pair: tokens per verify call on held-out prompts.
 
-Greedy, chat template applied, stop at EOS, at most --max-new tokens. For each (draft, tree)
-an engine is compiled and every prompt generated; reports aggregate tokens per call (emitted by
-verify calls / verify calls), the share of outputs that repeat a 20-token sequence (a small
-model's loops inflate acceptance) and tokens per call without those outputs. Writes JSON, prints
-a table last.
+Chat template applied, stop at EOS, at most --max-new tokens, at each of --temperatures (0 is
+greedy; a sampled run uses --top-p and seed --seed + prompt index). For each (draft, tree) an
+engine is compiled (or --engine names a built one) and every prompt generated; reports aggregate
+tokens per call (emitted by verify calls / verify calls), the share of outputs that repeat a
+20-token sequence (a small model's loops inflate acceptance) and tokens per call without those
+outputs. Writes JSON, prints a table last.
 
     python bench/bench_acceptance.py models/SmolLM2-135M-Instruct \
         --drafts drafts/smollm2-eagle,drafts/smollm2-eagle-2l --trees auto,mc_sim_7b_63,chain-3,chain-5
+    python bench/bench_acceptance.py models/SmolLM2-135M-Instruct --engine engines/smollm2-eagle \
+        --temperatures 0,0.7,1.0 --top-p 0.9
 """
 
 from __future__ import annotations
@@ -30,15 +33,17 @@ def repeats_ngram(ids: list[int], n: int = 20) -> bool:
     return False
 
 
-def evaluate(engine, prompts: list[str], max_new: int) -> dict:
+def evaluate(engine, prompts: list[str], max_new: int, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int = 0) -> dict:
     calls = emitted = 0
     calls_nr = emitted_nr = 0
     n_rep = 0
     t = time.time()
     per = []
-    for text in prompts:
+    for i, text in enumerate(prompts):
         ids = engine.encode_prompt(text)
-        r = engine.generate(ids, max_new_tokens=max_new)
+        r = engine.generate(ids, max_new_tokens=max_new, temperature=temperature, top_p=top_p,
+                            seed=seed + i if temperature > 0 else None)
         rep = repeats_ngram(r.output_ids)
         n_rep += rep
         calls += r.verify_calls
@@ -49,7 +54,8 @@ def evaluate(engine, prompts: list[str], max_new: int) -> dict:
         per.append({"tpc": r.tokens_per_call, "n": len(r.output_ids), "repeats": rep, "stop": r.stop_reason})
     return {"tokens_per_call": emitted / max(calls, 1), "verify_calls": calls, "emitted": emitted,
             "repeat_share": n_rep / len(prompts), "tokens_per_call_no_repeats": emitted_nr / max(calls_nr, 1),
-            "n_prompts": len(prompts), "seconds": time.time() - t, "per_prompt": per}
+            "n_prompts": len(prompts), "seconds": time.time() - t, "per_prompt": per,
+            "temperature": temperature, "top_p": top_p if temperature > 0 else None}
 
 
 def main(argv=None):
@@ -58,7 +64,11 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser()
     ap.add_argument("model_dir")
-    ap.add_argument("--drafts", required=True, help="comma-separated draft dirs")
+    ap.add_argument("--drafts", default=None, help="comma-separated draft dirs")
+    ap.add_argument("--engine", default=None, help="a built engine instead of --drafts/--trees")
+    ap.add_argument("--temperatures", default="0", help="comma-separated; 0 = greedy")
+    ap.add_argument("--top-p", type=float, default=0.9, help="for temperatures > 0")
+    ap.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i")
     ap.add_argument("--trees", default="mc_sim_7b_63,chain-3,chain-5")
     ap.add_argument("--prompts", default=str(Path(__file__).resolve().parents[1] / "spec_compiler/data/prompts_dev.jsonl"))
     ap.add_argument("--max-new", type=int, default=256)
@@ -72,11 +82,24 @@ def main(argv=None):
                          "own process (acceptance does not depend on it; timings do)")
     ap.add_argument("--out", default="bench/results/acceptance.json")
     args = ap.parse_args(argv)
+    if (args.engine is None) == (args.drafts is None):
+        ap.error("give --drafts (engines compiled here) or --engine (a built one)")
+    temps = [float(x) for x in args.temperatures.split(",")]
     prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     prompts = prompts[: args.limit] if args.limit else prompts
     results = {"model": args.model_dir, "prompts": args.prompts, "n_prompts": len(prompts),
                "max_new": args.max_new, "device": args.device, "date": time.strftime("%Y-%m-%d"), "runs": []}
-    pairs = [(d, t) for d in args.drafts.split(",") for t in args.trees.split(",")]
+    pairs = [] if args.engine else [(d, t) for d in args.drafts.split(",") for t in args.trees.split(",")]
+    if args.engine:
+        engine = Engine.load(args.engine)
+        m = engine.spec.manifest
+        for temp in temps:
+            r = evaluate(engine, prompts, args.max_new, temp, args.top_p, args.seed)
+            r.update({"draft": args.engine, "tree": m["tree"]["name"], "tree_paths": m["tree"]["paths"],
+                      "tree_nodes": len(m["tree"]["paths"]) + 1, "engine": args.engine,
+                      "draft_vocab": "engine"})
+            results["runs"].append(r)
+            _report_row(r)
     if args.jobs > 1 and len(pairs) > 1:
         results["runs"] = _parallel(args, argv if argv is not None else sys.argv[1:], pairs)
         pairs = []
@@ -93,25 +116,32 @@ def main(argv=None):
             if rc:
                 raise SystemExit(f"compile failed for {draft} {tree}")
             compile_s = time.time() - t
-            r = evaluate(Engine.load(out), prompts, args.max_new)
-            t_used = json.loads((out / "manifest.json").read_text())["tree"]  # what --tree resolved to
-            r.update({"draft": draft, "tree": tree, "tree_paths": t_used["paths"],
-                      "tree_nodes": len(t_used["paths"]) + 1, "compile_s": compile_s,
-                      "draft_vocab": args.draft_vocab})
-            results["runs"].append(r)
-            print(f"{Path(draft).name:22s} {tree:14s} tpc {r['tokens_per_call']:.3f} "
-                  f"(no-repeat {r['tokens_per_call_no_repeats']:.3f}, repeats {100 * r['repeat_share']:.0f}%)",
-                  flush=True)
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(results, indent=1))
+            engine = Engine.load(out)
+            for temp in temps:
+                r = evaluate(engine, prompts, args.max_new, temp, args.top_p, args.seed)
+                t_used = json.loads((out / "manifest.json").read_text())["tree"]  # what --tree resolved to
+                r.update({"draft": draft, "tree": tree, "tree_paths": t_used["paths"],
+                          "tree_nodes": len(t_used["paths"]) + 1, "compile_s": compile_s,
+                          "draft_vocab": args.draft_vocab})
+                results["runs"].append(r)
+                _report_row(r)
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(results, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
-    print(f"\nacceptance on {len(prompts)} prompts ({args.prompts}), greedy, <= {args.max_new} new tokens")
-    print("draft | tree | draft vocab | tokens/call | repeat share | tokens/call without repeats")
+    print(f"\nacceptance on {len(prompts)} prompts ({args.prompts}), <= {args.max_new} new tokens")
+    print("draft | tree | draft vocab | temperature (top-p) | tokens/call | repeat share | "
+          "tokens/call without repeats")
     for r in results["runs"]:
-        print(f"{Path(r['draft']).name} | {r['tree']} | {r['draft_vocab']} | {r['tokens_per_call']:.2f} | "
+        temp = "greedy" if not r.get("temperature") else f"{r['temperature']:g} ({r['top_p']:g})"
+        print(f"{Path(r['draft']).name} | {r['tree']} | {r['draft_vocab']} | {temp} | {r['tokens_per_call']:.2f} | "
               f"{100 * r['repeat_share']:.0f}% | {r['tokens_per_call_no_repeats']:.2f}")
     return 0
+
+
+def _report_row(r: dict) -> None:
+    print(f"{Path(r['draft']).name:22s} {r['tree']:14s} T={r['temperature']:g} tpc {r['tokens_per_call']:.3f} "
+          f"(no-repeat {r['tokens_per_call_no_repeats']:.3f}, repeats {100 * r['repeat_share']:.0f}%)", flush=True)
 
 
 def _parallel(args, argv: list[str], pairs: list[tuple[str, str]]) -> list[dict]:
