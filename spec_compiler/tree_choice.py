@@ -54,6 +54,7 @@ ACCEPT_FORMAT = "spec-accept/1"
 FITTED_SIZES = (2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 26, 32, 48, 64)
 MAX_CHAIN = 6
 ROUNDS = 7  # timing rounds (the fastest per size)
+BUSY_SPREAD = 1.5  # a median round this much slower than the fastest: the timing was disturbed
 
 
 def ranked(rates: dict[tuple[int, ...], float]) -> list[tuple[int, ...]]:
@@ -162,6 +163,7 @@ class CostModel:
 
     target_ms: dict[int, float]
     draft_ms: dict[int, float]
+    spread: float = 1.0  # the worst median/fastest ratio over the sizes: how busy the machine was
 
     def step_ms(self, tree: TreeSpec) -> float:
         return (_interp(self.target_ms, tree.n_nodes)
@@ -169,7 +171,8 @@ class CostModel:
 
     def to_json(self) -> dict:
         return {"target_ms": {str(k): round(v, 3) for k, v in sorted(self.target_ms.items())},
-                "draft_ms": {str(k): round(v, 3) for k, v in sorted(self.draft_ms.items())}}
+                "draft_ms": {str(k): round(v, 3) for k, v in sorted(self.draft_ms.items())},
+                "spread": round(self.spread, 2)}
 
 
 def _interp(table: dict[int, float], x: int) -> float:
@@ -225,9 +228,22 @@ def measure(target: torch.nn.Module, draft: torch.nn.Module | None, target_sizes
             sync()
             if r:
                 times[k].append(1000 * (time.perf_counter() - t))
-    med = {k: min(v) for k, v in times.items()}
-    return CostModel({T: med[("target", T)] for T in target_sizes},
-                     {n: med[("draft", n)] for n in draft_sizes if draft is not None})
+    best = {k: min(v) for k, v in times.items()}
+    spread = max((sorted(v)[len(v) // 2] / best[k] for k, v in times.items()), default=1.0)
+    return CostModel(monotone({T: best[("target", T)] for T in target_sizes}),
+                     monotone({n: best[("draft", n)] for n in draft_sizes if draft is not None}),
+                     spread)
+
+
+def monotone(ms: dict[int, float]) -> dict[int, float]:
+    """A forward over fewer tokens costs no more than one over more (the same weights, less
+    work): each size's time is capped by every larger size's, which removes what interference
+    added to one size and not another and leaves a clean measurement as it is."""
+    out, cap = {}, float("inf")
+    for n in sorted(ms, reverse=True):
+        cap = min(cap, ms[n])
+        out[n] = cap
+    return dict(sorted(out.items()))
 
 
 def _forward(module: torch.nn.Module, n: int, context: int, kv: list[torch.Tensor]) -> Callable[[], object]:
@@ -273,6 +289,10 @@ class AutoTree:
             f"tokens/call expected, {best['predicted_step_ms']:.1f} ms/step predicted, "
             f"{best['expected_tokens_per_s']:.1f} tokens/s; {len(rows)} candidates timed in "
             f"{time.perf_counter() - t0:.1f}s")
+        if cost.spread > BUSY_SPREAD:
+            log(f"[tree] note: the machine was busy while timing (a forward's median round took "
+                f"{cost.spread:.1f}x its fastest); the choice may not be the fastest tree: rebuild "
+                f"on an idle machine, or name a tree with --tree")
         return tree, {"method": "auto", "choice": tree.name, "accept_table": self.source,
                       "accept_n_starts": self.table.n_starts, "cost_model": {
                           **cost.to_json(), "context": context, "cache_slots": span,

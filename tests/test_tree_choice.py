@@ -11,8 +11,8 @@ import pytest
 
 from spec_compiler.cli import compile_main
 from spec_compiler.errors import SpecCompileError
-from spec_compiler.tree_choice import (ACCEPT, AcceptTable, CostModel, auto_tree, candidates, choose,
-                                       draft_forwards, draft_weights_sha256, measure)
+from spec_compiler.tree_choice import (ACCEPT, AcceptTable, AutoTree, CostModel, auto_tree, candidates,
+                                       choose, draft_forwards, draft_weights_sha256, measure, monotone)
 from spec_compiler.trees import TreeSpec, chain, resolve_tree
 
 # A draft that is right 60% of the time at rank 0, 20% at rank 1 (and deeper alike).
@@ -69,6 +69,20 @@ def test_choice_is_the_argmax_of_expected_tokens_per_second():
     assert draft_forwards(six) == [5, 1, 1, 1]
     assert cpu.step_ms(six) == pytest.approx((45 + 10 * 2 / 4) + (3.5 + 0.5 / 4) + 3 * 3)
     assert gpu.step_ms(chain(0)) == 1.5
+
+
+def test_interference_is_taken_out_of_the_cost_model(monkeypatch):
+    """Timings a busy machine disturbed: each size capped by every larger size's time (a forward
+    over fewer tokens cannot cost more), a clean series left as it is; the busy note."""
+    assert monotone({1: 35, 2: 36, 4: 50, 8: 64}) == {1: 35, 2: 36, 4: 50, 8: 64}
+    assert monotone({1: 180, 2: 157, 3: 624, 4: 40, 8: 548, 16: 60}) == {1: 40, 2: 40, 3: 40, 4: 40,
+                                                                          8: 60, 16: 60}
+    logs = []
+    busy = CostModel({1: 30.0}, {}, spread=3.0)
+    monkeypatch.setattr("spec_compiler.tree_choice.measure", lambda *a, **k: busy)
+    tree, record = AutoTree(TABLE).choose(None, None, 64, lambda d: 8, logs.append)
+    assert tree.name == "chain-0" and record["cost_model"]["spread"] == 3.0
+    assert any("machine was busy" in line and "--tree" in line for line in logs), logs
 
 
 def test_draft_forwards_count_matches_the_built_draft_graph(tiny_dir, tiny_draft_dir, tmp_path):
