@@ -79,14 +79,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="smollm2,llama8b")
     ap.add_argument("--engine", type=Path, default=None, help="measure this engine instead")
-    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--device", default=None, help="cuda if there is a GPU, else cpu")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", default="bench/results/load.json")
     args = ap.parse_args(argv)
     import torch
 
+    from bench_cpu import cpu_name
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     res = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "runs": args.runs,
-           "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "engines": []}
+           "device": torch.cuda.get_device_name() if args.device == "cuda" else cpu_name(), "engines": []}
     with tempfile.TemporaryDirectory() as tmp:
         todo = [("engine", args.engine)] if args.engine else [(s, None) for s in args.shapes.split(",")]
         for name, path in todo:
