@@ -137,6 +137,8 @@ def test_draft_vocab_prefix_compiles(tmp_path, tiny_dir, tiny_hot_draft_dir):
     r = cli(tiny_dir, "--draft", tiny_hot_draft_dir, "--out", out, "--backend", "eager",
             "--tree", "chain-2", "--max-seq-len", "128", "--draft-vocab", "20")
     assert r.returncode == 0, r.stderr[-3000:]
+    for line in r.stderr.strip().splitlines():  # progress lines only: no library warnings
+        assert re.match(r"(\[[1-4]/4\] |done in \d+s: )", line), r.stderr
     assert json.loads((out / "manifest.json").read_text())["draft"]["draft_vocab_size"] == 20
     assert load_file(out / "weights.safetensors")["draft.hot_ids"].tolist() == HOT_IDS[:20]
     r = run(out, "--prompt-ids", "5,6,7", "--max-new-tokens", "6", "--json")
