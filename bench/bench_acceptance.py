@@ -126,9 +126,9 @@ def main(argv=None):
                 results["runs"].append(r)
                 _report_row(r)
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps(results, indent=1))
+                Path(args.out).write_text(_dumps(results))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+    Path(args.out).write_text(_dumps(results))
     print(f"\nacceptance on {len(prompts)} prompts ({args.prompts}), <= {args.max_new} new tokens")
     print("draft | tree | draft vocab | temperature (top-p) | tokens/call | repeat share | "
           "tokens/call without repeats")
@@ -137,6 +137,11 @@ def main(argv=None):
         print(f"{Path(r['draft']).name} | {r['tree']} | {r['draft_vocab']} | {temp} | {r['tokens_per_call']:.2f} | "
               f"{100 * r['repeat_share']:.0f}% | {r['tokens_per_call_no_repeats']:.2f}")
     return 0
+
+
+def _dumps(results: dict) -> str:
+    """The results as JSON, paths inside the repository written relative to it."""
+    return json.dumps(results, indent=1).replace(str(Path(__file__).resolve().parents[1]) + "/", "")
 
 
 def _report_row(r: dict) -> None:

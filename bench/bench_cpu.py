@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     res["per_prompt"] = per
     res["floor_ms_per_step"] = res["weight_bytes"] / res["read_bandwidth_GBps"] / 1e6
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1))
+    args.out.write_text(json.dumps(res, indent=1).replace(str(REPO) + "/", ""))  # repo-relative paths
 
     print(f"\n{res['cpu']}, {res['cores']} cores, {res['threads']} threads, read bandwidth "
           f"{res['read_bandwidth_GBps']:.1f} GB/s, weights {res['weight_bytes'] / 1e6:.0f} MB "
