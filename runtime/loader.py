@@ -1,7 +1,8 @@
 """ENGINE_DIR -> Engine: validate the manifest and fingerprint, load artifacts and weights once,
 allocate every state buffer. Loading compiles nothing: Inductor artifacts are AOTInductor
 packages, loaded as they are. Graph interfaces and state come from the engine contract
-(`spec_compiler.engine_format`), sized by the manifest's `dims`.
+(`spec_compiler.engine_format`), sized by the manifest's `dims`: the state for the largest
+batch bucket, each step graph once per bucket, the prefill graphs at batch 1 (per slot).
 """
 
 from __future__ import annotations
@@ -24,16 +25,24 @@ log = logging.getLogger("spec_compiler.runtime")
 
 @dataclass
 class Graph:
-    """One compiled step graph bound to its weights and to the contract's input/output names."""
+    """One compiled step graph bound to its weights and to the contract's input/output names.
+
+    A graph of batch b reads the first b slots of the state it is given (`state[k][:b]`, a view);
+    the runtime passes views it made once (a bucket's prefix, or one slot for prefill), so
+    that slice is a no-op on the hot path."""
 
     name: str
     fn: object
     weights: list[torch.Tensor]
     io: fmt.GraphIO
+    batch: int = 1
 
     def __call__(self, state: dict[str, torch.Tensor], **args: torch.Tensor) -> dict[str, torch.Tensor]:
-        vals = [args[t.name] if t.name in self.io.args else state[fmt.state_key(self.name, t.name)]
-                for t in self.io.inputs]
+        def read(name):
+            v = state[fmt.state_key(self.name, name)]
+            return v if v.shape[0] == self.batch else v[:self.batch]
+
+        vals = [args[t.name] if t.name in self.io.args else read(t.name) for t in self.io.inputs]
         out = self.fn(*self.weights, *vals)
         if isinstance(out, torch.Tensor):
             out = (out,)
@@ -89,6 +98,14 @@ def read_spec(engine_dir: Path, device: str | None = None) -> EngineSpec:
     if unknown:
         raise SpecCompileError(f"{engine_dir}: unknown graphs {sorted(unknown)}; rebuild the engine "
                                "with this spec-compile")
+    buckets = fmt.buckets(dims.batch)
+    for name, g in m["graphs"].items():
+        have = {int(g.get("batch", 1)), *map(int, g.get("buckets", {}))}
+        want = {1} if name in fmt.PREFILL_GRAPHS else set(buckets)
+        if have != want or m.get("buckets") != list(buckets):
+            raise SpecCompileError(f"{engine_dir}: graph {name!r} has batches {sorted(have)}, the "
+                                   f"engine's buckets are {list(buckets)}; rebuild the engine with "
+                                   "this spec-compile")
     return EngineSpec(ModelConfig.from_json(m["model"]),
                       DraftConfig.from_json(m["draft"]) if m["draft"] else None,
                       TreeSpec.from_json(m["tree"]), dims, fmt.DTYPES[m["dtype"]], device,
@@ -109,10 +126,12 @@ def load(engine_dir: str | Path, device: str | None = None):
     t.append(time.perf_counter())
     weights = load_file(str(engine_dir / fmt.WEIGHTS), device=spec.device)
     t.append(time.perf_counter())
-    graphs = {}
+    graphs: dict[int, dict[str, Graph]] = {}  # batch -> name -> graph
     for name, g in spec.manifest["graphs"].items():
-        fn = _load_artifact(engine_dir / g["file"], spec.backend, spec.device)
-        graphs[name] = Graph(name, fn, [weights[w] for w in g["weights"]], fmt.graph_io(spec.dims, name))
+        for b, entry in [(int(g.get("batch", 1)), g), *((int(k), e) for k, e in g.get("buckets", {}).items())]:
+            fn = _load_artifact(engine_dir / entry["file"], spec.backend, spec.device)
+            io = fmt.graph_io(fmt.graph_dims(spec.dims, name, b), name)
+            graphs.setdefault(b, {})[name] = Graph(name, fn, [weights[w] for w in entry["weights"]], io, b)
     t.append(time.perf_counter())
     state = {t.name: t.empty(spec.device) for t in fmt.state(spec.dims)}
     tdir = engine_dir / fmt.TOKENIZER_DIR
