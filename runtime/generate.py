@@ -426,7 +426,9 @@ class Engine:
         while self.running():
             for _ in range(sync_every):
                 self.step()
-        return self.result()
+        res = self.result()
+        self._free(0)
+        return res
 
     @_locked
     def generate_batch(self, prompts: list[list[int]], max_new_tokens=None, temperature=0.0,
@@ -450,7 +452,8 @@ class Engine:
         self._free_all()
         while queue or owner:
             while queue and self.free_slots():
-                owner[self._admit(reqs[queue[-1]])] = queue.pop()
+                r = queue.pop()
+                owner[self._admit(reqs[r])] = r
             for _ in range(sync_every):
                 self.step()
             for slot, res in self.finished().items():
