@@ -305,3 +305,56 @@ def test_bad_batch_inputs_fail_in_one_line(engines, tmp_path, tiny_dir):
     assert compile_main([str(tiny_dir), "--tree", "chain-0", "--out", str(tmp_path / "e"),
                          "--max-batch", "0", "--backend", "eager"]) == 2
     assert not (tmp_path / "e").exists()
+
+
+def test_spec_run_prompts_file(engines, tmp_path, capsys):
+    """spec-run --prompts-file --json: one object per line in input order (per-line knobs over
+    the flags' defaults; --seed S gives line i the seed S + i), then the summary line."""
+    from spec_compiler.cli import run_main
+
+    prompts = _prompts()
+    lines = [{"prompt_ids": prompts[0], "max_new_tokens": 10}, {"prompt_ids": prompts[1]},
+             {"prompt_ids": prompts[2], "temperature": 1.0, "seed": 3},
+             {"prompt_ids": prompts[4], "temperature": 0.5, "top_k": 5}]
+    f = tmp_path / "prompts.jsonl"
+    f.write_text("\n".join(json.dumps(d) for d in lines) + "\n\n")
+    d = engines["chain-2"]
+    assert run_main([str(d), "--prompts-file", str(f), "--max-new-tokens", "7", "--seed", "100",
+                     "--json"]) == 0
+    out = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    engine = Engine.load(d)
+    expected = [engine.generate(prompts[0], max_new_tokens=10),
+                engine.generate(prompts[1], max_new_tokens=7),
+                engine.generate(prompts[2], max_new_tokens=7, temperature=1.0, seed=3),
+                engine.generate(prompts[4], max_new_tokens=7, temperature=0.5, top_k=5, seed=103)]
+    assert len(out) == 5 and list(out[-1]) == ["summary"]
+    for o, e in zip(out, expected):
+        assert o["output_ids"] == e.output_ids and o["seed"] == e.seed
+        assert (o["stop_reason"], o["verify_calls"], o["accept_lengths"]) == \
+            (e.stop_reason, e.verify_calls, e.accept_lengths)
+        assert {"tokens_per_call", "seconds", "tokens_per_second", "load_seconds"} <= set(o)
+    s = out[-1]["summary"]
+    assert {"sequences", "tokens", "seconds", "tokens_per_second", "tokens_per_call"} <= set(s)
+    assert s["sequences"] == 4 and s["tokens"] == sum(len(e.output_ids) for e in expected)
+    calls = sum(e.verify_calls for e in expected)
+    assert s["tokens_per_call"] == pytest.approx(sum(sum(e.accept_lengths) for e in expected) / calls)
+
+
+@pytest.mark.parametrize("text, words", [
+    ('{"prompt_ids": [1, 2]}\n{"prompt_ids": [3], "prompt": "x"}', ["prompts.jsonl:2", "exactly one of"]),
+    ('{"prompt_ids": [1, 2], "temprature": 1}', ["prompts.jsonl:1", "unknown key 'temprature'"]),
+    ('{"prompt_ids": [1, 2], "temperature": -1}', ["prompts.jsonl:1", "temperature -1"]),
+    ('{"prompt_ids": [1, 2], "max_new_tokens": 0}', ["prompts.jsonl:1", "max_new_tokens 0"]),
+    ('{"prompt_ids": []}', ["prompts.jsonl:1", "non-empty list of token ids"]),
+    ('[1, 2, 3]', ["prompts.jsonl:1", "expected a JSON object"]),
+    ('{"prompt_ids": [1, 2]', ["prompts.jsonl:1", "not valid JSON"]),
+    ('\n\n', ["no prompts"]),
+])
+def test_bad_prompts_file_fails_in_one_line(engines, tmp_path, capsys, text, words):
+    from spec_compiler.cli import run_main
+
+    f = tmp_path / "prompts.jsonl"
+    f.write_text(text)
+    assert run_main([str(engines["chain-2"]), "--prompts-file", str(f)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and all(w in err[0] for w in words), err
