@@ -4,7 +4,7 @@ Each keyword of generate_batch (max_new_tokens, temperature, top_p, top_k, seed)
 value for every prompt or a list (or tuple) of one value per prompt. A single seed gives prompt
 i the seed `seed + i`, so prompts with equal settings still draw different tokens, and a
 prompt's tokens do not depend on which slot or batch-mates it gets. The values themselves are
-checked by Engine.check, request by request, before anything runs.
+checked by Engine._check, request by request, before anything runs.
 """
 
 from __future__ import annotations

@@ -177,6 +177,7 @@ class Engine:
         # Where Engine.load spent its time (seconds): check (manifest + fingerprint: every file
         # hashed), weights (read and placed on the device), graphs (artifacts), state, total.
         self.load_seconds: dict[str, float] = {}
+        self.state_bytes = 0  # bytes of the state (caches for every slot), set by Engine.load
         self.lock = threading.RLock()  # serialises every call on the state (module docstring)
         self._tokenizer_lock = threading.Lock()
         self._free_all()
@@ -234,7 +235,7 @@ class Engine:
         if bad:
             raise SpecCompileError(f"prompt token id {bad[0]} is outside the vocabulary [0, {V})")
 
-    def check(self, prompt_ids, max_new_tokens=None, temperature=0.0, top_p=1.0, top_k=0,
+    def _check(self, prompt_ids, max_new_tokens=None, temperature=0.0, top_p=1.0, top_k=0,
               seed=None) -> _Slot:
         """A request validated (ids, max_new_tokens, sampling, capacity), not yet admitted; at
         temperature > 0 without a seed, a fresh seed is drawn here."""
@@ -275,7 +276,7 @@ class Engine:
               seed: int | None = None) -> None:
         """Validate and prefill a prompt into slot 0 and arm the step state (every other slot
         is freed); step() then generates. Sampling parameters as in `generate`."""
-        req = self.check(prompt_ids, max_new_tokens, temperature, top_p, top_k, seed)
+        req = self._check(prompt_ids, max_new_tokens, temperature, top_p, top_k, seed)
         self._free_all()
         slot = self._admit(req)
         while not self._slots[slot].live:
@@ -290,7 +291,7 @@ class Engine:
         is prefilled by the next step() calls, one chunk per call (the other slots keep
         decoding in between), and it decodes from the step after its last chunk. Raises
         SpecCompileError when every slot is taken (see free_slots())."""
-        req = self.check(prompt_ids, max_new_tokens, temperature, top_p, top_k, seed)
+        req = self._check(prompt_ids, max_new_tokens, temperature, top_p, top_k, seed)
         if not self.free_slots():
             raise SpecCompileError(f"no free slot: all {self.max_batch} slots are taken; read "
                                    "finished() or cancel() one first (the engine was built with "
@@ -444,7 +445,7 @@ class Engine:
         from .batch import expand_requests
 
         sync_every = self._sync_every(sync_every)
-        reqs = [self.check(*r) for r in expand_requests(prompts, max_new_tokens, temperature,
+        reqs = [self._check(*r) for r in expand_requests(prompts, max_new_tokens, temperature,
                                                          top_p, top_k, seed)]
         results: list[GenerationResult | None] = [None] * len(reqs)
         queue = list(range(len(reqs)))[::-1]  # popped from the end: input order

@@ -100,7 +100,11 @@ def read_spec(engine_dir: Path, device: str | None = None) -> EngineSpec:
                                "with this spec-compile")
     buckets = fmt.buckets(dims.batch)
     for name, g in m["graphs"].items():
-        have = {int(g.get("batch", 1)), *map(int, g.get("buckets", {}))}
+        try:
+            have = {int(g.get("batch", 1)), *map(int, g.get("buckets", {}))}
+        except (TypeError, ValueError):
+            raise SpecCompileError(f"{engine_dir}: graph {name!r} has a corrupt batch or buckets "
+                                   "entry; rebuild the engine with spec-compile") from None
         want = {1} if name in fmt.PREFILL_GRAPHS else set(buckets)
         if have != want or m.get("buckets") != list(buckets):
             raise SpecCompileError(f"{engine_dir}: graph {name!r} has batches {sorted(have)}, the "
@@ -110,6 +114,32 @@ def read_spec(engine_dir: Path, device: str | None = None) -> EngineSpec:
                       DraftConfig.from_json(m["draft"]) if m["draft"] else None,
                       TreeSpec.from_json(m["tree"]), dims, fmt.DTYPES[m["dtype"]], device,
                       m["backend"], m)
+
+
+def check_memory(engine_dir: Path, spec: EngineSpec) -> int:
+    """The engine's state (KV caches and per-slot buffers for --max-batch slots,
+    engine_format.state_bytes) and its weights must fit the memory they are loaded into (free
+    GPU memory; on CPU the machine's memory): else one line with the numbers. Returns the
+    state's bytes."""
+    from spec_compiler.config import device_memory
+
+    need = fmt.state_bytes(spec.dims)
+    try:
+        weights = (engine_dir / fmt.WEIGHTS).stat().st_size
+    except OSError:  # reported by the weights' load, with its own message
+        weights = 0
+    if spec.device.startswith("cuda"):
+        have, where = torch.cuda.mem_get_info(torch.device(spec.device))[0], f"free on {spec.device}"
+    else:
+        have, where = device_memory("cpu")
+    if need + weights > have:
+        d = spec.dims
+        raise SpecCompileError(
+            f"{engine_dir}: its state for {d.batch} slots (--max-batch {d.batch}, --max-seq-len "
+            f"{d.max_seq_len}: KV caches and per-slot buffers, {need / 2**30:.2f} GiB) and its "
+            f"weights ({weights / 2**30:.2f} GiB) need more than the {have / 2**30:.2f} GiB of "
+            f"{where}; rebuild it with a smaller --max-batch or --max-seq-len")
+    return need
 
 
 def load(engine_dir: str | Path, device: str | None = None):
@@ -123,6 +153,7 @@ def load(engine_dir: str | Path, device: str | None = None):
         raise SpecCompileError(f"engine {engine_dir} does not exist; build it with spec-compile")
     t = [time.perf_counter()]
     spec = read_spec(engine_dir, device)  # hashes every file (the fingerprint)
+    state_bytes = check_memory(engine_dir, spec)
     t.append(time.perf_counter())
     weights = load_file(str(engine_dir / fmt.WEIGHTS), device=spec.device)
     t.append(time.perf_counter())
@@ -142,6 +173,8 @@ def load(engine_dir: str | Path, device: str | None = None):
     t.append(time.perf_counter())
     engine.load_seconds = {"check": t[1] - t[0], "weights": t[2] - t[1], "graphs": t[3] - t[2],
                            "state": t[4] - t[3], "total": t[4] - t[0]}
-    log.info("loaded %s (%d graphs, backend %s) in %.2fs", engine_dir, len(graphs), spec.backend,
+    engine.state_bytes = state_bytes
+    log.info("loaded %s (%d graphs, backend %s, state %.1f MiB for %d slots) in %.2fs", engine_dir,
+             sum(map(len, graphs.values())), spec.backend, state_bytes / 2**20, spec.dims.batch,
              t[4] - t[0])
     return engine

@@ -72,7 +72,7 @@ def _build(out, model_dir, tree, draft_dir, draft_module=None, max_batch=MAX_BAT
     t = resolve_tree(tree)
     draft_cfg = load_draft(draft_dir, load_target(model_dir)).cfg if t.n_nodes > 1 else None
     cfg = CompileConfig(model=ModelConfig.from_hf(model_dir), draft=draft_cfg, tree=t,
-                        max_seq_len=kw.pop("max_seq_len", SEQ_LEN), backend="eager",
+                        max_seq_len=kw.pop("max_seq_len", SEQ_LEN), backend=kw.pop("backend", "eager"),
                         prefill_chunk=kw.pop("chunk", 16), batch_size=max_batch, **kw)
     return compile_engine(cfg, model_dir, draft_dir if t.n_nodes > 1 else None, out,
                           progress=lambda s: None, draft_module=draft_module)
@@ -358,3 +358,32 @@ def test_bad_prompts_file_fails_in_one_line(engines, tmp_path, capsys, text, wor
     assert run_main([str(engines["chain-2"]), "--prompts-file", str(f)]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and all(w in err[0] for w in words), err
+
+
+def test_state_that_does_not_fit_fails_at_load(engines, monkeypatch):
+    """The state is allocated for the largest bucket at load; where it (with the weights) does
+    not fit, loading fails with one line giving the numbers. Otherwise its size is reported."""
+    import spec_compiler.config
+
+    engine = Engine.load(engines["chain-2"])
+    assert engine.state_bytes == fmt.state_bytes(engine.dims) > 0
+    monkeypatch.setattr(spec_compiler.config, "device_memory", lambda device: (1 << 20, "the test's memory"))
+    with pytest.raises(SpecCompileError, match=r"state for 3 slots \(--max-batch 3, --max-seq-len 96: "
+                       r"KV caches and per-slot buffers, 0\.\d\d GiB\) .* need more than the 0\.00 GiB "
+                       r"of the test's memory; rebuild it with a smaller --max-batch"):
+        Engine.load(engines["chain-2"])
+
+
+def test_inductor_buckets_match_transformers(tmp_path, tiny_dir, tiny_draft_dir):
+    """The one Inductor build of this file (greedy only, a short chain, --max-batch 2): the
+    AOTInductor packages run on state views (a bucket's slot prefix, one slot's rows for
+    prefill), and every sequence is transformers' greedy output."""
+    d = _build(tmp_path / "e", tiny_dir, "chain-1", tiny_draft_dir, max_batch=2, backend="inductor",
+               sampling=False, max_seq_len=128, chunk=8)
+    m = json.loads((d / fmt.MANIFEST).read_text())
+    assert m["buckets"] == [1, 2] and (d / "verify.b2.pt2").is_file() and (d / "draft.b2.pt2").is_file()
+    engine = Engine.load(d)
+    prompts = _prompts()[:5]
+    res = engine.generate_batch(prompts, max_new_tokens=[30, 10, 25, 40, 7])
+    for p, r, n in zip(prompts, res, [30, 10, 25, 40, 7]):
+        assert r.output_ids == hf_greedy(tiny_dir, p, n), p
