@@ -367,7 +367,7 @@ def test_state_that_does_not_fit_fails_at_load(engines, monkeypatch):
 
     engine = Engine.load(engines["chain-2"])
     assert engine.state_bytes == fmt.state_bytes(engine.dims) > 0
-    monkeypatch.setattr(spec_compiler.config, "device_memory", lambda device: (1 << 20, "the test's memory"))
+    monkeypatch.setattr(spec_compiler.config, "device_memory", lambda device: (1 << 10, "the test's memory"))
     with pytest.raises(SpecCompileError, match=r"state for 3 slots \(--max-batch 3, --max-seq-len 96: "
                        r"KV caches and per-slot buffers, 0\.\d\d GiB\) .* need more than the 0\.00 GiB "
                        r"of the test's memory; rebuild it with a smaller --max-batch"):
