@@ -114,7 +114,7 @@ def run_parser() -> argparse.ArgumentParser:
                    help='many prompts, decoded as a batch: one JSON object per line, {"prompt": '
                         '"..."} (chat template applied) or {"prompt_ids": [...]}, optionally with '
                         'its own "max_new_tokens", "temperature", "top_p", "top_k", "seed" (the '
-                        "flags are the default; --seed S gives line i the seed S + i)")
+                        "flags are the default; --seed S gives prompt i, from 0, the seed S + i)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="default: until EOS or the engine's capacity")
     p.add_argument("--temperature", default="0", metavar="T",
