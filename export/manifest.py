@@ -48,7 +48,8 @@ class Manifest:
             "dtype": cfg.dtype, "device": cfg.device, "backend": cfg.backend,
             "parallel": {"tp": 1},  # tensor-parallel world size; per-rank artifacts when > 1
             "state": [t.to_json() for t in fmt.state(dims)],  # for readers; the runtime derives it
-            "graphs": graphs,
+            "buckets": list(fmt.buckets(dims.batch)),  # batch buckets of the step graphs
+            "graphs": graphs,  # name -> artifact at its smallest batch; larger buckets under "buckets"
             "tree_choice": None,  # set by the pipeline when --tree auto chose among candidates
         })
 
@@ -102,6 +103,12 @@ def check_file_names(engine_dir: Path, data: dict) -> None:
         raise SpecCompileError(f"{engine_dir / fmt.MANIFEST}: corrupt (graphs is not an object of "
                                "objects); rebuild the engine with spec-compile")
     entries = [(f"graph {g!r} file", e.get("file"), True) for g, e in graphs.items()]
+    for g, e in graphs.items():
+        more = e.get("buckets", {})
+        if not isinstance(more, dict) or not all(isinstance(b, dict) for b in more.values()):
+            raise SpecCompileError(f"{engine_dir / fmt.MANIFEST}: corrupt (graph {g!r} buckets is not "
+                                   "an object of objects); rebuild the engine with spec-compile")
+        entries += [(f"graph {g!r} bucket {b} file", be.get("file"), True) for b, be in more.items()]
     entries += [("files entry", f, False) for f in (files if isinstance(files, dict) else [files])]
     entries += [("file", fmt.WEIGHTS, True), ("directory", fmt.TOKENIZER_DIR, True)]
     for what, name, plain in entries:

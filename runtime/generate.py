@@ -9,20 +9,42 @@ host reads the done flags every few steps.
 Public API (the benchmarks use nothing else):
     Engine.load(dir)                 an engine, loaded (runtime/loader.py)
     engine.generate(ids, ...)        one whole generation -> GenerationResult
-    engine.start(ids, max_new)       prefill a prompt and arm the step state
+    engine.generate_batch(prompts, ...)  many, batched, queued beyond the slots -> results in order
+    engine.start(ids, max_new)       prefill a prompt into slot 0 and arm the step state
     engine.start_synthetic(n)        the same without a prompt: random context of n cache slots
-    engine.step()                    one speculative step (a CUDA-graph replay on a GPU)
+    engine.step()                    one chunk of every pending prefill, then one speculative
+                                     step of every live slot (a CUDA-graph replay on a GPU)
     engine.running()                 whether any sequence still runs (reads the device)
-    engine.result()                  the finished generation
+    engine.result()                  the finished generation of start()
+    engine.admit(ids, ...)           a request into the lowest free slot -> slot index
+    engine.finished()                {slot: GenerationResult} of the finished slots, now free
+    engine.cancel(slot)              drop a slot's request, free the slot
     engine.call(graph, **args)       one step graph, its other inputs read from the state
     engine.capture()                 capture the step now, so the first generate() does not
     engine.session()                 `with engine.session():` drive start/step/result undisturbed
 
+Slots. The state has one row per slot, for the largest batch bucket (engine_format). A slot is
+free, pending (admitted, its prompt being prefilled, one chunk per step()), live (armed,
+decoding) or finished (done, until finished() reads it). A step runs the smallest compiled
+bucket b that holds the highest live slot, over slots [0, b), as views of the state. Slots are
+a table, not a compacted list: a sequence stays in its slot from admission to the end, and
+admission takes the lowest free slot. Why: compacting live sequences into the first k rows
+would move their KV caches (the largest state, gigabytes at scale) whenever one in the middle
+finishes, and a CUDA graph captured per bucket needs fixed buffers; a prefix view costs
+nothing. The price: a hole below the highest live slot keeps the larger bucket, computing (and
+masking) the hole's row, until it closes; filling the lowest hole first closes holes as soon as
+requests wait, and when none wait the batch only shrinks.
+Slots in a bucket that are not live are parked (engine_format: n_acc = 1, cache_len one past
+their valid data), so the graphs' writes for them land in their own scratch rows, and the step
+keeps their state as it was; their outputs are dropped.
+
 Threads: an Engine holds one set of state buffers, so calls are serialised by `engine.lock` (a
-reentrant lock). generate() holds it for the whole generation; every other public call holds it
-for that call. The start() -> step()... -> result() protocol spans calls: a thread driving it
-must hold the lock throughout, `with engine.session(): ...`, or another thread's generate() may
-run in between and overwrite the state. Other threads' calls wait until the session ends.
+reentrant lock). generate() and generate_batch() hold it for the whole generation; every other
+public call holds it for that call. The start() -> step()... -> result() protocol (and admit ->
+step -> finished) spans calls: a thread driving it must hold the lock throughout, `with
+engine.session(): ...`, or another thread's generate() may run in between and overwrite the
+state. Other threads' calls wait until the session ends. start(), generate() and
+generate_batch() free every slot first.
 """
 
 from __future__ import annotations
@@ -39,6 +61,7 @@ from pathlib import Path
 
 import torch
 
+from spec_compiler import engine_format as fmt
 from spec_compiler import sampling
 from spec_compiler.chat import decode, encode_user_prompt, load_tokenizer
 from spec_compiler.errors import SpecCompileError
@@ -119,24 +142,45 @@ def check_sampling(temperature, top_p, top_k, seed) -> tuple[float, float, int, 
     return float(temperature), float(top_p), top_k, secrets.randbits(63) if seed is None else seed
 
 
+@dataclass
+class _Slot:
+    """A slot's request, as the host knows it (the device state holds the rest)."""
+
+    prompt: list[int]
+    max_new: int | None
+    knobs: tuple[float, float, int, int | None]  # temperature, top_p, top_k, seed
+    t0: float
+    prefilled: int = 0  # prompt tokens in the cache so far
+    live: bool = False  # armed: decoding (or finished, until finished() reads it)
+
+
 class Engine:
     def __init__(self, spec, graphs, state, tokenizer_dir: Path | None):
-        self.spec, self.graphs, self.state = spec, graphs, state
+        """`graphs`: batch -> name -> loader.Graph (the prefill graphs at batch 1, the step
+        graphs at every bucket)."""
+        self.spec, self.state = spec, state
         self.dims = spec.dims
+        self.max_batch = self.dims.batch
+        self.buckets = fmt.buckets(self.max_batch)
+        self._bucket_graphs = {b: {**graphs.get(1, {}), **graphs[b]} for b in self.buckets}
+        # By name: the prefill graphs and the step graphs at the largest bucket (call()).
+        self.graphs = self._bucket_graphs[self.max_batch]
         self.tokenizer_dir = tokenizer_dir
         self._tokenizer = None
         dev = spec.device
         eos = list(spec.model.eos_token_ids) or [-1]
         self._eos = torch.tensor(eos, dtype=torch.long, device=dev)
         self._ar = torch.arange(self.dims.tree_depth + 1, device=dev)
-        self._captured: dict[str, object] = {}  # CUDA: one captured step per verify graph
-        self._verify = "verify"  # verify_sampled while a sequence samples (temperature > 0)
-        self._request: tuple[int, int | None, float] | None = None  # prompt tokens, max_new, t0
+        self._captured: dict[tuple[str, int], object] = {}  # CUDA: a captured step per (verify, bucket)
+        self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (first, end) -> state rows
+        self._slots: list[_Slot | None] = [None] * self.max_batch
         # Where Engine.load spent its time (seconds): check (manifest + fingerprint: every file
         # hashed), weights (read and placed on the device), graphs (artifacts), state, total.
         self.load_seconds: dict[str, float] = {}
+        self.state_bytes = 0  # bytes of the state (caches for every slot), set by Engine.load
         self.lock = threading.RLock()  # serialises every call on the state (module docstring)
         self._tokenizer_lock = threading.Lock()
+        self._free_all()
 
     @classmethod
     def load(cls, engine_dir, device: str | None = None) -> "Engine":
@@ -191,6 +235,21 @@ class Engine:
         if bad:
             raise SpecCompileError(f"prompt token id {bad[0]} is outside the vocabulary [0, {V})")
 
+    def _check(self, prompt_ids, max_new_tokens=None, temperature=0.0, top_p=1.0, top_k=0,
+              seed=None) -> _Slot:
+        """A request validated (ids, max_new_tokens, sampling, capacity), not yet admitted; at
+        temperature > 0 without a seed, a fresh seed is drawn here."""
+        prompt_ids = _token_ids(prompt_ids)
+        self._validate_ids(prompt_ids)
+        if max_new_tokens is not None and (not _is_int(max_new_tokens) or max_new_tokens < 1):
+            raise SpecCompileError(f"--max-new-tokens {max_new_tokens!r}: must be an integer >= 1")
+        knobs = check_sampling(temperature, top_p, top_k, seed)
+        if knobs[0] > 0 and "verify_sampled" not in self.graphs:
+            raise SpecCompileError("this engine was compiled with --no-sampling: it decodes greedily "
+                                   "only; use --temperature 0, or rebuild it without --no-sampling")
+        self.check_request(len(prompt_ids), max_new_tokens)
+        return _Slot(prompt_ids, max_new_tokens, knobs, 0.0)
+
     # ---- public step API ----
     @contextlib.contextmanager
     def session(self):
@@ -203,7 +262,9 @@ class Engine:
     @_locked
     def call(self, graph: str, **args: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run one step graph; inputs not given are read from the engine state (caches are
-        updated in place). Returns its outputs by name (engine_format.graph_io)."""
+        updated in place). Returns its outputs by name (engine_format.graph_io). A graph of
+        batch b runs over slots [0, b): the prefill graphs over slot 0, the step graphs at the
+        largest bucket over every slot."""
         if graph not in self.graphs:
             raise SpecCompileError(f"this engine has no {graph!r} graph (it has {sorted(self.graphs)})")
         return self.graphs[graph](self.state, **args)
@@ -213,104 +274,142 @@ class Engine:
     def start(self, prompt_ids: list[int], max_new_tokens: int | None = None,
               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
               seed: int | None = None) -> None:
-        """Validate and prefill a prompt and arm the step state; step() then generates.
-        Sampling parameters as in `generate`."""
-        prompt_ids = _token_ids(prompt_ids)
-        self._validate_ids(prompt_ids)
-        if max_new_tokens is not None and (not _is_int(max_new_tokens) or max_new_tokens < 1):
-            raise SpecCompileError(f"--max-new-tokens {max_new_tokens!r}: must be an integer >= 1")
-        knobs = check_sampling(temperature, top_p, top_k, seed)
-        self.check_request(len(prompt_ids), max_new_tokens)
-        t0 = time.perf_counter()
-        self._set_sampling(*knobs)
-        first = self._prefill(prompt_ids)
-        self._arm(first, max_new_tokens)
-        self._request = (len(prompt_ids), max_new_tokens, t0, knobs[3])
+        """Validate and prefill a prompt into slot 0 and arm the step state (every other slot
+        is freed); step() then generates. Sampling parameters as in `generate`."""
+        req = self._check(prompt_ids, max_new_tokens, temperature, top_p, top_k, seed)
+        self._free_all()
+        slot = self._admit(req)
+        while not self._slots[slot].live:
+            self._prefill_chunk(slot)
 
     @_locked
     @torch.inference_mode()
-    def start_synthetic(self, context_len: int, seed: int = 0) -> None:
-        """Arm the step state over a random context of `context_len` cache slots (random cache
-        contents, root token and features) without a prompt: for timing steps at a given
-        context. Generation runs until the capacity or max_seq_len tokens."""
+    def admit(self, prompt_ids: list[int], max_new_tokens: int | None = None,
+              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+              seed: int | None = None) -> int:
+        """Validate a request and take the lowest free slot for it; returns the slot. Its prompt
+        is prefilled by the next step() calls, one chunk per call (the other slots keep
+        decoding in between), and it decodes from the step after its last chunk. Raises
+        SpecCompileError when every slot is taken (see free_slots())."""
+        req = self._check(prompt_ids, max_new_tokens, temperature, top_p, top_k, seed)
+        if not self.free_slots():
+            raise SpecCompileError(f"no free slot: all {self.max_batch} slots are taken; read "
+                                   "finished() or cancel() one first (the engine was built with "
+                                   f"--max-batch {self.max_batch})")
+        return self._admit(req)
+
+    @_locked
+    def free_slots(self) -> int:
+        """How many slots admit() can take now (host bookkeeping: no device read)."""
+        return self._slots.count(None)
+
+    @_locked
+    @torch.inference_mode()
+    def cancel(self, slot: int) -> None:
+        """Drop the request in `slot` (pending, live or finished) and free the slot; its
+        result is never returned."""
+        if not _is_int(slot) or not 0 <= slot < self.max_batch or self._slots[slot] is None:
+            raise SpecCompileError(f"cancel({slot!r}): no request in that slot (slots in use: "
+                                   f"{[i for i, s in enumerate(self._slots) if s is not None]})")
+        self._free(slot)
+
+    @_locked
+    @torch.inference_mode()
+    def finished(self) -> dict[int, GenerationResult]:
+        """The finished sequences by slot (reads the done flags from the device); their slots
+        are free again."""
+        live = [i for i, s in enumerate(self._slots) if s is not None and s.live]
+        if not live:
+            return {}
+        done = self.state["done"][:max(live) + 1].tolist()
+        out = {}
+        for i in live:
+            if done[i]:
+                out[i] = self._result(i)
+                self._free(i)
+        return out
+
+    @_locked
+    @torch.inference_mode()
+    def start_synthetic(self, context_len: int, seed: int = 0, batch: int | None = None) -> None:
+        """Arm slots [0, batch) (default: all) over a random context of `context_len` cache
+        slots (random cache contents, root token and features) without a prompt: for timing
+        steps at a given context and batch. Generation runs until the capacity or max_seq_len
+        tokens."""
         d = self.dims
         if not 1 <= context_len <= d.max_seq_len - d.step_slots:
             raise SpecCompileError(f"context {context_len}: must be in [1, "
                                    f"{d.max_seq_len - d.step_slots}] for this engine")
+        batch = self.max_batch if batch is None else batch
+        if not _is_int(batch) or not 1 <= batch <= self.max_batch:
+            raise SpecCompileError(f"batch {batch!r}: must be in [1, {self.max_batch}] for this engine")
+        self._free_all()
         g = torch.Generator(device=self.spec.device).manual_seed(seed)
         st = self.state
         for k, v in st.items():
             if k.startswith(("target.", "draft.")):
                 v.normal_(generator=g)
-        st["cache_len"].fill_(context_len)
-        st["n_acc"].fill_(1)
         st["acc_tokens"].random_(0, self.spec.model.vocab_size, generator=g)
         st["acc_feats"].normal_(generator=g)
-        self._set_sampling(*check_sampling(0.0, 1.0, 0, None))
-        self._arm(int(st["acc_tokens"][0, 0]), None, check_eos=False)
-        self._request = (context_len, None, time.perf_counter(), None)
+        t0 = time.perf_counter()
+        for i in range(batch):
+            self._slots[i] = _Slot([0] * context_len, None, (0.0, 1.0, 0, None), t0, context_len)
+            self._set_sampling(i, *self._slots[i].knobs)
+            self._arm(i, int(st["acc_tokens"][i, 0]), st["acc_feats"][i, 0].clone(), context_len, None,
+                      check_eos=False)
 
     @_locked
     @torch.inference_mode()
     def step(self) -> None:
-        """One speculative step for every live slot: one CUDA-graph replay on a GPU."""
+        """One prefill chunk of every pending slot, then one speculative step of every live
+        slot: the smallest bucket that holds them, one CUDA-graph replay on a GPU."""
+        for i, s in enumerate(self._slots):
+            if s is not None and not s.live:
+                self._prefill_chunk(i)
+        live = [i for i, s in enumerate(self._slots) if s is not None and s.live]
+        if not live:
+            return
+        b = next(b for b in self.buckets if b > max(live))
+        sampled = any(self._slots[i].knobs[0] > 0 for i in live)
+        verify = "verify_sampled" if sampled else "verify"
         if self.spec.device.startswith("cuda"):
-            if self._verify not in self._captured:
+            if (verify, b) not in self._captured:
                 from .cuda_graph import CapturedStep
 
-                self._captured[self._verify] = CapturedStep(self._step)
-            self._captured[self._verify]()
+                self._captured[(verify, b)] = CapturedStep(functools.partial(self._step, b, verify))
+            self._captured[(verify, b)]()
         else:
-            self._step()
+            self._step(b, verify)
 
     @_locked
     def running(self) -> bool:
-        return not bool(self.state["done"].all())
+        """Whether a sequence is pending or live and not done (reads the device)."""
+        if any(s is not None and not s.live for s in self._slots):
+            return True
+        st = self.state
+        return bool((st["slot_valid"] & ~st["done"]).any())
 
     @_locked
     def capture(self) -> None:
-        """Capture the step now (CUDA), so the first generate() does not pay for it. Uses a
-        harmless state (every sequence done, n_acc = 1, cache_len = 1 so the draft's catch-up
-        starts at slot 0); start() resets everything."""
+        """Capture the step of every bucket now (CUDA), so the first generate() does not pay for
+        it. Runs on parked slots only (every slot freed: nothing live is written)."""
         if not self.spec.device.startswith("cuda"):
             return
-        st = self.state
-        for verify in ("verify", "verify_sampled"):
-            if verify in self.graphs and verify not in self._captured:
-                st["done"].fill_(True)
-                st["n_acc"].fill_(1)
-                st["cache_len"].fill_(1)
-                self._verify = verify
-                self.step()
-        self._verify = "verify"
+        from .cuda_graph import CapturedStep
+
+        self._free_all()
+        for b in self.buckets:
+            for verify in ("verify", "verify_sampled"):
+                if verify in self.graphs and (verify, b) not in self._captured:
+                    self._captured[(verify, b)] = CapturedStep(functools.partial(self._step, b, verify))
 
     @_locked
     @torch.inference_mode()
     def result(self) -> GenerationResult:
         """The generation armed by start(), read back once it has stopped."""
-        if self._request is None:
+        if self._slots[0] is None or not self._slots[0].live:
             raise SpecCompileError("no generation to read: call start() first")
-        n_prompt, max_new, t0, seed = self._request
-        st = self.state
-        n_out, n_steps = int(st["n_out"][0]), int(st["n_steps"][0])
-        raw = st["out_buf"][0, :n_out].tolist()
-        hist = st["accept_hist"][0, :n_steps].tolist()
-        if self.spec.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        out, stop = self._truncate(raw, set(self.spec.model.eos_token_ids), max_new)
-        kept, accepts = 1, []  # per verify call: tokens kept after truncation
-        for h in hist:
-            take = min(h, len(out) - kept)
-            if take <= 0:
-                break
-            accepts.append(take)
-            kept += take
-        calls = len(accepts)
-        return GenerationResult(output_ids=out, stop_reason=stop, verify_calls=calls,
-                                tokens_per_call=(sum(accepts) / calls) if calls else 0.0,
-                                seconds=seconds, prompt_tokens=n_prompt, accept_lengths=accepts,
-                                seed=seed)
+        return self._result(0)
 
     @_locked
     def generate(self, prompt_ids: list[int], max_new_tokens: int | None = None,
@@ -323,51 +422,152 @@ class Engine:
         temperature > 0 and no seed, a fresh seed is drawn and reported (`result.seed`): the same
         seed gives the same tokens. The host reads the done flag every `sync_every` steps (1 on
         CPU, where reading is free)."""
-        if not _is_int(sync_every) or sync_every < 1:
-            raise SpecCompileError(f"sync_every={sync_every!r}: must be an integer >= 1")
+        sync_every = self._sync_every(sync_every)
         self.start(prompt_ids, max_new_tokens, temperature, top_p, top_k, seed)
-        if not self.spec.device.startswith("cuda"):
-            sync_every = 1
         while self.running():
             for _ in range(sync_every):
                 self.step()
-        return self.result()
+        res = self.result()
+        self._free(0)
+        return res
+
+    @_locked
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens=None, temperature=0.0,
+                       top_p=1.0, top_k=0, seed=None, sync_every: int = 4) -> list[GenerationResult]:
+        """Generate every prompt, up to `max_batch` at once in slots, the rest queued and admitted
+        as slots free up; results in input order, each with its own stop_reason, verify_calls,
+        tokens_per_call and accept_lengths (and seconds: from its admission to its end). Each
+        keyword is one value for all prompts or a list of one per prompt; a single seed gives
+        prompt i the seed `seed + i`. Every request is checked before anything runs. Each
+        sequence's output is what generate() gives it alone: greedy, the same tokens; sampled,
+        the same tokens for the same seed, whatever its batch-mates and slot. Holds the lock
+        throughout and frees every slot first."""
+        from .batch import expand_requests
+
+        sync_every = self._sync_every(sync_every)
+        reqs = [self._check(*r) for r in expand_requests(prompts, max_new_tokens, temperature,
+                                                         top_p, top_k, seed)]
+        results: list[GenerationResult | None] = [None] * len(reqs)
+        queue = list(range(len(reqs)))[::-1]  # popped from the end: input order
+        owner: dict[int, int] = {}  # slot -> request index
+        self._free_all()
+        while queue or owner:
+            while queue and self.free_slots():
+                r = queue.pop()
+                owner[self._admit(reqs[r])] = r
+            for _ in range(sync_every):
+                self.step()
+            for slot, res in self.finished().items():
+                results[owner.pop(slot)] = res
+        return results
 
     # ---- internals ----
-    def _set_sampling(self, temperature: float, top_p: float, top_k: int, seed: int | None) -> None:
-        if temperature > 0 and "verify_sampled" not in self.graphs:
-            raise SpecCompileError("this engine was compiled with --no-sampling: it decodes greedily "
-                                   "only; use --temperature 0, or rebuild it without --no-sampling")
-        self._verify = "verify_sampled" if temperature > 0 else "verify"
+    def _sync_every(self, sync_every) -> int:
+        if not _is_int(sync_every) or sync_every < 1:
+            raise SpecCompileError(f"sync_every={sync_every!r}: must be an integer >= 1")
+        return sync_every if self.spec.device.startswith("cuda") else 1
+
+    def _view(self, first: int, end: int) -> dict[str, torch.Tensor]:
+        """The state rows of slots [first, end), as views (made once: the state tensors are
+        never reallocated, only written in place)."""
+        if (first, end) not in self._views:
+            self._views[(first, end)] = {k: v[first:end] for k, v in self.state.items()}
+        return self._views[(first, end)]
+
+    def _admit(self, req: _Slot) -> int:
+        """Put a checked request into the lowest free slot, pending: prefilled by step()."""
+        i = self._slots.index(None)
+        req.t0 = time.perf_counter()
+        self._slots[i] = req
+        self._set_sampling(i, *req.knobs)
+        self._park(i, 0)
+        return i
+
+    def _free_all(self) -> None:
+        self._slots = [None] * self.max_batch
+        self._park(slice(None), 0)
+
+    def _free(self, i: int) -> None:
+        self._slots[i] = None
+        self._park(i, 0)
+
+    def _park(self, i: int | slice, valid_len: int) -> None:
+        """Slot i is not live: masked in every step, whose writes for it land at or past
+        `valid_len` in its own cache rows (engine_format: parked slots)."""
         st = self.state
-        st["temperature"].fill_(temperature)
-        st["top_p"].fill_(top_p)
-        st["top_k"].fill_(top_k)
-        st["seed"].fill_(0 if seed is None else seed)
+        st["slot_valid"][i] = False
+        st["done"][i] = True
+        st["n_acc"][i] = 1
+        st["cache_len"][i] = valid_len + 1
 
-    def _arm(self, first: int, max_new_tokens: int | None, check_eos: bool = True) -> None:
-        """Slot state for a sequence whose first emitted token is `first` (already the root)."""
-        d, st = self.dims, self.state
-        st["out_buf"][:, 0] = first
-        st["n_out"].fill_(1)
-        st["n_steps"].zero_()
-        st["slot_valid"].fill_(True)
-        st["max_new"].fill_(max_new_tokens or d.max_seq_len)
-        st["done"].fill_((check_eos and first in self.spec.model.eos_token_ids) or max_new_tokens == 1)
-        st["done"] |= st["cache_len"] + d.step_slots > d.max_seq_len
+    def _set_sampling(self, i: int, temperature: float, top_p: float, top_k: int,
+                      seed: int | None) -> None:
+        st = self.state
+        st["temperature"][i] = temperature
+        st["top_p"][i] = top_p
+        st["top_k"][i] = top_k
+        st["seed"][i] = 0 if seed is None else seed
 
-    def _step(self) -> None:
-        """draft -> verify -> state update -> append emitted tokens. Finished sequences' writes
-        are masked and their cache_len is clamped so replays past the end stay in bounds."""
+    def _prefill_chunk(self, i: int) -> None:
+        """The next prefill chunk of pending slot i, run over that slot's rows alone (the
+        prefill graphs have batch 1); after the last one the slot is armed."""
+        s, C, dev = self._slots[i], self.dims.prefill_chunk, self.spec.device
+        v = self._view(i, i + 1)
+        start, P = s.prefilled, len(s.prompt)
+        chunk = s.prompt[start:start + C]
+        n = len(chunk)
+        v["cache_len"].fill_(start)
+        toks = torch.zeros(1, C, dtype=torch.long, device=dev)
+        toks[0, :n] = torch.tensor(chunk, device=dev)
+        res = self._bucket_graphs[1]["prefill"](v, tokens=toks)
+        if "draft_prefill" in self.graphs:
+            nxt = s.prompt[start + 1:start + C + 1]
+            ntoks = torch.zeros(1, C, dtype=torch.long, device=dev)
+            ntoks[0, :len(nxt)] = torch.tensor(nxt, dtype=torch.long, device=dev)
+            self._bucket_graphs[1]["draft_prefill"](v, tokens=ntoks, features=res["hidden"])
+        s.prefilled += n
+        if s.prefilled < P:
+            self._park(i, s.prefilled)
+            return
+        first = self._first_token(i, res["logits"][:, n - 1], P)
+        self._arm(i, int(first), res["hidden"][0, n - 1], P, s.max_new)
+
+    def _arm(self, i: int, first: int, feat: torch.Tensor, cache_len: int,
+             max_new_tokens: int | None, check_eos: bool = True) -> None:
+        """Slot i's state for a sequence whose first emitted token is `first` (the root, with
+        feature `feat`) over `cache_len` cache slots. Every row the slot's reads could see is
+        written here, so nothing of a previous occupant leaks."""
         d, st = self.dims, self.state
-        if "draft" in self.graphs:
-            tree_tokens = self.graphs["draft"](st)["tree_tokens"]
+        st["acc_tokens"][i].zero_()
+        st["acc_tokens"][i, 0] = first
+        st["acc_feats"][i].zero_()
+        st["acc_feats"][i, 0] = feat
+        st["n_acc"][i] = 1
+        st["cache_len"][i] = cache_len
+        st["out_buf"][i].zero_()
+        st["out_buf"][i, 0] = first
+        st["accept_hist"][i].zero_()
+        st["n_out"][i] = 1
+        st["n_steps"][i] = 0
+        st["max_new"][i] = max_new_tokens or d.max_seq_len
+        st["done"][i] = bool((check_eos and first in self.spec.model.eos_token_ids)
+                             or max_new_tokens == 1 or cache_len + d.step_slots > d.max_seq_len)
+        st["slot_valid"][i] = True
+        self._slots[i].live = True
+
+    def _step(self, b: int, verify: str) -> None:
+        """draft -> verify -> state update -> append emitted tokens, over slots [0, b). Slots
+        that are not live (not slot_valid, or done) keep their state and write no output;
+        a sequence that finishes gets its cache_len clamped so later replays stay in bounds."""
+        d, st, graphs = self.dims, self._view(0, b), self._bucket_graphs[b]
+        if "draft" in graphs:
+            tree_tokens = graphs["draft"](st)["tree_tokens"]
         else:  # plain decoding: the tree is the root alone
             tree_tokens = st["acc_tokens"].gather(1, st["n_acc"][:, None] - 1)
-        res = self.graphs[self._verify](st, tokens=tree_tokens)
-        active = ~st["done"] & st["slot_valid"]  # (B,)
+        res = graphs[verify](st, tokens=tree_tokens)
+        active = ~st["done"] & st["slot_valid"]  # (b,)
         n_acc = res["n_acc"]
-        valid = (self._ar[None, :] < n_acc[:, None]) & active[:, None]  # (B, D+1)
+        valid = (self._ar[None, :] < n_acc[:, None]) & active[:, None]  # (b, D+1)
         trash = st["out_buf"].shape[1] - 1
         cols = torch.where(valid, st["n_out"][:, None] + self._ar[None, :], trash)
         st["out_buf"].scatter_(1, cols, res["acc_tokens"])
@@ -380,10 +580,34 @@ class Engine:
         full = new_len + d.step_slots > d.max_seq_len
         st["done"] |= active & (hit_eos | (st["n_out"] >= st["max_new"]) | full)
         safe = torch.clamp(new_len, max=d.max_seq_len - d.step_slots)
-        st["cache_len"].copy_(torch.where(st["done"], safe, new_len))
-        st["acc_tokens"].copy_(res["acc_tokens"])
-        st["acc_feats"].copy_(res["acc_feats"])
-        st["n_acc"].copy_(n_acc)
+        new_len = torch.where(st["done"], safe, new_len)
+        st["cache_len"].copy_(torch.where(active, new_len, st["cache_len"]))
+        st["acc_tokens"].copy_(torch.where(active[:, None], res["acc_tokens"], st["acc_tokens"]))
+        st["acc_feats"].copy_(torch.where(active[:, None, None], res["acc_feats"], st["acc_feats"]))
+        st["n_acc"].copy_(torch.where(active, n_acc, st["n_acc"]))
+
+    def _result(self, i: int) -> GenerationResult:
+        """Slot i's generation, read back (it has stopped)."""
+        s, st = self._slots[i], self.state
+        n_out, n_steps = int(st["n_out"][i]), int(st["n_steps"][i])
+        raw = st["out_buf"][i, :n_out].tolist()
+        hist = st["accept_hist"][i, :n_steps].tolist()
+        if self.spec.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - s.t0
+        out, stop = self._truncate(raw, set(self.spec.model.eos_token_ids), s.max_new)
+        kept, accepts = 1, []  # per verify call: tokens kept after truncation
+        for h in hist:
+            take = min(h, len(out) - kept)
+            if take <= 0:
+                break
+            accepts.append(take)
+            kept += take
+        calls = len(accepts)
+        return GenerationResult(output_ids=out, stop_reason=stop, verify_calls=calls,
+                                tokens_per_call=(sum(accepts) / calls) if calls else 0.0,
+                                seconds=seconds, prompt_tokens=len(s.prompt), accept_lengths=accepts,
+                                seed=s.knobs[3])
 
     @staticmethod
     def _truncate(raw: list[int], eos: set, max_new: int | None) -> tuple[list[int], str]:
@@ -394,36 +618,13 @@ class Engine:
                 return raw[:i + 1], "max_new_tokens"
         return raw, "length"
 
-    def _first_token(self, logits: torch.Tensor, position: int) -> torch.Tensor:
-        """The token after the prompt, on the device: the argmax, or at temperature > 0 a draw
-        from the warped distribution keyed like every other (seed, its position, node 0)."""
-        st = self.state
+    def _first_token(self, i: int, logits: torch.Tensor, position: int) -> torch.Tensor:
+        """Slot i's token after its prompt, on the device: the argmax, or at temperature > 0 a
+        draw from the warped distribution keyed like every other (seed, its position, node 0)."""
+        st = self._view(i, i + 1)
         greedy = logits[0].argmax()
-        if float(st["temperature"][0]) == 0:
+        if self._slots[i].knobs[0] == 0:
             return greedy
-        probs = sampling.warp(logits[:1], st["temperature"][:1], st["top_k"][:1], st["top_p"][:1])
-        u = sampling.uniform(st["seed"][:1], torch.full_like(st["seed"][:1], position), 0, sampling.BONUS)
+        probs = sampling.warp(logits[:1], st["temperature"], st["top_k"], st["top_p"])
+        u = sampling.uniform(st["seed"], torch.full_like(st["seed"], position), 0, sampling.BONUS)
         return sampling.sample(probs, u)[0]
-
-    def _prefill(self, prompt: list[int]) -> int:
-        st, C, dev = self.state, self.dims.prefill_chunk, self.spec.device
-        st["cache_len"].zero_()
-        P = len(prompt)
-        for start in range(0, P, C):
-            chunk = prompt[start:start + C]
-            n = len(chunk)
-            toks = torch.zeros(1, C, dtype=torch.long, device=dev)
-            toks[0, :n] = torch.tensor(chunk, device=dev)
-            res = self.call("prefill", tokens=toks)
-            if "draft_prefill" in self.graphs:
-                nxt = prompt[start + 1:start + C + 1]
-                ntoks = torch.zeros(1, C, dtype=torch.long, device=dev)
-                ntoks[0, :len(nxt)] = torch.tensor(nxt, dtype=torch.long, device=dev)
-                self.call("draft_prefill", tokens=ntoks, features=res["hidden"])
-            st["cache_len"] += n
-        first = self._first_token(res["logits"][:, n - 1], P)
-        st["acc_tokens"].zero_()
-        st["acc_tokens"][0, 0] = first
-        st["acc_feats"][0, 0] = res["hidden"][0, n - 1]
-        st["n_acc"].fill_(1)
-        return int(first)

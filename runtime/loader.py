@@ -1,7 +1,8 @@
 """ENGINE_DIR -> Engine: validate the manifest and fingerprint, load artifacts and weights once,
 allocate every state buffer. Loading compiles nothing: Inductor artifacts are AOTInductor
 packages, loaded as they are. Graph interfaces and state come from the engine contract
-(`spec_compiler.engine_format`), sized by the manifest's `dims`.
+(`spec_compiler.engine_format`), sized by the manifest's `dims`: the state for the largest
+batch bucket, each step graph once per bucket, the prefill graphs at batch 1 (per slot).
 """
 
 from __future__ import annotations
@@ -24,16 +25,24 @@ log = logging.getLogger("spec_compiler.runtime")
 
 @dataclass
 class Graph:
-    """One compiled step graph bound to its weights and to the contract's input/output names."""
+    """One compiled step graph bound to its weights and to the contract's input/output names.
+
+    A graph of batch b reads the first b slots of the state it is given (`state[k][:b]`, a view);
+    the runtime passes views it made once (a bucket's prefix, or one slot for prefill), so
+    that slice is a no-op on the hot path."""
 
     name: str
     fn: object
     weights: list[torch.Tensor]
     io: fmt.GraphIO
+    batch: int = 1
 
     def __call__(self, state: dict[str, torch.Tensor], **args: torch.Tensor) -> dict[str, torch.Tensor]:
-        vals = [args[t.name] if t.name in self.io.args else state[fmt.state_key(self.name, t.name)]
-                for t in self.io.inputs]
+        def read(name):
+            v = state[fmt.state_key(self.name, name)]
+            return v if v.shape[0] == self.batch else v[:self.batch]
+
+        vals = [args[t.name] if t.name in self.io.args else read(t.name) for t in self.io.inputs]
         out = self.fn(*self.weights, *vals)
         if isinstance(out, torch.Tensor):
             out = (out,)
@@ -89,10 +98,48 @@ def read_spec(engine_dir: Path, device: str | None = None) -> EngineSpec:
     if unknown:
         raise SpecCompileError(f"{engine_dir}: unknown graphs {sorted(unknown)}; rebuild the engine "
                                "with this spec-compile")
+    buckets = fmt.buckets(dims.batch)
+    for name, g in m["graphs"].items():
+        try:
+            have = {int(g.get("batch", 1)), *map(int, g.get("buckets", {}))}
+        except (TypeError, ValueError):
+            raise SpecCompileError(f"{engine_dir}: graph {name!r} has a corrupt batch or buckets "
+                                   "entry; rebuild the engine with spec-compile") from None
+        want = {1} if name in fmt.PREFILL_GRAPHS else set(buckets)
+        if have != want or m.get("buckets") != list(buckets):
+            raise SpecCompileError(f"{engine_dir}: graph {name!r} has batches {sorted(have)}, the "
+                                   f"engine's buckets are {list(buckets)}; rebuild the engine with "
+                                   "this spec-compile")
     return EngineSpec(ModelConfig.from_json(m["model"]),
                       DraftConfig.from_json(m["draft"]) if m["draft"] else None,
                       TreeSpec.from_json(m["tree"]), dims, fmt.DTYPES[m["dtype"]], device,
                       m["backend"], m)
+
+
+def check_memory(engine_dir: Path, spec: EngineSpec) -> int:
+    """The engine's state (KV caches and per-slot buffers for --max-batch slots,
+    engine_format.state_bytes) and its weights must fit the memory they are loaded into (free
+    GPU memory; on CPU the machine's memory): else one line with the numbers. Returns the
+    state's bytes."""
+    from spec_compiler.config import device_memory
+
+    need = fmt.state_bytes(spec.dims)
+    try:
+        weights = (engine_dir / fmt.WEIGHTS).stat().st_size
+    except OSError:  # reported by the weights' load, with its own message
+        weights = 0
+    if spec.device.startswith("cuda"):
+        have, where = torch.cuda.mem_get_info(torch.device(spec.device))[0], f"free on {spec.device}"
+    else:
+        have, where = device_memory("cpu")
+    if need + weights > have:
+        d = spec.dims
+        raise SpecCompileError(
+            f"{engine_dir}: its state for {d.batch} slots (--max-batch {d.batch}, --max-seq-len "
+            f"{d.max_seq_len}: KV caches and per-slot buffers, {need / 2**30:.2f} GiB) and its "
+            f"weights ({weights / 2**30:.2f} GiB) need more than the {have / 2**30:.2f} GiB of "
+            f"{where}; rebuild it with a smaller --max-batch or --max-seq-len")
+    return need
 
 
 def load(engine_dir: str | Path, device: str | None = None):
@@ -106,13 +153,16 @@ def load(engine_dir: str | Path, device: str | None = None):
         raise SpecCompileError(f"engine {engine_dir} does not exist; build it with spec-compile")
     t = [time.perf_counter()]
     spec = read_spec(engine_dir, device)  # hashes every file (the fingerprint)
+    state_bytes = check_memory(engine_dir, spec)
     t.append(time.perf_counter())
     weights = load_file(str(engine_dir / fmt.WEIGHTS), device=spec.device)
     t.append(time.perf_counter())
-    graphs = {}
+    graphs: dict[int, dict[str, Graph]] = {}  # batch -> name -> graph
     for name, g in spec.manifest["graphs"].items():
-        fn = _load_artifact(engine_dir / g["file"], spec.backend, spec.device)
-        graphs[name] = Graph(name, fn, [weights[w] for w in g["weights"]], fmt.graph_io(spec.dims, name))
+        for b, entry in [(int(g.get("batch", 1)), g), *((int(k), e) for k, e in g.get("buckets", {}).items())]:
+            fn = _load_artifact(engine_dir / entry["file"], spec.backend, spec.device)
+            io = fmt.graph_io(fmt.graph_dims(spec.dims, name, b), name)
+            graphs.setdefault(b, {})[name] = Graph(name, fn, [weights[w] for w in entry["weights"]], io, b)
     t.append(time.perf_counter())
     state = {t.name: t.empty(spec.device) for t in fmt.state(spec.dims)}
     tdir = engine_dir / fmt.TOKENIZER_DIR
@@ -123,6 +173,8 @@ def load(engine_dir: str | Path, device: str | None = None):
     t.append(time.perf_counter())
     engine.load_seconds = {"check": t[1] - t[0], "weights": t[2] - t[1], "graphs": t[3] - t[2],
                            "state": t[4] - t[3], "total": t[4] - t[0]}
-    log.info("loaded %s (%d graphs, backend %s) in %.2fs", engine_dir, len(graphs), spec.backend,
+    engine.state_bytes = state_bytes
+    log.info("loaded %s (%d graphs, backend %s, state %.1f MiB for %d slots) in %.2fs", engine_dir,
+             sum(map(len, graphs.values())), spec.backend, state_bytes / 2**20, spec.dims.batch,
              t[4] - t[0])
     return engine

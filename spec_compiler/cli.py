@@ -46,6 +46,9 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--prefill-chunk", type=int, default=64,
                    help=f"prompt tokens per prefill call (default 64, at most {MAX_PREFILL_CHUNK})")
+    p.add_argument("--max-batch", type=int, default=1, metavar="N",
+                   help="the most sequences decoded at once (default 1): step graphs are built for "
+                        "batch buckets 1, 2, 4, ... up to N, N included; state for N slots")
     p.add_argument("--no-sampling", dest="sampling", action="store_false",
                    help="greedy only: skip the sampling verify graph (temperature > 0), one graph "
                         "less to compile")
@@ -79,7 +82,8 @@ def compile_main(argv: list[str] | None = None) -> int:
     cfg = CompileConfig(model=model, draft=None if draft is None else draft.cfg, tree=tree,
                         max_seq_len=args.max_seq_len, backend=args.backend,
                         dtype=args.dtype or ("bfloat16" if args.device == "cuda" else "float32"),
-                        device=args.device, prefill_chunk=args.prefill_chunk, sampling=args.sampling)
+                        device=args.device, prefill_chunk=args.prefill_chunk, sampling=args.sampling,
+                        batch_size=args.max_batch)
     compile_engine(cfg, args.model_dir, draft if tree.n_nodes > 1 else None, args.out,
                    debug_dir=args.debug_dir, draft_vocab=draft_vocab, auto_tree=auto_tree)
     return 0
@@ -106,6 +110,11 @@ def run_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", help="text; the chat template is applied when the model has one")
     g.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
+    g.add_argument("--prompts-file", type=Path, metavar="FILE.jsonl",
+                   help='many prompts, decoded as a batch: one JSON object per line, {"prompt": '
+                        '"..."} (chat template applied) or {"prompt_ids": [...]}, optionally with '
+                        'its own "max_new_tokens", "temperature", "top_p", "top_k", "seed" (the '
+                        "flags are the default; --seed S gives prompt i, from 0, the seed S + i)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="default: until EOS or the engine's capacity")
     p.add_argument("--temperature", default="0", metavar="T",
@@ -115,7 +124,8 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", default="0", metavar="K", help="the K most likely tokens; 0 (default) is none")
     p.add_argument("--seed", default=None, metavar="S",
                    help="sampling seed (an integer); default: a fresh one, printed, to replay the run")
-    p.add_argument("--json", action="store_true", help="print one JSON object (with the seed)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (with the seed); with "
+                   "--prompts-file one per prompt, in input order, then a summary line")
     return add_verbose_flag(p)
 
 
@@ -145,9 +155,12 @@ def run_main(argv: list[str] | None = None) -> int:
     if args.prompt_ids is not None:
         ids = parse_prompt_ids(args.prompt_ids)
     knobs = parse_sampling(args)
+    lines = read_prompts_file(args.prompts_file) if args.prompts_file is not None else None
     t0 = time.perf_counter()
     engine = Engine.load(args.engine_dir)
     load_s = time.perf_counter() - t0
+    if lines is not None:
+        return _run_batch(engine, lines, args, knobs, load_s)
     if args.prompt is not None:
         ids = engine.encode_prompt(args.prompt)
     res = engine.generate(ids, max_new_tokens=args.max_new_tokens, **knobs)
@@ -164,6 +177,95 @@ def run_main(argv: list[str] | None = None) -> int:
         print(f"[load {load_s:.2f} s | {len(res.output_ids)} tokens in {res.seconds:.2f} s: {tps:.1f} "
               f"tokens/s, {res.tokens_per_call:.2f} tokens/call over {res.verify_calls} verify calls, "
               f"stop: {res.stop_reason}{seed}]", file=sys.stderr)
+    return 0
+
+
+PROMPT_LINE_KEYS = ("prompt", "prompt_ids", "max_new_tokens", "temperature", "top_p", "top_k", "seed")
+MAX_PROMPTS_BYTES = 256 << 20
+
+
+def read_prompts_file(path: Path) -> list[dict]:
+    """--prompts-file: one JSON object per non-empty line, each with exactly one of "prompt"
+    (text) or "prompt_ids" (token ids), optionally "max_new_tokens", "temperature", "top_p",
+    "top_k", "seed"; each value checked here (`FILE:LINE: ...`), before the engine loads."""
+    from spec_compiler.fileio import parse_json
+    from spec_compiler.runtime.generate import check_sampling
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_PROMPTS_BYTES + 1)
+    except OSError as e:
+        raise SpecCompileError(f"--prompts-file {path}: cannot read it ({e.strerror or e})") from None
+    if len(raw) > MAX_PROMPTS_BYTES:
+        raise SpecCompileError(f"--prompts-file {path}: larger than {MAX_PROMPTS_BYTES >> 20} MiB; split it")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpecCompileError(f"--prompts-file {path}: not UTF-8 text") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"--prompts-file {path}:{n}"
+        d = parse_json(line, where, 'write one JSON object per line, e.g. {"prompt_ids": [1, 2, 3]}')
+        if not isinstance(d, dict):
+            raise SpecCompileError(f"{where}: expected a JSON object such as {{\"prompt\": \"...\"}}")
+        unknown = sorted(set(d) - set(PROMPT_LINE_KEYS))
+        if unknown:
+            raise SpecCompileError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(PROMPT_LINE_KEYS)})")
+        if ("prompt" in d) == ("prompt_ids" in d):
+            raise SpecCompileError(f'{where}: give exactly one of "prompt" (text) or "prompt_ids" (token ids)')
+        if "prompt" in d and not isinstance(d["prompt"], str):
+            raise SpecCompileError(f'{where}: "prompt" must be a string (token ids go in "prompt_ids")')
+        ids = d.get("prompt_ids")
+        if ids is not None and not (isinstance(ids, list) and ids
+                                    and all(type(t) is int and t >= 0 for t in ids)):
+            raise SpecCompileError(f'{where}: "prompt_ids" must be a non-empty list of token ids (integers >= 0)')
+        m = d.get("max_new_tokens")
+        if m is not None and (type(m) is not int or m < 1):
+            raise SpecCompileError(f"{where}: max_new_tokens {m!r} must be an integer >= 1")
+        try:
+            check_sampling(d.get("temperature", 0.0), d.get("top_p", 1.0), d.get("top_k", 0), d.get("seed"))
+        except SpecCompileError as e:
+            raise SpecCompileError(f"{where}: {str(e).removeprefix('--')}") from None
+        out.append(d)
+    if not out:
+        raise SpecCompileError(f"--prompts-file {path}: no prompts in it (one JSON object per line)")
+    return out
+
+
+def _run_batch(engine, lines: list[dict], args, knobs: dict, load_s: float) -> int:
+    """--prompts-file: every line through Engine.generate_batch, printed in input order."""
+    prompts = [d["prompt_ids"] if "prompt_ids" in d else engine.encode_prompt(d["prompt"]) for d in lines]
+    seed = knobs["seed"]
+    per_line = {
+        "max_new_tokens": [d.get("max_new_tokens", args.max_new_tokens) for d in lines],
+        "temperature": [d.get("temperature", knobs["temperature"]) for d in lines],
+        "top_p": [d.get("top_p", knobs["top_p"]) for d in lines],
+        "top_k": [d.get("top_k", knobs["top_k"]) for d in lines],
+        "seed": [d.get("seed", None if seed is None else seed + i) for i, d in enumerate(lines)],
+    }
+    t0 = time.perf_counter()
+    results = engine.generate_batch(prompts, **per_line)
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(r.output_ids) for r in results)
+    calls = sum(r.verify_calls for r in results)
+    summary = {"sequences": len(results), "tokens": tokens, "seconds": seconds,
+               "tokens_per_second": tokens / seconds if seconds > 0 else None,
+               "tokens_per_call": sum(sum(r.accept_lengths) for r in results) / calls if calls else 0.0,
+               "load_seconds": load_s}
+    for r in results:
+        r.text = engine.decode(r.output_ids)
+        if args.json:
+            print(json.dumps(r.to_json() | {"load_seconds": load_s}))
+        else:
+            print(r.text if r.text is not None else ",".join(map(str, r.output_ids)))
+    if args.json:
+        print(json.dumps({"summary": summary}))
+    else:
+        print(f"[load {load_s:.2f} s | {len(results)} sequences, {tokens} tokens in {seconds:.2f} s: "
+              f"{summary['tokens_per_second'] or float('nan'):.1f} tokens/s, "
+              f"{summary['tokens_per_call']:.2f} tokens/call over {calls} verify calls]", file=sys.stderr)
     return 0
 
 

@@ -303,7 +303,7 @@ class CompileConfig:
     backend: str = "inductor"
     dtype: str = "float32"
     device: str = "cpu"
-    batch_size: int = 1
+    batch_size: int = 1  # --max-batch: the largest batch bucket (engine_format.buckets)
     prefill_chunk: int = 64
     sampling: bool = True  # also build verify_sampled (temperature > 0)
 
@@ -318,11 +318,12 @@ class CompileConfig:
         # them, but a tree or chunk size that compiles should not depend on --device. The tree
         # bound also covers the draft graph, whose calls are smaller (spec_compiler/kernels/limits.py).
         for flag, v in (("--max-seq-len", self.max_seq_len), ("--prefill-chunk", self.prefill_chunk),
-                        ("batch_size", self.batch_size)):
+                        ("--max-batch", self.batch_size)):
             if type(v) is not int:
                 raise SpecCompileError(f"{flag} {v!r}: must be an integer")
         if self.batch_size < 1:
-            raise SpecCompileError(f"batch_size {self.batch_size}: must be at least 1")
+            raise SpecCompileError(f"--max-batch {self.batch_size}: must be at least 1 (the most "
+                                   "sequences the engine decodes at once)")
         if not 1 <= self.prefill_chunk <= MAX_PREFILL_CHUNK:
             raise SpecCompileError(f"--prefill-chunk {self.prefill_chunk}: must be 1 to "
                                    f"{MAX_PREFILL_CHUNK} tokens (the tree-attention kernels' limit)")

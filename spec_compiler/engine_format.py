@@ -6,17 +6,36 @@ against it and writes it into `manifest.json`; the runtime (`runtime/loader.py`,
 runtime's public API, never names from here. Any change to what is below bumps SCHEMA_VERSION,
 and an engine of another version fails to load with one clear line.
 
-Sizes (`Dims`): B batch slots, C prefill chunk, S capacity (max_seq_len), T tree nodes (root
-included), D tree depth, F draft feature width (the target features a draft step reads: the
-final hidden state for EAGLE-1/2, several layers' for EAGLE-3), H hidden, V vocabulary,
-Vd the draft's vocabulary.
+Sizes (`Dims`): B batch slots (the largest batch bucket, `--max-batch`), C prefill chunk, S
+capacity (max_seq_len), T tree nodes (root included), D tree depth, F draft feature width (the
+target features a draft step reads: the final hidden state for EAGLE-1/2, several layers' for
+EAGLE-3), H hidden, V vocabulary, Vd the draft's vocabulary.
 
-Per-slot state: every tensor has the batch (slot) dimension first. The runtime owns it; the
-graphs read it and return the new step state, which the runtime copies back (on the device, in
-the captured step). Fields that no graph reads yet (sampling parameters, RNG) are part of the
-contract so later graphs add inputs, not a new state layout.
+Per-slot state: every tensor has the batch (slot) dimension first, B = the largest bucket. The
+runtime owns it; the graphs read it and return the new step state, which the runtime copies
+back (on the device, in the captured step), masked to the live slots.
 
-Engine graphs (inputs in order; `args` are passed per call, the rest are state):
+Batch buckets (`buckets(B)`: 1, 2, 4, ... up to B, B included). The step graphs (draft, verify,
+verify_sampled) are compiled once per bucket b and run over slots [0, b): their inputs are the
+first b rows of the state, views that share its storage (slot-major, so a prefix of slots is
+contiguous; no copy, and a CUDA graph captured on them replays on the same buffers). The
+runtime runs the smallest bucket that holds its highest live slot (runtime/generate.py says
+why slots are never moved). Every slot in the bucket computes; the runtime masks the state of
+slots that are not live (free, finished, or still being prefilled): their outputs are dropped,
+and their writes land in their own cache rows past their valid data, never in another slot's
+and never over data they will read, because a slot that is not live is *parked*: n_acc = 1 and
+cache_len = (its valid cache length) + 1, so verify writes slots cache_len + [0, D] and the
+draft's catch-up writes cache_len - n_acc + [0, D], both at or past the valid length, and the
+next prefill chunk or the next live step writes them again before anything reads them.
+
+Prefill is per slot: prefill and draft_prefill are compiled at batch 1 and called with one
+slot's rows of the caches and cache_len (`state[k][i:i+1]`, views again). So admitting a
+sequence prefills only its slot, chunk by chunk, between the steps of the others, which are
+not touched (a batched prefill would compute and write for every slot of the bucket, and a
+slot mid-generation cannot take C more cache rows near its capacity).
+
+Engine graphs (inputs in order; `args` are passed per call, the rest are state; B is the
+graph's batch, `graph_batch`: 1 for the prefill graphs, the bucket for the step graphs):
     prefill        tokens (B,C) | cache_len, target caches          -> logits (B,C,V) f32, hidden (B,C,H)
     draft_prefill  tokens (B,C), features (B,C,F) | cache_len, draft caches     -> hidden (B,C,H)
     draft          acc_tokens, acc_feats, n_acc, cache_len, draft caches        -> tree_tokens (B,T)
@@ -27,6 +46,9 @@ Engine graphs (inputs in order; `args` are passed per call, the rest are state):
                    steps pay nothing for sampling (its sort over the vocabulary costs a CPU step
                    as much as the target's forward); absent from engines built with --no-sampling.
 Caches are mutated in place. A root-only tree (chain-0) has no draft graphs.
+Every computation in a graph is per slot (no reduction across slots; the CPU attention reads
+the prefix up to the longest slot's cache_len, masked per slot), so what a slot's rows compute
+does not depend on what the other slots hold.
 """
 
 from __future__ import annotations
@@ -39,7 +61,7 @@ import torch
 
 from .errors import SpecCompileError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: batch buckets, per-slot prefill graphs
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 TOKENIZER_DIR = "tokenizer"
@@ -47,6 +69,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
 GRAPHS = ("prefill", "draft_prefill", "draft", "verify", "verify_sampled")
 DRAFT_GRAPHS = ("draft_prefill", "draft")
+PREFILL_GRAPHS = ("prefill", "draft_prefill")  # per slot: batch 1 whatever the buckets
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "int64": torch.int64, "bool": torch.bool}
@@ -129,6 +152,32 @@ class Dims:
         generation stops once the next step would not fit (stop_reason "length")."""
         padded = -(-n_prompt // self.prefill_chunk) * self.prefill_chunk
         return padded <= self.max_seq_len and n_prompt + max_new_tokens + self.step_slots <= self.max_seq_len
+
+
+def buckets(max_batch: int) -> tuple[int, ...]:
+    """The batch buckets of an engine with `max_batch` slots: the powers of two below it, then
+    max_batch itself (1, 2, 4, ..., max_batch)."""
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    return (*out, max_batch)
+
+
+def graph_batch(dims: Dims, graph: str, bucket: int | None = None) -> int:
+    """The batch a compiled graph runs at: 1 for the per-slot prefill graphs, else the bucket
+    (default: the largest, dims.batch)."""
+    return 1 if graph in PREFILL_GRAPHS else dims.batch if bucket is None else bucket
+
+
+def graph_dims(dims: Dims, graph: str, bucket: int | None = None) -> Dims:
+    """`dims` as seen by one compiled graph: its batch is `graph_batch`."""
+    return dataclasses.replace(dims, batch=graph_batch(dims, graph, bucket))
+
+
+def graph_file(graph: str, batch: int) -> str:
+    """An artifact's file name: NAME.pt2 at batch 1, NAME.bN.pt2 for a larger bucket."""
+    return f"{graph}.pt2" if batch == 1 else f"{graph}.b{batch}.pt2"
 
 
 def step_slots(tree_depth: int) -> int:

@@ -62,11 +62,13 @@ def trace_graph(cfg: CompileConfig, graph: str, module: torch.nn.Module) -> fx.G
                  dynamic_dim=dyn, buffer_outputs=extra)
 
 
-def build_graph(cfg: CompileConfig, graph: str, module: torch.nn.Module, debug_dir: Path | None):
+def build_graph(cfg: CompileConfig, graph: str, module: torch.nn.Module, debug_dir: Path | None,
+                label: str | None = None):
+    """`graph` traced at batch cfg.batch_size and rewritten; `label` names its debug dumps."""
     gm = trace_graph(cfg, graph, module)
     if graph == "draft_prefill":  # its logits are never used: don't compute them
         set_outputs(gm, {k: v for k, v in outputs(gm).items() if k != "logits"})
-    return run_passes(gm, default_passes(graph, cfg.tree, cfg.prefill_chunk), debug_dir, graph)
+    return run_passes(gm, default_passes(graph, cfg.tree, cfg.prefill_chunk), debug_dir, label or graph)
 
 
 def check_contract(dims: fmt.Dims, graph: str, gm: fx.GraphModule) -> None:
@@ -174,26 +176,36 @@ def _build(cfg: CompileConfig, target, draft, tmp: Path, progress, debug_dir, gr
 
     dims = fmt.Dims.from_config(cfg)
     graphs = list(fmt.graphs(dims)) if graphs is None else graphs
+    buckets = fmt.buckets(dims.batch)
+    # One artifact per (graph, batch): the prefill graphs at batch 1 (per slot), the step graphs
+    # at every bucket. Weights are lifted into one registry, so the engine stores them once.
+    jobs = [(name, b) for name in graphs
+            for b in ((1,) if name in fmt.PREFILL_GRAPHS else buckets)]
     registry = WeightRegistry()
     entries = {}
-    for i, name in enumerate(graphs):
+    for i, (name, b) in enumerate(jobs):
         owner = fmt.owner(name)
         module = draft if owner == "draft" else target
-        progress(f"[2/4] {name}: export + passes")
-        gm = build_graph(cfg, name, module, debug_dir)
-        check_contract(dims, name, gm)
-        io = fmt.graph_io(dims, name)
+        label = name if b == 1 else f"{name}.b{b}"
+        progress(f"[2/4] {label}: export + passes")
+        gm = build_graph(dataclasses.replace(cfg, batch_size=b), name, module, debug_dir, label)
+        gdims = fmt.graph_dims(dims, name, b)
+        check_contract(gdims, name, gm)
+        io = fmt.graph_io(gdims, name)
         weights = lift_weights(gm, registry, prefix="draft." if owner == "draft" else "")
         gm = gm.to(cfg.device)
         args = [registry.tensors[w] for w in weights] + [example(t, cfg.device) for t in io.inputs]
-        fname = f"{name}.pt2"
-        progress(f"[3/4] {name}: lowering with {cfg.backend} ({i + 1}/{len(graphs)})")
+        fname = fmt.graph_file(name, b)
+        progress(f"[3/4] {label}: lowering with {cfg.backend} ({i + 1}/{len(jobs)})")
         lower(gm, args, tmp / fname, cfg.backend)
-        entries[name] = {
-            "file": fname, "weights": weights,
-            "passes": list(gm.meta.get("passes", [])),
-            "pass_counts": dict(gm.meta.get("pass_counts", {})),
-        }
+        if name not in entries:  # the smallest batch: the graph's entry
+            entries[name] = {
+                "file": fname, "weights": weights, "batch": b,
+                "passes": list(gm.meta.get("passes", [])),
+                "pass_counts": dict(gm.meta.get("pass_counts", {})),
+            }
+        else:  # a larger bucket of a step graph
+            entries[name].setdefault("buckets", {})[str(b)] = {"file": fname, "weights": weights}
     progress(f"[4/4] writing weights ({sum(t.numel() for t in registry.tensors.values()) / 1e6:.1f}M params)")
     save_file({k: v.contiguous().cpu() for k, v in registry.tensors.items()}, str(tmp / fmt.WEIGHTS))
     return Manifest.new(cfg, dims, entries)
