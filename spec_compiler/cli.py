@@ -188,16 +188,10 @@ def read_prompts_file(path: Path) -> list[dict]:
     """--prompts-file: one JSON object per non-empty line, each with exactly one of "prompt"
     (text) or "prompt_ids" (token ids), optionally "max_new_tokens", "temperature", "top_p",
     "top_k", "seed"; each value checked here (`FILE:LINE: ...`), before the engine loads."""
-    from spec_compiler.fileio import parse_json
+    from spec_compiler.fileio import parse_json, read_bounded
     from spec_compiler.runtime.generate import check_sampling
 
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_PROMPTS_BYTES + 1)
-    except OSError as e:
-        raise SpecCompileError(f"--prompts-file {path}: cannot read it ({e.strerror or e})") from None
-    if len(raw) > MAX_PROMPTS_BYTES:
-        raise SpecCompileError(f"--prompts-file {path}: larger than {MAX_PROMPTS_BYTES >> 20} MiB; split it")
+    raw = read_bounded(path, "--prompts-file", MAX_PROMPTS_BYTES, "split it")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -53,15 +53,21 @@ def read_json(path: str | Path, what: str, hint: str = "", max_bytes: int = MAX_
     path = Path(path)
     if not os.path.isfile(path):
         raise SpecCompileError(f"{what}: {path} is missing" + (f"; {hint}" if hint else ""))
+    raw = read_bounded(path, what, max_bytes, f"far more than such a file holds; {fix}")
+    return parse_json(raw, f"{what}: {path}", fix)
+
+
+def read_bounded(path: str | Path, what: str, max_bytes: int, fix: str) -> bytes:
+    """The bytes of `path`, at most `max_bytes` of them read: an unreadable or larger file is a
+    SpecCompileError `what: ...` (`fix` follows the size)."""
     try:
         with open(path, "rb") as f:
             raw = f.read(max_bytes + 1)
     except OSError as e:
         raise SpecCompileError(f"{what}: cannot read {path} ({e.strerror or brief(e)})") from None
     if len(raw) > max_bytes:
-        raise SpecCompileError(f"{what}: {path} is larger than {max_bytes >> 20} MiB, far more than "
-                               f"such a file holds; {fix}")
-    return parse_json(raw, f"{what}: {path}", fix)
+        raise SpecCompileError(f"{what}: {path} is larger than {max_bytes >> 20} MiB, {fix}")
+    return raw
 
 
 def parse_json(text: str | bytes, where: str, fix: str):
