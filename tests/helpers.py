@@ -99,14 +99,14 @@ def build_engine(out: Path, model_dir: Path, *, tree: str = "mc_sim_7b_63", draf
                  backend: str = "eager", max_seq_len: int = 256, chunk: int = 16,
                  draft_module: nn.Module | None = None, draft_cfg: DraftConfig | None = None,
                  device: str = "cpu", dtype: str = "float32", draft_vocab: str | int = "auto",
-                 sampling: bool = True) -> Path:
+                 sampling: bool = True, max_batch: int = 1) -> Path:
     model = ModelConfig.from_hf(model_dir)
     t = resolve_tree(tree)
     if draft_cfg is None and draft_dir is not None:
         draft_cfg = load_draft(draft_dir, load_target(model_dir), draft_vocab=draft_vocab).cfg
     cfg = CompileConfig(model=model, draft=draft_cfg if t.n_nodes > 1 else None, tree=t,
                         max_seq_len=max_seq_len, backend=backend, prefill_chunk=chunk,
-                        device=device, dtype=dtype, sampling=sampling)
+                        device=device, dtype=dtype, sampling=sampling, batch_size=max_batch)
     return compile_engine(cfg, model_dir, draft_dir if t.n_nodes > 1 else None, out,
                           progress=lambda s: None, draft_module=draft_module, draft_vocab=draft_vocab)
 

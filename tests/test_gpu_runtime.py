@@ -84,6 +84,59 @@ def test_step_is_one_replay_without_sync(fp32_engine, temperature):
     assert steps >= 6 or (steps >= 1 and not engine.running())
 
 
+@pytest.fixture(scope="module")
+def batch_engine(tmp_path_factory, tiny_dir, tiny_draft_dir):
+    return build_engine(tmp_path_factory.mktemp("gpu") / "batch", tiny_dir, draft_dir=tiny_draft_dir,
+                        backend="inductor", device="cuda", dtype="float32", max_seq_len=256, max_batch=4)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("n_live", [1, 2, 3, 4])
+def test_every_bucket_steps_in_one_replay_without_sync(batch_engine, n_live, temperature):
+    """--max-batch 4 (buckets 1, 2, 4): with n_live sequences admitted, each step() after their
+    prefill is one CUDA-graph replay of the smallest bucket holding them, with no host sync."""
+    from spec_compiler.runtime import Engine
+    from spec_compiler.runtime import cuda_graph
+
+    engine = Engine.load(batch_engine)
+    engine.capture()
+    slots = [engine.admit(PROMPT[:6 + 2 * i], temperature=temperature, seed=i) for i in range(n_live)]
+    assert slots == list(range(n_live))
+    engine.step()  # every prompt fits one chunk: prefilled (host syncs allowed), then one step
+    replays = []
+    orig = cuda_graph.CapturedStep.__call__
+
+    def counting(self):
+        replays.append(self)
+        orig(self)
+    cuda_graph.CapturedStep.__call__ = counting
+    try:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        for _ in range(6):
+            engine.step()
+        torch.cuda.set_sync_debug_mode("default")
+    finally:
+        cuda_graph.CapturedStep.__call__ = orig
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(replays) == 6 and len(set(map(id, replays))) == 1  # one captured step: one bucket
+    bucket = {1: 1, 2: 2, 3: 4, 4: 4}[n_live]
+    verify = "verify_sampled" if temperature > 0 else "verify"
+    assert replays[0] is engine._captured[(verify, bucket)]
+
+
+def test_batched_cuda_greedy_equals_solo(batch_engine, tiny_dir):
+    """float32 on the GPU: every sequence of a batch (more prompts than slots) equals transformers'
+    greedy decoding of it alone."""
+    from spec_compiler.runtime import Engine
+
+    engine = Engine.load(batch_engine)
+    prompts = [PROMPT[:4 + 3 * i] for i in range(6)]
+    results = engine.generate_batch(prompts, max_new_tokens=[40, 12, 30, 25, 40, 8])
+    for p, n, r in zip(prompts, [40, 12, 30, 25, 40, 8], results):
+        assert r.output_ids == hf_greedy(tiny_dir, p, n), p
+
+
 def test_fresh_process_loads_without_env(fp32_engine, tiny_dir):
     """No LD_PRELOAD by hand: the runtime sets up what AOTInductor packages need."""
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
