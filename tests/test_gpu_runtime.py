@@ -53,32 +53,39 @@ def test_hot_vocab_draft_on_cuda_matches_transformers(tmp_path, tiny_dir):
         assert res.output_ids == hf_greedy(tiny_dir, p, 60)
 
 
+def steps_without_sync(engine, n: int) -> list:
+    """Run n engine.step() calls with CUDA's sync-debug mode set to error (a host sync inside
+    a step raises); returns the captured steps replayed, in order."""
+    from spec_compiler.runtime import cuda_graph
+
+    replays = []
+    orig = cuda_graph.CapturedStep.__call__
+
+    def counting(self):
+        replays.append(self)
+        orig(self)
+    cuda_graph.CapturedStep.__call__ = counting
+    try:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        for _ in range(n):
+            engine.step()
+    finally:
+        cuda_graph.CapturedStep.__call__ = orig
+        torch.cuda.set_sync_debug_mode("default")
+    return replays
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
 def test_step_is_one_replay_without_sync(fp32_engine, temperature):
     from spec_compiler.runtime import Engine
-    from spec_compiler.runtime import cuda_graph
 
     engine = Engine.load(fp32_engine)
     engine.capture()
     engine.generate(PROMPT, max_new_tokens=8)  # prefill + a few steps, outside sync checking
-    replays = {"n": 0}
-    orig = cuda_graph.CapturedStep.__call__
-
-    def counting(self):
-        replays["n"] += 1
-        orig(self)
-    cuda_graph.CapturedStep.__call__ = counting
     engine.start(PROMPT, temperature=temperature, seed=3)  # no max_new_tokens: to the capacity
-    try:
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        for _ in range(6):
-            engine.step()
-        torch.cuda.set_sync_debug_mode("default")
-    finally:
-        cuda_graph.CapturedStep.__call__ = orig
-        torch.cuda.set_sync_debug_mode("default")
-    assert replays["n"] == 6  # one replay per speculative step (draft + verify + accept)
+    replays = steps_without_sync(engine, 6)
+    assert len(replays) == 6  # one replay per speculative step (draft + verify + accept)
     steps = int(engine.state["n_steps"][0])
     # Every replay was a step, unless the sequence ended (a sampled EOS) in between.
     assert steps >= 6 or (steps >= 1 and not engine.running())
@@ -96,29 +103,13 @@ def test_every_bucket_steps_in_one_replay_without_sync(batch_engine, n_live, tem
     """--max-batch 4 (buckets 1, 2, 4): with n_live sequences admitted, each step() after their
     prefill is one CUDA-graph replay of the smallest bucket holding them, with no host sync."""
     from spec_compiler.runtime import Engine
-    from spec_compiler.runtime import cuda_graph
 
     engine = Engine.load(batch_engine)
     engine.capture()
     slots = [engine.admit(PROMPT[:6 + 2 * i], temperature=temperature, seed=i) for i in range(n_live)]
     assert slots == list(range(n_live))
     engine.step()  # every prompt fits one chunk: prefilled (host syncs allowed), then one step
-    replays = []
-    orig = cuda_graph.CapturedStep.__call__
-
-    def counting(self):
-        replays.append(self)
-        orig(self)
-    cuda_graph.CapturedStep.__call__ = counting
-    try:
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        for _ in range(6):
-            engine.step()
-        torch.cuda.set_sync_debug_mode("default")
-    finally:
-        cuda_graph.CapturedStep.__call__ = orig
-        torch.cuda.set_sync_debug_mode("default")
+    replays = steps_without_sync(engine, 6)
     assert len(replays) == 6 and len(set(map(id, replays))) == 1  # one captured step: one bucket
     bucket = {1: 1, 2: 2, 3: 4, 4: 4}[n_live]
     verify = "verify_sampled" if temperature > 0 else "verify"
