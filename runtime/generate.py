@@ -511,26 +511,27 @@ class Engine:
     def _prefill_chunk(self, i: int) -> None:
         """The next prefill chunk of pending slot i, run over that slot's rows alone (the
         prefill graphs have batch 1); after the last one the slot is armed."""
-        s, C, dev = self._slots[i], self.dims.prefill_chunk, self.spec.device
+        s, C = self._slots[i], self.dims.prefill_chunk
         v = self._view(i, i + 1)
         start, P = s.prefilled, len(s.prompt)
-        chunk = s.prompt[start:start + C]
-        n = len(chunk)
+        n = min(C, P - start)
         v["cache_len"].fill_(start)
-        toks = torch.zeros(1, C, dtype=torch.long, device=dev)
-        toks[0, :n] = torch.tensor(chunk, device=dev)
-        res = self._bucket_graphs[1]["prefill"](v, tokens=toks)
-        if "draft_prefill" in self.graphs:
-            nxt = s.prompt[start + 1:start + C + 1]
-            ntoks = torch.zeros(1, C, dtype=torch.long, device=dev)
-            ntoks[0, :len(nxt)] = torch.tensor(nxt, dtype=torch.long, device=dev)
-            self._bucket_graphs[1]["draft_prefill"](v, tokens=ntoks, features=res["hidden"])
+        res = self._bucket_graphs[1]["prefill"](v, tokens=self._chunk(s.prompt[start:start + C]))
+        if "draft_prefill" in self.graphs:  # the draft pairs each position with the next token
+            self._bucket_graphs[1]["draft_prefill"](v, tokens=self._chunk(s.prompt[start + 1:start + C + 1]),
+                                                    features=res["hidden"])
         s.prefilled += n
         if s.prefilled < P:
             self._park(i, s.prefilled)
             return
         first = self._first_token(i, res["logits"][:, n - 1], P)
         self._arm(i, int(first), res["hidden"][0, n - 1], P, s.max_new)
+
+    def _chunk(self, ids: list[int]) -> torch.Tensor:
+        """Token ids as a (1, prefill_chunk) tensor on the device, zero-padded."""
+        toks = torch.zeros(1, self.dims.prefill_chunk, dtype=torch.long, device=self.spec.device)
+        toks[0, :len(ids)] = torch.tensor(ids, dtype=torch.long, device=self.spec.device)
+        return toks
 
     def _arm(self, i: int, first: int, feat: torch.Tensor, cache_len: int,
              max_new_tokens: int | None, check_eos: bool = True) -> None:

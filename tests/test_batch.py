@@ -18,14 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import hf_greedy
+from helpers import build_engine, hf_greedy
 from spec_compiler import engine_format as fmt
 from spec_compiler.cli import compile_main
-from spec_compiler.config import CompileConfig, ModelConfig
 from spec_compiler.errors import SpecCompileError
 from spec_compiler.loading import load_draft, load_target
 from spec_compiler.runtime import Engine
-from spec_compiler.trees import resolve_tree
 
 MAX_BATCH = 3  # buckets 1, 2, 3
 SEQ_LEN = 96
@@ -67,15 +65,9 @@ class MultiOracleDraft(nn.Module):
 
 
 def _build(out, model_dir, tree, draft_dir, draft_module=None, max_batch=MAX_BATCH, **kw):
-    from spec_compiler.pipeline import compile_engine
-
-    t = resolve_tree(tree)
-    draft_cfg = load_draft(draft_dir, load_target(model_dir)).cfg if t.n_nodes > 1 else None
-    cfg = CompileConfig(model=ModelConfig.from_hf(model_dir), draft=draft_cfg, tree=t,
-                        max_seq_len=kw.pop("max_seq_len", SEQ_LEN), backend=kw.pop("backend", "eager"),
-                        prefill_chunk=kw.pop("chunk", 16), batch_size=max_batch, **kw)
-    return compile_engine(cfg, model_dir, draft_dir if t.n_nodes > 1 else None, out,
-                          progress=lambda s: None, draft_module=draft_module)
+    """helpers.build_engine with this file's defaults (eager, SEQ_LEN, MAX_BATCH slots)."""
+    return build_engine(out, model_dir, tree=tree, draft_dir=draft_dir, draft_module=draft_module,
+                        max_batch=max_batch, **{"max_seq_len": SEQ_LEN, **kw})
 
 
 @pytest.fixture(scope="module")
