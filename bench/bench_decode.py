@@ -8,12 +8,14 @@ layer at the target's dimensions with the full lm_head), 128-token context:
   - the same draft with a reduced ("hot-token") vocabulary of N tokens (--draft-vocab): its
     lm_head is N rows of the target's; draft graph time, its byte floor, and its ratio to the
     verify step (issue targets: under 30% of verify, within 1.2x of its byte floor)
+  - sampling (temperature 1, top-p 0.9): the sampled verify graph and the whole sampled step
+    against the greedy ones (issue target: the sampling epilogue under 3% of the step)
   - transformers eager, and transformers with its static cache + auto-compile (generate)
   - achieved HBM bandwidth of decode, verify and draft vs a measured device-to-device copy
 Writes JSON (--out) and prints a table last.
 
     python bench/bench_decode.py [--shapes smollm2,llama8b] [--tpc 2.5] [--draft-vocab N | shape=N,...]
-                                 [--out bench/results/decode.json]
+                                 [--engines DIR [--build-only]] [--out bench/results/decode.json]
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ NEW = 128
 # report most of the acceptance kept at 16k-32k tokens of 49k-128k).
 DRAFT_VOCAB = {"smollm2": 16384, "llama8b": 32768}
 DRAFT_TARGETS = {"draft_over_verify": 0.30, "draft_vs_floor": 1.2}
+SAMPLED_TOP_P = 0.9
+SAMPLING_TARGET = 0.03  # the sampling epilogue under 3% of the step
 
 
 def timed(fn, iters=50, warmup=5) -> float:
@@ -154,33 +158,48 @@ def build_engine_dir(m, target, draft, dcfg, tree, graphs, root: Path, name: str
                            progress=lambda s: print("  " + s, flush=True), graphs=graphs)
 
 
+BUILD_ONLY = False  # --build-only: compile the engines under --engines, time nothing
+
+
+class BuiltOnly(Exception):
+    pass
+
+
 def build(m, target, draft, dcfg, tree, graphs, root: Path, name: str, device="cuda", backend="inductor"):
+    """Compile (or, when root/name holds an engine built earlier by this script with the same
+    seed, reuse) and load one engine. Returns (engine, compile seconds or None if reused, load s)."""
     from spec_compiler.runtime import Engine
 
     t = time.time()
-    out = build_engine_dir(m, target, draft, dcfg, tree, graphs, root, name, device, backend)
-    compile_s = time.time() - t
+    out, compile_s = root / name, None
+    if not (out / "manifest.json").is_file():
+        out = build_engine_dir(m, target, draft, dcfg, tree, graphs, root, name, device, backend)
+        compile_s = time.time() - t
+        print(f"  built {name} in {compile_s:.0f} s", flush=True)
+    if BUILD_ONLY:
+        return None, compile_s, None
     t = time.time()
     eng = Engine.load(out)
     load_s = time.time() - t
     return eng, compile_s, load_s
 
 
-def step_ms(eng) -> float:
+def step_ms(eng, **sampling) -> float:
     """One captured step (replay) from a random CTX-token context (the runtime's public
-    start_synthetic): the context then grows by the tokens each step accepts, as in a real
-    generation from a CTX-token prompt (by about 50 tokens over the timed steps)."""
-    eng.start_synthetic(CTX)
+    start_synthetic; `sampling`: temperature, top_p for the sampled step): the context then
+    grows by the tokens each step accepts, as in a real generation from a CTX-token prompt (by
+    about 50 tokens over the timed steps)."""
+    eng.start_synthetic(CTX, **sampling)
     eng.capture()
-    eng.start_synthetic(CTX)
+    eng.start_synthetic(CTX, **sampling)
     return timed(eng.step)
 
 
-def graph_ms(eng, name: str, **args) -> float:
+def graph_ms(eng, name: str, sampling: dict | None = None, **args) -> float:
     """A single step graph (the runtime's public per-graph call) captured alone."""
     from spec_compiler.runtime.cuda_graph import CapturedStep
 
-    eng.start_synthetic(CTX)
+    eng.start_synthetic(CTX, **(sampling or {}))
     cap = CapturedStep(lambda: eng.call(name, **args))
     return timed(cap)
 
@@ -235,16 +254,31 @@ def bench_shape(name: str, tpc: float, bw: float, root: Path, peers: bool, draft
     r: dict = {"shape": name}
     # Non-speculative decode: the chain-0 verify graph (one token).
     dec, r["decode_compile_s"], r["decode_load_s"] = build(m, target, None, None, chain(0), ["verify"], root, f"{name}_decode")
+    if BUILD_ONLY:
+        build(m, target, draft, dcfg, resolve_tree("mc_sim_7b_63"), ["verify", "verify_sampled", "draft"],
+              root, f"{name}_spec")
+        if draft_vocab:
+            hot, hcfg = hot_draft(target, draft, dcfg, draft_vocab)
+            build(m, target, hot, hcfg, resolve_tree("mc_sim_7b_63"), ["draft"], root, f"{name}_hot")
+        raise BuiltOnly
     r["decode_ms_per_token"] = step_ms(dec)
     del dec
     # Speculative step with the default tree.
     tree = resolve_tree("mc_sim_7b_63")
-    spec, r["spec_compile_s"], r["spec_load_s"] = build(m, target, draft, dcfg, tree, ["verify", "draft"], root, f"{name}_spec")
+    spec, r["spec_compile_s"], r["spec_load_s"] = build(m, target, draft, dcfg, tree,
+                                                        ["verify", "verify_sampled", "draft"], root, f"{name}_spec")
     r["step_ms"] = step_ms(spec)
     tokens = torch.randint(0, m.vocab_size, (1, tree.n_nodes), device="cuda")
     r["verify_ms"] = graph_ms(spec, "verify", tokens=tokens)
     r["draft_ms"] = graph_ms(spec, "draft")
     r["accept_and_glue_ms"] = r["step_ms"] - r["verify_ms"] - r["draft_ms"]
+    # Sampling (temperature 1, top-p 0.9): the sampled verify graph (warp + tree rejection
+    # sampling in the epilogue) and the whole sampled step, against the greedy ones.
+    samp = {"temperature": 1.0, "top_p": SAMPLED_TOP_P}
+    r["verify_sampled_ms"] = graph_ms(spec, "verify_sampled", sampling=samp, tokens=tokens)
+    r["step_sampled_ms"] = step_ms(spec, **samp)
+    r["sampling_cost_ms"] = r["verify_sampled_ms"] - r["verify_ms"]
+    r["sampling_cost_of_step"] = r["sampling_cost_ms"] / r["step_ms"]
     r["tokens_per_call"] = tpc
     r["spec_ms_per_token"] = r["step_ms"] / tpc
     del spec
@@ -289,29 +323,44 @@ def main(argv=None):
                     help="hot-token draft vocabulary: N (every shape), shape=N,... or 0 for none "
                          f"(default {','.join(f'{k}={v}' for k, v in DRAFT_VOCAB.items())})")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--engines", type=Path, default=None,
+                    help="keep the compiled engines here and reuse those found (same random weights: "
+                         "seed 0); default: a temporary folder")
+    ap.add_argument("--build-only", action="store_true", help="compile the engines under --engines, then stop")
     ap.add_argument("--out", default="bench/results/decode.json")
     args = ap.parse_args(argv)
+    global BUILD_ONLY
+    BUILD_ONLY = args.build_only
+    if args.build_only and args.engines is None:
+        ap.error("--build-only needs --engines DIR")
     shapes = args.shapes.split(",")
     vocab = parse_draft_vocab(args.draft_vocab, shapes)
     if not torch.cuda.is_available():
         print("bench_decode: needs a CUDA GPU", file=sys.stderr)
         return 1
     torch.backends.cuda.matmul.allow_tf32 = False
-    bw = copy_bandwidth()
+    bw = 0.0 if args.build_only else copy_bandwidth()
     res = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
            "torch": torch.__version__, "copy_bandwidth_GBps": bw, "context": CTX, "new_tokens": NEW,
            "shapes": []}
     print(f"device {res['device']}  copy bandwidth {bw:.0f} GB/s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
+        root = args.engines or Path(tmp)
         for name in shapes:
             def save(partial, done=list(res["shapes"])):
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps({**res, "shapes": done + [partial]}, indent=1))
 
-            r = bench_shape(name, args.tpc, bw, Path(tmp), not args.no_peers, vocab.get(name), save)
+            try:
+                r = bench_shape(name, args.tpc, bw, root, not args.no_peers, vocab.get(name), save)
+            except BuiltOnly:
+                continue
             res["shapes"].append(r)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(res, indent=1))
+    if args.build_only:
+        print(f"built under {root}")
+        return 0
     print(f"\n{res['device']}, copy bw {bw:.0f} GB/s, ctx {CTX}")
     hdr = ("shape", "decode ms/tok", "%roofline", "verify ms", "verify/decode", "draft ms", "draft/floor",
            "step ms", f"spec ms/tok@{args.tpc}", "HF eager", "HF static+compile")
@@ -322,6 +371,14 @@ def main(argv=None):
                           f"{r['draft_vs_floor']:.2f}x", f"{r['step_ms']:.3f}", f"{r['spec_ms_per_token']:.3f}",
                           f"{r.get('hf_eager_ms_per_token', float('nan')):.2f}",
                           f"{r.get('hf_static_compiled_ms_per_token', float('nan')):.2f}"]))
+    print(f"\nsampling (T=1, top-p {SAMPLED_TOP_P}) vs greedy (target: epilogue < "
+          f"{100 * SAMPLING_TARGET:.0f}% of the step)")
+    print(" | ".join(("shape", "verify ms", "verify_sampled ms", "epilogue cost", "of step", "step ms",
+                      "sampled step ms")))
+    for r in res["shapes"]:
+        print(" | ".join([r["shape"], f"{r['verify_ms']:.3f}", f"{r['verify_sampled_ms']:.3f}",
+                          f"{r['sampling_cost_ms']:.3f} ms", f"{100 * r['sampling_cost_of_step']:.1f}%",
+                          f"{r['step_ms']:.3f}", f"{r['step_sampled_ms']:.3f}"]))
     hot = [r for r in res["shapes"] if "draft_vocab" in r]
     if hot:
         print(f"\ndraft, depth 5, full vs hot-token vocabulary (targets: draft/verify < "

@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from bench_cpu import cpu_name
+    from bench_pair import cpu_name
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     res = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "runs": args.runs,

@@ -331,11 +331,12 @@ class Engine:
 
     @_locked
     @torch.inference_mode()
-    def start_synthetic(self, context_len: int, seed: int = 0, batch: int | None = None) -> None:
+    def start_synthetic(self, context_len: int, seed: int = 0, batch: int | None = None,
+                        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> None:
         """Arm slots [0, batch) (default: all) over a random context of `context_len` cache
         slots (random cache contents, root token and features) without a prompt: for timing
-        steps at a given context and batch. Generation runs until the capacity or max_seq_len
-        tokens."""
+        steps at a given context and batch, greedy or (temperature > 0) sampled with slot i's
+        seed `seed + i`. Generation runs until the capacity or max_seq_len tokens."""
         d = self.dims
         if not 1 <= context_len <= d.max_seq_len - d.step_slots:
             raise SpecCompileError(f"context {context_len}: must be in [1, "
@@ -343,6 +344,7 @@ class Engine:
         batch = self.max_batch if batch is None else batch
         if not _is_int(batch) or not 1 <= batch <= self.max_batch:
             raise SpecCompileError(f"batch {batch!r}: must be in [1, {self.max_batch}] for this engine")
+        temperature, top_p, top_k, _ = self._check([0], None, temperature, top_p, top_k, seed).knobs
         self._free_all()
         g = torch.Generator(device=self.spec.device).manual_seed(seed)
         st = self.state
@@ -353,7 +355,8 @@ class Engine:
         st["acc_feats"].normal_(generator=g)
         t0 = time.perf_counter()
         for i in range(batch):
-            self._slots[i] = _Slot([0] * context_len, None, (0.0, 1.0, 0, None), t0, context_len)
+            knobs = (temperature, top_p, top_k, seed + i if temperature > 0 else None)
+            self._slots[i] = _Slot([0] * context_len, None, knobs, t0, context_len)
             self._set_sampling(i, *self._slots[i].knobs)
             self._arm(i, int(st["acc_tokens"][i, 0]), st["acc_feats"][i, 0].clone(), context_len, None,
                       check_eos=False)

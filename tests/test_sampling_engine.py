@@ -109,3 +109,27 @@ def test_greedy_only_engine(tmp_path, no_eos_dir, tiny_draft_dir):
     assert eng.generate(PROMPT, max_new_tokens=12).output_ids == hf_greedy(no_eos_dir, PROMPT, 12)
     with pytest.raises(SpecCompileError, match="--no-sampling"):
         eng.generate(PROMPT, max_new_tokens=4, temperature=0.5)
+
+
+def test_synthetic_start_samples_with_its_seed(engine):
+    """start_synthetic (the benchmarks' timed steps) at temperature > 0 runs the sampled verify
+    graph with the given seed: the same seed replays, another seed draws other tokens, and
+    greedy differs from both; a bad temperature is refused like generate's."""
+    def run(**kw):
+        engine.start_synthetic(16, **kw)
+        calls = []
+        graph = engine.graphs["verify_sampled"]
+        engine.graphs["verify_sampled"] = lambda *a, **k: calls.append(1) or graph(*a, **k)
+        try:
+            for _ in range(4):
+                engine.step()
+        finally:
+            engine.graphs["verify_sampled"] = graph
+        return engine.state["out_buf"][0, :4].tolist(), len(calls)
+
+    a, n_sampled = run(temperature=1.0, seed=3)
+    assert n_sampled == 4 and run(temperature=1.0, seed=3)[0] == a
+    assert run(temperature=1.0, seed=4)[0] != a
+    assert run()[1] == 0
+    with pytest.raises(SpecCompileError, match="temperature"):
+        engine.start_synthetic(16, temperature=-1.0)
