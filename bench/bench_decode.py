@@ -15,7 +15,8 @@ layer at the target's dimensions with the full lm_head), 128-token context:
 Writes JSON (--out) and prints a table last.
 
     python bench/bench_decode.py [--shapes smollm2,llama8b] [--tpc 2.5] [--draft-vocab N | shape=N,...]
-                                 [--engines DIR [--build-only]] [--out bench/results/decode.json]
+                                 [--engines DIR [--build-only]] [--skip-decode] [--no-peers]
+                                 [--out bench/results/decode.json]
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ def build_engine_dir(m, target, draft, dcfg, tree, graphs, root: Path, name: str
 
 
 BUILD_ONLY = False  # --build-only: compile the engines under --engines, time nothing
+SKIP_DECODE = False  # --skip-decode: no chain-0 engine (the speculative and sampled step only)
 
 
 class BuiltOnly(Exception):
@@ -253,7 +255,9 @@ def bench_shape(name: str, tpc: float, bw: float, root: Path, peers: bool, draft
     target, draft, dcfg = random_modules(m)
     r: dict = {"shape": name}
     # Non-speculative decode: the chain-0 verify graph (one token).
-    dec, r["decode_compile_s"], r["decode_load_s"] = build(m, target, None, None, chain(0), ["verify"], root, f"{name}_decode")
+    if not SKIP_DECODE:
+        dec, r["decode_compile_s"], r["decode_load_s"] = build(m, target, None, None, chain(0), ["verify"],
+                                                               root, f"{name}_decode")
     if BUILD_ONLY:
         build(m, target, draft, dcfg, resolve_tree("mc_sim_7b_63"), ["verify", "verify_sampled", "draft"],
               root, f"{name}_spec")
@@ -261,8 +265,9 @@ def bench_shape(name: str, tpc: float, bw: float, root: Path, peers: bool, draft
             hot, hcfg = hot_draft(target, draft, dcfg, draft_vocab)
             build(m, target, hot, hcfg, resolve_tree("mc_sim_7b_63"), ["draft"], root, f"{name}_hot")
         raise BuiltOnly
-    r["decode_ms_per_token"] = step_ms(dec)
-    del dec
+    if not SKIP_DECODE:
+        r["decode_ms_per_token"] = step_ms(dec)
+        del dec
     # Speculative step with the default tree.
     tree = resolve_tree("mc_sim_7b_63")
     spec, r["spec_compile_s"], r["spec_load_s"] = build(m, target, draft, dcfg, tree,
@@ -290,10 +295,11 @@ def bench_shape(name: str, tpc: float, bw: float, root: Path, peers: bool, draft
     r["bytes_draft"] = draft_bytes(tree, w_draft_layer, m.vocab_size, m.hidden_size)
     r["floor_decode_ms"] = r["bytes_decode"] / bw / 1e6
     r["floor_draft_ms"] = r["bytes_draft"] / bw / 1e6
-    r["decode_bw_frac"] = r["floor_decode_ms"] / r["decode_ms_per_token"]
     r["verify_bw_frac"] = r["floor_decode_ms"] / r["verify_ms"]
     r["draft_vs_floor"] = r["draft_ms"] / r["floor_draft_ms"]
-    r["verify_over_decode"] = r["verify_ms"] / r["decode_ms_per_token"]
+    if not SKIP_DECODE:
+        r["decode_bw_frac"] = r["floor_decode_ms"] / r["decode_ms_per_token"]
+        r["verify_over_decode"] = r["verify_ms"] / r["decode_ms_per_token"]
     r["draft_over_verify"] = r["draft_ms"] / r["verify_ms"]
     if draft_vocab:  # the same draft with a hot-token lm_head of N rows (draft graph alone)
         hot, hcfg = hot_draft(target, draft, dcfg, draft_vocab)
@@ -327,10 +333,12 @@ def main(argv=None):
                     help="keep the compiled engines here and reuse those found (same random weights: "
                          "seed 0); default: a temporary folder")
     ap.add_argument("--build-only", action="store_true", help="compile the engines under --engines, then stop")
+    ap.add_argument("--skip-decode", action="store_true",
+                    help="no non-speculative (chain-0) engine: time the speculative and sampled step only")
     ap.add_argument("--out", default="bench/results/decode.json")
     args = ap.parse_args(argv)
-    global BUILD_ONLY
-    BUILD_ONLY = args.build_only
+    global BUILD_ONLY, SKIP_DECODE
+    BUILD_ONLY, SKIP_DECODE = args.build_only, args.skip_decode
     if args.build_only and args.engines is None:
         ap.error("--build-only needs --engines DIR")
     shapes = args.shapes.split(",")
@@ -366,8 +374,10 @@ def main(argv=None):
            "step ms", f"spec ms/tok@{args.tpc}", "HF eager", "HF static+compile")
     print(" | ".join(hdr))
     for r in res["shapes"]:
-        print(" | ".join([r["shape"], f"{r['decode_ms_per_token']:.3f}", f"{100 * r['decode_bw_frac']:.0f}%",
-                          f"{r['verify_ms']:.3f}", f"{r['verify_over_decode']:.2f}x", f"{r['draft_ms']:.3f}",
+        nan = float("nan")
+        print(" | ".join([r["shape"], f"{r.get('decode_ms_per_token', nan):.3f}",
+                          f"{100 * r.get('decode_bw_frac', nan):.0f}%",
+                          f"{r['verify_ms']:.3f}", f"{r.get('verify_over_decode', nan):.2f}x", f"{r['draft_ms']:.3f}",
                           f"{r['draft_vs_floor']:.2f}x", f"{r['step_ms']:.3f}", f"{r['spec_ms_per_token']:.3f}",
                           f"{r.get('hf_eager_ms_per_token', float('nan')):.2f}",
                           f"{r.get('hf_static_compiled_ms_per_token', float('nan')):.2f}"]))

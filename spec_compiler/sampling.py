@@ -59,6 +59,29 @@ def uniform(seed: torch.Tensor, position: torch.Tensor, node: torch.Tensor | int
     return _shr(h, 11).double() * (1.0 / (1 << 53))
 
 
+SCAN_BLOCK = 4096
+
+
+def cumsum(x: torch.Tensor) -> torch.Tensor:
+    """x.cumsum(-1) as a two-level blocked scan when the last dimension is longer than
+    SCAN_BLOCK: a scan inside blocks of SCAN_BLOCK, then an exclusive scan of the block totals
+    added back. The same sums in another association order (a scan kernel picks its own order
+    too): for x >= 0 it is non-decreasing up to one rounding of the running sum at block
+    boundaries, which moves an inverse-CDF draw only when u falls inside that rounding. Why: Inductor lowers a long scan over few rows (a vocabulary
+    of 128k, one row per tree node) to its split-scan Triton kernel, whose code generation
+    fails on CUDA in torch 2.11 ("list indices must be integers or slices, not NoneType" in
+    get_block_shape); scans of at most 8192 elements per row are never split."""
+    V = x.shape[-1]
+    if V <= SCAN_BLOCK:
+        return x.cumsum(-1)
+    nb = -(-V // SCAN_BLOCK)
+    xp = torch.nn.functional.pad(x, (0, nb * SCAN_BLOCK - V)).unflatten(-1, (nb, SCAN_BLOCK))
+    inner = xp.cumsum(-1)  # (..., nb, BLOCK)
+    totals = inner[..., -1]  # (..., nb)
+    before = torch.nn.functional.pad(totals.cumsum(-1)[..., :-1], (1, 0))  # exclusive: a shift
+    return (inner + before.unsqueeze(-1)).flatten(-2)[..., :V]
+
+
 def warp(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
          top_p: torch.Tensor) -> torch.Tensor:
     """Target probabilities (float32) from logits (B, ..., V) with per-row temperature (B,),
@@ -74,7 +97,7 @@ def warp(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     ordered = ordered.masked_fill(ordered < kth, float("-inf"))  # top-k, ties at the k-th kept
     # Top-p as transformers computes it: drop a token when it and every less probable token
     # together have at most 1 - top_p (an ascending cumulative sum), never the most probable.
-    below = ordered.softmax(-1).flip(-1).cumsum(-1).flip(-1)
+    below = cumsum(ordered.softmax(-1).flip(-1)).flip(-1)
     keep = below > (1 - top_p.float()).view(view)
     n_keep = keep.sum(-1, keepdim=True).clamp(min=1)  # the kept tokens are a prefix
     floor = ordered.gather(-1, n_keep - 1)  # the least probable kept logit
@@ -85,7 +108,7 @@ def warp(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
 def sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw from unnormalised probabilities (..., V) with uniforms u (...): the
     first index whose cumulative mass exceeds u times the total (float64 sums)."""
-    cdf = probs.double().cumsum(-1)
+    cdf = cumsum(probs.double())
     x = (u * cdf[..., -1]).unsqueeze(-1)
     idx = torch.searchsorted(cdf, x, right=True).squeeze(-1)
     return idx.clamp(max=probs.shape[-1] - 1)

@@ -193,3 +193,23 @@ def test_sample_is_inverse_cdf():
     u = torch.tensor([0.0, 0.49, 0.5, 0.74, 0.999], dtype=torch.float64)
     assert sampling.sample(probs, u).tolist() == [1, 1, 3, 3, 4]
     assert math.isclose(float(probs[0].sum()), 2.0)
+
+
+@pytest.mark.parametrize("block", [16, 4096])
+def test_blocked_cumsum_matches_cumsum(monkeypatch, block):
+    """The two-level scan equals torch's cumsum (float64 on non-negative and signed inputs,
+    lengths that are and are not multiples of the block), and warp, built on it, still
+    matches transformers when the vocabulary spans several blocks."""
+    monkeypatch.setattr(sampling, "SCAN_BLOCK", block)
+    g = torch.Generator().manual_seed(1)
+    for V in (block - 1, block, 3 * block + 5, 50_000):
+        for x in (torch.rand(3, 2, V, generator=g, dtype=torch.float64),
+                  torch.randn(2, V, generator=g, dtype=torch.float64)):
+            torch.testing.assert_close(sampling.cumsum(x), x.cumsum(-1), rtol=1e-12, atol=1e-9)
+    if block == 16:
+        test_warp_matches_transformers()
+        probs = torch.rand(4, 1000, generator=g)
+        u = torch.rand(4, generator=g, dtype=torch.float64)
+        cdf = probs.double().cumsum(-1)
+        want = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+        assert torch.equal(sampling.sample(probs, u), want)
