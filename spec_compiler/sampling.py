@@ -107,10 +107,13 @@ def warp(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
 
 def sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw from unnormalised probabilities (..., V) with uniforms u (...): the
-    first index whose cumulative mass exceeds u times the total (float64 sums)."""
+    first index whose cumulative mass exceeds u times the total (float64 sums), found as the
+    number of cumulative sums at or below it (what searchsorted(right=True) returns on a sorted
+    CDF; a reduction, since Inductor's searchsorted lowering in torch 2.11 cannot read its
+    boundaries from the blocked scan's view: "NotImplementedError: View")."""
     cdf = cumsum(probs.double())
     x = (u * cdf[..., -1]).unsqueeze(-1)
-    idx = torch.searchsorted(cdf, x, right=True).squeeze(-1)
+    idx = (cdf <= x).sum(-1)
     return idx.clamp(max=probs.shape[-1] - 1)
 
 

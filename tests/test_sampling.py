@@ -213,3 +213,29 @@ def test_blocked_cumsum_matches_cumsum(monkeypatch, block):
         cdf = probs.double().cumsum(-1)
         want = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
         assert torch.equal(sampling.sample(probs, u), want)
+
+
+def sampled_epilogue(logits, temperature, top_k, top_p, tokens, children, depth, position, seed):
+    """The sampling part of the sampled verify graph: warp every node, then tree_accept."""
+    probs = sampling.warp(logits, temperature, top_k, top_p)
+    return sampling.tree_accept(tokens, probs, children, depth, position, seed, 2)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_sampling_compiles_at_a_large_vocabulary(device):
+    """warp + tree_accept through Inductor at a Llama-3 vocabulary (a blocked scan, several
+    rows of 128k) give the eager result: on CUDA, torch 2.11's split-scan code generation and
+    its searchsorted lowering both failed on the plain formulation."""
+    V, B = 128256, 2
+    g = torch.Generator().manual_seed(3)
+    tree = TreeSpec("bushy-2", TREES["bushy-2"])
+    T, children = tree.n_nodes, tree.children_table()
+    args = [(torch.randn(B, T, V, generator=g) * 4).to(device), torch.tensor([1.0, 0.7], device=device),
+            torch.tensor([0, 50], device=device), torch.tensor([0.9, 1.0], device=device),
+            torch.randint(0, V, (B, T), generator=g).to(device), children.to(device),
+            torch.as_tensor(tree.depth, dtype=torch.long).to(device), torch.tensor([40, 7], device=device),
+            torch.tensor([11, 12], device=device)]
+    want = sampled_epilogue(*args)
+    got = torch.compile(sampled_epilogue, fullgraph=True, dynamic=False)(*args)
+    for w, x in zip(want, got):
+        assert torch.equal(w, x)
