@@ -387,3 +387,84 @@ def device_memory(device: str) -> tuple[int, str]:
 
         return torch.cuda.get_device_properties(0).total_memory, "GPU memory (device 0)"
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+
+
+def eagle3_default_layers(n_target_layers: int) -> tuple[int, int, int]:
+    """The target layers whose inputs feed an EAGLE-3 head when its config names none: the
+    reference implementation's choice, the hidden state entering layers 2, L // 2 and L - 3."""
+    return 2, n_target_layers // 2, n_target_layers - 3
+
+
+@dataclass(frozen=True)
+class Eagle3Config:
+    """An EAGLE-3 draft head: fc(concat of three target layers' hidden states, 3 x target
+    hidden) -> one decoder layer whose attention reads [norm(embedding) ; norm(feature)] (2 x
+    hidden) -> its own final norm and lm_head over `draft_vocab_size` tokens (d2t maps columns
+    to target ids). `aux_layers`: the target layers whose input hidden states are fused, in
+    layer order (the index of Hugging Face's `hidden_states` tuple: 0 is the embedding)."""
+
+    layer: ModelConfig  # the decoder layer's shapes; head_dim = hidden // heads, as the reference
+    target_hidden_size: int
+    aux_layers: tuple[int, ...]
+    has_embed: bool
+    draft_vocab_size: int | None = None  # None: the head scores the whole vocabulary
+
+    @classmethod
+    def from_dir(cls, draft_dir: str | Path, target: ModelConfig, has_embed: bool) -> "Eagle3Config":
+        path = Path(draft_dir) / "config.json"
+        cfg = read_json_object(path, "draft")
+        w = f"draft {path}: "
+        hidden = _int(cfg, "hidden_size", w)
+        n_heads = _int(cfg, "num_attention_heads", w)
+        if hidden % n_heads:
+            raise SpecCompileError(f"{w}hidden_size={hidden} must be a multiple of "
+                                   f"num_attention_heads={n_heads} (EAGLE-3 heads use hidden / heads)")
+        head_dim = cfg.get("head_dim")
+        if head_dim is not None and head_dim != hidden // n_heads:
+            raise SpecCompileError(f"{w}head_dim={head_dim!r} but the EAGLE-3 layer uses hidden_size / "
+                                   f"num_attention_heads = {hidden // n_heads}; this head is not supported")
+        if _int(cfg, "num_hidden_layers", w, 1) != 1:
+            raise SpecCompileError(f"{w}num_hidden_layers={cfg['num_hidden_layers']!r}: an EAGLE-3 head has "
+                                   "one decoder layer (midlayer)")
+        vocab = _int(cfg, "vocab_size", w, target.vocab_size)
+        if vocab != target.vocab_size:
+            raise SpecCompileError(f"{w}vocab_size={vocab} but the target's is {target.vocab_size}; use a "
+                                   "draft head trained for this target")
+        t_hidden = _int(cfg, "target_hidden_size", w, hidden)
+        if t_hidden != target.hidden_size:
+            raise SpecCompileError(f"{w}target_hidden_size={t_hidden} but the target's hidden size is "
+                                   f"{target.hidden_size}; use a draft head trained for this target")
+        if hidden != target.hidden_size and not has_embed:
+            raise SpecCompileError(f"{w}hidden_size={hidden} differs from the target's "
+                                   f"{target.hidden_size} and the head has no embed_tokens.weight of its own")
+        aux = cfg.get("eagle_aux_hidden_state_layer_ids")
+        if aux is None and isinstance(cfg.get("eagle_config"), dict):
+            aux = cfg["eagle_config"].get("eagle_aux_hidden_state_layer_ids")
+        L = target.n_layers
+        if aux is None:
+            aux = eagle3_default_layers(L)
+            if len(set(aux)) != 3 or min(aux) < 0:
+                raise SpecCompileError(f"{w}no eagle_aux_hidden_state_layer_ids, and the reference's "
+                                       f"default layers {list(aux)} do not fit a target of {L} layers; "
+                                       "name three distinct layers in the config")
+        elif (not isinstance(aux, list) or len(aux) != 3 or len(set(aux)) != 3
+              or not all(type(i) is int and 0 <= i < L for i in aux)):
+            raise SpecCompileError(f"{w}eagle_aux_hidden_state_layer_ids={aux!r} must list three distinct "
+                                   f"target layers in [0, {L})")
+        theta, scaling = _rope(cfg, path) if ("rope_theta" in cfg or "rope_parameters" in cfg
+                                              or "rope_scaling" in cfg) else (target.rope_theta,
+                                                                              target.rope_scaling)
+        layer = _made_from(
+            f"draft {path}", ModelConfig, vocab_size=target.vocab_size, hidden_size=hidden,
+            intermediate_size=_int(cfg, "intermediate_size", w), n_layers=1, n_heads=n_heads,
+            n_kv_heads=_int(cfg, "num_key_value_heads", w, n_heads), head_dim=hidden // n_heads,
+            rms_norm_eps=_num(cfg, "rms_norm_eps", w, target.rms_norm_eps), rope_theta=theta,
+            rope_scaling=scaling, eos_token_ids=target.eos_token_ids,
+            max_position_embeddings=target.max_position_embeddings)
+        _int(cfg, "draft_vocab_size", w, None)  # type-checked here; read_hot_ids matches it to d2t
+        return cls(layer=layer, target_hidden_size=t_hidden, aux_layers=tuple(sorted(aux)), has_embed=has_embed)
+
+    def to_json(self) -> dict:
+        return {"kind": "eagle3", "layer": self.layer.to_json(), "target_hidden_size": self.target_hidden_size,
+                "aux_layers": list(self.aux_layers), "has_embed": self.has_embed,
+                "draft_vocab_size": self.draft_vocab_size}

@@ -1,9 +1,12 @@
 """Checkpoint directories -> eager modules (meta init, then `load_state_dict(assign=True)`).
 
 Target: a Hugging Face Llama directory (`config.json` + `model.safetensors`, or sharded
-safetensors with `model.safetensors.index.json`). Draft: an EAGLE-1/2 head directory
-(`config.json` + `model.safetensors` or `pytorch_model.bin`, the latter read with
-`weights_only=True`). Names map literally: HF's `model.` prefix is dropped.
+safetensors with `model.safetensors.index.json`). Draft: an EAGLE-1/2 or EAGLE-3 head directory
+(`config.json` + `model.safetensors`, sharded safetensors with an index, or `pytorch_model.bin`,
+the latter read with `weights_only=True`). Names map literally: HF's `model.` prefix is dropped.
+An EAGLE-3 head (the reference's names: `fc`, `midlayer.*`, `norm`, `lm_head`, `d2t`, `t2d`) is
+recognised by its `midlayer.` weights; its config says which target layers feed it
+(config.Eagle3Config).
 
 Reduced ("hot-token") draft vocabulary, EAGLE-3's convention, so such heads load as written:
 the draft's weights may hold `d2t` (Vd,) int64, with target id = draft index + d2t[draft index],
@@ -20,6 +23,7 @@ weights already read.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +32,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .config import DraftConfig, ModelConfig
+from .config import DraftConfig, Eagle3Config, ModelConfig
 from .engine_format import DTYPES, dtype_name
 from .errors import SpecCompileError, brief
 from .fileio import path_inside, read_json_object
 from .models.eagle import EagleDraft
+from .models.eagle3 import Eagle3Draft
 from .models.llama import Llama, rope_inv_freq
 
 
@@ -50,22 +55,27 @@ def read_target_state(model_dir: Path) -> dict[str, torch.Tensor]:
     if single.is_file():
         return _load_safetensors(single)
     if index.is_file():
-        files = _shard_files(index)
-        state = {}
-        for f in files:
-            # A shard is a relative name inside MODEL_DIR (no absolute path, no '..'); a symlink
-            # in MODEL_DIR is followed wherever it points, as in the Hugging Face cache.
-            shard = path_inside(model_dir, f)
-            if shard is None:
-                raise SpecCompileError(f"{index} lists shard {f!r}, which is not a relative name "
-                                       f"inside {model_dir} (absolute or '..'); fix the index's "
-                                       "weight_map")
-            if not shard.is_file():
-                raise SpecCompileError(f"{index} lists shard {f}, which is missing from {model_dir}")
-            state.update(_load_safetensors(shard))
-        return state
+        return _read_shards(model_dir, index)
     raise SpecCompileError(f"{model_dir}: no model.safetensors or model.safetensors.index.json; "
                            "point at a Hugging Face checkpoint saved with safetensors")
+
+
+def _read_shards(model_dir: Path, index: Path) -> dict[str, torch.Tensor]:
+    """Every shard a safetensors index lists, read into one state dict."""
+    files = _shard_files(index)
+    state = {}
+    for f in files:
+        # A shard is a relative name inside MODEL_DIR (no absolute path, no '..'); a symlink
+        # in MODEL_DIR is followed wherever it points, as in the Hugging Face cache.
+        shard = path_inside(model_dir, f)
+        if shard is None:
+            raise SpecCompileError(f"{index} lists shard {f!r}, which is not a relative name "
+                                   f"inside {model_dir} (absolute or '..'); fix the index's "
+                                   "weight_map")
+        if not shard.is_file():
+            raise SpecCompileError(f"{index} lists shard {f}, which is missing from {model_dir}")
+        state.update(_load_safetensors(shard))
+    return state
 
 
 def _shard_files(index: Path) -> list[str]:
@@ -81,8 +91,11 @@ def _shard_files(index: Path) -> list[str]:
 
 def read_draft_state(draft_dir: Path) -> dict[str, torch.Tensor]:
     st, pt = draft_dir / "model.safetensors", draft_dir / "pytorch_model.bin"
+    index = draft_dir / "model.safetensors.index.json"
     if st.is_file():
         return _load_safetensors(st)
+    if index.is_file():  # an EAGLE-3 lm_head alone can outgrow one file
+        return _read_shards(draft_dir, index)
     if pt.is_file():
         try:
             state = torch.load(pt, map_location="cpu", weights_only=True)
@@ -93,8 +106,8 @@ def read_draft_state(draft_dir: Path) -> dict[str, torch.Tensor]:
                                                   for k, v in state.items()):
             raise SpecCompileError(f"draft {draft_dir}: the weights file is not a flat state dict")
         return state
-    raise SpecCompileError(f"draft {draft_dir}: no model.safetensors or pytorch_model.bin; point "
-                           "--draft at an EAGLE head directory")
+    raise SpecCompileError(f"draft {draft_dir}: no model.safetensors, model.safetensors.index.json or "
+                           "pytorch_model.bin; point --draft at an EAGLE head directory")
 
 
 def _unpickling_reason(e: Exception) -> str:
@@ -113,8 +126,10 @@ def _unpickling_reason(e: Exception) -> str:
 
 
 def _draft_weights_file(draft_dir: Path) -> Path:
-    st = draft_dir / "model.safetensors"
-    return st if st.is_file() else draft_dir / "pytorch_model.bin"
+    for name in ("model.safetensors", "model.safetensors.index.json"):
+        if (draft_dir / name).is_file():
+            return draft_dir / name
+    return draft_dir / "pytorch_model.bin"
 
 
 def parse_draft_vocab(value: str | int) -> str | int:
@@ -285,7 +300,7 @@ class DraftSource:
     dir: Path
     target: ModelConfig                # the config it was checked against
     state: dict[str, torch.Tensor]     # the weights as stored, HF's `model.` prefix dropped
-    cfg: DraftConfig                   # draft_vocab_size: len(hot), None for the full vocabulary
+    cfg: DraftConfig | Eagle3Config    # draft_vocab_size: len(hot), None for the full vocabulary
     stored_hot: torch.Tensor | None    # the hot ids as stored (d2t); None: no list
     hot: torch.Tensor | None           # the ids the draft scores after `draft_vocab`; None: all
     draft_vocab: str | int             # "auto", "full" or N, as chosen
@@ -300,6 +315,8 @@ def read_draft(draft_dir: str | Path, target: ModelConfig, draft_vocab: str | in
     draft_dir = Path(draft_dir)
     draft_vocab = parse_draft_vocab(draft_vocab)
     state = {k.removeprefix("model."): v for k, v in read_draft_state(draft_dir).items()}
+    if any(k.startswith("midlayer.") for k in state):
+        return _read_eagle3(draft_dir, target, state, draft_vocab)
     if "fc.weight" not in state:
         raise SpecCompileError(f"draft {draft_dir}: no fc.weight; not an EAGLE-1/2 head "
                                "(expected fc.weight [h, 2h] and layers.N.*)")
@@ -321,8 +338,34 @@ def read_draft(draft_dir: str | Path, target: ModelConfig, draft_vocab: str | in
     return DraftSource(draft_dir, target, state, cfg, stored, hot, draft_vocab)
 
 
+def _read_eagle3(draft_dir: Path, target: ModelConfig, state: dict, draft_vocab: str | int) -> DraftSource:
+    """read_draft for an EAGLE-3 head (reference names: fc, midlayer.*, norm, lm_head, d2t, t2d):
+    its own lm_head over its draft vocabulary (d2t), so `--draft-vocab full` cannot apply."""
+    cfg = Eagle3Config.from_dir(draft_dir, target, has_embed="embed_tokens.weight" in state)
+    wfile, h = _draft_weights_file(draft_dir), cfg.layer.hidden_size
+    for name, shape in (("fc.weight", (h, 3 * cfg.target_hidden_size)),
+                        ("embed_tokens.weight", (target.vocab_size, h))):
+        if name in state and tuple(state[name].shape) != shape:
+            raise SpecCompileError(f"draft {wfile}: {name} has shape {tuple(state[name].shape)}, expected "
+                                   f"{shape} for this target; use a draft trained for this target")
+    if "lm_head.weight" not in state:
+        raise SpecCompileError(f"draft {wfile}: an EAGLE-3 head needs its own lm_head.weight; the "
+                               "checkpoint is incomplete")
+    stored = read_hot_ids(draft_dir, state, target.vocab_size)
+    if draft_vocab == "full" and stored is not None:
+        raise SpecCompileError(f"--draft-vocab full: EAGLE-3 draft {draft_dir} scores only its own "
+                               f"{stored.numel()}-token vocabulary; use auto or at most {stored.numel()}")
+    hot = choose_hot_ids(stored, draft_vocab, draft_dir)
+    rows = target.vocab_size if stored is None else stored.numel()
+    if tuple(state["lm_head.weight"].shape) != (rows, h):
+        raise SpecCompileError(f"draft {wfile}: lm_head.weight has shape {tuple(state['lm_head.weight'].shape)}, "
+                               f"expected {(rows, h)} (one row per draft-vocabulary token)")
+    cfg = dataclasses.replace(cfg, draft_vocab_size=None if hot is None else hot.numel())
+    return DraftSource(draft_dir, target, state, cfg, stored, hot, draft_vocab)
+
+
 def load_draft(draft: str | Path | DraftSource, target: Llama, dtype: str = "float32",
-               draft_vocab: str | int = "auto") -> EagleDraft:
+               draft_vocab: str | int = "auto") -> EagleDraft | Eagle3Draft:
     """Load an EAGLE head; the target's embedding (unless the head has one) and lm_head are shared.
 
     `draft`: the head's directory, or a `read_draft` result (its weights are not read again).
@@ -340,6 +383,17 @@ def load_draft(draft: str | Path | DraftSource, target: Llama, dtype: str = "flo
         src = read_draft(draft, target.cfg, draft_vocab)
     cfg, hot, state = src.cfg, src.hot, dict(src.state)
     state.setdefault("embed_tokens.weight", target.embed_tokens.weight)
+    if isinstance(cfg, Eagle3Config):  # its own lm_head rows, in stored d2t order
+        if hot is not None:
+            state["lm_head.weight"] = state["lm_head.weight"][:hot.numel()]
+            state["hot_ids"] = hot
+        with torch.device("meta"):
+            head = Eagle3Draft(cfg, target.cfg)
+        _assign(head, state, src.dir, DTYPES[dtype])
+        if not cfg.has_embed:
+            head.embed_tokens.weight = target.embed_tokens.weight
+        _finish(head, _buffers(cfg.layer))
+        return head.eval()
     if hot is None:
         state["lm_head.weight"] = target.lm_head.weight
     else:

@@ -99,13 +99,16 @@ def cache_attention(q, k, v, k_cache, v_cache, cache_len):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, in_features: int | None = None):
+        """`in_features`: the q/k/v projections' input width (default the hidden size; an
+        EAGLE-3 draft layer attends over [embedding ; feature], twice the hidden size)."""
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
+        i = in_features or h
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, d
-        self.q_proj = nn.Linear(h, cfg.n_heads * d, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(h, cfg.n_kv_heads * d, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(h, cfg.n_kv_heads * d, bias=cfg.attention_bias)
+        self.q_proj = nn.Linear(i, cfg.n_heads * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(i, cfg.n_kv_heads * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(i, cfg.n_kv_heads * d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.n_heads * d, h, bias=cfg.attention_bias)
 
     def forward(self, x, cos, sin, cache_len, k_cache, v_cache):
