@@ -24,9 +24,10 @@ from .unroll_draft import unroll_draft
 REQUIRED = ("tree_attention", "unroll_draft", "accept_epilogue", "static_kv_cache")
 
 
-def default_passes(graph: str, tree: TreeSpec, prefill_chunk: int) -> list[Pass]:
+def default_passes(graph: str, tree: TreeSpec, prefill_chunk: int, project=None) -> list[Pass]:
     """graph: prefill | draft_prefill (block of prompt tokens), verify | verify_sampled (the tree),
-    draft (step)."""
+    draft (step). `project`: an EAGLE-3 draft's fc, which unroll_draft applies to the target's
+    fused features in the catch-up (its one-level graph reads the draft's own features)."""
     head = [cleanup, fuse_projections]
     if graph in ("prefill", "draft_prefill"):
         middle = [partial(tree_attention, tree=chain(prefill_chunk - 1))]
@@ -34,7 +35,7 @@ def default_passes(graph: str, tree: TreeSpec, prefill_chunk: int) -> list[Pass]
         middle = [partial(tree_attention, tree=tree),
                   partial(accept_epilogue, tree=tree, sampling=graph == "verify_sampled")]
     elif graph == "draft":
-        middle = [partial(tree_attention, tree=None), partial(unroll_draft, tree=tree)]
+        middle = [partial(tree_attention, tree=None), partial(unroll_draft, tree=tree, project=project)]
     else:
         raise ValueError(f"unknown graph {graph!r}")
     return head + middle + [static_kv_cache, cleanup]

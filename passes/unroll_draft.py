@@ -12,6 +12,11 @@ torch.export into one graph:
               ancestor mask (the prefix is the draft cache; drafted K/V never touch it)
     return tree_tokens (B, T_tree), k'
 Only nodes that have children are forwarded (a leaf's logits are never used).
+EAGLE-3 (`project`, the draft's fc): the catch-up reads the target's fused features (F = 3 x
+hidden), the levels the draft's own (hidden); the one-level graph is the one traced for the
+latter (no fc), and the step applies `project` to acc_feats before the catch-up, so acc_feats is
+(B, D+1, F) while every draft forward sees hidden-wide features. Its weight keeps the name it
+has in draft_prefill (`fc.weight`).
 Reduced draft vocabulary: if the one-level graph also outputs `token_ids` (Vd,), the target id
 of each logit column, the picked top-k columns are mapped through it (toks_d = token_ids[cols]),
 so level tokens, the next level's inputs and tree_tokens are target ids; without it columns are ids.
@@ -41,7 +46,7 @@ from .infra import (aten, device_of, get_attr_path, outputs, placeholders, recor
 TREE_ATTN = torch.ops.spec.tree_attention.default
 
 
-def unroll_draft(gm: fx.GraphModule, *, tree: TreeSpec) -> fx.GraphModule:
+def unroll_draft(gm: fx.GraphModule, *, tree: TreeSpec, project: nn.Linear | None = None) -> fx.GraphModule:
     attn = [n for n in gm.graph.nodes if n.target == TREE_ATTN]
     require("unroll_draft", len(attn), "tree_attention nodes in the one-level draft graph")
     ph = placeholders(gm)
@@ -55,17 +60,21 @@ def unroll_draft(gm: fx.GraphModule, *, tree: TreeSpec) -> fx.GraphModule:
     hot = get_attr_path(gm, token_ids.target) if token_ids is not None else None
     hot_name = token_ids.target if token_ids is not None else None
     level = _level(gm, attn, caches)
-    step = DraftStep(level, tree, caches, len(attn), hot, device_of(gm))
+    step = DraftStep(level, tree, caches, len(attn), hot, device_of(gm), project)
     args = [_example(ph[n]) for n in ("tokens", "features", "cache_len")]
     B, D1 = args[0].shape[0], tree.max_depth + 1
+    F = args[1].shape[2] if project is None else project.in_features
     acc_tokens = torch.zeros(B, D1, dtype=torch.long, device=args[0].device)
-    acc_feats = torch.zeros(B, D1, args[1].shape[2], dtype=args[1].dtype, device=args[1].device)
+    acc_feats = torch.zeros(B, D1, F, dtype=args[1].dtype, device=args[1].device)
     n_acc = torch.ones(B, dtype=torch.long, device=args[0].device)
     example = [acc_tokens, acc_feats, n_acc, args[2] + D1, *[_example(ph[k]) for k in caches]]
     names = ["acc_tokens", "acc_feats", "n_acc", "cache_len", *caches]
     new = cleanup(trace(step, example, names, ["tree_tokens", *caches]))
-    _rename_attrs(new, lambda t: t.removeprefix("level.") if t != "hot_ids" else hot_name)
+    _rename_attrs(new, lambda t: hot_name if t == "hot_ids" else
+                  "fc." + t.removeprefix("project.") if t.startswith("project.") else t.removeprefix("level."))
     delattr(new, "level")
+    if project is not None:
+        delattr(new, "project")
     if hot is not None and hot_name != "hot_ids":
         delattr(new, "hot_ids")
     meta = {k: v for k, v in gm.meta.items() if k not in ("output_names", "weight_buffers")}
@@ -97,9 +106,10 @@ class DraftStep(nn.Module):
     """The draft step in plain torch: catch-up over the accepted pairs, then each tree level."""
 
     def __init__(self, level: fx.GraphModule, tree: TreeSpec, caches: list[str], n_attn: int,
-                 hot_ids: torch.Tensor | None, device: torch.device):
+                 hot_ids: torch.Tensor | None, device: torch.device, project: nn.Linear | None = None):
         super().__init__()
         self.level, self.tree, self.n_caches, self.n_attn = level, tree, len(caches), n_attn
+        self.project = project
         if hot_ids is not None:
             self.register_buffer("hot_ids", hot_ids)
         else:
@@ -134,6 +144,8 @@ class DraftStep(nn.Module):
         # Catch-up: the accepted (token, true feature) pairs, padded to D + 1, at their slots.
         base = cache_len - n_acc
         empty = [c.new_zeros(B, c.shape[1], 0, c.shape[3]) for c in caches[:2 * self.n_attn]]
+        if self.project is not None:  # EAGLE-3: the target's fused layers -> the draft's width
+            acc_feats = self.project(acc_feats)
         logits, feats, caches, _ = self._call(acc_tokens, acc_feats, base[:, None] + self.catchup_pos,
                                               base, self.catchup_mask, empty, caches)
         last = (n_acc - 1)[:, None]  # (B, 1): the root's row

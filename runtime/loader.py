@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from spec_compiler import engine_format as fmt
-from spec_compiler.config import DraftConfig, ModelConfig
+from spec_compiler.config import DraftConfig, Eagle3Config, ModelConfig, draft_config_from_json
 from spec_compiler.errors import SpecCompileError
 from spec_compiler.export.manifest import read_manifest
 from spec_compiler.trees import TreeSpec
@@ -52,7 +52,7 @@ class Graph:
 @dataclass
 class EngineSpec:
     model: ModelConfig
-    draft: DraftConfig | None
+    draft: DraftConfig | Eagle3Config | None
     tree: TreeSpec
     dims: fmt.Dims
     dtype: torch.dtype
@@ -111,7 +111,7 @@ def read_spec(engine_dir: Path, device: str | None = None) -> EngineSpec:
                                    f"engine's buckets are {list(buckets)}; rebuild the engine with "
                                    "this spec-compile")
     return EngineSpec(ModelConfig.from_json(m["model"]),
-                      DraftConfig.from_json(m["draft"]) if m["draft"] else None,
+                      draft_config_from_json(m["draft"]) if m["draft"] else None,
                       TreeSpec.from_json(m["tree"]), dims, fmt.DTYPES[m["dtype"]], device,
                       m["backend"], m)
 

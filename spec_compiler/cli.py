@@ -59,7 +59,7 @@ def compile_parser() -> argparse.ArgumentParser:
 @cli_entry(interrupted="interrupted: no engine written")
 def compile_main(argv: list[str] | None = None) -> int:
     args = compile_parser().parse_args(argv)
-    from .config import CompileConfig, Eagle3Config, ModelConfig
+    from .config import CompileConfig, ModelConfig
     from .fileio import check_new_dir, check_writable_dir
     from .loading import parse_draft_vocab, read_draft
     from .pipeline import compile_engine
@@ -77,10 +77,6 @@ def compile_main(argv: list[str] | None = None) -> int:
             raise SpecCompileError(f"--draft {args.draft}: no such directory")
         # Read and checked once, before the (slow) target load: shapes, d2t/t2d, --draft-vocab.
         draft = read_draft(args.draft, model, draft_vocab)
-        if isinstance(draft.cfg, Eagle3Config):
-            raise SpecCompileError(f"--draft {args.draft}: an EAGLE-3 head; this version reads EAGLE-3 "
-                                   "heads but cannot compile them yet (the verify graph does not return "
-                                   "the fused target layers); use an EAGLE-1/2 head")
     elif draft_vocab != "auto":
         raise SpecCompileError(f"--draft-vocab {draft_vocab}: needs --draft DRAFT_DIR")
     cfg = CompileConfig(model=model, draft=None if draft is None else draft.cfg, tree=tree,

@@ -14,6 +14,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from .engine_format import min_capacity
 from .errors import SpecCompileError
@@ -281,6 +282,9 @@ class DraftConfig:
         return cls(n_layers=layer.n_layers, fc_bias=_flag(cfg, "bias", w, True),
                    has_embed=has_embed, layer=layer)
 
+    # The target features it reads: the final hidden state (EAGLE-1/2), not fused layers.
+    fused_layers: ClassVar[tuple[int, ...]] = ()
+
     def to_json(self) -> dict:
         return {"n_layers": self.n_layers, "fc_bias": self.fc_bias, "has_embed": self.has_embed,
                 "layer": self.layer.to_json(), "draft_vocab_size": self.draft_vocab_size}
@@ -464,7 +468,24 @@ class Eagle3Config:
         _int(cfg, "draft_vocab_size", w, None)  # type-checked here; read_hot_ids matches it to d2t
         return cls(layer=layer, target_hidden_size=t_hidden, aux_layers=tuple(sorted(aux)), has_embed=has_embed)
 
+    n_layers = 1  # the midlayer
+
+    @property
+    def fused_layers(self) -> tuple[int, ...]:
+        """The target layers whose input hidden states, concatenated, are the draft's features."""
+        return self.aux_layers
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Eagle3Config":
+        return cls(ModelConfig.from_json(d["layer"]), d["target_hidden_size"], tuple(d["aux_layers"]),
+                   d["has_embed"], d["draft_vocab_size"])
+
     def to_json(self) -> dict:
         return {"kind": "eagle3", "layer": self.layer.to_json(), "target_hidden_size": self.target_hidden_size,
                 "aux_layers": list(self.aux_layers), "has_embed": self.has_embed,
                 "draft_vocab_size": self.draft_vocab_size}
+
+
+def draft_config_from_json(d: dict) -> DraftConfig | Eagle3Config:
+    """A manifest's draft entry: EAGLE-3 (kind "eagle3") or EAGLE-1/2."""
+    return Eagle3Config.from_json(d) if d.get("kind") == "eagle3" else DraftConfig.from_json(d)

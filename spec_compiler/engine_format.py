@@ -36,7 +36,7 @@ slot mid-generation cannot take C more cache rows near its capacity).
 
 Engine graphs (inputs in order; `args` are passed per call, the rest are state; B is the
 graph's batch, `graph_batch`: 1 for the prefill graphs, the bucket for the step graphs):
-    prefill        tokens (B,C) | cache_len, target caches          -> logits (B,C,V) f32, hidden (B,C,H)
+    prefill        tokens (B,C) | cache_len, target caches          -> logits (B,C,V) f32, hidden (B,C,F)
     draft_prefill  tokens (B,C), features (B,C,F) | cache_len, draft caches     -> hidden (B,C,H)
     draft          acc_tokens, acc_feats, n_acc, cache_len, draft caches        -> tree_tokens (B,T)
     verify         tokens (B,T) | cache_len, target caches
@@ -121,7 +121,8 @@ class Dims:
         return cls(batch=cfg.batch_size, max_seq_len=cfg.max_seq_len,
                    prefill_chunk=cfg.prefill_chunk, tree_nodes=cfg.tree.n_nodes,
                    tree_depth=cfg.tree.max_depth, vocab=m.vocab_size, hidden=m.hidden_size,
-                   feature_dim=m.hidden_size, n_layers=m.n_layers, n_kv_heads=m.n_kv_heads,
+                   feature_dim=m.hidden_size * max(1, len(d.fused_layers) if has_draft else 0),
+                   n_layers=m.n_layers, n_kv_heads=m.n_kv_heads,
                    head_dim=m.head_dim, draft_layers=d.n_layers if has_draft else 0,
                    draft_kv_heads=d.layer.n_kv_heads if has_draft else 0,
                    draft_head_dim=d.layer.head_dim if has_draft else 0, dtype=cfg.dtype,
@@ -278,7 +279,7 @@ def graph_io(dims: Dims, graph: str) -> GraphIO:
     if graph == "prefill":
         return GraphIO([TensorSpec("tokens", (B, C), i64), cache_len, *kv],
                        [TensorSpec("logits", (B, C, dims.vocab), "float32"),
-                        TensorSpec("hidden", (B, C, dims.hidden), dt)], ("tokens",), mut)
+                        TensorSpec("hidden", (B, C, dims.feature_dim), dt)], ("tokens",), mut)
     if graph == "draft_prefill":
         return GraphIO([TensorSpec("tokens", (B, C), i64),
                         TensorSpec("features", (B, C, dims.feature_dim), dt), cache_len, *kv],

@@ -36,6 +36,7 @@ from .config import CompileConfig, check_machine
 from .errors import SpecCompileError
 from .fileio import atomic_dir, output_lock
 from .loading import DraftSource, load_draft, load_target
+from .models.eagle3 import Eagle3Draft
 from .trace import trace
 from .tree_choice import AutoTree
 
@@ -51,6 +52,9 @@ def trace_graph(cfg: CompileConfig, graph: str, module: torch.nn.Module) -> fx.G
     `token_ids` for the draft graph of a reduced-vocabulary draft (its `hot_ids` buffer, the
     target id of each logit column), which unroll_draft maps the top-k columns through."""
     specs = fmt.traced_inputs(fmt.Dims.from_config(cfg), graph)
+    if graph == "draft" and isinstance(module, Eagle3Draft):  # its levels read its own features
+        specs = [dataclasses.replace(t, shape=(*t.shape[:2], module.cfg.layer.hidden_size))
+                 if t.name == "features" else t for t in specs]
     names = [t.name for t in specs]
     caches = [n for n in names if n[:2] in ("k_", "v_")]
     dyn = {"tokens": 1, "features": 1, "input_pos": 1} if graph == "draft" else None
@@ -68,7 +72,8 @@ def build_graph(cfg: CompileConfig, graph: str, module: torch.nn.Module, debug_d
     gm = trace_graph(cfg, graph, module)
     if graph == "draft_prefill":  # its logits are never used: don't compute them
         set_outputs(gm, {k: v for k, v in outputs(gm).items() if k != "logits"})
-    return run_passes(gm, default_passes(graph, cfg.tree, cfg.prefill_chunk), debug_dir, label or graph)
+    project = module.fc if graph == "draft" and isinstance(module, Eagle3Draft) else None
+    return run_passes(gm, default_passes(graph, cfg.tree, cfg.prefill_chunk, project), debug_dir, label or graph)
 
 
 def check_contract(dims: fmt.Dims, graph: str, gm: fx.GraphModule) -> None:
@@ -156,7 +161,8 @@ def _compile(cfg, target, draft, out_dir: Path, progress, debug_dir, graphs, mod
             cfg.draft, draft_vocab_size=None if hot is None else hot.numel()))
     t0 = time.time() if t0 is None else t0
     with atomic_dir(out_dir) as tmp:
-        manifest = _build(cfg, target, draft, tmp, progress, debug_dir, graphs)
+        with _feature_layers(cfg, target):
+            manifest = _build(cfg, target, draft, tmp, progress, debug_dir, graphs)
         manifest.data["tree_choice"] = tree_choice
         for f in fmt.TOKENIZER_FILES if model_dir is not None else ():
             if (Path(model_dir) / f).is_file():
@@ -169,6 +175,23 @@ def _compile(cfg, target, draft, out_dir: Path, progress, debug_dir, graphs, mod
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def _feature_layers(cfg: CompileConfig, target):
+    """While the graphs are built, the target returns as its features what the draft reads: an
+    EAGLE-3 draft's fused layers (the manifest's draft entry records which), else the final
+    normed hidden state."""
+    fused = cfg.draft.fused_layers if cfg.draft is not None and cfg.tree.n_nodes > 1 else ()
+    if fused and cfg.draft.layer.hidden_size != cfg.model.hidden_size:
+        raise SpecCompileError(f"EAGLE-3 draft hidden size {cfg.draft.layer.hidden_size} differs from the "
+                               f"target's {cfg.model.hidden_size}: not supported yet")
+    before = getattr(target, "feature_layers", ())
+    target.feature_layers = fused
+    try:
+        yield
+    finally:
+        target.feature_layers = before
 
 
 def _build(cfg: CompileConfig, target, draft, tmp: Path, progress, debug_dir, graphs=None) -> Manifest:

@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from helpers import make_tiny_checkpoint
+from helpers import build_engine, hf_greedy, make_tiny_checkpoint
 from spec_compiler.config import eagle3_default_layers
 from spec_compiler.errors import SpecCompileError
 from spec_compiler.loading import load_draft, load_target, read_draft
 from spec_compiler.models.eagle3 import Eagle3Draft
+from spec_compiler.trees import resolve_tree
 
 H, HEADS, KV_HEADS, INTER, V, VD = 64, 4, 2, 96, 128, 40
 AUX = [1, 2, 3]
@@ -192,11 +193,43 @@ def test_draft_vocab_choices(tmp_path, target_dir):
     assert torch.equal(head.hot_ids, torch.arange(16) + st["d2t"][:16])
 
 
-def test_spec_compile_says_eagle3_is_not_compiled_yet(tmp_path, target_dir):
-    from test_cli import assert_clean_error, cli, no_leftovers
+@pytest.fixture(scope="module")
+def engine_dir(tmp_path_factory, target_dir):
+    head = write_eagle3(tmp_path_factory.mktemp("e3h") / "head", eagle3_state(seed=2))
+    return build_engine(tmp_path_factory.mktemp("e3e") / "engine", target_dir, draft_dir=head), head
 
-    head_dir = write_eagle3(tmp_path / "head", eagle3_state())
-    out = tmp_path / "engine"
-    r = cli(target_dir, "--draft", head_dir, "--out", out, "--tree", "chain-2")
-    assert_clean_error(r, "EAGLE-3 head", "cannot compile them yet")
-    no_leftovers(out)
+
+def test_eagle3_engine_is_lossless_and_drafts_from_the_fused_layers(engine_dir, target_dir):
+    """Greedy output equals transformers'; the manifest records the fused layers; and the first
+    draft step's depth-1 proposals are the top-k of an eager Eagle3Draft run over the prompt
+    with the features transformers gives for those layers (hidden_states[i] enters layer i)."""
+    from transformers import LlamaForCausalLM
+
+    from spec_compiler.runtime import Engine
+
+    engine_path, head_dir = engine_dir
+    eng = Engine.load(engine_path)
+    manifest = json.loads((engine_path / "manifest.json").read_text())
+    assert manifest["draft"]["kind"] == "eagle3" and manifest["draft"]["aux_layers"] == AUX
+    assert manifest["dims"]["feature_dim"] == 3 * H
+    for prompt in ([5, 9, 33, 2, 71, 8], [1, 100, 7]):
+        assert eng.generate(prompt, max_new_tokens=24).output_ids == hf_greedy(target_dir, prompt, 24)
+    prompt = [5, 9, 33, 2, 71, 8, 40, 3]
+    eng.start(prompt, max_new_tokens=8)
+    tree_tokens = eng.call("draft")["tree_tokens"][0]
+    hf = LlamaForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    target = load_target(target_dir)
+    head = load_draft(head_dir, target)
+    with torch.no_grad():
+        out = hf(torch.tensor([prompt]), output_hidden_states=True)
+        first = int(out.logits[0, -1].argmax())
+        fused = torch.cat([out.hidden_states[i] for i in AUX], -1)  # (1, P, 3H)
+        P = len(prompt)
+        kv = [torch.zeros(head.cache_shape(1, 32)) for _ in range(2)]
+        logits = head(torch.tensor([prompt[1:] + [first]]), fused, torch.arange(P)[None],
+                      torch.tensor([0]), *kv)[0]
+    tree = resolve_tree("mc_sim_7b_63")
+    level1 = [n for n in range(1, tree.n_nodes) if tree.depth[n] == 1]
+    cols = logits[0, -1].topk(tree.top_k).indices
+    assert tree_tokens[level1].tolist() == [int(head.token_ids(cols[tree.rank[n]])) for n in level1]
+    assert int(tree_tokens[0]) == first

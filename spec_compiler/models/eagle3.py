@@ -60,7 +60,8 @@ class Eagle3Draft(nn.Module):
         self.register_buffer("hot_ids", hot)  # (Vd,) int64 target ids of the logit columns, or None
         self.register_buffer("inv_freq", rope_inv_freq(c), persistent=False)
 
-    def forward(self, tokens, features, input_pos, cache_len, k_cache, v_cache):
+    def forward(self, tokens, features, input_pos, cache_len, *kv):
+        k_cache, v_cache = kv  # varargs, as every model here: the exporter's calling convention
         e = self.embed_tokens(tokens)  # (B, T, H)
         x = features.to(e.dtype)
         if x.shape[-1] != e.shape[-1]:  # the target's fused layers (static: the graph's input shape)

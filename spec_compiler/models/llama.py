@@ -9,7 +9,9 @@ Calling convention (flat tensors, so the exported graph has one placeholder per 
         input_pos: (B, T) int64     rotary positions of the new tokens
         cache_len: (B,)   int64     valid cache entries; new tokens go to slots cache_len + [0, T)
         k_i, v_i:  (B, Hkv, S, Dh)  the static cache (S = capacity)
-    -> logits (B, T, V) float32, hidden (B, T, H) (after the final norm), k_0', v_0', ...
+    -> logits (B, T, V) float32, hidden (B, T, H) (after the final norm; with `feature_layers`,
+       the hidden states entering those layers, concatenated: an EAGLE-3 draft's features),
+       k_0', v_0', ...
 The cache update is functional (`scatter`); the static_kv_cache pass makes it in place.
 Parameter names are Hugging Face's, so loading is a literal name map.
 """
@@ -169,18 +171,36 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.feature_layers: tuple[int, ...] = ()
 
     def forward(self, tokens, input_pos, cache_len, *kv):
-        hidden, *new_kv = self.hidden_states(tokens, input_pos, cache_len, *kv)
-        logits = self.lm_head(hidden).float()  # (B, T, V)
-        return (logits, hidden, *new_kv)
+        normed, features, new_kv = self._run(tokens, input_pos, cache_len, kv)
+        logits = self.lm_head(normed).float()  # (B, T, V)
+        return (logits, features, *new_kv)
 
     def hidden_states(self, tokens, input_pos, cache_len, *kv):
-        """`forward` without the lm_head: (hidden (B, T, H), *new_kv). Training's features."""
+        """`forward` without the lm_head: (features, *new_kv). Training's features."""
+        _, features, new_kv = self._run(tokens, input_pos, cache_len, kv)
+        return (features, *new_kv)
+
+    def _run(self, tokens, input_pos, cache_len, kv):
+        """-> the final normed hidden state (B, T, H), the draft's features, the new caches.
+        The features are that normed state (EAGLE-1/2), or with `feature_layers` set (an
+        EAGLE-3 draft; the compiler sets it, the manifest records it) the hidden states
+        entering those layers, concatenated in layer order (B, T, len * H)."""
         x = self.embed_tokens(tokens)  # (B, T, H)
         cos, sin = rope_cos_sin(input_pos, self.inv_freq, x.dtype)
-        x, new_kv = run_layers(self.layers, x, cos, sin, cache_len, kv)
-        return (self.norm(x), *new_kv)  # the norm's output is the EAGLE feature
+        if not self.feature_layers:
+            x, new_kv = run_layers(self.layers, x, cos, sin, cache_len, kv)
+            x = self.norm(x)
+            return x, x, new_kv  # the norm's output is the EAGLE feature
+        fused, new_kv = [], []
+        for i, layer in enumerate(self.layers):
+            if i in self.feature_layers:
+                fused.append(x)
+            x, k_all, v_all = layer(x, cos, sin, cache_len, kv[2 * i], kv[2 * i + 1])
+            new_kv += [k_all, v_all]
+        return self.norm(x), torch.cat(fused, -1), new_kv
 
     def cache_shape(self, batch: int, capacity: int) -> tuple[int, ...]:
         return (batch, self.cfg.n_kv_heads, capacity, self.cfg.head_dim)

@@ -135,7 +135,7 @@ def draft_step_inputs(cfg: CompileConfig, seed: int, n_acc: list[int]) -> dict[s
     """Inputs of the unrolled draft step: D+1 accepted (token, feature) pairs of which the first
     n_acc[b] are real (the rest is padding), and cache_len >= n_acc (the pairs' slots end there)."""
     g = torch.Generator().manual_seed(seed)
-    B, D1, H = cfg.batch_size, cfg.tree.max_depth + 1, cfg.model.hidden_size
+    B, D1, H = cfg.batch_size, cfg.tree.max_depth + 1, fmt.Dims.from_config(cfg).feature_dim
     assert len(n_acc) == B
     x = random_inputs(cfg, "draft", seed, min_len=max(n_acc))
     return {"acc_tokens": torch.randint(0, cfg.model.vocab_size, (B, D1), generator=g),

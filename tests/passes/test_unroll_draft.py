@@ -142,3 +142,47 @@ def test_unroll_draft_requires_tree_attention(target, draft, bushy):
     with pytest.raises(SpecCompileError, match="unroll_draft: 0 matches"):
         unroll_draft(gm, tree=bushy)
     assert len(gm.graph.nodes) == n
+
+
+@pytest.fixture(scope="module")
+def eagle3_draft(target):
+    """A random EAGLE-3 head over the tiny target: fc from three fused layers (3 x hidden), the
+    midlayer attending over [embedding ; feature], its own norm and full-vocabulary lm_head."""
+    import dataclasses
+
+    from spec_compiler.config import Eagle3Config
+    from spec_compiler.models.eagle3 import Eagle3Draft
+
+    cfg = Eagle3Config(layer=dataclasses.replace(target.cfg, n_layers=1), target_hidden_size=target.cfg.hidden_size,
+                       aux_layers=(0, 1, 2), has_embed=False)
+    torch.manual_seed(4)
+    d = Eagle3Draft(cfg, target.cfg)
+    for p in d.parameters():
+        p.data.normal_(0, 0.3)
+    d.embed_tokens.weight = target.embed_tokens.weight
+    return d.eval()
+
+
+@pytest.mark.parametrize("tree", [chain(3), "mc_sim_7b_63"], ids=["chain-3", "mc_sim_7b_63"])
+def test_unroll_eagle3_draft_matches_eager_step(target, bushy, eagle3_draft, tree):
+    """EAGLE-3: the catch-up projects the target's fused features (3 x hidden) through fc, the
+    levels feed the draft's own hidden-wide features (the one-level graph has no fc); the step
+    equals eager Eagle3Draft calls, which pick the branch by the feature width."""
+    tree = bushy if tree == "mc_sim_7b_63" else tree
+    cfg = config(target, eagle3_draft, tree)
+    gm = apply(traced(cfg, "draft", eagle3_draft), cleanup, fuse_projections, partial(tree_attention, tree=None),
+               partial(unroll_draft, tree=tree, project=eagle3_draft.fc))
+    H = target.cfg.hidden_size
+    assert placeholders(gm)["acc_feats"].meta["val"].shape[-1] == 3 * H
+    fc = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == "fc.weight"]
+    assert len(fc) == 1 and count_ops(gm, aten.topk.default) == tree.max_depth  # fc once: the catch-up
+    for seed, n_acc in ((0, [1, 1]), (1, [3, 3]), (2, [1, 3])):
+        x = draft_step_inputs(cfg, seed, n_acc)
+        assert x["acc_feats"].shape[-1] == 3 * H
+        out = call(gm, x)
+        for b in range(cfg.batch_size):
+            tokens, caches = draft_step_reference(eagle3_draft, tree, x, b)
+            assert out["tree_tokens"][b].tolist() == tokens, f"seed {seed} row {b}"
+            c, n = int(x["cache_len"][b]), n_acc[b]
+            for k, ref in zip(cache_names(gm), caches, strict=True):
+                close(out[k][b, :, c - n:c], ref[0, :, c - n:c], f"{k} row {b} catch-up")
