@@ -53,6 +53,21 @@ def test_hot_vocab_draft_on_cuda_matches_transformers(tmp_path, tiny_dir):
         assert res.output_ids == hf_greedy(tiny_dir, p, 60)
 
 
+def test_eagle3_draft_on_cuda_matches_transformers(tmp_path):
+    """An EAGLE-3 head (fused target layers, its own vocabulary) through Inductor on CUDA."""
+    from spec_compiler.runtime import Engine
+    from helpers import make_tiny_checkpoint
+    from test_eagle3 import eagle3_state, write_eagle3
+
+    target = make_tiny_checkpoint(tmp_path / "target", num_hidden_layers=4)
+    head = write_eagle3(tmp_path / "head", eagle3_state(seed=2))
+    out = build_engine(tmp_path / "e3", target, draft_dir=head, backend="inductor", device="cuda",
+                       dtype="float32", max_seq_len=256)
+    engine = Engine.load(out)
+    for p in (PROMPT, [9] * 40):
+        assert engine.generate(p, max_new_tokens=60).output_ids == hf_greedy(target, p, 60)
+
+
 def steps_without_sync(engine, n: int) -> list:
     """Run n engine.step() calls with CUDA's sync-debug mode set to error (a host sync inside
     a step raises); returns the captured steps replayed, in order."""
