@@ -174,16 +174,16 @@ class Llama(nn.Module):
         self.feature_layers: tuple[int, ...] = ()
 
     def forward(self, tokens, input_pos, cache_len, *kv):
-        normed, features, new_kv = self._run(tokens, input_pos, cache_len, kv)
+        normed, features, new_kv = self.forward_parts(tokens, input_pos, cache_len, kv)
         logits = self.lm_head(normed).float()  # (B, T, V)
         return (logits, features, *new_kv)
 
     def hidden_states(self, tokens, input_pos, cache_len, *kv):
         """`forward` without the lm_head: (features, *new_kv). Training's features."""
-        _, features, new_kv = self._run(tokens, input_pos, cache_len, kv)
+        _, features, new_kv = self.forward_parts(tokens, input_pos, cache_len, kv)
         return (features, *new_kv)
 
-    def _run(self, tokens, input_pos, cache_len, kv):
+    def forward_parts(self, tokens, input_pos, cache_len, kv):
         """-> the final normed hidden state (B, T, H), the draft's features, the new caches.
         The features are that normed state (EAGLE-1/2), or with `feature_layers` set (an
         EAGLE-3 draft; the compiler sets it, the manifest records it) the hidden states

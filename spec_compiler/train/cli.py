@@ -30,7 +30,16 @@ def parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("model_dir", type=Path, help="Hugging Face Llama checkpoint directory (with tokenizer)")
     a("--out", type=Path, required=True, help="draft directory to write")
-    a("--layers", type=int, default=1, help="draft decoder layers (default 1)")
+    a("--arch", choices=("eagle", "eagle3"), default="eagle",
+      help="eagle: an EAGLE-1/2 head on the target's last hidden state (feature + KL loss); eagle3: "
+           "an EAGLE-3 head on three fused target layers, its own lm_head, trained with "
+           "training-time test and a token-level loss (default eagle)")
+    a("--layers", type=int, default=1, help="draft decoder layers (default 1; eagle3: 1)")
+    a("--ttt-steps", type=int, default=3,
+      help="eagle3: draft steps unrolled in training (training-time test; default 3)")
+    a("--aux-layers", type=_layers, default=None,
+      help="eagle3: the three target layers whose inputs are fused, e.g. 2,16,29 (default: the "
+           "reference's 2, L/2, L-3)")
     a("--prompts", type=Path, default=DEFAULT_TRAIN_PROMPTS,
       help="JSON-lines prompt file (default: the packaged training prompts)")
     a("--tokens", type=int, default=1_000_000,
@@ -71,6 +80,13 @@ def parser() -> argparse.ArgumentParser:
       help="after training, score the draft on these prompts' continuations (training.json)")
     a("--eval-n", type=int, default=32, help="prompts of --eval-prompts to score (default 32)")
     return add_verbose_flag(p)
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of layer indices")
 
 
 def _temperatures(text: str) -> tuple[float, ...]:

@@ -24,11 +24,12 @@ import torch
 
 from ..errors import SpecCompileError, add_verbose_flag, cli_entry
 from ..models.eagle import EagleDraft
+from ..models.eagle3 import Eagle3Draft
 from .generate import Sequence
 
 
 @torch.no_grad()
-def chain_acceptance(draft: EagleDraft, seqs: list[Sequence], depth: int = 5) -> dict:
+def chain_acceptance(draft: EagleDraft | Eagle3Draft, seqs: list[Sequence], depth: int = 5) -> dict:
     """-> {"top1": float, "chain": [mean accepted tokens for chain-1..depth], "n_starts": int}"""
     dev = draft.fc.weight.device
     accepted, top1 = [], []
@@ -42,6 +43,7 @@ def chain_acceptance(draft: EagleDraft, seqs: list[Sequence], depth: int = 5) ->
               for _ in range(2 * draft.cfg.n_layers)]
         logits, g, *kv = draft(x[None, 1:], f[None, :-1], torch.arange(T, device=dev)[None],
                                torch.zeros(1, dtype=torch.long, device=dev), *kv)
+        tf_logits = logits  # teacher-forced: the draft's first guess after every position
         M = starts.numel()
         y = draft.token_ids(logits[0, starts].argmax(-1))  # (M,) depth-1 drafts (target ids)
         g = g[0, starts][:, None]         # (M, 1, H)
@@ -57,20 +59,13 @@ def chain_acceptance(draft: EagleDraft, seqs: list[Sequence], depth: int = 5) ->
         # top-1 over every supervised position (also those too close to the end for a chain)
         hi = L - (3 if s.ended else 2) + 1
         i = torch.arange(P - 1, min(hi, L - 2), device=dev)
-        top1.append(draft_top1(draft, x, f, i).cpu())
+        top1.append((draft.token_ids(tf_logits[0, i].argmax(-1)) == x[i + 2]).cpu())
     if not accepted:
         raise SpecCompileError("evaluation: no continuation is long enough to score")
     a = torch.cat(accepted).float()  # (N, depth)
     chain = [float(a[:, :k].sum(1).mean()) for k in range(1, depth + 1)]
     return {"top1": float(torch.cat(top1).float().mean()), "chain_accepted": chain,
             "chain_tokens_per_call": [1 + c for c in chain], "n_starts": int(a.shape[0])}
-
-
-def draft_top1(draft: EagleDraft, x, f, i):
-    from .distill import draft_hidden
-
-    g = draft_hidden(draft, x[None, 1:], f[None, :-1])[0, i]  # (n, H)
-    return draft.token_ids(draft.lm_head(g).argmax(-1)) == x[i + 2]
 
 
 def _seqs_to_state(seqs: list[Sequence]) -> dict:
@@ -99,10 +94,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     target = load_target(args.model_dir)
+    drafts = [load_draft(d, target) for d in args.draft_dirs]
+    # The features the drafts read: the last hidden state, or an EAGLE-3 head's fused layers.
+    fused = {d.cfg.fused_layers for d in drafts}
+    if len(fused) > 1:
+        raise SpecCompileError("these drafts read different target features (EAGLE-1/2 and EAGLE-3, or "
+                               "EAGLE-3 heads on different layers); score them in separate runs")
+    target.feature_layers = fused.pop()
+    width = target.cfg.hidden_size * max(1, len(target.feature_layers))
     if args.cache and args.cache.is_file():
         c = torch.load(args.cache, weights_only=True)
         seqs = [Sequence(t, f, pl, e) for t, f, pl, e in
                 zip(c["tokens"], c["features"], c["prompt_len"], c["ended"])]
+        if seqs and seqs[0].features.shape[1] != width:
+            raise SpecCompileError(f"--cache {args.cache}: its features are {seqs[0].features.shape[1]} wide, "
+                                   f"these drafts read {width}; use another --cache file")
     else:
         t0 = time.time()
         seqs = greedy_continuations(target, args.model_dir, args.prompts, args.n,
@@ -111,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         if args.cache:
             torch.save(_seqs_to_state(seqs), args.cache)
-    for d in args.draft_dirs:
-        res = chain_acceptance(load_draft(d, target), seqs, args.depth)
+    for d, draft in zip(args.draft_dirs, drafts):
+        res = chain_acceptance(draft, seqs, args.depth)
         print(json.dumps({"draft": str(d), **res}))
     return 0
 

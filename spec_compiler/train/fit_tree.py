@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device(args.device)
     target = load_target(args.model_dir).to(dev)
     draft = load_draft(args.draft_dir, target, draft_vocab=args.draft_vocab).to(dev)
+    target.feature_layers = draft.cfg.fused_layers  # an EAGLE-3 head reads fused layers
     seqs = greedy_continuations(target, args.model_dir, args.prompts, args.n,
                                 args.max_new_tokens, args.batch)
     paths = rank_paths(draft, seqs, args.max_depth, args.top_k)

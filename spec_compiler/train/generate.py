@@ -132,12 +132,15 @@ def continue_prompts(target: Llama, prompts: list[list[int]], max_new_tokens: in
 
 @torch.no_grad()
 def featurize(target: Llama, seqs: list[Sequence], rows: int = 16,
-              max_tokens: int = 16384) -> list[Sequence]:
+              max_tokens: int = 16384, with_final: bool = False) -> list[Sequence]:
     """Fill each sequence's features with one causal forward (length-sorted chunks of at most
-    `rows` sequences and about `max_tokens` padded tokens). An EOS's own row stays zero: the
-    engine never feeds an EOS back, and no loss reads it."""
+    `rows` sequences and about `max_tokens` padded tokens): the target's features (its last
+    normed hidden state, or with `feature_layers` set the fused layers), followed with
+    `with_final` by its last normed hidden state (an EAGLE-3 loss reads the target's next-token
+    distribution from it). An EOS's own row stays zero: the engine never feeds an EOS back, and
+    no loss reads it."""
     dev = target.embed_tokens.weight.device
-    H = target.cfg.hidden_size
+    H = target.cfg.hidden_size * (max(1, len(target.feature_layers)) + with_final)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].tokens))
     i = 0
     while i < len(order):
@@ -152,9 +155,9 @@ def featurize(target: Llama, seqs: list[Sequence], rows: int = 16,
         for r, s in enumerate(chunk):
             t[r, :len(s.tokens)] = s.tokens
         pos = torch.arange(T, device=dev).expand(n, T)
-        hidden, *_ = target.hidden_states(t.to(dev), pos, torch.zeros(n, dtype=torch.long, device=dev),
-                                          *_new_cache(target, n, T, dev))
-        hidden = hidden.float().cpu()
+        final, hidden, _ = target.forward_parts(t.to(dev), pos, torch.zeros(n, dtype=torch.long, device=dev),
+                                                _new_cache(target, n, T, dev))
+        hidden = (torch.cat((hidden, final), -1) if with_final else hidden).float().cpu()
         for r, s in enumerate(chunk):
             f = hidden[r, :len(s.tokens)].clone()
             if s.ended:

@@ -11,18 +11,20 @@ from pathlib import Path
 
 import torch
 
-from ..config import DraftConfig
+from ..config import DraftConfig, Eagle3Config, eagle3_default_layers
 from ..engine_format import DTYPES
 from ..errors import SpecCompileError
 from ..hashing import record_path, sha256_file
 from ..loading import load_target
 from ..models.eagle import EagleDraft
+from ..models.eagle3 import Eagle3Draft
 from .checkpoint import load_latest, save_checkpoint
 from .data import batch_prompt_ids, encode_prompts, load_tokenizer, read_prompts
 from .distill import collate, distill_loss, lr_at, minibatches, supervised_range
+from .eagle3 import ttt_loss
 from .generate import Sequence, continue_prompts, featurize, greedy_continuations
-from .options import RESUME_KEYS, check_args, settings
-from .save import save_draft
+from .options import RESUME_DEFAULTS, RESUME_KEYS, check_args, settings
+from .save import save_draft, save_eagle3
 
 FROZEN = ("embed_tokens.", "lm_head.")  # the target's, shared and frozen
 
@@ -39,8 +41,30 @@ def build_draft(target, n_layers: int, seed: int) -> EagleDraft:
     return draft
 
 
-def trainable(draft: EagleDraft) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in draft.named_parameters() if not n.startswith(FROZEN)}
+def build_eagle3(target, aux_layers: tuple[int, ...] | None, seed: int) -> Eagle3Draft:
+    """A fresh EAGLE-3 head (PyTorch default init) reading the target layers `aux_layers`
+    (default: the reference's), sharing the target's embedding; its own lm_head starts as a copy
+    of the target's (full vocabulary: the hot rows are picked when it is written)."""
+    L = target.cfg.n_layers
+    aux = tuple(aux_layers) if aux_layers is not None else eagle3_default_layers(L)
+    if len(aux) != 3 or len(set(aux)) != 3 or not all(0 <= i < L for i in aux):
+        raise SpecCompileError(f"--aux-layers {','.join(map(str, aux))}: need three distinct target layers in "
+                               f"[0, {L})" + ("" if aux_layers is not None else
+                                               "; the reference's default does not fit this target, name them"))
+    c = target.cfg
+    cfg = Eagle3Config(layer=dataclasses.replace(c, n_layers=1, head_dim=c.hidden_size // c.n_heads),
+                       target_hidden_size=c.hidden_size, aux_layers=tuple(sorted(aux)), has_embed=False)
+    torch.manual_seed(seed)
+    with torch.device(target.embed_tokens.weight.device):
+        draft = Eagle3Draft(cfg, c)
+    draft.embed_tokens.weight = target.embed_tokens.weight
+    draft.lm_head.weight.data.copy_(target.lm_head.weight.detach())
+    return draft
+
+
+def trainable(draft: EagleDraft | Eagle3Draft) -> dict[str, torch.nn.Parameter]:
+    frozen = ("embed_tokens.",) if isinstance(draft, Eagle3Draft) else FROZEN  # its lm_head is its own
+    return {n: p for n, p in draft.named_parameters() if not n.startswith(frozen)}
 
 
 def _seed(*parts: int) -> torch.Generator:
@@ -118,7 +142,11 @@ def train(args, command: str) -> dict:
                   "weights_sha256": _hash_weights(args.model_dir)},
     }
 
-    draft = build_draft(target, args.layers, args.seed)
+    eagle3 = args.arch == "eagle3"
+    draft = build_eagle3(target, args.aux_layers, args.seed) if eagle3 else build_draft(target, args.layers, args.seed)
+    # EAGLE-3 learns from the fused layers and the target's next-token distribution (its last
+    # hidden state, stored beside them); EAGLE-1/2 from the last hidden state alone.
+    target.feature_layers = draft.cfg.fused_layers
     params = trainable(draft)
     opt = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.95),
                             weight_decay=args.weight_decay)
@@ -135,7 +163,7 @@ def train(args, command: str) -> dict:
         opt.load_state_dict(ck["optimizer"])
         noise_gen.set_state(ck["noise_rng"])
         st = {**st, **ck["state"], "commands": ck["state"]["commands"] + [command]}
-        seqs = featurize(target, _unpack(ck["batch"])) if ck["batch"] is not None else None
+        seqs = featurize(target, _unpack(ck["batch"]), with_final=eagle3) if ck["batch"] is not None else None
         print(f"resumed from {path} at step {st['step']} ({st['tokens_seen']} tokens)",
               file=sys.stderr)
     draft.train()
@@ -157,7 +185,7 @@ def train(args, command: str) -> dict:
             gen = torch.Generator(dev).manual_seed(_seed(args.seed, st["gen_idx"], 1).initial_seed())
             seqs = featurize(target, continue_prompts(
                 target, [ids[i] for i in pids], args.max_new_tokens, eos,
-                args.temperature[st["gen_idx"] % len(args.temperature)], gen))
+                args.temperature[st["gen_idx"] % len(args.temperature)], gen), with_final=eagle3)
             dt = time.time() - t0
             new = sum(s.n_new for s in seqs)
             for s in seqs:
@@ -179,7 +207,11 @@ def train(args, command: str) -> dict:
             for g in opt.param_groups:
                 g["lr"] = lr
             with torch.autocast("cuda", torch.bfloat16, enabled=dev.type == "cuda"):
-                loss, m = distill_loss(draft, batch, args.w_feat, args.w_kl, args.noise, noise_gen)
+                if eagle3:
+                    loss, m = ttt_loss(draft, target.lm_head, batch.tokens, batch.features, batch.mask,
+                                       args.ttt_steps)
+                else:
+                    loss, m = distill_loss(draft, batch, args.w_feat, args.w_kl, args.noise, noise_gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if args.grad_clip > 0:
@@ -240,8 +272,10 @@ def _target_dtype(args) -> str:
 def _log(st, args, meter, lr, tps):
     m = meter.means()
     gen_tps = st["generated"] / max(1e-9, st["gen_s"])
+    parts = (f"feat {m['feat']:.4f}, kl {m['kl']:.3f}" if "feat" in m else
+             f"kl {m['kl']:.3f}, step {args.ttt_steps} kl {m['kl_last']:.3f}")
     print(f"step {st['step']} | tokens {st['tokens_seen']}/{args.tokens} | loss {m['loss']:.4f} "
-          f"(feat {m['feat']:.4f}, kl {m['kl']:.3f}) | acc {m['acc']:.3f} | lr {lr:.2e} | "
+          f"({parts}) | acc {m['acc']:.3f} | lr {lr:.2e} | "
           f"{tps:.0f} tok/s (gen {gen_tps:.1f} tok/s) | train {_fmt_t(st['train_s'])} "
           f"gen {_fmt_t(st['gen_s'])}", file=sys.stderr, flush=True)
     st["history"].append({"step": st["step"], "tokens_seen": st["tokens_seen"], "lr": lr,
@@ -251,11 +285,11 @@ def _log(st, args, meter, lr, tps):
 def _check_resume(ck: dict, args, info: dict, path: Path) -> None:
     old = ck["settings"]
     new = settings(args)
-    diff = [k for k in RESUME_KEYS if old.get(k) != new[k]]
+    diff = [k for k in RESUME_KEYS if old.get(k, RESUME_DEFAULTS.get(k)) != new[k]]
     if diff:
         k = diff[0]
         raise SpecCompileError(f"--resume: {path} was trained with --{k.replace('_', '-')} "
-                               f"{old.get(k)}, this run has {new[k]}; use the same "
+                               f"{old.get(k, RESUME_DEFAULTS.get(k))}, this run has {new[k]}; use the same "
                                "settings to continue")
     for what in ("prompts", "model"):
         if ck["info"][what]["sha256" if what == "prompts" else "config_sha256"] != \
@@ -294,7 +328,9 @@ def _write_draft(draft, args, info, st, metrics, dev_eval) -> None:
         "resume_commands": st["commands"][1:],
         "settings": settings(args),
         **info,
-        "draft": {"n_layers": args.layers, "fc_bias": True, "shares": ["embed_tokens", "lm_head"],
+        "draft": {"arch": args.arch, "n_layers": args.layers, "fc_bias": not isinstance(draft, Eagle3Draft),
+                  "shares": ["embed_tokens"] if isinstance(draft, Eagle3Draft) else ["embed_tokens", "lm_head"],
+                  "fused_layers": list(draft.cfg.fused_layers) or None,
                   "save_dtype": args.save_dtype,
                   "trainable_params": sum(p.numel() for p in trainable(draft).values()),
                   "draft_vocab": args.draft_vocab or None,
@@ -307,6 +343,7 @@ def _write_draft(draft, args, info, st, metrics, dev_eval) -> None:
         "history": st["history"],
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
-    save_draft(draft.cpu(), args.out, dtype=DTYPES[args.save_dtype], hot_ids=hot,
-               extra_files={"training.json": json.dumps(record, indent=2) + "\n"})
+    save = save_eagle3 if isinstance(draft, Eagle3Draft) else save_draft
+    save(draft.cpu(), args.out, dtype=DTYPES[args.save_dtype], hot_ids=hot,
+         extra_files={"training.json": json.dumps(record, indent=2) + "\n"})
     print(f"wrote {args.out} (step {st['step']}, {st['tokens_seen']} tokens)", file=sys.stderr)

@@ -15,7 +15,9 @@ from ..hashing import record_path
 # Settings a resumed run must share with the checkpoint (the rest are stop criteria or plumbing).
 RESUME_KEYS = ("layers", "max_new_tokens", "gen_batch", "batch_size", "reuse", "lr", "warmup",
                "w_feat", "w_kl", "noise", "temperature", "seed", "weight_decay", "grad_clip",
-               "max_prompt_tokens", "target_dtype")
+               "max_prompt_tokens", "target_dtype", "arch", "ttt_steps", "aux_layers")
+# What a checkpoint written before a setting existed ran with.
+RESUME_DEFAULTS = {"arch": "eagle", "ttt_steps": 3, "aux_layers": None}
 
 
 def check_args(args) -> None:
@@ -24,6 +26,14 @@ def check_args(args) -> None:
         v = getattr(args, flag)
         if v <= 0:
             raise SpecCompileError(f"--{flag.replace('_', '-')} {v}: must be a positive integer")
+    if args.arch == "eagle3":
+        if args.layers != 1:
+            raise SpecCompileError(f"--layers {args.layers}: an EAGLE-3 head has one decoder layer; "
+                                   "drop --layers")
+        if args.ttt_steps < 1:
+            raise SpecCompileError(f"--ttt-steps {args.ttt_steps}: must be a positive integer")
+    elif args.aux_layers is not None:
+        raise SpecCompileError("--aux-layers: only for --arch eagle3")
     if args.draft_vocab < 0:
         raise SpecCompileError(f"--draft-vocab {args.draft_vocab}: must be >= 0 (0: full vocabulary)")
     if args.time_limit is not None and not args.time_limit > 0:

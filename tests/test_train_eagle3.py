@@ -1,0 +1,116 @@
+"""spec-train --arch eagle3: training-time test equals the engine's incremental drafting, the loss
+falls, and the trained head is written in the EAGLE-3 reference format that spec-compile reads
+(lossless engine), with resume continuing bit for bit."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from helpers import build_engine, hf_greedy, make_tiny_checkpoint
+from spec_compiler.config import Eagle3Config
+from spec_compiler.loading import load_draft, load_target, read_draft_state
+from spec_compiler.models.eagle3 import Eagle3Draft
+from spec_compiler.train.cli import main
+from spec_compiler.train.eagle3 import ttt_hidden
+from test_train import ARGS, prompt_file  # noqa: F401  (fixture)
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("t3") / "target", num_hidden_layers=4)
+
+
+def random_head(target, seed=3) -> Eagle3Draft:
+    cfg = Eagle3Config(layer=dataclasses.replace(target.cfg, n_layers=1), target_hidden_size=target.cfg.hidden_size,
+                       aux_layers=(0, 1, 2), has_embed=False)
+    torch.manual_seed(seed)
+    d = Eagle3Draft(cfg, target.cfg)
+    for p in d.parameters():
+        p.data.normal_(0, 0.3)
+    d.embed_tokens.weight = target.embed_tokens.weight
+    return d.eval()
+
+
+@torch.no_grad()
+def test_ttt_steps_equal_incremental_drafting(target_dir):
+    """Step k at row i = the head run as the engine runs it: a catch-up over rows 0..i (fused
+    features) into its KV cache, then one forward per drafted level on its own output."""
+    target = load_target(target_dir)
+    head = random_head(target)
+    g = torch.Generator().manual_seed(0)
+    T, steps, H = 9, 3, target.cfg.hidden_size
+    tokens = torch.randint(0, 128, (1, T), generator=g)
+    fused = torch.randn(1, T, 3 * H, generator=g)
+    outs = ttt_hidden(head, tokens, fused, steps)
+    for i in range(T - steps + 1):
+        kv = [torch.zeros(head.cache_shape(1, T + steps)) for _ in range(2)]
+        _, hid, *kv = head(tokens[:, :i + 1], fused[:, :i + 1], torch.arange(i + 1)[None], torch.tensor([0]), *kv)
+        x = hid[:, -1:]
+        torch.testing.assert_close(outs[0][:, i], x[:, 0], rtol=1e-4, atol=1e-4)
+        for k in range(2, steps + 1):
+            pos = i + k - 1
+            _, x, *kv = head(tokens[:, i + k - 1:i + k], x, torch.tensor([[pos]]), torch.tensor([pos]), *kv)
+            torch.testing.assert_close(outs[k - 1][:, i], x[:, 0], rtol=1e-4, atol=1e-4, msg=f"row {i} step {k}")
+
+
+def test_cli_trains_a_loadable_eagle3_head_and_resumes_exactly(target_dir, prompt_file, tmp_path, capsys):  # noqa: F811
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = [str(target_dir), "--prompts", str(prompt_file), "--arch", "eagle3", "--ttt-steps", "3", "--aux-layers", "3,1,2",
+              "--draft-vocab", "64", *ARGS]
+    assert main([*common, "--out", str(straight), "--max-steps", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "kl" in err and "step 8" in err
+    assert main([*common, "--out", str(split), "--max-steps", "4", "--save-every", "100"]) == 0
+    assert main([*common, "--out", str(split), "--max-steps", "8", "--resume"]) == 0
+    a, b = read_draft_state(straight), read_draft_state(split)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    H = 64
+    assert a["fc.weight"].shape == (H, 3 * H) and a["lm_head.weight"].shape == (64, H)
+    assert a["midlayer.self_attn.q_proj.weight"].shape[1] == 2 * H and "d2t" in a and "t2d" in a
+    cfg = json.loads((straight / "config.json").read_text())
+    assert cfg["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3] and cfg["draft_vocab_size"] == 64
+    info = json.loads((straight / "training.json").read_text())
+    assert info["draft"]["arch"] == "eagle3" and info["history"][-1]["kl_last"] >= 0
+    # The reference format loads as an EAGLE-3 head and compiles into a lossless engine.
+    target = load_target(target_dir)
+    head = load_draft(straight, target)
+    assert isinstance(head, Eagle3Draft) and head.cfg.aux_layers == (1, 2, 3)
+    from spec_compiler.runtime import Engine
+
+    eng = Engine.load(build_engine(tmp_path / "engine", target_dir, draft_dir=straight, tree="chain-3"))
+    for p in ([5, 9, 33, 2, 71, 8], [7, 7, 7]):
+        assert eng.generate(p, max_new_tokens=20).output_ids == hf_greedy(target_dir, p, 20)
+
+
+def test_ttt_loss_falls_on_a_fixed_batch(target_dir):
+    from spec_compiler.train.eagle3 import ttt_loss
+
+    target = load_target(target_dir)
+    head = random_head(target)
+    head.lm_head.weight = torch.nn.Parameter(target.lm_head.weight.detach().clone())
+    head.train()
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 128, (2, 12), generator=g)
+    target.feature_layers = (0, 1, 2)
+    with torch.no_grad():
+        final, fused, _ = target.forward_parts(tokens, torch.arange(12).expand(2, 12), torch.zeros(2, dtype=torch.long),
+                                               [torch.zeros(target.cache_shape(2, 12)) for _ in range(8)])
+    target.feature_layers = ()
+    feats = torch.cat((fused, final), -1)
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    params = [p for n, p in head.named_parameters() if not n.startswith("embed_tokens")]
+    opt = torch.optim.Adam(params, lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss, m = ttt_loss(head, target.lm_head, tokens, feats, mask, 3)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
