@@ -383,29 +383,23 @@ def load_draft(draft: str | Path | DraftSource, target: Llama, dtype: str = "flo
         src = read_draft(draft, target.cfg, draft_vocab)
     cfg, hot, state = src.cfg, src.hot, dict(src.state)
     state.setdefault("embed_tokens.weight", target.embed_tokens.weight)
-    if isinstance(cfg, Eagle3Config):  # its own lm_head rows, in stored d2t order
+    eagle3 = isinstance(cfg, Eagle3Config)
+    if eagle3:  # its own lm_head rows, in stored d2t order
         if hot is not None:
             state["lm_head.weight"] = state["lm_head.weight"][:hot.numel()]
-            state["hot_ids"] = hot
-        with torch.device("meta"):
-            head = Eagle3Draft(cfg, target.cfg)
-        _assign(head, state, src.dir, DTYPES[dtype])
-        if not cfg.has_embed:
-            head.embed_tokens.weight = target.embed_tokens.weight
-        _finish(head, _buffers(cfg.layer))
-        return head.eval()
-    if hot is None:
+    elif hot is None:
         state["lm_head.weight"] = target.lm_head.weight
     else:
         state["lm_head.weight"] = _hot_lm_head(src.dir, state.get("lm_head.weight"), src.stored_hot,
                                                hot, target)
+    if hot is not None:
         state["hot_ids"] = hot
     with torch.device("meta"):
-        head = EagleDraft(cfg, target.cfg)
+        head = (Eagle3Draft if eagle3 else EagleDraft)(cfg, target.cfg)
     _assign(head, state, src.dir, DTYPES[dtype])
     if not cfg.has_embed:
         head.embed_tokens.weight = target.embed_tokens.weight
-    if hot is None:
+    if hot is None and not eagle3:
         head.lm_head.weight = target.lm_head.weight
     _finish(head, _buffers(cfg.layer))
     return head.eval()
