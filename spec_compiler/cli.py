@@ -52,6 +52,9 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sampling", dest="sampling", action="store_false",
                    help="greedy only: skip the sampling verify graph (temperature > 0), one graph "
                         "less to compile")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="graphs lowered in parallel, one process each (default: one per 4 CPU "
+                        "cores, at most 8; 1: one after another in this process)")
     p.add_argument("--debug-dir", type=Path, default=None, help="dump the graph after every pass")
     return add_verbose_flag(p)
 
@@ -69,6 +72,8 @@ def compile_main(argv: list[str] | None = None) -> int:
     if args.debug_dir is not None:
         check_writable_dir(args.debug_dir, "--debug-dir")
     draft_vocab = parse_draft_vocab(args.draft_vocab)
+    if args.jobs is not None and args.jobs < 1:
+        raise SpecCompileError(f"--jobs {args.jobs}: must be at least 1")
     tree, auto_tree = _auto_tree(args.tree, args.draft)
     model = ModelConfig.from_hf(args.model_dir)
     draft = None
@@ -85,7 +90,8 @@ def compile_main(argv: list[str] | None = None) -> int:
                         device=args.device, prefill_chunk=args.prefill_chunk, sampling=args.sampling,
                         batch_size=args.max_batch)
     compile_engine(cfg, args.model_dir, draft if tree.n_nodes > 1 else None, args.out,
-                   debug_dir=args.debug_dir, draft_vocab=draft_vocab, auto_tree=auto_tree)
+                   debug_dir=args.debug_dir, draft_vocab=draft_vocab, auto_tree=auto_tree,
+                   jobs=args.jobs)
     return 0
 
 
