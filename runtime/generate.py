@@ -34,6 +34,12 @@ finishes, and a CUDA graph captured per bucket needs fixed buffers; a prefix vie
 nothing. The price: a hole below the highest live slot keeps the larger bucket, computing (and
 masking) the hole's row, until it closes; filling the lowest hole first closes holes as soon as
 requests wait, and when none wait the batch only shrinks.
+Trees per bucket (engine_format): the step at bucket b runs b's tree; where it is chain-0 no
+draft graph runs, and in an engine that mixes plain and speculative buckets a slot that decoded
+plainly has its draft cache caught up (`_catch_up`, one host-side draft_prefill pass over the
+gap) before its next speculative step. Greedy tokens never depend on the tree; sampled tokens
+for a seed do (the draws are keyed per tree node), so with trees per bucket they depend on the
+buckets a sequence ran in, i.e. on its batch-mates; with one tree, on the seed alone.
 Slots in a bucket that are not live are parked (engine_format: n_acc = 1, cache_len one past
 their valid data), so the graphs' writes for them land in their own scratch rows, and the step
 keeps their state as it was; their outputs are dropped.
@@ -453,7 +459,8 @@ class Engine:
         keyword is one value for all prompts or a list of one per prompt; a single seed gives
         prompt i the seed `seed + i`. Every request is checked before anything runs. Each
         sequence's output is what generate() gives it alone: greedy, the same tokens; sampled,
-        the same tokens for the same seed, whatever its batch-mates and slot. Holds the lock
+        the same tokens for the same seed, whatever its batch-mates and slot, when every bucket
+        has the same tree (else exactly distributed, module docstring). Holds the lock
         throughout and frees every slot first."""
         from .batch import expand_requests
 
