@@ -383,6 +383,8 @@ def test_inductor_buckets_match_transformers(tmp_path, tiny_dir, tiny_draft_dir)
 
 # ---- the tree dispatcher: a tree per bucket ----
 DISPATCH = ("mc_sim_7b_63", "chain-2", "chain-0")  # buckets 1, 2, 4: bushy, a chain, plain decoding
+# Slots 0 and 1 hold the long sequences, so the batch shrinks 4 -> 2 -> 1 once the rest end.
+DISPATCH_NEW = (None, 40, 12, 9, 10, 8)
 
 
 @pytest.fixture(scope="module")
@@ -432,17 +434,19 @@ def test_dispatcher_runs_each_buckets_tree(dispatch_engine, model_dir, reference
     assert "draft" not in engine._bucket_graphs[4] and "draft" in engine._bucket_graphs[2]
     assert engine.state["acc_tokens"].shape == (4, 6)  # mc_sim_7b_63's depth 5, for every bucket
     prompts = _prompts()
-    solo = [engine.generate(p, max_new_tokens=n) for p, n in zip(prompts, MAX_NEW)]
+    solo = [engine.generate(p, max_new_tokens=n) for p, n in zip(prompts, DISPATCH_NEW)]
     calls = _record_graphs(engine)
     catch_ups = []
     catch_up = engine._catch_up
     engine._catch_up = lambda i: (catch_ups.append(i), catch_up(i))
-    batch = engine.generate_batch(prompts, max_new_tokens=list(MAX_NEW))
+    batch = engine.generate_batch(prompts, max_new_tokens=list(DISPATCH_NEW))
+    steps = [b for b, name in calls if name == "verify"]  # one verify per step: its bucket
+    assert [b for i, b in enumerate(steps) if not i or steps[i - 1] != b] == [4, 2, 1], steps
     ran = {b: {name for at, name in calls if at == b} for b in (1, 2, 4)}
     assert ran[4] == {"verify"}, "a chain-0 bucket must run no draft graph"
     assert ran[2] == ran[1] == {"draft", "verify"}, ran
     assert catch_ups, "slots that decoded plainly then speculated: the draft must have caught up"
-    for p, n, s, b in zip(prompts, MAX_NEW, solo, batch):
+    for p, n, s, b in zip(prompts, DISPATCH_NEW, solo, batch):
         assert (b.output_ids, b.stop_reason) == (s.output_ids, s.stop_reason), p
         ref = references[prompts.index(p)][len(p):]
         assert b.output_ids == (hf_greedy(model_dir, p, n or 200) if b.stop_reason != "length"
