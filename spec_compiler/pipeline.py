@@ -258,7 +258,7 @@ def lower_all(todo: list, backend: str, device: str, jobs: int | None, progress)
 
     saved = []
     for label, gm, args, path in todo:
-        saved.append((label, save_exported(gm, args, path.with_suffix(".export")), path))
+        saved.append((label, save_exported(gm, args, path.with_suffix(".export.pt2")), path))
     progress(f"[3/4] lowering {len(saved)} graphs with {backend}, {jobs} at a time")
     with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futs = {pool.submit(lower_saved, src, str(path), device): label for label, src, path in saved}
