@@ -296,6 +296,8 @@ def test_bad_batch_inputs_fail_in_one_line(engines, tmp_path, tiny_dir):
         _build(tmp_path / "zero", tiny_dir, "chain-0", None, max_batch=0)
     assert compile_main([str(tiny_dir), "--tree", "chain-0", "--out", str(tmp_path / "e"),
                          "--max-batch", "0", "--backend", "eager"]) == 2
+    assert compile_main([str(tiny_dir), "--tree", "chain-0", "--out", str(tmp_path / "e"),
+                         "--jobs", "0", "--backend", "eager"]) == 2
     assert not (tmp_path / "e").exists()
 
 
