@@ -173,7 +173,11 @@ class Dims:
         if not ok:
             raise SpecCompileError("manifest dims bucket_nodes do not match its buckets; rebuild the "
                                    "engine with this spec-compile")
-        return cls(**{**d, "bucket_nodes": nodes})
+        try:
+            return cls(**{**d, "bucket_nodes": nodes})
+        except (TypeError, ValueError) as e:
+            raise SpecCompileError(f"manifest dims are inconsistent ({e}); rebuild the engine with "
+                                   "this spec-compile") from None
 
     def to_json(self) -> dict:
         return {**dataclasses.asdict(self), "bucket_nodes": list(self.bucket_nodes)}

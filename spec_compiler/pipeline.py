@@ -203,67 +203,105 @@ def _build(cfg: CompileConfig, target, draft, tmp: Path, progress, debug_dir, gr
     # One artifact per (graph, batch): the prefill graphs at batch 1 (per slot), verify at every
     # bucket with that bucket's tree, draft at the buckets that speculate. Weights are lifted
     # into one registry, so the engine stores them once. Export and passes run here, one graph
-    # after another; the lowering (Inductor, most of the time) runs in parallel (`lower_all`).
+    # after another; the lowering (Inductor, most of the time) runs in parallel (`Lowering`).
     todo = [(name, b) for name in graphs for b in fmt.graph_batches(dims, name)]
     registry = WeightRegistry()
-    entries, lowering = {}, []
-    for name, b in todo:
-        owner = fmt.owner(name)
-        module = draft if owner == "draft" else target
-        label = name if b == 1 else f"{name}.b{b}"
-        progress(f"[2/4] {label}: export + passes")
-        bcfg = dataclasses.replace(cfg, batch_size=b, tree=trees[buckets.index(b)], bucket_trees=None)
-        gdims = fmt.graph_dims(dims, name, b)
-        gm = build_graph(bcfg, name, module, debug_dir, label, gdims)
-        check_contract(gdims, name, gm)
-        io = fmt.graph_io(gdims, name)
-        weights = lift_weights(gm, registry, prefix="draft." if owner == "draft" else "")
-        gm = gm.to(cfg.device)
-        args = [registry.tensors[w] for w in weights] + [example(t, cfg.device) for t in io.inputs]
-        fname = fmt.graph_file(name, b)
-        lowering.append((label, gm, args, tmp / fname))
-        entry = {"file": fname, "weights": weights}
-        if name not in entries:  # the smallest batch: the graph's entry
-            entries[name] = {**entry, "batch": b, "passes": list(gm.meta.get("passes", [])),
-                             "pass_counts": dict(gm.meta.get("pass_counts", {}))}
-        else:  # a larger bucket of a step graph
-            entries[name].setdefault("buckets", {})[str(b)] = entry
-    lower_all(lowering, cfg.backend, cfg.device, jobs, progress)
+    entries, lowering = {}, Lowering(cfg.backend, cfg.device, jobs, len(todo), progress)
+    try:
+        for name, b in todo:
+            owner = fmt.owner(name)
+            module = draft if owner == "draft" else target
+            label = name if b == 1 else f"{name}.b{b}"
+            progress(f"[2/4] {label}: export + passes")
+            bcfg = dataclasses.replace(cfg, batch_size=b, tree=trees[buckets.index(b)], bucket_trees=None)
+            gdims = fmt.graph_dims(dims, name, b)
+            gm = build_graph(bcfg, name, module, debug_dir, label, gdims)
+            check_contract(gdims, name, gm)
+            io = fmt.graph_io(gdims, name)
+            weights = lift_weights(gm, registry, prefix="draft." if owner == "draft" else "")
+            gm = gm.to(cfg.device)
+            args = [registry.tensors[w] for w in weights] + [example(t, cfg.device) for t in io.inputs]
+            fname = fmt.graph_file(name, b)
+            entry = {"file": fname, "weights": weights}
+            if name not in entries:  # the smallest batch: the graph's entry
+                entries[name] = {**entry, "batch": b, "passes": list(gm.meta.get("passes", [])),
+                                 "pass_counts": dict(gm.meta.get("pass_counts", {}))}
+            else:  # a larger bucket of a step graph
+                entries[name].setdefault("buckets", {})[str(b)] = entry
+            lowering.add(label, gm, args, tmp / fname)
+            del gm, args  # not held for every graph (the caches are gigabytes at scale)
+        lowering.finish()
+    finally:
+        lowering.close()
     progress(f"[4/4] writing weights ({sum(t.numel() for t in registry.tensors.values()) / 1e6:.1f}M params)")
     save_file({k: v.contiguous().cpu() for k, v in registry.tensors.items()}, str(tmp / fmt.WEIGHTS))
     return Manifest.new(cfg, dims, entries)
 
 
-def lower_all(todo: list, backend: str, device: str, jobs: int | None, progress) -> None:
-    """Lower every (label, gm, example args, path). Why in parallel: an engine has one verify
+class Lowering:
+    """Lowers the engine's graphs as they are built. Why in parallel: an engine has one verify
     (and draft, verify_sampled) per batch bucket, so --max-batch 64 is 7 buckets x up to 4
-    graphs, and Inductor's lowering (code generation in Python, then the C++/Triton compiler)
-    is most of the compile time and is single-threaded Python per graph: lowering one graph
-    after another makes the compile time grow with the bucket count. Each graph is exported here
-    (cheap) and lowered in its own worker process (`export.lower.lower_saved`: a spawned
-    interpreter, safe with CUDA), `jobs` at a time (default: one per 4 CPU cores, at most 8;
-    1 lowers in this process). The alternative, one artifact with a dynamic batch dimension and
-    a CUDA graph captured per bucket, would compile each graph once, but its kernels would be
-    tuned for no batch in particular and the CPU engines (no CUDA graphs) would pay the
-    dynamic shapes on every call; the artifacts here stay static per bucket."""
-    if jobs is None:
-        jobs = min(8, max(1, (os.cpu_count() or 1) // 4))
-    if backend == "eager" or jobs <= 1 or len(todo) <= 1:
-        for i, (label, gm, args, path) in enumerate(todo):
-            progress(f"[3/4] {label}: lowering with {backend} ({i + 1}/{len(todo)})")
-            lower(gm, args, path, backend)
-        return
-    import concurrent.futures as cf
-    import multiprocessing
+    graphs, and Inductor's lowering (code generation in Python, then the C++/Triton compilers)
+    is most of the compile time and single-threaded per graph: lowering one graph after another
+    makes the compile time grow with the bucket count. With `jobs` > 1 each graph is exported
+    here as soon as it is built (cheap), saved, and lowered in its own worker process
+    (`export.lower.lower_saved`: a spawned interpreter, safe with CUDA) while the next graph is
+    built, `jobs` at a time; the example inputs (weights and caches) are dropped at once, not
+    held for every graph. Default jobs: one per 4 CPU cores, at most 8 (each worker allocates
+    uninitialised example inputs of its graph: the weights and that bucket's caches). 1, or the
+    eager backend, lowers in this process as before.
+    The alternative, one artifact with a dynamic batch dimension and a CUDA graph captured per
+    bucket, would compile each graph once, but its kernels would be tuned for no batch in
+    particular and the CPU engines (no CUDA graphs) would pay dynamic shapes on every call; the
+    artifacts here stay static per bucket."""
 
-    saved = []
-    for label, gm, args, path in todo:
-        saved.append((label, save_exported(gm, args, path.with_suffix(".export.pt2")), path))
-    progress(f"[3/4] lowering {len(saved)} graphs with {backend}, {jobs} at a time")
-    with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futs = {pool.submit(lower_saved, src, str(path), device): label for label, src, path in saved}
-        for n, fut in enumerate(cf.as_completed(futs), start=1):
-            fut.result()  # a worker's error is raised here, and the pool is shut down
-            progress(f"[3/4] {futs[fut]}: lowered ({n}/{len(saved)})")
-    for _, src, _ in saved:
-        Path(src).unlink()
+    def __init__(self, backend: str, device: str, jobs: int | None, total: int, progress):
+        self.backend, self.device, self.total, self.progress = backend, device, total, progress
+        self.jobs = min(8, max(1, (os.cpu_count() or 1) // 4)) if jobs is None else jobs
+        self.parallel = backend != "eager" and self.jobs > 1 and total > 1
+        self.pool, self.futures, self.done = None, {}, 0
+
+    def add(self, label: str, gm: fx.GraphModule, args: list[torch.Tensor], path: Path) -> None:
+        if not self.parallel:
+            self.done += 1
+            self.progress(f"[3/4] {label}: lowering with {self.backend} ({self.done}/{self.total})")
+            lower(gm, args, path, self.backend)
+            return
+        if self.pool is None:
+            import concurrent.futures as cf
+            import multiprocessing
+
+            self.progress(f"[3/4] lowering {self.total} graphs with {self.backend}, {self.jobs} at a time")
+            self.pool = cf.ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"))
+        src = save_exported(gm, args, path.with_suffix(".export.pt2"))
+        self.futures[self.pool.submit(lower_saved, src, str(path), self.device)] = (label, src)
+
+    def finish(self) -> None:
+        """Wait for every worker; a worker's error is raised here."""
+        if self.pool is None:
+            return
+        import concurrent.futures as cf
+
+        for fut in cf.as_completed(self.futures):
+            fut.result()
+            label, src = self.futures[fut]
+            Path(src).unlink()
+            self.done += 1
+            self.progress(f"[3/4] {label}: lowered ({self.done}/{self.total})")
+
+    def close(self) -> None:
+        """Stop the workers (after an error or an interrupt: queued graphs are dropped)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+def lower_all(todo: list, backend: str, device: str, jobs: int | None, progress) -> None:
+    """Lower every (label, gm, example args, path) with `Lowering`."""
+    sink = Lowering(backend, device, jobs, len(todo), progress)
+    try:
+        for job in todo:
+            sink.add(*job)
+        sink.finish()
+    finally:
+        sink.close()
