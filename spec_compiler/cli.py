@@ -31,12 +31,13 @@ def compile_parser() -> argparse.ArgumentParser:
                         "first N of the hot list. Output is unchanged, only acceptance may drop")
     p.add_argument("--out", type=Path, required=True, help="engine directory to create")
     p.add_argument("--tree", default="auto",
-                   help="auto (default): the tree with the most expected tokens/s on the build "
-                        "device, from the draft's acceptance table (accept.json, spec-fit-tree) "
-                        "and a cost model timed at compile time (chains, fitted trees, the "
-                        "draft's tree.json); without accept.json the draft's tree.json, else "
+                   help="auto (default): per batch bucket, the tree with the most expected "
+                        "tokens/s at that batch on the build device, from the draft's acceptance "
+                        "table (accept.json, spec-fit-tree) and a cost model timed at compile "
+                        "time (chains, chain-0 = no speculation, fitted trees, the draft's "
+                        "tree.json); without accept.json the draft's tree.json, else "
                         "mc_sim_7b_63. Or mc_sim_7b_63, chain-K, or a JSON file of EAGLE tree "
-                        f"paths; at most {MAX_TREE_NODES} nodes with the root")
+                        f"paths, built at every bucket; at most {MAX_TREE_NODES} nodes with the root")
     p.add_argument("--max-seq-len", type=int, default=2048,
                    help="engine capacity in tokens, scratch room for one tree included (default 2048)")
     p.add_argument("--backend", choices=("inductor", "eager"), default="inductor",
