@@ -99,3 +99,32 @@ def lower(gm: fx.GraphModule, example_inputs: list[torch.Tensor], out_path: Path
     with torch.no_grad():
         return Path(aoti_compile_and_package(ep, package_path=str(out_path),
                                              inductor_configs=dict(INDUCTOR_CONFIGS)))
+
+
+def save_exported(gm: fx.GraphModule, example_inputs: list[torch.Tensor], path: Path) -> str:
+    """The graph exported and saved for `lower_saved` in another process, without its example
+    inputs (the weights and caches, gigabytes at scale): the worker makes uninitialised ones of
+    the same shapes, strides and dtypes from the program's metadata."""
+    with torch.no_grad():
+        ep = torch.export.export(gm, tuple(example_inputs), strict=False)
+    ep.example_inputs = None
+    torch.export.save(ep, str(path))
+    return str(path)
+
+
+def lower_saved(src: str, out_path: str, device: str) -> str:
+    """A worker process's half of `lower`: load a `save_exported` program and compile it with
+    Inductor to `out_path`. Imports the op the programs call (spec.tree_attention) first."""
+    import spec_compiler.ops.tree_attention  # noqa: F401
+    from torch._inductor import aoti_compile_and_package
+
+    if device == "cuda":
+        torch.cuda.init()
+    ep = torch.export.load(src)
+    user = set(ep.graph_signature.user_inputs)
+    vals = [n.meta["val"] for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
+    ep.example_inputs = (tuple(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
+                               for v in vals), {})
+    with torch.no_grad():
+        return aoti_compile_and_package(ep, package_path=out_path,
+                                        inductor_configs=dict(INDUCTOR_CONFIGS))

@@ -3,9 +3,9 @@
 The layout and the graphs' interface are the engine contract (`spec_compiler/engine_format.py`);
 the manifest records the contract's sizes (`dims`) for this engine, the configs it was built
 from, each graph's artifact, weights and passes, the parallel layout, and how --tree auto chose
-the tree (`tree_choice`: the candidates with their expected tokens per call, predicted step ms
-and expected tokens/s, the cost model's timings, the choice; null for an explicit tree; the
-runtime does not read it). The runtime reads
+the tree of each batch bucket (`bucket_trees`; `tree_choice`: per bucket, the candidates with
+their expected tokens per call, predicted step ms and expected tokens/s, the cost model's
+timings at that batch, the choice; null for an explicit tree; the runtime does not read it). The runtime reads
 shapes, tree and graphs from here, never from flags. Loading checks, in order: schema version,
 torch version, file names, and the fingerprint (sha256 of every artifact file plus the manifest
 body), so an engine from another version or with an edited file fails with one clear line.
@@ -43,7 +43,9 @@ class Manifest:
             "torch_version": torch.__version__,
             "model": cfg.model.to_json(),
             "draft": cfg.draft.to_json() if cfg.draft else None,
-            "tree": cfg.tree.to_json(),
+            "tree": cfg.tree.to_json(),  # the deepest bucket's (every bucket's unless per bucket)
+            # The tree of each bucket (engine_format: per-bucket trees), by batch.
+            "bucket_trees": {str(b): t.to_json() for b, t in zip(fmt.buckets(dims.batch), cfg.trees())},
             "dims": dims.to_json(),
             "dtype": cfg.dtype, "device": cfg.device, "backend": cfg.backend,
             "parallel": {"tp": 1},  # tensor-parallel world size; per-rank artifacts when > 1

@@ -24,18 +24,22 @@ from .unroll_draft import unroll_draft
 REQUIRED = ("tree_attention", "unroll_draft", "accept_epilogue", "static_kv_cache")
 
 
-def default_passes(graph: str, tree: TreeSpec, prefill_chunk: int, project=None) -> list[Pass]:
+def default_passes(graph: str, tree: TreeSpec, prefill_chunk: int, width: int | None = None,
+                   project=None) -> list[Pass]:
     """graph: prefill | draft_prefill (block of prompt tokens), verify | verify_sampled (the tree),
-    draft (step). `project`: an EAGLE-3 draft's fc, which unroll_draft applies to the target's
-    fused features in the catch-up (its one-level graph reads the draft's own features)."""
+    draft (step). `width`: the step state's accepted-pairs width (default the tree's depth + 1;
+    engine_format: the deepest bucket's). `project`: an EAGLE-3 draft's fc, which unroll_draft
+    applies to the target's fused features in the catch-up (its one-level graph reads the
+    draft's own features)."""
     head = [cleanup, fuse_projections]
     if graph in ("prefill", "draft_prefill"):
         middle = [partial(tree_attention, tree=chain(prefill_chunk - 1))]
     elif graph in ("verify", "verify_sampled"):
         middle = [partial(tree_attention, tree=tree),
-                  partial(accept_epilogue, tree=tree, sampling=graph == "verify_sampled")]
+                  partial(accept_epilogue, tree=tree, sampling=graph == "verify_sampled", width=width)]
     elif graph == "draft":
-        middle = [partial(tree_attention, tree=None), partial(unroll_draft, tree=tree, project=project)]
+        middle = [partial(tree_attention, tree=None),
+                  partial(unroll_draft, tree=tree, width=width, project=project)]
     else:
         raise ValueError(f"unknown graph {graph!r}")
     return head + middle + [static_kv_cache, cleanup]

@@ -91,13 +91,22 @@ def compact(cache, new, path, cache_len):
     return write_cache(cache, rows, cache_len)
 
 
-def accept_epilogue(gm: fx.GraphModule, *, tree: TreeSpec, sampling: bool = False) -> fx.GraphModule:
+def accept_epilogue(gm: fx.GraphModule, *, tree: TreeSpec, sampling: bool = False,
+                    width: int | None = None) -> fx.GraphModule:
+    """`width` (default D + 1): the columns of acc_tokens/acc_feats, and the rows compacted; an
+    engine whose buckets have trees of different depths gives every bucket its deepest D + 1
+    (engine_format: one state shape for all buckets), the columns past this tree's D + 1 being
+    padding like any entry past n_acc."""
+    width = tree.max_depth + 1 if width is None else width
+    if width < tree.max_depth + 1:
+        raise SpecCompileError(f"accept_epilogue: width {width} < tree depth + 1 ({tree.max_depth + 1})")
     ph, outs = placeholders(gm), outputs(gm)
     if "logits" not in outs or "hidden" not in outs:
         raise SpecCompileError("accept_epilogue: the graph returns no logits/hidden to accept "
                                f"from (outputs: {list(outs)}); it runs once, on the verify graph")
     dev = device_of(gm)
     paths = tree.leaf_paths()  # (P, D+1), -1 padded
+    paths = torch.cat((paths, paths.new_full((paths.shape[0], width - paths.shape[1]), -1)), 1)
     tables = [("parent", torch.tensor(tree.parent)), ("is_root", torch.arange(tree.n_nodes) == 0),
               ("paths", paths.clamp(min=0)), ("path_valid", paths >= 0)]
     if sampling:
@@ -109,7 +118,8 @@ def accept_epilogue(gm: fx.GraphModule, *, tree: TreeSpec, sampling: bool = Fals
     require("accept_epilogue", len(writes), "one cache write (write_cache) per returned cache")
     out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     with gm.graph.inserting_before(out_node):
-        fn = functools.partial(accept_sampled, max_depth=tree.max_depth) if sampling else accept
+        # Sampling walks max_depth levels; past the tree's leaves nothing is accepted (padding).
+        fn = functools.partial(accept_sampled, max_depth=width - 1) if sampling else accept
         acc_tokens, acc_feats, n_acc, new_len, path = call_traced(
             gm, fn, ph["tokens"], outs["logits"], outs["hidden"], ph["cache_len"], *knobs, *consts)
         compacted = {w: call_traced(gm, compact, m["cache"], m["new"], path, m["cache_len"])

@@ -46,7 +46,14 @@ from .infra import (aten, device_of, get_attr_path, outputs, placeholders, recor
 TREE_ATTN = torch.ops.spec.tree_attention.default
 
 
-def unroll_draft(gm: fx.GraphModule, *, tree: TreeSpec, project: nn.Linear | None = None) -> fx.GraphModule:
+def unroll_draft(gm: fx.GraphModule, *, tree: TreeSpec, width: int | None = None,
+                 project: nn.Linear | None = None) -> fx.GraphModule:
+    """`width` (default D + 1): the accepted pairs the catch-up reads, the engine's step-state
+    width (engine_format: a bucket after a deeper bucket's step catches up all it accepted).
+    `project`: an EAGLE-3 head's fc (the module docstring)."""
+    width = tree.max_depth + 1 if width is None else width
+    if width < tree.max_depth + 1:
+        raise SpecCompileError(f"unroll_draft: width {width} < tree depth + 1 ({tree.max_depth + 1})")
     attn = [n for n in gm.graph.nodes if n.target == TREE_ATTN]
     require("unroll_draft", len(attn), "tree_attention nodes in the one-level draft graph")
     ph = placeholders(gm)
@@ -60,9 +67,9 @@ def unroll_draft(gm: fx.GraphModule, *, tree: TreeSpec, project: nn.Linear | Non
     hot = get_attr_path(gm, token_ids.target) if token_ids is not None else None
     hot_name = token_ids.target if token_ids is not None else None
     level = _level(gm, attn, caches)
-    step = DraftStep(level, tree, caches, len(attn), hot, device_of(gm), project)
+    step = DraftStep(level, tree, caches, len(attn), hot, device_of(gm), width, project)
     args = [_example(ph[n]) for n in ("tokens", "features", "cache_len")]
-    B, D1 = args[0].shape[0], tree.max_depth + 1
+    B, D1 = args[0].shape[0], width
     F = args[1].shape[2] if project is None else project.in_features
     acc_tokens = torch.zeros(B, D1, dtype=torch.long, device=args[0].device)
     acc_feats = torch.zeros(B, D1, F, dtype=args[1].dtype, device=args[1].device)
@@ -106,7 +113,8 @@ class DraftStep(nn.Module):
     """The draft step in plain torch: catch-up over the accepted pairs, then each tree level."""
 
     def __init__(self, level: fx.GraphModule, tree: TreeSpec, caches: list[str], n_attn: int,
-                 hot_ids: torch.Tensor | None, device: torch.device, project: nn.Linear | None = None):
+                 hot_ids: torch.Tensor | None, device: torch.device, width: int,
+                 project: nn.Linear | None = None):
         super().__init__()
         self.level, self.tree, self.n_caches, self.n_attn = level, tree, len(caches), n_attn
         self.project = project
@@ -135,13 +143,13 @@ class DraftStep(nn.Module):
             prev = fwd
             if not fwd:
                 break
-        self.register_buffer("catchup_pos", torch.arange(D + 1, device=device))
-        self.register_buffer("catchup_mask", torch.ones(D + 1, D + 1, dtype=torch.bool, device=device).tril())
+        self.register_buffer("catchup_pos", torch.arange(width, device=device))
+        self.register_buffer("catchup_mask", torch.ones(width, width, dtype=torch.bool, device=device).tril())
         self.n_forwards = 1 + sum(self.levels)
 
     def forward(self, acc_tokens, acc_feats, n_acc, cache_len, *caches):
         B = acc_tokens.shape[0]
-        # Catch-up: the accepted (token, true feature) pairs, padded to D + 1, at their slots.
+        # Catch-up: the accepted (token, true feature) pairs, padded to `width`, at their slots.
         base = cache_len - n_acc
         empty = [c.new_zeros(B, c.shape[1], 0, c.shape[3]) for c in caches[:2 * self.n_attn]]
         if self.project is not None:  # EAGLE-3: the target's fused layers -> the draft's width

@@ -34,6 +34,12 @@ finishes, and a CUDA graph captured per bucket needs fixed buffers; a prefix vie
 nothing. The price: a hole below the highest live slot keeps the larger bucket, computing (and
 masking) the hole's row, until it closes; filling the lowest hole first closes holes as soon as
 requests wait, and when none wait the batch only shrinks.
+Trees per bucket (engine_format): the step at bucket b runs b's tree; where it is chain-0 no
+draft graph runs, and in an engine that mixes plain and speculative buckets a slot that decoded
+plainly has its draft cache caught up (`_catch_up`, one host-side draft_prefill pass over the
+gap) before its next speculative step. Greedy tokens never depend on the tree; sampled tokens
+for a seed do (the draws are keyed per tree node), so with trees per bucket they depend on the
+buckets a sequence ran in, i.e. on its batch-mates; with one tree, on the seed alone.
 Slots in a bucket that are not live are parked (engine_format: n_acc = 1, cache_len one past
 their valid data), so the graphs' writes for them land in their own scratch rows, and the step
 keeps their state as it was; their outputs are dropped.
@@ -152,6 +158,7 @@ class _Slot:
     t0: float
     prefilled: int = 0  # prompt tokens in the cache so far
     live: bool = False  # armed: decoding (or finished, until finished() reads it)
+    behind: bool = False  # ran plain steps since its last speculative one: the draft must catch up
 
 
 class Engine:
@@ -162,7 +169,10 @@ class Engine:
         self.dims = spec.dims
         self.max_batch = self.dims.batch
         self.buckets = fmt.buckets(self.max_batch)
-        self._bucket_graphs = {b: {**graphs.get(1, {}), **graphs[b]} for b in self.buckets}
+        # Per bucket: the prefill graphs (batch 1) and that bucket's step graphs (no draft where
+        # its tree is chain-0: engine_format, per-bucket trees).
+        prefill = {k: g for k, g in graphs.get(1, {}).items() if k in fmt.PREFILL_GRAPHS}
+        self._bucket_graphs = {b: {**prefill, **graphs.get(b, {})} for b in self.buckets}
         # By name: the prefill graphs and the step graphs at the largest bucket (call()).
         self.graphs = self._bucket_graphs[self.max_batch]
         self.tokenizer_dir = tokenizer_dir
@@ -373,6 +383,12 @@ class Engine:
         if not live:
             return
         b = next(b for b in self.buckets if b > max(live))
+        if self.dims.mixed:  # the draft's cache across plain and speculative buckets
+            for i in live:
+                if not self.dims.speculates(b):
+                    self._slots[i].behind = True
+                elif self._slots[i].behind:
+                    self._catch_up(i)
         sampled = any(self._slots[i].knobs[0] > 0 for i in live)
         verify = "verify_sampled" if sampled else "verify"
         if self.spec.device.startswith("cuda"):
@@ -443,7 +459,8 @@ class Engine:
         keyword is one value for all prompts or a list of one per prompt; a single seed gives
         prompt i the seed `seed + i`. Every request is checked before anything runs. Each
         sequence's output is what generate() gives it alone: greedy, the same tokens; sampled,
-        the same tokens for the same seed, whatever its batch-mates and slot. Holds the lock
+        the same tokens for the same seed, whatever its batch-mates and slot, when every bucket
+        has the same tree (else exactly distributed, module docstring). Holds the lock
         throughout and frees every slot first."""
         from .batch import expand_requests
 
@@ -548,6 +565,8 @@ class Engine:
         st["acc_feats"][i, 0] = feat
         st["n_acc"][i] = 1
         st["cache_len"][i] = cache_len
+        if d.mixed:  # draft_prefill wrote the prompt's pairs; the last one is pending
+            st["draft_len"][i] = cache_len - 1
         st["out_buf"][i].zero_()
         st["out_buf"][i, 0] = first
         st["accept_hist"][i].zero_()
@@ -559,15 +578,46 @@ class Engine:
         st["slot_valid"][i] = True
         self._slots[i].live = True
 
+    def _catch_up(self, i: int) -> None:
+        """Slot i ran plain steps (no draft graph): write the draft's cache over that gap,
+        [draft_len, cache_len - n_acc), from the pairs those steps recorded (`hist_*`), with
+        draft_prefill over slot i's rows, a chunk at a time; the next draft graph's catch-up
+        then writes the pending pairs as after any step. Reads the device (host loop, outside
+        a captured step): it runs only when a slot moves from a plain bucket to a speculative
+        one."""
+        st, C = self.state, self.dims.prefill_chunk
+        self._slots[i].behind = False
+        if bool(st["done"][i]):
+            return
+        g0, g1 = int(st["draft_len"][i]), int(st["cache_len"][i] - st["n_acc"][i])
+        v = self._view(i, i + 1)
+        dev = self.spec.device
+        for start in range(g0, g1, C):
+            n = min(C, g1 - start)
+            toks = torch.zeros(1, C, dtype=torch.long, device=dev)
+            feats = torch.zeros(1, C, self.dims.feature_dim, dtype=st["hist_feats"].dtype, device=dev)
+            toks[0, :n] = st["hist_tokens"][i, start:start + n]
+            feats[0, :n] = st["hist_feats"][i, start:start + n]
+            at = {**v, "cache_len": torch.tensor([start], device=dev)}
+            self._bucket_graphs[1]["draft_prefill"](at, tokens=toks, features=feats)
+        st["draft_len"][i] = g1
+
     def _step(self, b: int, verify: str) -> None:
         """draft -> verify -> state update -> append emitted tokens, over slots [0, b). Slots
         that are not live (not slot_valid, or done) keep their state and write no output;
-        a sequence that finishes gets its cache_len clamped so later replays stay in bounds."""
+        a sequence that finishes gets its cache_len clamped so later replays stay in bounds.
+        A bucket whose tree is chain-0 runs no draft graph: in a mixed engine it records the
+        pending pairs (which the draft graph would have written into the draft's cache) for
+        the catch-up (`_catch_up`); a speculative one advances draft_len."""
         d, st, graphs = self.dims, self._view(0, b), self._bucket_graphs[b]
         if "draft" in graphs:
             tree_tokens = graphs["draft"](st)["tree_tokens"]
         else:  # plain decoding: the tree is the root alone
             tree_tokens = st["acc_tokens"].gather(1, st["n_acc"][:, None] - 1)
+            if d.mixed:  # pair j at position cache_len - n_acc + j (padding past n_acc: rewritten later)
+                pos = (st["cache_len"] - st["n_acc"])[:, None] + self._ar[None, :]
+                st["hist_tokens"].scatter_(1, pos, st["acc_tokens"])
+                st["hist_feats"].scatter_(1, pos[..., None].expand_as(st["acc_feats"]), st["acc_feats"])
         res = graphs[verify](st, tokens=tree_tokens)
         active = ~st["done"] & st["slot_valid"]  # (b,)
         n_acc = res["n_acc"]
@@ -589,6 +639,8 @@ class Engine:
         st["acc_tokens"].copy_(torch.where(active[:, None], res["acc_tokens"], st["acc_tokens"]))
         st["acc_feats"].copy_(torch.where(active[:, None, None], res["acc_feats"], st["acc_feats"]))
         st["n_acc"].copy_(torch.where(active, n_acc, st["n_acc"]))
+        if d.mixed and "draft" in graphs:  # the draft's cache now holds all but the pending pairs
+            st["draft_len"].copy_(torch.where(active, st["cache_len"] - st["n_acc"], st["draft_len"]))
 
     def _result(self, i: int) -> GenerationResult:
         """Slot i's generation, read back (it has stopped)."""

@@ -59,6 +59,7 @@ class EngineSpec:
     device: str
     backend: str
     manifest: dict = field(repr=False)
+    bucket_trees: dict[int, TreeSpec] = field(default_factory=dict)  # batch bucket -> its tree
 
     @property
     def batch_size(self) -> int:
@@ -105,15 +106,23 @@ def read_spec(engine_dir: Path, device: str | None = None) -> EngineSpec:
         except (TypeError, ValueError):
             raise SpecCompileError(f"{engine_dir}: graph {name!r} has a corrupt batch or buckets "
                                    "entry; rebuild the engine with spec-compile") from None
-        want = {1} if name in fmt.PREFILL_GRAPHS else set(buckets)
+        want = set(fmt.graph_batches(dims, name))
         if have != want or m.get("buckets") != list(buckets):
             raise SpecCompileError(f"{engine_dir}: graph {name!r} has batches {sorted(have)}, the "
-                                   f"engine's buckets are {list(buckets)}; rebuild the engine with "
-                                   "this spec-compile")
+                                   f"engine's buckets are {list(buckets)} (it needs {sorted(want)}); "
+                                   "rebuild the engine with this spec-compile")
+    try:
+        trees = {b: TreeSpec.from_json(m["bucket_trees"][str(b)]) for b in buckets}
+        ok = [trees[b].n_nodes for b in buckets] == list(dims.bucket_nodes)
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise SpecCompileError(f"{engine_dir}: bucket_trees do not match the buckets' tree sizes; "
+                               "rebuild the engine with this spec-compile")
     return EngineSpec(ModelConfig.from_json(m["model"]),
                       draft_config_from_json(m["draft"]) if m["draft"] else None,
                       TreeSpec.from_json(m["tree"]), dims, fmt.DTYPES[m["dtype"]], device,
-                      m["backend"], m)
+                      m["backend"], m, trees)
 
 
 def check_memory(engine_dir: Path, spec: EngineSpec) -> int:

@@ -31,12 +31,13 @@ def compile_parser() -> argparse.ArgumentParser:
                         "first N of the hot list. Output is unchanged, only acceptance may drop")
     p.add_argument("--out", type=Path, required=True, help="engine directory to create")
     p.add_argument("--tree", default="auto",
-                   help="auto (default): the tree with the most expected tokens/s on the build "
-                        "device, from the draft's acceptance table (accept.json, spec-fit-tree) "
-                        "and a cost model timed at compile time (chains, fitted trees, the "
-                        "draft's tree.json); without accept.json the draft's tree.json, else "
+                   help="auto (default): per batch bucket, the tree with the most expected "
+                        "tokens/s at that batch on the build device, from the draft's acceptance "
+                        "table (accept.json, spec-fit-tree) and a cost model timed at compile "
+                        "time (chains, chain-0 = no speculation, fitted trees, the draft's "
+                        "tree.json); without accept.json the draft's tree.json, else "
                         "mc_sim_7b_63. Or mc_sim_7b_63, chain-K, or a JSON file of EAGLE tree "
-                        f"paths; at most {MAX_TREE_NODES} nodes with the root")
+                        f"paths, built at every bucket; at most {MAX_TREE_NODES} nodes with the root")
     p.add_argument("--max-seq-len", type=int, default=2048,
                    help="engine capacity in tokens, scratch room for one tree included (default 2048)")
     p.add_argument("--backend", choices=("inductor", "eager"), default="inductor",
@@ -52,6 +53,9 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sampling", dest="sampling", action="store_false",
                    help="greedy only: skip the sampling verify graph (temperature > 0), one graph "
                         "less to compile")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="graphs lowered in parallel, one process each (default: one per 4 CPU "
+                        "cores, at most 8; 1: one after another in this process)")
     p.add_argument("--debug-dir", type=Path, default=None, help="dump the graph after every pass")
     return add_verbose_flag(p)
 
@@ -69,6 +73,8 @@ def compile_main(argv: list[str] | None = None) -> int:
     if args.debug_dir is not None:
         check_writable_dir(args.debug_dir, "--debug-dir")
     draft_vocab = parse_draft_vocab(args.draft_vocab)
+    if args.jobs is not None and args.jobs < 1:
+        raise SpecCompileError(f"--jobs {args.jobs}: must be at least 1")
     tree, auto_tree = _auto_tree(args.tree, args.draft)
     model = ModelConfig.from_hf(args.model_dir)
     draft = None
@@ -85,7 +91,8 @@ def compile_main(argv: list[str] | None = None) -> int:
                         device=args.device, prefill_chunk=args.prefill_chunk, sampling=args.sampling,
                         batch_size=args.max_batch)
     compile_engine(cfg, args.model_dir, draft if tree.n_nodes > 1 else None, args.out,
-                   debug_dir=args.debug_dir, draft_vocab=draft_vocab, auto_tree=auto_tree)
+                   debug_dir=args.debug_dir, draft_vocab=draft_vocab, auto_tree=auto_tree,
+                   jobs=args.jobs)
     return 0
 
 

@@ -310,6 +310,15 @@ class CompileConfig:
     batch_size: int = 1  # --max-batch: the largest batch bucket (engine_format.buckets)
     prefill_chunk: int = 64
     sampling: bool = True  # also build verify_sampled (temperature > 0)
+    # One tree per batch bucket (engine_format.buckets order), chosen by `--tree auto`; None:
+    # `tree` at every bucket. `tree` is then the deepest of them (what capacity checks need).
+    bucket_trees: tuple[TreeSpec, ...] | None = None
+
+    def trees(self) -> tuple[TreeSpec, ...]:
+        """The tree of each batch bucket, smallest bucket first."""
+        from .engine_format import buckets
+
+        return self.bucket_trees or (self.tree,) * len(buckets(self.batch_size))
 
     def __post_init__(self):
         if self.backend not in ("inductor", "eager"):
@@ -331,25 +340,31 @@ class CompileConfig:
         if not 1 <= self.prefill_chunk <= MAX_PREFILL_CHUNK:
             raise SpecCompileError(f"--prefill-chunk {self.prefill_chunk}: must be 1 to "
                                    f"{MAX_PREFILL_CHUNK} tokens (the tree-attention kernels' limit)")
-        check_tree_nodes(self.tree.name, self.tree.n_nodes)
-        need = min_capacity(self.prefill_chunk, self.tree.max_depth)
-        if self.max_seq_len < need:
-            raise SpecCompileError(
-                f"--max-seq-len {self.max_seq_len} is too small for a prefill chunk of "
-                f"{self.prefill_chunk} and one step of tree {self.tree.name!r} (depth "
-                f"{self.tree.max_depth}): use at least {need}")
-        dv = self.draft.draft_vocab_size if self.draft is not None else None
-        if dv is not None and self.tree.n_nodes > 1 and dv < self.tree.top_k:
-            raise SpecCompileError(f"--draft-vocab {dv} is smaller than tree {self.tree.name!r}'s "
-                                   f"top-k {self.tree.top_k}; use at least {self.tree.top_k} tokens")
-        if self.tree.top_k > self.model.vocab_size:
-            raise SpecCompileError(f"--tree: tree {self.tree.name!r} has rank {self.tree.top_k - 1} "
-                                   f"(top-k {self.tree.top_k}), but the vocabulary has "
-                                   f"{self.model.vocab_size} tokens; ranks must be below "
-                                   f"{self.model.vocab_size}")
-        if self.tree.n_nodes > 1 and self.draft is None:
-            raise SpecCompileError(f"tree {self.tree.name!r} needs a draft: pass --draft DRAFT_DIR "
-                                   "(or --tree chain-0 for plain decoding)")
+        from .engine_format import buckets
+
+        if self.bucket_trees is not None and len(self.bucket_trees) != len(buckets(self.batch_size)):
+            raise SpecCompileError(f"{len(self.bucket_trees)} bucket trees for buckets "
+                                   f"{list(buckets(self.batch_size))}; this is a compiler bug")
+        for tree in self.trees():
+            check_tree_nodes(tree.name, tree.n_nodes)
+            need = min_capacity(self.prefill_chunk, tree.max_depth)
+            if self.max_seq_len < need:
+                raise SpecCompileError(
+                    f"--max-seq-len {self.max_seq_len} is too small for a prefill chunk of "
+                    f"{self.prefill_chunk} and one step of tree {tree.name!r} (depth "
+                    f"{tree.max_depth}): use at least {need}")
+            dv = self.draft.draft_vocab_size if self.draft is not None else None
+            if dv is not None and tree.n_nodes > 1 and dv < tree.top_k:
+                raise SpecCompileError(f"--draft-vocab {dv} is smaller than tree {tree.name!r}'s "
+                                       f"top-k {tree.top_k}; use at least {tree.top_k} tokens")
+            if tree.top_k > self.model.vocab_size:
+                raise SpecCompileError(f"--tree: tree {tree.name!r} has rank {tree.top_k - 1} "
+                                       f"(top-k {tree.top_k}), but the vocabulary has "
+                                       f"{self.model.vocab_size} tokens; ranks must be below "
+                                       f"{self.model.vocab_size}")
+            if tree.n_nodes > 1 and self.draft is None:
+                raise SpecCompileError(f"tree {tree.name!r} needs a draft: pass --draft DRAFT_DIR "
+                                       "(or --tree chain-0 for plain decoding)")
 
 
 def check_machine(cfg: CompileConfig) -> None:

@@ -7,7 +7,8 @@ runtime's public API, never names from here. Any change to what is below bumps S
 and an engine of another version fails to load with one clear line.
 
 Sizes (`Dims`): B batch slots (the largest batch bucket, `--max-batch`), C prefill chunk, S
-capacity (max_seq_len), T tree nodes (root included), D tree depth, F draft feature width (the
+capacity (max_seq_len), T tree nodes (root included; per bucket), D tree depth (the deepest
+bucket's: every bucket's step state is D + 1 wide), F draft feature width (the
 target features a draft step reads: the final hidden state for EAGLE-1/2, several layers' for
 EAGLE-3), H hidden, V vocabulary, Vd the draft's vocabulary.
 
@@ -46,6 +47,21 @@ graph's batch, `graph_batch`: 1 for the prefill graphs, the bucket for the step 
                    steps pay nothing for sampling (its sort over the vocabulary costs a CPU step
                    as much as the target's forward); absent from engines built with --no-sampling.
 Caches are mutated in place. A root-only tree (chain-0) has no draft graphs.
+
+Per-bucket trees (`Dims.bucket_nodes`, the manifest's `bucket_trees`): each bucket has its own
+tree (`spec-compile --tree auto` picks one per bucket; an explicit --tree gives every bucket the
+same). The step state stays one shape for all buckets, so a sequence keeps its slot whatever
+bucket the next step runs: acc_tokens/acc_feats are D + 1 wide for the deepest bucket's D;
+verify at a shallower bucket pads its accepted path to that width (entries past n_acc are
+padding, as always), and every draft graph's catch-up reads all D + 1 pairs, so a step after a
+deeper bucket's catches up everything that bucket accepted. A bucket whose tree is chain-0
+runs no draft graph at all (plain decoding: verify over the root). The draft's cache then falls
+behind for the slots decoding there; an engine that mixes plain and speculative buckets
+(`Dims.mixed`) keeps the pairs those steps accepted (`hist_tokens`, `hist_feats`, per cache
+position) and, before a speculative step, the runtime catches a slot that ran plain steps up
+over the gap with draft_prefill, chunk by chunk (`draft_len`: the draft cache's valid length
+before the pending pairs). Its draft caches have C spare rows so a padded catch-up chunk that
+starts anywhere below capacity fits.
 Every computation in a graph is per slot (no reduction across slots; the CPU attention reads
 the prefix up to the longest slot's cache_len, masked per slot), so what a slot's rows compute
 does not depend on what the other slots hold.
@@ -61,7 +77,7 @@ import torch
 
 from .errors import SpecCompileError
 
-SCHEMA_VERSION = 3  # 3: batch buckets, per-slot prefill graphs
+SCHEMA_VERSION = 4  # 3: batch buckets, per-slot prefill graphs; 4: a tree per bucket
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 TOKENIZER_DIR = "tokenizer"
@@ -112,21 +128,37 @@ class Dims:
     draft_head_dim: int
     dtype: str  # the engine's floating dtype, a DTYPES key
     sampling: bool  # the engine has verify_sampled (temperature > 0)
+    # Tree nodes per bucket, in buckets(batch) order (tree_nodes is the last: this batch's).
+    bucket_nodes: tuple[int, ...] = ()
+    # Some buckets speculate and some decode plainly: the draft's cache must catch up over the
+    # plain steps (the module docstring), so the state keeps their accepted pairs. A field, not
+    # derived, so every graph's dims (`graph_dims`: its bucket prefix) agree on the state.
+    mixed: bool = False
+
+    def __post_init__(self):
+        n = len(buckets(self.batch)) if self.batch >= 1 else 0
+        if len(set(self.bucket_nodes)) <= 1 and len(self.bucket_nodes) != n:  # one tree for all
+            object.__setattr__(self, "bucket_nodes", (self.tree_nodes,) * n)
+        if len(self.bucket_nodes) != n or (n and self.bucket_nodes[-1] != self.tree_nodes):
+            raise ValueError(f"bucket_nodes {self.bucket_nodes} do not fit batch {self.batch} "
+                             f"and tree_nodes {self.tree_nodes}")
 
     @classmethod
     def from_config(cls, cfg) -> "Dims":
         """From a `config.CompileConfig`."""
         m, d = cfg.model, cfg.draft
-        has_draft = d is not None and cfg.tree.n_nodes > 1
+        trees = cfg.trees()
+        has_draft = d is not None and any(t.n_nodes > 1 for t in trees)
         return cls(batch=cfg.batch_size, max_seq_len=cfg.max_seq_len,
-                   prefill_chunk=cfg.prefill_chunk, tree_nodes=cfg.tree.n_nodes,
-                   tree_depth=cfg.tree.max_depth, vocab=m.vocab_size, hidden=m.hidden_size,
+                   prefill_chunk=cfg.prefill_chunk, tree_nodes=trees[-1].n_nodes,
+                   tree_depth=max(t.max_depth for t in trees), vocab=m.vocab_size, hidden=m.hidden_size,
                    feature_dim=m.hidden_size * max(1, len(d.fused_layers) if has_draft else 0),
                    n_layers=m.n_layers, n_kv_heads=m.n_kv_heads,
                    head_dim=m.head_dim, draft_layers=d.n_layers if has_draft else 0,
                    draft_kv_heads=d.layer.n_kv_heads if has_draft else 0,
                    draft_head_dim=d.layer.head_dim if has_draft else 0, dtype=cfg.dtype,
-                   sampling=cfg.sampling)
+                   sampling=cfg.sampling, bucket_nodes=tuple(t.n_nodes for t in trees),
+                   mixed=has_draft and min(t.n_nodes for t in trees) == 1)
 
     @classmethod
     def from_json(cls, d: dict) -> "Dims":
@@ -134,10 +166,22 @@ class Dims:
         if set(d) != names:
             raise SpecCompileError(f"manifest dims {sorted(set(d) ^ names)} differ from this "
                                    "runtime's; rebuild the engine with this spec-compile")
-        return cls(**d)
+        try:
+            nodes = tuple(int(n) for n in d["bucket_nodes"])
+            ok = len(nodes) == len(buckets(int(d["batch"])))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise SpecCompileError("manifest dims bucket_nodes do not match its buckets; rebuild the "
+                                   "engine with this spec-compile")
+        try:
+            return cls(**{**d, "bucket_nodes": nodes})
+        except (TypeError, ValueError) as e:
+            raise SpecCompileError(f"manifest dims are inconsistent ({e}); rebuild the engine with "
+                                   "this spec-compile") from None
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "bucket_nodes": list(self.bucket_nodes)}
 
     @property
     def step_slots(self) -> int:
@@ -145,7 +189,12 @@ class Dims:
 
     @property
     def has_draft(self) -> bool:
+        """The engine has draft graphs and caches (some bucket speculates)."""
         return self.draft_layers > 0
+
+    def speculates(self, bucket: int) -> bool:
+        """Bucket `bucket` runs a draft graph (its tree is more than the root)."""
+        return self.has_draft and self.bucket_nodes[buckets(self.batch).index(bucket)] > 1
 
 
     def fits(self, n_prompt: int, max_new_tokens: int) -> bool:
@@ -172,8 +221,11 @@ def graph_batch(dims: Dims, graph: str, bucket: int | None = None) -> int:
 
 
 def graph_dims(dims: Dims, graph: str, bucket: int | None = None) -> Dims:
-    """`dims` as seen by one compiled graph: its batch is `graph_batch`."""
-    return dataclasses.replace(dims, batch=graph_batch(dims, graph, bucket))
+    """`dims` as seen by one compiled graph: its batch is `graph_batch`, its tree that bucket's
+    (the state's widths, tree_depth included, stay the engine's)."""
+    b = graph_batch(dims, graph, bucket)
+    nodes = dims.bucket_nodes[:len(buckets(b))]  # buckets(b) is a prefix of buckets(batch)
+    return dataclasses.replace(dims, batch=b, bucket_nodes=nodes, tree_nodes=nodes[-1])
 
 
 def graph_file(graph: str, batch: int) -> str:
@@ -197,8 +249,14 @@ def caches(dims: Dims, owner: str) -> list[TensorSpec]:
     """The KV cache inputs of a graph owned by `owner` ("target" or "draft"), as graphs name them."""
     n, h, dh = ((dims.n_layers, dims.n_kv_heads, dims.head_dim) if owner == "target"
                 else (dims.draft_layers, dims.draft_kv_heads, dims.draft_head_dim))
-    return [TensorSpec(f"{kv}_{i}", (dims.batch, h, dims.max_seq_len, dh), dims.dtype)
+    return [TensorSpec(f"{kv}_{i}", (dims.batch, h, cache_rows(dims, owner), dh), dims.dtype)
             for i in range(n) for kv in "kv"]
+
+
+def cache_rows(dims: Dims, owner: str) -> int:
+    """Rows of an owner's KV cache: max_seq_len, plus a prefill chunk of spare rows in the
+    draft's of a mixed engine (a catch-up chunk starting below capacity fits, padding included)."""
+    return dims.max_seq_len + (dims.prefill_chunk if owner == "draft" and dims.mixed else 0)
 
 
 def owner(graph: str) -> str:
@@ -229,7 +287,18 @@ def slot_state(dims: Dims) -> list[TensorSpec]:
             TensorSpec("max_new", (B,), "int64"),      # its max_new_tokens
             TensorSpec("out_buf", (B, S + D1 + 1), "int64"),  # emitted tokens; last column: masked writes
             TensorSpec("accept_hist", (B, S + 1), "int64"),   # tokens emitted per verify call
-            *sampling_state(dims)]
+            *sampling_state(dims), *catchup_state(dims)]
+
+
+def catchup_state(dims: Dims) -> list[TensorSpec]:
+    """A mixed engine's record for the draft's catch-up over plain steps (the module docstring):
+    the draft cache's valid length, and the (token, feature) pair of every cache position that
+    a plain step accepted (D + 1 columns past capacity take a step's padded writes)."""
+    if not dims.mixed:
+        return []
+    B, W = dims.batch, dims.max_seq_len + dims.tree_depth + 1
+    return [TensorSpec("draft_len", (B,), "int64"), TensorSpec("hist_tokens", (B, W), "int64"),
+            TensorSpec("hist_feats", (B, W, dims.feature_dim), dims.dtype)]
 
 
 def sampling_state(dims: Dims) -> list[TensorSpec]:
@@ -256,7 +325,7 @@ def state_bytes(dims: Dims) -> int:
         return sum(DTYPES[t.dtype].itemsize * math.prod(t.shape) for t in specs)
 
     one = dataclasses.replace(dims, n_layers=1, draft_layers=1)
-    return (nbytes(state(dataclasses.replace(dims, n_layers=0, draft_layers=0)))
+    return (nbytes([*step_state(dims), *slot_state(dims)])
             + dims.n_layers * nbytes(caches(one, "target"))
             + dims.draft_layers * nbytes(caches(one, "draft")))
 
@@ -295,9 +364,17 @@ def graph_io(dims: Dims, graph: str) -> GraphIO:
 
 
 def graphs(dims: Dims) -> tuple[str, ...]:
-    """The graphs an engine of these dims has."""
+    """The graphs an engine of these dims has (at some batch)."""
     return tuple(g for g in GRAPHS if (dims.has_draft or g not in DRAFT_GRAPHS)
                  and (dims.sampling or g != "verify_sampled"))
+
+
+def graph_batches(dims: Dims, graph: str) -> tuple[int, ...]:
+    """The batches `graph` is compiled at: 1 for the prefill graphs; the buckets for verify; the
+    speculating buckets for draft."""
+    if graph in PREFILL_GRAPHS:
+        return (1,)
+    return tuple(b for b in buckets(dims.batch) if graph != "draft" or dims.speculates(b))
 
 
 def traced_inputs(dims: Dims, graph: str) -> list[TensorSpec]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import shutil
 import signal
 import sys
@@ -25,7 +26,7 @@ from typing import Callable
 import torch
 from torch import fx
 
-from spec_compiler.export.lower import WeightRegistry, lift_weights, lower
+from spec_compiler.export.lower import WeightRegistry, lift_weights, lower, lower_saved, save_exported
 from spec_compiler.export.manifest import Manifest, write_manifest
 from spec_compiler.passes import default_passes, run_passes
 from spec_compiler.passes.infra import outputs, set_outputs
@@ -47,11 +48,12 @@ def example(spec: fmt.TensorSpec, device) -> torch.Tensor:
     return t.normal_() if t.is_floating_point() else t
 
 
-def trace_graph(cfg: CompileConfig, graph: str, module: torch.nn.Module) -> fx.GraphModule:
+def trace_graph(cfg: CompileConfig, graph: str, module: torch.nn.Module,
+                dims: fmt.Dims | None = None) -> fx.GraphModule:
     """`module` exported for `graph`, before any pass: outputs logits, hidden, caches, plus
     `token_ids` for the draft graph of a reduced-vocabulary draft (its `hot_ids` buffer, the
     target id of each logit column), which unroll_draft maps the top-k columns through."""
-    specs = fmt.traced_inputs(fmt.Dims.from_config(cfg), graph)
+    specs = fmt.traced_inputs(dims or fmt.Dims.from_config(cfg), graph)
     if graph == "draft" and isinstance(module, Eagle3Draft):  # its levels read its own features
         specs = [dataclasses.replace(t, shape=(*t.shape[:2], module.cfg.layer.hidden_size))
                  if t.name == "features" else t for t in specs]
@@ -67,13 +69,17 @@ def trace_graph(cfg: CompileConfig, graph: str, module: torch.nn.Module) -> fx.G
 
 
 def build_graph(cfg: CompileConfig, graph: str, module: torch.nn.Module, debug_dir: Path | None,
-                label: str | None = None):
-    """`graph` traced at batch cfg.batch_size and rewritten; `label` names its debug dumps."""
-    gm = trace_graph(cfg, graph, module)
+                label: str | None = None, dims: fmt.Dims | None = None):
+    """`graph` traced at batch cfg.batch_size for tree cfg.tree and rewritten; `label` names its
+    debug dumps; `dims` (default: cfg's) are the engine's as this graph sees them
+    (`fmt.graph_dims`: the step state's width and the caches' rows are the engine's)."""
+    gm = trace_graph(cfg, graph, module, dims)
+    width = None if dims is None else dims.tree_depth + 1
     if graph == "draft_prefill":  # its logits are never used: don't compute them
         set_outputs(gm, {k: v for k, v in outputs(gm).items() if k != "logits"})
     project = module.fc if graph == "draft" and isinstance(module, Eagle3Draft) else None
-    return run_passes(gm, default_passes(graph, cfg.tree, cfg.prefill_chunk, project), debug_dir, label or graph)
+    return run_passes(gm, default_passes(graph, cfg.tree, cfg.prefill_chunk, width, project), debug_dir,
+                      label or graph)
 
 
 def check_contract(dims: fmt.Dims, graph: str, gm: fx.GraphModule) -> None:
@@ -90,13 +96,16 @@ def check_contract(dims: fmt.Dims, graph: str, gm: fx.GraphModule) -> None:
 def compile_engine(cfg: CompileConfig, model_dir: Path, draft_dir: Path | DraftSource | None, out_dir: Path,
                    progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
                    debug_dir: Path | None = None, draft_module: torch.nn.Module | None = None,
-                   draft_vocab: str | int = "auto", auto_tree: AutoTree | None = None) -> Path:
+                   draft_vocab: str | int = "auto", auto_tree: AutoTree | None = None,
+                   jobs: int | None = None) -> Path:
     """Compile into `out_dir`, atomically: built in a temp dir beside it, renamed at the end,
     under the output lock (`_writing`), taken before anything is loaded.
 
     `auto_tree` (--tree auto with the draft's acceptance table) replaces cfg.tree, once the
-    modules are loaded, by the tree it measures fastest on this device (tree_choice.py); the
-    manifest records the candidates (`tree_choice`).
+    modules are loaded, by a tree per batch bucket, each the one it measures fastest at that
+    bucket on this device (tree_choice.py; chain-0 where speculation does not pay); the
+    manifest records the candidates per bucket (`tree_choice`).
+    `jobs`: processes that lower graphs in parallel (`lower_all`).
     `draft_vocab` ("auto", "full" or N) picks the draft's vocabulary (`load_draft`). `draft_dir`
     may be a `loading.read_draft` result; its weights are not read again.
     `draft_module` replaces loading `draft_dir` (tests use it for drafts with known behaviour;
@@ -113,24 +122,37 @@ def compile_engine(cfg: CompileConfig, model_dir: Path, draft_dir: Path | DraftS
             draft = load_draft(draft_dir, target, cfg.dtype, draft_vocab).to(cfg.device)
         choice = None
         if auto_tree is not None:
-            tree, choice = auto_tree.choose(target, draft, cfg.max_seq_len,
-                                            lambda depth: fmt.min_capacity(cfg.prefill_chunk, depth), progress)
-            cfg = dataclasses.replace(cfg, tree=tree, draft=cfg.draft if tree.n_nodes > 1 else None)
-            draft = draft if tree.n_nodes > 1 else None
-        return _compile(cfg, target, draft, out_dir, progress, debug_dir, None, model_dir, t0, choice)
+            trees, choice = auto_tree.choose_buckets(
+                target, draft, cfg.max_seq_len, lambda depth: fmt.min_capacity(cfg.prefill_chunk, depth),
+                fmt.buckets(cfg.batch_size), progress)
+            cfg = with_bucket_trees(cfg, trees)
+            draft = draft if cfg.draft is not None else None
+        return _compile(cfg, target, draft, out_dir, progress, debug_dir, None, model_dir, t0, choice, jobs)
+
+
+def with_bucket_trees(cfg: CompileConfig, trees: tuple) -> CompileConfig:
+    """cfg building `trees` (one per bucket): `tree` is the deepest (capacity checks), no
+    bucket_trees when all are the same, no draft when none speculates."""
+    deepest = max(trees, key=lambda t: (t.max_depth, t.n_nodes))
+    same = all(t == trees[0] for t in trees)
+    spec = any(t.n_nodes > 1 for t in trees)
+    return dataclasses.replace(cfg, tree=trees[0] if same else deepest,
+                               bucket_trees=None if same else tuple(trees),
+                               draft=cfg.draft if spec else None)
 
 
 def compile_modules(cfg: CompileConfig, target: torch.nn.Module, draft: torch.nn.Module | None,
                     out_dir: Path, progress: Callable[[str], None] = lambda s: None,
                     debug_dir: Path | None = None, graphs: list[str] | None = None,
                     model_dir: Path | None = None, t0: float | None = None,
-                    tree_choice: dict | None = None) -> Path:
+                    tree_choice: dict | None = None, jobs: int | None = None) -> Path:
     """Compile already-built modules (benchmarks use random-weight modules). `graphs` limits
     which step graphs are built (default: all that the tree needs). The manifest records the
     draft vocabulary of the module compiled (`hot_ids`), whatever cfg.draft said."""
     out_dir = Path(out_dir)
     with _writing(out_dir):
-        return _compile(cfg, target, draft, out_dir, progress, debug_dir, graphs, model_dir, t0, tree_choice)
+        return _compile(cfg, target, draft, out_dir, progress, debug_dir, graphs, model_dir, t0,
+                        tree_choice, jobs)
 
 
 @contextlib.contextmanager
@@ -154,7 +176,7 @@ def _writing(out_dir: Path):
 
 
 def _compile(cfg, target, draft, out_dir: Path, progress, debug_dir, graphs, model_dir, t0,
-             tree_choice=None) -> Path:
+             tree_choice=None, jobs=None) -> Path:
     if draft is not None and cfg.draft is not None:
         hot = getattr(draft, "hot_ids", None)
         cfg = dataclasses.replace(cfg, draft=dataclasses.replace(
@@ -162,7 +184,7 @@ def _compile(cfg, target, draft, out_dir: Path, progress, debug_dir, graphs, mod
     t0 = time.time() if t0 is None else t0
     with atomic_dir(out_dir) as tmp:
         with _feature_layers(cfg, target):
-            manifest = _build(cfg, target, draft, tmp, progress, debug_dir, graphs)
+            manifest = _build(cfg, target, draft, tmp, progress, debug_dir, graphs, jobs)
         manifest.data["tree_choice"] = tree_choice
         for f in fmt.TOKENIZER_FILES if model_dir is not None else ():
             if (Path(model_dir) / f).is_file():
@@ -182,7 +204,8 @@ def _feature_layers(cfg: CompileConfig, target):
     """While the graphs are built, the target returns as its features what the draft reads: an
     EAGLE-3 draft's fused layers (the manifest's draft entry records which), else the final
     normed hidden state."""
-    fused = cfg.draft.fused_layers if cfg.draft is not None and cfg.tree.n_nodes > 1 else ()
+    speculates = cfg.draft is not None and any(t.n_nodes > 1 for t in cfg.trees())
+    fused = cfg.draft.fused_layers if speculates else ()
     if fused and cfg.draft.layer.hidden_size != cfg.model.hidden_size:
         raise SpecCompileError(f"EAGLE-3 draft hidden size {cfg.draft.layer.hidden_size} differs from the "
                                f"target's {cfg.model.hidden_size}: not supported yet")
@@ -194,41 +217,115 @@ def _feature_layers(cfg: CompileConfig, target):
         target.feature_layers = before
 
 
-def _build(cfg: CompileConfig, target, draft, tmp: Path, progress, debug_dir, graphs=None) -> Manifest:
+def _build(cfg: CompileConfig, target, draft, tmp: Path, progress, debug_dir, graphs=None,
+           jobs: int | None = None) -> Manifest:
     from safetensors.torch import save_file
 
     dims = fmt.Dims.from_config(cfg)
     graphs = list(fmt.graphs(dims)) if graphs is None else graphs
-    buckets = fmt.buckets(dims.batch)
-    # One artifact per (graph, batch): the prefill graphs at batch 1 (per slot), the step graphs
-    # at every bucket. Weights are lifted into one registry, so the engine stores them once.
-    jobs = [(name, b) for name in graphs
-            for b in ((1,) if name in fmt.PREFILL_GRAPHS else buckets)]
+    buckets, trees = fmt.buckets(dims.batch), cfg.trees()
+    # One artifact per (graph, batch): the prefill graphs at batch 1 (per slot), verify at every
+    # bucket with that bucket's tree, draft at the buckets that speculate. Weights are lifted
+    # into one registry, so the engine stores them once. Export and passes run here, one graph
+    # after another; the lowering (Inductor, most of the time) runs in parallel (`Lowering`).
+    todo = [(name, b) for name in graphs for b in fmt.graph_batches(dims, name)]
     registry = WeightRegistry()
-    entries = {}
-    for i, (name, b) in enumerate(jobs):
-        owner = fmt.owner(name)
-        module = draft if owner == "draft" else target
-        label = name if b == 1 else f"{name}.b{b}"
-        progress(f"[2/4] {label}: export + passes")
-        gm = build_graph(dataclasses.replace(cfg, batch_size=b), name, module, debug_dir, label)
-        gdims = fmt.graph_dims(dims, name, b)
-        check_contract(gdims, name, gm)
-        io = fmt.graph_io(gdims, name)
-        weights = lift_weights(gm, registry, prefix="draft." if owner == "draft" else "")
-        gm = gm.to(cfg.device)
-        args = [registry.tensors[w] for w in weights] + [example(t, cfg.device) for t in io.inputs]
-        fname = fmt.graph_file(name, b)
-        progress(f"[3/4] {label}: lowering with {cfg.backend} ({i + 1}/{len(jobs)})")
-        lower(gm, args, tmp / fname, cfg.backend)
-        if name not in entries:  # the smallest batch: the graph's entry
-            entries[name] = {
-                "file": fname, "weights": weights, "batch": b,
-                "passes": list(gm.meta.get("passes", [])),
-                "pass_counts": dict(gm.meta.get("pass_counts", {})),
-            }
-        else:  # a larger bucket of a step graph
-            entries[name].setdefault("buckets", {})[str(b)] = {"file": fname, "weights": weights}
+    entries, lowering = {}, Lowering(cfg.backend, cfg.device, jobs, len(todo), progress)
+    try:
+        for name, b in todo:
+            owner = fmt.owner(name)
+            module = draft if owner == "draft" else target
+            label = name if b == 1 else f"{name}.b{b}"
+            progress(f"[2/4] {label}: export + passes")
+            bcfg = dataclasses.replace(cfg, batch_size=b, tree=trees[buckets.index(b)], bucket_trees=None)
+            gdims = fmt.graph_dims(dims, name, b)
+            gm = build_graph(bcfg, name, module, debug_dir, label, gdims)
+            check_contract(gdims, name, gm)
+            io = fmt.graph_io(gdims, name)
+            weights = lift_weights(gm, registry, prefix="draft." if owner == "draft" else "")
+            gm = gm.to(cfg.device)
+            args = [registry.tensors[w] for w in weights] + [example(t, cfg.device) for t in io.inputs]
+            fname = fmt.graph_file(name, b)
+            entry = {"file": fname, "weights": weights}
+            if name not in entries:  # the smallest batch: the graph's entry
+                entries[name] = {**entry, "batch": b, "passes": list(gm.meta.get("passes", [])),
+                                 "pass_counts": dict(gm.meta.get("pass_counts", {}))}
+            else:  # a larger bucket of a step graph
+                entries[name].setdefault("buckets", {})[str(b)] = entry
+            lowering.add(label, gm, args, tmp / fname)
+            del gm, args  # not held for every graph (the caches are gigabytes at scale)
+        lowering.finish()
+    finally:
+        lowering.close()
     progress(f"[4/4] writing weights ({sum(t.numel() for t in registry.tensors.values()) / 1e6:.1f}M params)")
     save_file({k: v.contiguous().cpu() for k, v in registry.tensors.items()}, str(tmp / fmt.WEIGHTS))
     return Manifest.new(cfg, dims, entries)
+
+
+class Lowering:
+    """Lowers the engine's graphs as they are built. Why in parallel: an engine has one verify
+    (and draft, verify_sampled) per batch bucket, so --max-batch 64 is 7 buckets x up to 4
+    graphs, and Inductor's lowering (code generation in Python, then the C++/Triton compilers)
+    is most of the compile time and single-threaded per graph: lowering one graph after another
+    makes the compile time grow with the bucket count. With `jobs` > 1 each graph is exported
+    here as soon as it is built (cheap), saved, and lowered in its own worker process
+    (`export.lower.lower_saved`: a spawned interpreter, safe with CUDA) while the next graph is
+    built, `jobs` at a time; the example inputs (weights and caches) are dropped at once, not
+    held for every graph. Default jobs: one per 4 CPU cores, at most 8 (each worker allocates
+    uninitialised example inputs of its graph: the weights and that bucket's caches). 1, or the
+    eager backend, lowers in this process as before.
+    The alternative, one artifact with a dynamic batch dimension and a CUDA graph captured per
+    bucket, would compile each graph once, but its kernels would be tuned for no batch in
+    particular and the CPU engines (no CUDA graphs) would pay dynamic shapes on every call; the
+    artifacts here stay static per bucket."""
+
+    def __init__(self, backend: str, device: str, jobs: int | None, total: int, progress):
+        self.backend, self.device, self.total, self.progress = backend, device, total, progress
+        self.jobs = min(8, max(1, (os.cpu_count() or 1) // 4)) if jobs is None else jobs
+        self.parallel = backend != "eager" and self.jobs > 1 and total > 1
+        self.pool, self.futures, self.done = None, {}, 0
+
+    def add(self, label: str, gm: fx.GraphModule, args: list[torch.Tensor], path: Path) -> None:
+        if not self.parallel:
+            self.done += 1
+            self.progress(f"[3/4] {label}: lowering with {self.backend} ({self.done}/{self.total})")
+            lower(gm, args, path, self.backend)
+            return
+        if self.pool is None:
+            import concurrent.futures as cf
+            import multiprocessing
+
+            self.progress(f"[3/4] lowering {self.total} graphs with {self.backend}, {self.jobs} at a time")
+            self.pool = cf.ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"))
+        src = save_exported(gm, args, path.with_suffix(".export.pt2"))
+        self.futures[self.pool.submit(lower_saved, src, str(path), self.device)] = (label, src)
+
+    def finish(self) -> None:
+        """Wait for every worker; a worker's error is raised here."""
+        if self.pool is None:
+            return
+        import concurrent.futures as cf
+
+        for fut in cf.as_completed(self.futures):
+            fut.result()
+            label, src = self.futures[fut]
+            Path(src).unlink()
+            self.done += 1
+            self.progress(f"[3/4] {label}: lowered ({self.done}/{self.total})")
+
+    def close(self) -> None:
+        """Stop the workers (after an error or an interrupt: queued graphs are dropped)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+def lower_all(todo: list, backend: str, device: str, jobs: int | None, progress) -> None:
+    """Lower every (label, gm, example args, path) with `Lowering`."""
+    sink = Lowering(backend, device, jobs, len(todo), progress)
+    try:
+        for job in todo:
+            sink.add(*job)
+        sink.finish()
+    finally:
+        sink.close()

@@ -1,5 +1,6 @@
-"""`spec-compile --tree auto`: the static tree with the most expected tokens per second on the
-device the engine is built for (the compile-time half of a tree dispatcher).
+"""`spec-compile --tree auto`: per batch bucket, the static tree with the most expected tokens
+per second at that batch on the device the engine is built for (the tree dispatcher: the
+runtime runs each bucket's tree, engine_format "per-bucket trees").
 
     expected tokens/s (tree) = expected tokens per verify call (tree, the draft's acceptance table)
                                / predicted step time (tree, a cost model timed on the build device)
@@ -17,19 +18,25 @@ T = the tree's nodes (the root included): the verify graph is one target forward
 tokens (acceptance and compaction are small beside it); the draft graph is the catch-up forward
 over depth + 1 accepted pairs, then one forward per tree level over that level's nodes with
 children (passes/unroll_draft.py). target(T) and draft(n) are the models' own eager forwards
-timed on the build device at a typical context (256 tokens): on a CPU they are the same
+timed on the build device at a typical context (256 tokens), at the bucket's batch b (a target
+forward over b x T tokens, the draft's over b x n): on a CPU they are the same
 matrix-multiply calls the compiled graphs make, and their cost is what depends on T (weights
 read once up to a few rows, compute-bound beyond); the compiled graphs' savings elsewhere
 (fusion, no Python) shift every candidate alike. Every size is timed in one round-robin, a
 few rounds, the fastest round per size: other work on the machine only ever adds time, and
 on a CPU it adds a lot (torch's threads wait at every parallel region for a thread another
 process holds: a 40 ms forward measured 0.4-2 s beside one busy process), so the minimum is the
-machine's cost and the median is the neighbours'.
+machine's cost and the median is the neighbours'. Expected tokens per call does not depend on
+the batch; the step time does: at batch 1 a forward reads the weights once whatever T (bushy
+trees are nearly free), at large batches on a GPU b x T tokens make it compute-bound, so the
+measured step time grows with T, smaller trees win, and where no tree beats chain-0's tokens/s
+the bucket decodes plainly (no draft graph). The timings decide; no constant does.
 
 Candidates: chains (chain-0 is plain decoding: no draft call at all), the fitted trees of the
 table's N most frequent paths for a range of N, and the draft's own tree.json. The manifest
-records every candidate (nodes, depth, expected tokens/call, predicted step ms, expected
-tokens/s), the timings and the choice (`tree_choice`). An explicit --tree skips all of this.
+records, per bucket, every candidate (nodes, depth, expected tokens/call, predicted step ms,
+expected tokens/s), the timings and the choice (`tree_choice["buckets"]`). An explicit --tree
+skips all of this and builds that tree at every bucket.
 """
 
 from __future__ import annotations
@@ -204,19 +211,20 @@ def choose(cands: list[TreeSpec], table: AcceptTable, cost: CostModel) -> tuple[
 
 @torch.inference_mode()
 def measure(target: torch.nn.Module, draft: torch.nn.Module | None, target_sizes: list[int],
-            draft_sizes: list[int], capacity: int, context: int, rounds: int = ROUNDS) -> CostModel:
-    """Time target(T) and draft(n) forwards (eager, on the modules' device and dtype) over a
-    cache of `capacity` slots holding `context` tokens: `rounds` round-robin passes over every
-    size after one warm-up pass, the fastest round per size."""
+            draft_sizes: list[int], capacity: int, context: int, rounds: int = ROUNDS,
+            batch: int = 1) -> CostModel:
+    """Time target(T) and draft(n) forwards (eager, on the modules' device and dtype) of `batch`
+    sequences over caches of `capacity` slots holding `context` tokens: `rounds` round-robin
+    passes over every size after one warm-up pass, the fastest round per size."""
     jobs: dict[tuple[str, int], Callable[[], object]] = {}
     for name, module, sizes in (("target", target, target_sizes), ("draft", draft, draft_sizes)):
         if module is None:
             continue
         p = next(module.parameters())
-        kv = [torch.zeros(module.cache_shape(1, capacity), dtype=p.dtype, device=p.device)
+        kv = [torch.zeros(module.cache_shape(batch, capacity), dtype=p.dtype, device=p.device)
               for _ in range(2 * len(module.layers))]
         for n in sizes:
-            jobs[(name, n)] = _forward(module, n, context, kv)
+            jobs[(name, n)] = _forward(module, n, context, kv, batch)
     dev = next(target.parameters()).device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times: dict[tuple[str, int], list[float]] = {k: [] for k in jobs}
@@ -246,16 +254,17 @@ def monotone(ms: dict[int, float]) -> dict[int, float]:
     return dict(sorted(out.items()))
 
 
-def _forward(module: torch.nn.Module, n: int, context: int, kv: list[torch.Tensor]) -> Callable[[], object]:
-    """One forward of `module` (Llama or EagleDraft calling convention) over n new tokens at
-    slots context + [0, n) of the caches `kv`."""
+def _forward(module: torch.nn.Module, n: int, context: int, kv: list[torch.Tensor],
+             batch: int = 1) -> Callable[[], object]:
+    """One forward of `module` (Llama or EagleDraft calling convention) of `batch` sequences
+    over n new tokens at slots context + [0, n) of the caches `kv`."""
     p = next(module.parameters())
     dev, dt = p.device, p.dtype
-    tokens = torch.zeros(1, n, dtype=torch.long, device=dev)
-    pos = context + torch.arange(n, device=dev)[None]
-    cache_len = torch.full((1,), context, dtype=torch.long, device=dev)
+    tokens = torch.zeros(batch, n, dtype=torch.long, device=dev)
+    pos = (context + torch.arange(n, device=dev)[None]).expand(batch, n)
+    cache_len = torch.full((batch,), context, dtype=torch.long, device=dev)
     if hasattr(module, "fc"):  # a draft: (token, feature) pairs
-        feats = torch.zeros(1, n, module.fc.weight.shape[1] // 2, dtype=dt, device=dev)
+        feats = torch.zeros(batch, n, module.fc.weight.shape[1] // 2, dtype=dt, device=dev)
         return lambda: module(tokens, feats, pos, cache_len, *kv)
     return lambda: module(tokens, pos, cache_len, *kv)
 
@@ -268,10 +277,24 @@ class AutoTree:
     extra: tuple[TreeSpec, ...] = ()  # the draft's tree.json
     source: str = ""  # where the table came from (for the record)
 
+    def choose_buckets(self, target, draft, capacity: int, min_capacity: Callable[[int], int],
+                       buckets: tuple[int, ...], log: Callable[[str], None] = lambda s: None
+                       ) -> tuple[tuple[TreeSpec, ...], dict]:
+        """`choose` at every batch bucket: (the tree of each bucket, the manifest record: the
+        table it used and each bucket's record under "buckets")."""
+        trees, per = [], {}
+        for b in buckets:
+            tree, rec = self.choose(target, draft, capacity, min_capacity, log, batch=b)
+            trees.append(tree)
+            per[str(b)] = rec
+        return tuple(trees), {"method": "auto", "accept_table": self.source,
+                              "accept_n_starts": self.table.n_starts,
+                              "choice": {b: r["choice"] for b, r in per.items()}, "buckets": per}
+
     def choose(self, target, draft, capacity: int, min_capacity: Callable[[int], int],
-               log: Callable[[str], None] = lambda s: None) -> tuple[TreeSpec, dict]:
-        """Measure the cost model for every candidate's sizes and pick; returns the tree and
-        the manifest record. `min_capacity(depth)` drops trees whose step does not fit."""
+               log: Callable[[str], None] = lambda s: None, batch: int = 1) -> tuple[TreeSpec, dict]:
+        """Measure the cost model at `batch` for every candidate's sizes and pick; returns the
+        tree and the record. `min_capacity(depth)` drops trees whose step does not fit."""
         cands = [t for t in candidates(self.table, list(self.extra)) if min_capacity(t.max_depth) <= capacity]
         if draft is None:
             cands = [t for t in cands if t.n_nodes == 1]
@@ -282,10 +305,10 @@ class AutoTree:
         context = max(0, min(256, capacity // 4, capacity - sizes[-1]))
         span = context + sizes[-1]
         cost = measure(target, draft, sizes, sorted({n for t in cands for n in draft_forwards(t)}),
-                       span, context)
+                       span, context, batch=batch)
         tree, rows = choose(cands, self.table, cost)
         best = rows[0]
-        log(f"[tree] auto: {tree.name} ({tree.n_nodes} nodes): {best['expected_tokens_per_call']:.2f} "
+        log(f"[tree] auto, batch {batch}: {tree.name} ({tree.n_nodes} nodes): {best['expected_tokens_per_call']:.2f} "
             f"tokens/call expected, {best['predicted_step_ms']:.1f} ms/step predicted, "
             f"{best['expected_tokens_per_s']:.1f} tokens/s; {len(rows)} candidates timed in "
             f"{time.perf_counter() - t0:.1f}s")
@@ -293,7 +316,7 @@ class AutoTree:
             log(f"[tree] note: the machine was busy while timing (a forward's median round took "
                 f"{cost.spread:.1f}x its fastest); the choice may not be the fastest tree: rebuild "
                 f"on an idle machine, or name a tree with --tree")
-        return tree, {"method": "auto", "choice": tree.name, "accept_table": self.source,
+        return tree, {"method": "auto", "choice": tree.name, "batch": batch, "accept_table": self.source,
                       "accept_n_starts": self.table.n_starts, "cost_model": {
                           **cost.to_json(), "context": context, "cache_slots": span,
                           "rounds": ROUNDS, "seconds": round(time.perf_counter() - t0, 2)},

@@ -99,16 +99,23 @@ def build_engine(out: Path, model_dir: Path, *, tree: str = "mc_sim_7b_63", draf
                  backend: str = "eager", max_seq_len: int = 256, chunk: int = 16,
                  draft_module: nn.Module | None = None, draft_cfg: DraftConfig | None = None,
                  device: str = "cpu", dtype: str = "float32", draft_vocab: str | int = "auto",
-                 sampling: bool = True, max_batch: int = 1) -> Path:
+                 sampling: bool = True, max_batch: int = 1, bucket_trees: list[str] | None = None,
+                 jobs: int | None = None) -> Path:
+    """`bucket_trees`: one tree per batch bucket (what --tree auto may choose) instead of `tree`."""
+    from spec_compiler.pipeline import with_bucket_trees
+
     model = ModelConfig.from_hf(model_dir)
-    t = resolve_tree(tree)
+    trees = tuple(resolve_tree(t) for t in (bucket_trees or [tree]))
+    spec = any(t.n_nodes > 1 for t in trees)
     if draft_cfg is None and draft_dir is not None:
         draft_cfg = load_draft(draft_dir, load_target(model_dir), draft_vocab=draft_vocab).cfg
-    cfg = CompileConfig(model=model, draft=draft_cfg if t.n_nodes > 1 else None, tree=t,
+    cfg = CompileConfig(model=model, draft=draft_cfg if spec else None, tree=trees[0],
                         max_seq_len=max_seq_len, backend=backend, prefill_chunk=chunk,
                         device=device, dtype=dtype, sampling=sampling, batch_size=max_batch)
-    return compile_engine(cfg, model_dir, draft_dir if t.n_nodes > 1 else None, out,
-                          progress=lambda s: None, draft_module=draft_module, draft_vocab=draft_vocab)
+    if bucket_trees is not None:
+        cfg = with_bucket_trees(cfg, trees)
+    return compile_engine(cfg, model_dir, draft_dir if spec else None, out, progress=lambda s: None,
+                          draft_module=draft_module, draft_vocab=draft_vocab, jobs=jobs)
 
 
 _HF_CACHE: dict = {}

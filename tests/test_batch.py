@@ -296,6 +296,8 @@ def test_bad_batch_inputs_fail_in_one_line(engines, tmp_path, tiny_dir):
         _build(tmp_path / "zero", tiny_dir, "chain-0", None, max_batch=0)
     assert compile_main([str(tiny_dir), "--tree", "chain-0", "--out", str(tmp_path / "e"),
                          "--max-batch", "0", "--backend", "eager"]) == 2
+    assert compile_main([str(tiny_dir), "--tree", "chain-0", "--out", str(tmp_path / "e"),
+                         "--jobs", "0", "--backend", "eager"]) == 2
     assert not (tmp_path / "e").exists()
 
 
@@ -379,3 +381,113 @@ def test_inductor_buckets_match_transformers(tmp_path, tiny_dir, tiny_draft_dir)
     res = engine.generate_batch(prompts, max_new_tokens=[30, 10, 25, 40, 7])
     for p, r, n in zip(prompts, res, [30, 10, 25, 40, 7]):
         assert r.output_ids == hf_greedy(tiny_dir, p, n), p
+
+
+# ---- the tree dispatcher: a tree per bucket ----
+DISPATCH = ("mc_sim_7b_63", "chain-2", "chain-0")  # buckets 1, 2, 4: bushy, a chain, plain decoding
+# Slots 0 and 1 hold the long sequences, so the batch shrinks 4 -> 2 -> 1 once the rest end.
+DISPATCH_NEW = (None, 40, 12, 9, 10, 8)
+
+
+@pytest.fixture(scope="module")
+def dispatch_engine(tmp_path_factory, model_dir, tiny_draft_dir, references):
+    """--max-batch 4 with a tree per bucket, as --tree auto may choose: bucket 4 decodes plainly
+    (no draft graph), bucket 2 runs chain-2, bucket 1 the bushy mc_sim_7b_63 (deeper than
+    chain-2: the state is its depth + 1 wide). The oracle draft overrides only the draft's
+    logits: its layers still compute the K/V that the draft's cache must hold."""
+    inner = load_draft(tiny_draft_dir, load_target(model_dir))
+    oracle = MultiOracleDraft(inner, references, capacity=SEQ_LEN, vocab=128,
+                              rank_of=ORACLE["mc_sim_7b_63"][0], poisoned=ORACLE["mc_sim_7b_63"][1])
+    return _build(tmp_path_factory.mktemp("dispatch") / "e", model_dir, "chain-0", tiny_draft_dir,
+                  oracle, max_batch=4, bucket_trees=list(DISPATCH))
+
+
+def _record_graphs(engine) -> list[tuple[int | None, str]]:
+    """Log (the bucket of the running step or None outside one, graph name) of every graph call."""
+    calls, now = [], [None]
+    for graphs in engine._bucket_graphs.values():
+        for name, g in list(graphs.items()):
+            graphs[name] = (lambda g, name: lambda *a, **k: (calls.append((now[0], name)), g(*a, **k))[1])(g, name)
+    step = engine._step
+
+    def run(b, verify):
+        now[0] = b
+        try:
+            step(b, verify)
+        finally:
+            now[0] = None
+    engine._step = run
+    return calls
+
+
+def test_dispatcher_runs_each_buckets_tree(dispatch_engine, model_dir, references):
+    """Six prompts through four slots: the batch shrinks from bucket 4 (plain decoding: verify
+    alone, no draft graph) through bucket 2 (chain-2) to bucket 1 (the bushy tree), slots are
+    reused for the queued prompts, and every sequence's tokens and stop reason are what it gives
+    alone (bucket 1's tree throughout) and transformers' greedy tokens. Accept lengths differ
+    from solo ones: they are the trees' own."""
+    d = dispatch_engine
+    m = json.loads((d / fmt.MANIFEST).read_text())
+    assert {b: t["name"] for b, t in m["bucket_trees"].items()} == dict(zip(("1", "2", "4"), DISPATCH))
+    assert m["dims"]["bucket_nodes"] == [26, 3, 1] and m["dims"]["tree_depth"] == 5 and m["dims"]["mixed"]
+    assert m["graphs"]["draft"]["batch"] == 1 and set(m["graphs"]["draft"]["buckets"]) == {"2"}
+    assert set(m["graphs"]["verify"]["buckets"]) == {"2", "4"} and not (d / "draft.b4.pt2").exists()
+    engine = Engine.load(d)
+    assert "draft" not in engine._bucket_graphs[4] and "draft" in engine._bucket_graphs[2]
+    assert engine.state["acc_tokens"].shape == (4, 6)  # mc_sim_7b_63's depth 5, for every bucket
+    prompts = _prompts()
+    solo = [engine.generate(p, max_new_tokens=n) for p, n in zip(prompts, DISPATCH_NEW)]
+    calls = _record_graphs(engine)
+    catch_ups = []
+    catch_up = engine._catch_up
+    engine._catch_up = lambda i: (catch_ups.append(i), catch_up(i))
+    batch = engine.generate_batch(prompts, max_new_tokens=list(DISPATCH_NEW))
+    steps = [b for b, name in calls if name == "verify"]  # one verify per step: its bucket
+    assert [b for i, b in enumerate(steps) if not i or steps[i - 1] != b] == [4, 2, 1], steps
+    ran = {b: {name for at, name in calls if at == b} for b in (1, 2, 4)}
+    assert ran[4] == {"verify"}, "a chain-0 bucket must run no draft graph"
+    assert ran[2] == ran[1] == {"draft", "verify"}, ran
+    assert catch_ups, "slots that decoded plainly then speculated: the draft must have caught up"
+    for p, n, s, b in zip(prompts, DISPATCH_NEW, solo, batch):
+        assert (b.output_ids, b.stop_reason) == (s.output_ids, s.stop_reason), p
+        ref = references[prompts.index(p)][len(p):]
+        assert b.output_ids == (hf_greedy(model_dir, p, n or 200) if b.stop_reason != "length"
+                                else ref[:len(b.output_ids)])
+    assert {b.stop_reason for b in batch} == {"eos", "max_new_tokens", "length"}
+    assert max(max(b.accept_lengths) for b in batch) >= 3, "bucket 1 and 2 should accept drafts"
+
+
+def test_draft_cache_catches_up_after_plain_steps(dispatch_engine):
+    """A sequence that decodes in the plain bucket (4) and then moves to a speculative one (2,
+    then 1): before its first speculative step, the draft's cache rows of the plain steps are
+    stale; the catch-up writes them, so they then equal those of the same sequence decoded alone
+    (speculative throughout), and it still emits exactly its greedy tokens."""
+    engine = Engine.load(dispatch_engine)
+    prompts = _prompts()
+    solo = engine.generate(prompts[2], max_new_tokens=40)
+    ref = {k: v[0].clone() for k, v in engine.state.items() if k.startswith("draft.")}
+    st, gaps = engine.state, []
+    catch_up = engine._catch_up
+
+    def checked(i):
+        g0, g1 = int(st["draft_len"][i]), int(st["cache_len"][i] - st["n_acc"][i])
+        if i == 0:
+            gaps.append((g0, g1))
+            assert g1 - g0 >= 2 and not all(
+                torch.allclose(st[k][0, :, g0:g1], ref[k][:, g0:g1], atol=1e-4) for k in ref)
+        catch_up(i)
+        if i == 0:
+            for k, v in ref.items():
+                assert torch.allclose(st[k][0, :, :g1], v[:, :g1], atol=1e-4, rtol=1e-4), k
+    engine._catch_up = checked
+    with engine.session():
+        engine._free_all()
+        assert engine.admit(prompts[2], max_new_tokens=40) == 0  # the long one, in slot 0
+        for p, n in ((prompts[1], 6), (prompts[3], 3), (prompts[5], 9)):
+            engine.admit(p, max_new_tokens=n)
+        res = {}
+        while engine.running():
+            engine.step()
+            res.update(engine.finished())
+    assert gaps, "slot 0 should have decoded plainly, then caught up"
+    assert res[0].output_ids == solo.output_ids

@@ -115,3 +115,27 @@ def _dims() -> fmt.Dims:
 def test_engine_state_dtype_matches_engine(engine_dir):
     engine = Engine.load(engine_dir)
     assert engine.state["acc_feats"].dtype == torch.float32 == engine.state["target.k_0"].dtype
+
+
+def test_per_bucket_trees_in_the_contract():
+    """A tree per bucket: each step graph's tree tokens are its bucket's tree, the step state is
+    the deepest tree's width for every bucket, a chain-0 bucket has no draft graph, and a mixed
+    engine keeps the catch-up record and C spare rows in the draft's caches."""
+    d = dataclasses.replace(_dims(), batch=4, tree_nodes=1, bucket_nodes=(26, 3, 1), tree_depth=5,
+                            mixed=True)
+    assert fmt.graph_batches(d, "draft") == (1, 2) and fmt.graph_batches(d, "verify") == (1, 2, 4)
+    assert fmt.graph_batches(d, "prefill") == (1,) and not d.speculates(4) and d.speculates(2)
+    for b, nodes in ((1, 26), (2, 3), (4, 1)):
+        io = fmt.graph_io(fmt.graph_dims(d, "verify", b), "verify")
+        assert io.inputs[0].shape == (b, nodes) and io.outputs[0].shape == (b, 6)  # acc_tokens: D + 1
+    assert fmt.graph_io(fmt.graph_dims(d, "draft", 2), "draft").inputs[0].shape == (2, 6)
+    st = {t.name: t.shape for t in fmt.state(d)}
+    assert st["draft_len"] == (4,) and st["hist_tokens"] == (4, 64 + 6) and st["hist_feats"] == (4, 70, 16)
+    assert st["draft.k_0"] == (4, 2, 64 + 8, 4) and st["target.k_0"] == (4, 2, 64, 4)
+    assert "draft_len" not in {t.name for t in fmt.state(dataclasses.replace(d, mixed=False))}
+    back = fmt.Dims.from_json(json.loads(json.dumps(d.to_json())))
+    assert back == d
+    with pytest.raises(SpecCompileError, match="bucket_nodes do not match its buckets"):
+        fmt.Dims.from_json({**d.to_json(), "bucket_nodes": [26, 3]})
+    with pytest.raises(SpecCompileError, match="inconsistent"):
+        fmt.Dims.from_json({**d.to_json(), "bucket_nodes": [26, 3, 2]})

@@ -122,17 +122,20 @@ def test_compile_auto_records_candidates_and_explicit_tree_bypasses(tiny_dir, ti
     m = json.loads((tmp_path / "auto" / "manifest.json").read_text())
     ch = m["tree_choice"]
     assert ch["method"] == "auto" and ch["accept_table"].endswith(ACCEPT)
-    rows = ch["candidates"]
-    assert ch["choice"] == rows[0]["name"] == m["tree"]["name"]
+    assert list(ch["buckets"]) == ["1"] and ch["buckets"]["1"]["batch"] == 1
+    rows = ch["buckets"]["1"]["candidates"]
+    assert ch["choice"] == {"1": rows[0]["name"]} and ch["buckets"]["1"]["choice"] == rows[0]["name"]
+    assert rows[0]["name"] == m["tree"]["name"] == m["bucket_trees"]["1"]["name"]
     assert rows[0]["expected_tokens_per_s"] == max(r["expected_tokens_per_s"] for r in rows)
     assert sorted(map(tuple, rows[0]["paths"])) == sorted(map(tuple, m["tree"]["paths"]))
     assert {"chain-0", "chain-1", "tree"} <= {r["name"] for r in rows}  # tree: the draft's tree.json
     for r in rows:
         t = TreeSpec(r["name"], tuple(map(tuple, r["paths"])))
         assert r["expected_tokens_per_call"] == pytest.approx(TABLE.expected_tpc(t), abs=1e-4)
+        cm = ch["buckets"]["1"]["cost_model"]
         assert r["predicted_step_ms"] == pytest.approx(
-            CostModel({int(k): v for k, v in ch["cost_model"]["target_ms"].items()},
-                      {int(k): v for k, v in ch["cost_model"]["draft_ms"].items()}).step_ms(t), rel=1e-2)
+            CostModel({int(k): v for k, v in cm["target_ms"].items()},
+                      {int(k): v for k, v in cm["draft_ms"].items()}).step_ms(t), rel=1e-2)
     assert set(m["graphs"]) == ({"prefill", "verify", "verify_sampled"} if m["tree"]["name"] == "chain-0"
                                 else {"prefill", "verify", "verify_sampled", "draft_prefill", "draft"})
 
@@ -161,3 +164,41 @@ def test_auto_without_a_usable_table_falls_back(tiny_draft_dir, tmp_path, capsys
                                             "paths": [[[0], 1.5]]}))
     with pytest.raises(SpecCompileError, match="corrupt"):
         auto_tree(draft)
+
+
+def test_auto_picks_a_tree_per_bucket(tiny_dir, tiny_draft_dir, tmp_path, monkeypatch):
+    """--tree auto --max-batch 2: the cost model is measured at each bucket's batch; where the
+    step time grows with the tree's size (as a compute-bound GPU at a large batch does) bushy
+    trees stop paying and chain-0 wins: that bucket decodes plainly, with no draft graph. The
+    manifest records each bucket's candidates and choice; the engine stays greedy-exact."""
+    from helpers import hf_greedy
+    from spec_compiler.runtime import Engine
+
+    batches = []
+
+    def fake_measure(target, draft, target_sizes, draft_sizes, capacity, context, rounds=7, batch=1):
+        batches.append(batch)  # batch 1: weights-bound (flat in T); batch 2: compute-bound
+        return CostModel({T: 10.0 if batch == 1 else 5.0 + 20.0 * T for T in target_sizes},
+                         {n: 1.0 for n in draft_sizes})
+
+    monkeypatch.setattr("spec_compiler.tree_choice.measure", fake_measure)
+    draft = _draft_with_table(tiny_draft_dir, tmp_path)
+    out = tmp_path / "auto"
+    assert compile_main([str(tiny_dir), "--out", str(out), "--draft", str(draft), "--backend", "eager",
+                         "--max-seq-len", "64", "--prefill-chunk", "8", "--max-batch", "2"]) == 0
+    assert batches == [1, 2]
+    m = json.loads((out / "manifest.json").read_text())
+    per = m["tree_choice"]["buckets"]
+    for b in ("1", "2"):  # each bucket's choice is its own argmax, and what the engine builds
+        rows = per[b]["candidates"]
+        assert per[b]["choice"] == rows[0]["name"] == m["bucket_trees"][b]["name"]
+        assert rows[0]["expected_tokens_per_s"] == max(r["expected_tokens_per_s"] for r in rows)
+        assert {"chain-0", "chain-1"} <= {r["name"] for r in rows}
+    assert per["1"]["choice"] != "chain-0" and per["2"]["choice"] == "chain-0"
+    assert m["dims"]["bucket_nodes"][1] == 1 and m["dims"]["mixed"]
+    assert m["graphs"]["draft"]["batch"] == 1 and "buckets" not in m["graphs"]["draft"]
+    engine = Engine.load(out)
+    prompts = [[5, 9, 17, 3], [40, 2 + 1, 77, 12, 90, 33, 8, 1, 64], [100, 4]]
+    res = engine.generate_batch(prompts, max_new_tokens=[20, 12, 16])
+    for p, r, n in zip(prompts, res, [20, 12, 16]):
+        assert r.output_ids == hf_greedy(tiny_dir, p, n), p

@@ -1,0 +1,299 @@
+"""Batched decoding throughput: tokens/s against batch size, the tree dispatcher vs plain decoding
+vs speculation at every bucket vs transformers' own batched generation.
+
+Curves, for batch sizes 1, 2, 4, ... 64 (--batches):
+  ours_dispatch  --tree auto: a tree per bucket, chosen on this device (chain-0 where
+                 speculation does not pay), the engine's `tree_choice` record kept in the JSON
+  ours_plain     --tree chain-0 with the same buckets (non-speculative)
+  ours_forced    the dispatcher's batch-1 tree at every bucket (speculation forced on)
+  hf             transformers: batched generate with its static cache (the prompts left-padded),
+                 and its continuous-batching generate_batch where it has one; the faster of the two
+Models (--shapes):
+  pair           the real SmolLM2 pair (--model, --draft) on the dev prompts: wall tokens/s of
+                 generate_batch over b prompts at a time (b slots), greedy
+  llama8b, smollm2, tiny   random weights (bench_decode's shapes; tiny: a CPU smoke test):
+                 timed steps from a random CTX-token context (Engine.start_synthetic) at each
+                 batch; tokens/s = b x the bucket tree's expected tokens per call (the draft's
+                 acceptance table, --accept; random weights accept nothing) / step time
+Writes JSON (--out), prints a table, and draws a PNG next to it (skipped without matplotlib).
+
+    python bench/bench_batch.py [--device cuda] [--shapes pair,llama8b] [--batches 1,2,4,8,16,32,64]
+                                [--engines DIR] [--out bench/results/batch_DEVICE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import SHAPES, random_modules  # noqa: E402
+
+from spec_compiler.config import CompileConfig, ModelConfig  # noqa: E402
+from spec_compiler.pipeline import compile_modules, with_bucket_trees  # noqa: E402
+from spec_compiler.tree_choice import AcceptTable, AutoTree  # noqa: E402
+from spec_compiler.trees import chain  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SHAPES = {**SHAPES, "tiny": ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, n_layers=2,
+                                        n_heads=4, n_kv_heads=2, head_dim=16, rope_theta=1e4,
+                                        tie_word_embeddings=True, eos_token_ids=(2,))}
+CTX, NEW, STEPS = 128, 128, 20
+CURVES = ("ours_dispatch", "ours_plain", "ours_forced", "hf")
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def engine_step_ms(eng, batch: int, device: str) -> float:
+    """Median ms of one step of `batch` live slots (its bucket), from a random CTX context."""
+    eng.start_synthetic(CTX, batch=batch)
+    eng.capture()
+    eng.start_synthetic(CTX, batch=batch)
+    ts = []
+    for _ in range(STEPS):
+        sync(device)
+        t = time.perf_counter()
+        eng.step()
+        sync(device)
+        ts.append(1000 * (time.perf_counter() - t))
+    return sorted(ts)[len(ts) // 2]
+
+
+def random_engines(shape: str, batches: list[int], table: AcceptTable, root: Path, device: str) -> dict:
+    """Build (or reuse) the three engines of a random-weight shape; returns name -> dir, and the
+    dispatcher's per-bucket trees."""
+    m = SHAPES[shape]
+    target, draft, dcfg = random_modules(m, device=device)
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    if device != "cuda":
+        target, draft = target.float(), draft.float()
+    backend = "inductor" if device == "cuda" else "eager"
+    base = CompileConfig(model=m, draft=dcfg, tree=chain(1), max_seq_len=1024, dtype=dtype, device=device,
+                         prefill_chunk=64, backend=backend, batch_size=max(batches), sampling=False)
+    from spec_compiler import engine_format as fmt
+
+    trees, choice = AutoTree(table).choose_buckets(
+        target, draft, base.max_seq_len, lambda d: fmt.min_capacity(base.prefill_chunk, d),
+        fmt.buckets(base.batch_size), lambda s: print("  " + s, flush=True))
+    forced = trees[0] if trees[0].n_nodes > 1 else table.fitted(4)
+    cfgs = {"ours_dispatch": with_bucket_trees(base, trees),
+            "ours_plain": dataclasses.replace(base, tree=chain(0), draft=None),
+            "ours_forced": dataclasses.replace(base, tree=forced)}
+    out = {}
+    for name, cfg in cfgs.items():
+        d = root / f"{shape}-{name}-{device}"
+        if not (d / "manifest.json").is_file():
+            t = time.time()
+            compile_modules(cfg, target, draft if cfg.draft is not None else None, d,
+                            progress=lambda s: print("  " + s, flush=True),
+                            tree_choice=choice if name == "ours_dispatch" else None)
+            print(f"  built {d.name} in {time.time() - t:.0f} s", flush=True)
+        out[name] = d
+    del target, draft
+    return out
+
+
+def bench_random(shape: str, batches: list[int], table: AcceptTable, root: Path, device: str) -> dict:
+    from spec_compiler.runtime import Engine
+
+    res = {c: {} for c in CURVES}
+    for name, d in random_engines(shape, batches, table, root, device).items():
+        eng = Engine.load(d)
+        for b in batches:
+            bucket = next(x for x in eng.buckets if x >= b)
+            tree = eng.spec.bucket_trees[bucket]
+            tpc = table.expected_tpc(tree)
+            ms = engine_step_ms(eng, b, device)
+            res[name][b] = {"tokens_per_s": b * tpc * 1000 / ms, "step_ms": ms, "tree": tree.name,
+                            "expected_tokens_per_call": tpc}
+        del eng
+    res["hf"] = hf_random(SHAPES[shape], batches, device)
+    return res
+
+
+def hf_random(m: ModelConfig, batches: list[int], device: str) -> dict:
+    """transformers' static-cache batched generate on random weights: b x NEW tokens per call."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    hcfg = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+                       num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
+                       num_key_value_heads=m.n_kv_heads, head_dim=m.head_dim,
+                       tie_word_embeddings=m.tie_word_embeddings, max_position_embeddings=4096)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        hf = LlamaForCausalLM(hcfg).to(dtype).eval()
+    gc = GenerationConfig(do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0,
+                          cache_implementation="static")
+    out = {}
+    for b in batches:
+        prompt = torch.randint(3, m.vocab_size, (b, CTX), device=device)
+        hf.generate(prompt, generation_config=gc)  # warm-up (and compile) at this shape
+        sync(device)
+        t = time.perf_counter()
+        hf.generate(prompt, generation_config=gc)
+        sync(device)
+        out[b] = {"tokens_per_s": b * NEW / (time.perf_counter() - t), "method": "static generate"}
+    del hf
+    return out
+
+
+def bench_pair(args, batches: list[int]) -> dict:
+    """The real SmolLM2 pair: wall tokens/s of b prompts decoded together."""
+    from spec_compiler.cli import compile_main
+    from spec_compiler.runtime import Engine
+
+    dev, dtype = args.device, "bfloat16" if args.device == "cuda" else "float32"
+    prompts_text = [json.loads(x)["prompt"] for x in args.prompts.read_text().splitlines()]
+    flags = ["--max-seq-len", "1024", "--device", dev, "--dtype", dtype, "--max-batch", str(max(batches)),
+             "--no-sampling", "--draft", str(args.draft)]
+    dirs = {"ours_dispatch": [], "ours_plain": ["--tree", "chain-0"]}
+    res = {c: {} for c in CURVES}
+    for name, extra in dirs.items():
+        d = args.engines / f"pair-{name}-{dev}"
+        if not (d / "manifest.json").is_file():
+            assert compile_main([str(args.model), "--out", str(d), *flags, *extra]) == 0
+    first = json.loads((args.engines / f"pair-ours_dispatch-{dev}" / "manifest.json").read_text())
+    forced = first["bucket_trees"]["1"]
+    if len(forced["paths"]) == 0:
+        forced = {"name": "chain-3", "paths": [[0] * (i + 1) for i in range(3)]}
+    tree_file = args.engines / f"pair-forced-tree-{dev}.json"
+    tree_file.write_text(json.dumps(forced["paths"]))
+    d = args.engines / f"pair-ours_forced-{dev}"
+    if not (d / "manifest.json").is_file():
+        assert compile_main([str(args.model), "--out", str(d), *flags, "--tree", str(tree_file)]) == 0
+    res["tree_choice"] = first["tree_choice"]
+    for name in ("ours_dispatch", "ours_plain", "ours_forced"):
+        eng = Engine.load(args.engines / f"pair-{name}-{dev}")
+        ids = [eng.encode_prompt(p) for p in prompts_text]
+        for b in batches:
+            batch = [ids[i % len(ids)] for i in range(b)]
+            eng.generate_batch(batch[:1], max_new_tokens=8)  # warm-up (CUDA graph capture)
+            sync(dev)
+            t = time.perf_counter()
+            out = eng.generate_batch(batch, max_new_tokens=args.max_new_tokens)
+            sync(dev)
+            n = sum(len(r.output_ids) for r in out)
+            res[name][b] = {"tokens_per_s": n / (time.perf_counter() - t), "tokens": n}
+        del eng
+    res["hf"] = hf_pair(args, batches, prompts_text)
+    return res
+
+
+def hf_pair(args, batches: list[int], prompts_text: list[str]) -> dict:
+    """transformers on the real model: left-padded static-cache generate, and generate_batch
+    (continuous batching) where this transformers has it; the faster per batch."""
+    from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
+
+    dev = args.device
+    tok = AutoTokenizer.from_pretrained(args.model)
+    tok.padding_side = "left"
+    hf = LlamaForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if dev == "cuda" else torch.float32)
+    hf = hf.to(dev).eval()
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts_text]
+    gc = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id or 0,
+                          eos_token_id=hf.generation_config.eos_token_id, cache_implementation="static")
+    out = {}
+    for b in batches:
+        enc = tok([texts[i % len(texts)] for i in range(b)], return_tensors="pt", padding=True).to(dev)
+        best = None
+        for method in ("static generate", "generate_batch"):
+            try:
+                for rep in range(2):  # warm-up, then timed
+                    sync(dev)
+                    t = time.perf_counter()
+                    if method == "static generate":
+                        o = hf.generate(**enc, generation_config=gc)[:, enc["input_ids"].shape[1]:]
+                        n = int((o != gc.pad_token_id).sum())
+                    else:
+                        ids = [x[m.bool()].tolist() for x, m in zip(enc["input_ids"], enc["attention_mask"])]
+                        r = hf.generate_batch(ids, generation_config=GenerationConfig(
+                            do_sample=False, max_new_tokens=args.max_new_tokens))
+                        n = sum(len(v.generated_tokens) for v in r.values())
+                    sync(dev)
+                    s = time.perf_counter() - t
+            except Exception as e:  # an older transformers, or one without continuous batching here
+                print(f"  hf {method} at batch {b}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                continue
+            if best is None or n / s > best["tokens_per_s"]:
+                best = {"tokens_per_s": n / s, "tokens": n, "method": method}
+        out[b] = best
+    return out
+
+
+def table_and_plot(results: dict, batches: list[int], png: Path) -> None:
+    for shape, res in results.items():
+        print(f"\n{shape}: tokens/s by batch")
+        print("batch  " + "  ".join(f"{c:>14}" for c in CURVES) + "  dispatch tree")
+        for b in batches:
+            row = [res.get(c, {}).get(b) for c in CURVES]
+            cells = "  ".join(f"{r['tokens_per_s']:14.1f}" if r else f"{'-':>14}" for r in row)
+            print(f"{b:5d}  {cells}  {(res['ours_dispatch'].get(b) or {}).get('tree', '')}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no plot)")
+        return
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+    for ax, (shape, res) in zip(axes[0], results.items()):
+        for c in CURVES:
+            pts = [(b, res[c][b]["tokens_per_s"]) for b in batches if res.get(c, {}).get(b)]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=c)
+        ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="tokens/s", title=shape)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    print(f"plot: {png}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    ap.add_argument("--shapes", default="pair,llama8b", help="pair, llama8b, smollm2, tiny")
+    ap.add_argument("--batches", default="1,2,4,8,16,32,64")
+    ap.add_argument("--model", type=Path, default=REPO / "models/SmolLM2-135M-Instruct")
+    ap.add_argument("--draft", type=Path, default=REPO / "drafts/smollm2-eagle")
+    ap.add_argument("--accept", type=Path, default=REPO / "drafts/smollm2-eagle/accept.json",
+                    help="the acceptance table the random-weight shapes' dispatcher and tokens/s use")
+    ap.add_argument("--prompts", type=Path, default=REPO / "spec_compiler/data/prompts_dev.jsonl")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--engines", type=Path, default=REPO / "engines")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_batch: --device cuda needs a CUDA GPU", file=sys.stderr)
+        return 1
+    batches = [int(b) for b in args.batches.split(",")]
+    out = args.out or REPO / f"bench/results/batch_{args.device}.json"
+    args.engines.mkdir(parents=True, exist_ok=True)
+    table = AcceptTable.read(args.accept)
+    results = {}
+    for shape in args.shapes.split(","):
+        print(f"== {shape}", flush=True)
+        results[shape] = (bench_pair(args, batches) if shape == "pair"
+                          else bench_random(shape, batches, table, args.engines, args.device))
+    meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "ctx": CTX, "batches": batches}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str) + "\n")
+    print(f"wrote {out}")
+    table_and_plot(results, batches, out.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
