@@ -689,8 +689,9 @@ def main(argv: list[str] | None = None) -> int:
     args = serve_parser().parse_args(argv)
     if not 0 <= args.port <= 65535:
         raise SpecCompileError(f"--port {args.port}: must be in [0, 65535]")
-    if args.max_queue < 0:
-        raise SpecCompileError(f"--max-queue {args.max_queue}: must be >= 0")
+    if args.max_queue < 1:
+        raise SpecCompileError(f"--max-queue {args.max_queue}: must be >= 1 (requests wait here "
+                               "for a free slot)")
     if not (math.isfinite(args.shutdown_timeout) and args.shutdown_timeout >= 0):
         raise SpecCompileError(f"--shutdown-timeout {args.shutdown_timeout}: must be >= 0")
     api_key = args.api_key if args.api_key is not None else os.environ.get("SPEC_API_KEY") or None
