@@ -416,6 +416,10 @@ class Server:
                     raise
                 kind = "invalid_request_error" if e.status < 500 else "server_error"
                 resp = web.json_response(APIError(e.status, e.reason, kind).body(), status=e.status)
+            except asyncio.CancelledError:  # the client left (nginx's 499: client closed request)
+                with self.metrics.lock:
+                    self.metrics.http[(endpoint, 499)] += 1
+                raise
             with self.metrics.lock:
                 self.metrics.http[(endpoint, resp.status)] += 1
             return resp

@@ -47,12 +47,14 @@ def add_byte_tokenizer(model_dir: Path, chat_template: str | None = CHAT_TEMPLAT
 
 
 class ServerProcess:
-    """`spec-serve ENGINE --port 0 ...` as a subprocess; `.url` once it listens."""
+    """`spec-serve ENGINE --port 0 ...` as a subprocess; `.url` once it listens. One torch
+    thread: a tiny model's steps are several times faster than with threads contending for
+    the CI machine's two cores (the test process uses them too)."""
 
     def __init__(self, engine_dir: Path, *args: str, env: dict | None = None, timeout: float = 120):
         cmd = [sys.executable, "-m", "spec_compiler.serve", str(engine_dir), "--port", "0", *args]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
         self.log: list[str] = []
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
