@@ -680,12 +680,10 @@ def serve_parser() -> argparse.ArgumentParser:
 
 
 def model_name(manifest: dict, engine_dir: Path) -> str:
-    """The checkpoint's name as the manifest records it, else the engine directory's name."""
-    for key in ("model_name", "checkpoint"):
-        v = manifest.get(key) or manifest.get("model", {}).get(key)
-        if isinstance(v, str) and v:
-            return Path(v).name or v
-    return engine_dir.resolve().name
+    """The checkpoint's name as the manifest records it, else (engines built before it was
+    recorded) the engine directory's name."""
+    v = manifest.get("model_name")
+    return v if isinstance(v, str) and v else engine_dir.resolve().name
 
 
 @cli_entry(interrupted="interrupted")

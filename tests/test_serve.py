@@ -306,8 +306,9 @@ def test_openai_client_sees_the_errors(client):
 
 @pytest.fixture(scope="module")
 def small_server(engine_dir):
-    """4 slots, one waiting place, an API key from the environment, a short drain on SIGTERM."""
-    s = ServerProcess(engine_dir, "--served-model-name", MODEL, "--max-queue", "1",
+    """4 slots, one waiting place, an API key from the environment, a short drain on SIGTERM,
+    the default model id (the checkpoint's name, from the manifest)."""
+    s = ServerProcess(engine_dir, "--max-queue", "1",
                       "--shutdown-timeout", "0.2", env={"SPEC_API_KEY": "sekret"})
     yield s
     s.kill()
@@ -320,6 +321,7 @@ def test_api_key(small_server):
         r = http("POST", url, body, headers)
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     c = openai.OpenAI(base_url=small_server.url + "/v1", api_key="sekret", max_retries=0)
+    assert [m.id for m in c.models.list().data] == [MODEL]
     assert c.completions.create(**body).usage.completion_tokens == 1
     assert http("GET", small_server.url + "/health").status_code == 200  # health needs no key
 
