@@ -539,6 +539,9 @@ class Server:
                 raise bad("stream_options", "stream_options: expected {\"include_usage\": true|false}")
         try:
             check_sampling(float(temperature), float(top_p), top_k, seed)
+        except SpecCompileError as e:  # (the checks above catch these first)
+            raise bad(None, str(e)) from None
+        try:
             self.engine.check_request(len(ids), max_new)
         except SpecCompileError as e:
             raise bad(key if self.engine.dims.fits(len(ids), 1) else ("messages" if chat else "prompt"),

@@ -115,6 +115,24 @@ def metrics(server) -> dict[str, float]:
             if not m.group(1).startswith("#")}
 
 
+def test_engine_progress_streams_each_slots_tokens(engine):
+    """Engine.progress after every step: each live slot's new tokens, which add up to what
+    finished() returns (and to each prompt's solo result)."""
+    prompts = [prompt_ids(engine, p) for p in PROMPTS[:3]]
+    solos = [engine.generate(p, max_new_tokens=9).output_ids for p in prompts]
+    with engine.session():
+        slots = [engine.admit(p, max_new_tokens=9) for p in prompts]
+        got = {s: [] for s in slots}
+        final = {}
+        while len(final) < len(slots):
+            engine.step()
+            for s, new in engine.progress({s: len(t) for s, t in got.items()}).items():
+                got[s] += new
+            final.update(engine.finished())
+    for s, want in zip(slots, solos):
+        assert final[s].output_ids == want and got[s][:len(want)] == want
+
+
 def test_text_stream_holds_back_partial_characters_and_stop_strings(engine):
     """Pieces concatenate to the whole decode; an incomplete UTF-8 character and a tail that may
     begin a stop string are not handed out; a stop string cuts the text."""
