@@ -173,10 +173,10 @@ class TextStream:
         """The text not yet handed out, less (unless final) what could still change: an
         incomplete character, or a tail that is the beginning of a stop string."""
         end = len(self.text)
-        if not final:
-            hold = next((k for k in range(min(len(self.text) - self.sent, max(map(len, self.stop), default=1) - 1), 0, -1)
+        if not final:  # hold back the longest tail that begins a stop string
+            longest = min(end - self.sent, max(map(len, self.stop), default=1) - 1)
+            end -= next((k for k in range(longest, 0, -1)
                          if any(s.startswith(self.text[end - k:]) for s in self.stop)), 0)
-            end -= hold
         out = self.text[self.sent:end]
         self.sent = max(self.sent, end)
         return out
@@ -219,7 +219,6 @@ class Scheduler:
         self.slots: dict[int, Job] = {}
         self.draining = False  # no new jobs (SIGTERM)
         self.stopped = False
-        self.eos = set(engine.spec.model.eos_token_ids)
         self.thread = threading.Thread(target=self._run, name="spec-serve-engine", daemon=True)
 
     def submit(self, job: Job) -> None:
