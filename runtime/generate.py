@@ -18,6 +18,7 @@ Public API (the benchmarks use nothing else):
     engine.result()                  the finished generation of start()
     engine.admit(ids, ...)           a request into the lowest free slot -> slot index
     engine.finished()                {slot: GenerationResult} of the finished slots, now free
+    engine.progress(since)           each live slot's output tokens so far (for streaming)
     engine.cancel(slot)              drop a slot's request, free the slot
     engine.call(graph, **args)       one step graph, its other inputs read from the state
     engine.capture()                 capture the step now, so the first generate() does not
@@ -338,6 +339,25 @@ class Engine:
                 out[i] = self._result(i)
                 self._free(i)
         return out
+
+    @_locked
+    @torch.inference_mode()
+    def progress(self, since: dict[int, int] | None = None) -> dict[int, list[int]]:
+        """The output tokens of every live slot (done or not) from index `since.get(slot, 0)`
+        on: for streaming, read after each step() (a server passes how many it already has, so
+        each read moves only the new tokens). Raw: the last step's tokens may run past an EOS or
+        max_new_tokens, which finished() truncates; the caller truncates the same way. Two small
+        device reads (the lengths, then the new columns of the live rows)."""
+        live = [i for i, s in enumerate(self._slots) if s is not None and s.live]
+        if not live:
+            return {}
+        since = since or {}
+        hi = max(live) + 1
+        n_out = self.state["n_out"][:hi].tolist()
+        lo = min(since.get(i, 0) for i in live)
+        end = max(n_out[i] for i in live)
+        rows = self.state["out_buf"][:hi, lo:end].tolist() if end > lo else [[] for _ in range(hi)]
+        return {i: rows[i][since.get(i, 0) - lo:n_out[i] - lo] for i in live}
 
     @_locked
     @torch.inference_mode()

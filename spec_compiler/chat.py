@@ -84,3 +84,17 @@ def check_tokenizer(model_dir: str | Path, vocab_size: int, files: tuple[str, ..
             decode(tok, list(range(vocab_size)))
         except SpecCompileError as e:
             raise SpecCompileError(f"{where}: {e}") from None
+
+
+def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
+    """A chat (`[{"role", "content"}, ...]`, as OpenAI's chat API sends it) through the
+    checkpoint's chat template with the generation prompt added: what /v1/chat/completions
+    feeds the model. A checkpoint without a template cannot take a chat: SpecCompileError."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise SpecCompileError("this model has no chat template (the checkpoint ships none); use "
+                               "/v1/completions with a plain prompt")
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except Exception as e:  # jinja2 raises many types (a template may also reject a role)
+        raise SpecCompileError(f"the chat template failed on these messages ({brief(e)})") from None
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)

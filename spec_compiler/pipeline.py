@@ -186,6 +186,8 @@ def _compile(cfg, target, draft, out_dir: Path, progress, debug_dir, graphs, mod
         with _feature_layers(cfg, target):
             manifest = _build(cfg, target, draft, tmp, progress, debug_dir, graphs, jobs)
         manifest.data["tree_choice"] = tree_choice
+        # The checkpoint's name: spec-serve's default model id.
+        manifest.data["model_name"] = Path(model_dir).resolve().name if model_dir is not None else None
         for f in fmt.TOKENIZER_FILES if model_dir is not None else ():
             if (Path(model_dir) / f).is_file():
                 (tmp / fmt.TOKENIZER_DIR).mkdir(exist_ok=True)
