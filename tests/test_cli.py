@@ -204,8 +204,11 @@ def test_sigint_leaves_no_engine(tmp_path, tiny_dir, tiny_draft_dir):
     """Interrupt a real compile mid-lowering: neither ENGINE_DIR nor its temp dir remain."""
     out = tmp_path / "engine"
     code = "import sys; from spec_compiler.cli import compile_main; sys.exit(compile_main(sys.argv[1:]))"
+    # SIGINT at its default in the child: a test run started in the background (nohup, `&` in a
+    # script) hands its children SIGINT ignored, and Python then never raises KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-c", code, str(tiny_dir), "--draft", str(tiny_draft_dir),
-                             "--out", str(out)], stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
+                             "--out", str(out)], stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = ""
     deadline = time.time() + 300
     while "[3/4]" not in seen and time.time() < deadline:

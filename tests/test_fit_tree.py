@@ -101,9 +101,11 @@ def test_cli_writes_tree_and_table_and_compile_auto_uses_them(tiny_dir, tiny_dra
     flags = ["--draft", str(draft), "--backend", "eager", "--max-seq-len", "64", "--prefill-chunk", "8"]
     assert compile_main([str(tiny_dir), "--out", str(out), *flags]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    cands = {r["name"]: r for r in manifest["tree_choice"]["candidates"]}
+    choice = manifest["tree_choice"]["buckets"]["1"]  # one bucket: batch 1
+    cands = {r["name"]: r for r in choice["candidates"]}
     assert sorted(map(tuple, cands["tree"]["paths"])) == sorted(paths)  # tree.json is a candidate
-    chosen = cands[manifest["tree_choice"]["choice"]]
+    chosen = cands[choice["choice"]]
+    assert manifest["tree_choice"]["choice"] == {"1": choice["choice"]}
     assert sorted(tuple(p) for p in manifest["tree"]["paths"]) == sorted(map(tuple, chosen["paths"]))
 
     (draft / ACCEPT).unlink()  # no table: --tree auto builds tree.json as it is
