@@ -106,6 +106,13 @@ def _rope(cfg: dict, path: Path) -> tuple[float, dict | None]:
     return theta, None
 
 
+def _draft_rope(cfg: dict, path: Path, target: "ModelConfig") -> tuple[float, dict | None]:
+    """A draft head's rope: its config's settings if it names any, else the target's."""
+    if "rope_theta" in cfg or "rope_parameters" in cfg or "rope_scaling" in cfg:
+        return _rope(cfg, path)
+    return target.rope_theta, target.rope_scaling
+
+
 def check_rope_scaling(scaling: dict, where: str) -> dict:
     """The scaling fields the model uses, checked, as {"rope_type", "factor", ...}."""
     rtype = scaling.get("rope_type", scaling.get("type"))
@@ -259,9 +266,7 @@ class DraftConfig:
                 f"draft {path}: vocab_size={vocab} but the target's is {target.vocab_size}; "
                 "use a draft head trained for this target")
         n_heads = _int(cfg, "num_attention_heads", w, target.n_heads)
-        theta, scaling = _rope(cfg, path) if ("rope_theta" in cfg or "rope_parameters" in cfg
-                                              or "rope_scaling" in cfg) else (target.rope_theta,
-                                                                              target.rope_scaling)
+        theta, scaling = _draft_rope(cfg, path, target)
         layer = _made_from(
             f"draft {path}", ModelConfig,
             vocab_size=target.vocab_size,
@@ -470,9 +475,7 @@ class Eagle3Config:
               or not all(type(i) is int and 0 <= i < L for i in aux)):
             raise SpecCompileError(f"{w}eagle_aux_hidden_state_layer_ids={aux!r} must list three distinct "
                                    f"target layers in [0, {L})")
-        theta, scaling = _rope(cfg, path) if ("rope_theta" in cfg or "rope_parameters" in cfg
-                                              or "rope_scaling" in cfg) else (target.rope_theta,
-                                                                              target.rope_scaling)
+        theta, scaling = _draft_rope(cfg, path, target)
         layer = _made_from(
             f"draft {path}", ModelConfig, vocab_size=target.vocab_size, hidden_size=hidden,
             intermediate_size=_int(cfg, "intermediate_size", w), n_layers=1, n_heads=n_heads,
