@@ -17,6 +17,7 @@ from .cleanup import cleanup
 from .fuse_projections import fuse_projections
 from .infra import Pass, run_passes
 from .static_kv_cache import static_kv_cache
+from .tensor_parallel import tensor_parallel
 from .tree_attention import tree_attention
 from .unroll_draft import unroll_draft
 
@@ -25,13 +26,14 @@ REQUIRED = ("tree_attention", "unroll_draft", "accept_epilogue", "static_kv_cach
 
 
 def default_passes(graph: str, tree: TreeSpec, prefill_chunk: int, width: int | None = None,
-                   project=None) -> list[Pass]:
+                   project=None, shard: Pass | None = None) -> list[Pass]:
     """graph: prefill | draft_prefill (block of prompt tokens), verify | verify_sampled (the tree),
     draft (step). `width`: the step state's accepted-pairs width (default the tree's depth + 1;
     engine_format: the deepest bucket's). `project`: an EAGLE-3 draft's fc, which unroll_draft
     applies to the target's fused features in the catch-up (its one-level graph reads the
-    draft's own features)."""
-    head = [cleanup, fuse_projections]
+    draft's own features). `shard`: a target graph's tensor_parallel pass (a TP engine), right
+    after fusion (it splits the fused weights), before the attention rewrite."""
+    head = [cleanup, fuse_projections] + ([shard] if shard is not None else [])
     if graph in ("prefill", "draft_prefill"):
         middle = [partial(tree_attention, tree=chain(prefill_chunk - 1))]
     elif graph in ("verify", "verify_sampled"):
@@ -46,4 +48,4 @@ def default_passes(graph: str, tree: TreeSpec, prefill_chunk: int, width: int | 
 
 
 __all__ = ["default_passes", "run_passes", "REQUIRED", "accept_epilogue", "cleanup",
-           "fuse_projections", "static_kv_cache", "tree_attention", "unroll_draft"]
+           "fuse_projections", "static_kv_cache", "tensor_parallel", "tree_attention", "unroll_draft"]
