@@ -14,11 +14,13 @@ Backends:
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 from torch import fx
 
+from spec_compiler.errors import SpecCompileError
 from spec_compiler.passes.infra import get_attr_path
 
 INDUCTOR_CONFIGS = {
@@ -87,8 +89,9 @@ def _delete_attr(m: torch.nn.Module, target: str) -> None:
 
 
 def lower(gm: fx.GraphModule, example_inputs: list[torch.Tensor], out_path: Path,
-          backend: str) -> Path:
-    """Export the (weight-lifted) graph and compile it to `out_path`."""
+          backend: str, tp: int = 1) -> Path:
+    """Export the (weight-lifted) graph and compile it to `out_path`. `tp`: the ranks of the
+    process group its collectives run on (`collective_group`)."""
     with torch.no_grad():
         ep = torch.export.export(gm, tuple(example_inputs), strict=False)
     if backend == "eager":
@@ -96,9 +99,32 @@ def lower(gm: fx.GraphModule, example_inputs: list[torch.Tensor], out_path: Path
         return out_path
     from torch._inductor import aoti_compile_and_package
 
-    with torch.no_grad():
+    with torch.no_grad(), collective_group(tp):
         return Path(aoti_compile_and_package(ep, package_path=str(out_path),
                                              inductor_configs=dict(INDUCTOR_CONFIGS)))
+
+
+@contextlib.contextmanager
+def collective_group(tp: int):
+    """Inductor resolves the process group a collective names (the default one, "0") while it
+    lowers it, for its size; a compile runs no ranks, so at tp > 1 a stand-in group of tp ranks
+    ("fake": no communication) is the default group while it lowers. The artifact runs on the
+    real one."""
+    import torch.distributed as dist
+
+    if tp == 1 or dist.is_initialized():
+        if tp > 1 and dist.get_world_size() != tp:
+            raise SpecCompileError(f"--tp {tp}: compiling inside a process group of "
+                                   f"{dist.get_world_size()} ranks; compile outside it")
+        yield
+        return
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def save_exported(gm: fx.GraphModule, example_inputs: list[torch.Tensor], path: Path) -> str:
@@ -112,7 +138,7 @@ def save_exported(gm: fx.GraphModule, example_inputs: list[torch.Tensor], path: 
     return str(path)
 
 
-def lower_saved(src: str, out_path: str, device: str) -> str:
+def lower_saved(src: str, out_path: str, device: str, tp: int = 1) -> str:
     """A worker process's half of `lower`: load a `save_exported` program and compile it with
     Inductor to `out_path`. Imports the op the programs call (spec.tree_attention) first."""
     import spec_compiler.ops.tree_attention  # noqa: F401
@@ -125,6 +151,6 @@ def lower_saved(src: str, out_path: str, device: str) -> str:
     vals = [n.meta["val"] for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
     ep.example_inputs = (tuple(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
                                for v in vals), {})
-    with torch.no_grad():
+    with torch.no_grad(), collective_group(tp):
         return aoti_compile_and_package(ep, package_path=out_path,
                                         inductor_configs=dict(INDUCTOR_CONFIGS))

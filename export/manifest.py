@@ -48,7 +48,9 @@ class Manifest:
             "bucket_trees": {str(b): t.to_json() for b, t in zip(fmt.buckets(dims.batch), cfg.trees())},
             "dims": dims.to_json(),
             "dtype": cfg.dtype, "device": cfg.device, "backend": cfg.backend,
-            "parallel": {"tp": 1},  # tensor-parallel world size; per-rank artifacts when > 1
+            # tensor-parallel ranks; at tp > 1 `dims` are one rank's (its kv heads) and each rank
+            # has its own weights file (engine_format.weights_file)
+            "parallel": {"tp": cfg.tp},
             "state": [t.to_json() for t in fmt.state(dims)],  # for readers; the runtime derives it
             "buckets": list(fmt.buckets(dims.batch)),  # batch buckets of the step graphs
             "graphs": graphs,  # name -> artifact at its smallest batch; larger buckets under "buckets"
@@ -112,7 +114,9 @@ def check_file_names(engine_dir: Path, data: dict) -> None:
                                    "an object of objects); rebuild the engine with spec-compile")
         entries += [(f"graph {g!r} bucket {b} file", be.get("file"), True) for b, be in more.items()]
     entries += [("files entry", f, False) for f in (files if isinstance(files, dict) else [files])]
-    entries += [("file", fmt.WEIGHTS, True), ("directory", fmt.TOKENIZER_DIR, True)]
+    tp = data.get("parallel", {}).get("tp", 1) if isinstance(data.get("parallel"), dict) else 1
+    weights = [fmt.weights_file(r, tp) for r in range(tp)] if type(tp) is int and 0 < tp <= 4096 else []
+    entries += [("file", w, True) for w in weights] + [("directory", fmt.TOKENIZER_DIR, True)]
     for what, name, plain in entries:
         if path_inside(engine_dir, name, plain=plain, links=False) is None:
             raise SpecCompileError(f"{engine_dir / fmt.MANIFEST}: {what} {name!r} is not a "

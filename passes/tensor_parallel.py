@@ -27,9 +27,13 @@ Requires: fused q/k/v and gate/up projections (fuse_projections). Required: rais
 
 from __future__ import annotations
 
+import dataclasses
+from functools import partial
+
 import torch
 from torch import fx
 
+from spec_compiler import engine_format as fmt
 from spec_compiler.config import ModelConfig
 from spec_compiler.errors import SpecCompileError
 
@@ -70,6 +74,35 @@ def kv_heads(n_kv: int, tp: int, rank: int) -> list[int]:
 
 def local_kv_heads(n_kv: int, tp: int) -> int:
     return len(kv_heads(n_kv, tp, 0))
+
+
+def rank_dims(dims: fmt.Dims, tp: int) -> fmt.Dims:
+    """An engine's dims as each rank's graphs and state see them: its kv heads."""
+    return dataclasses.replace(dims, n_kv_heads=local_kv_heads(dims.n_kv_heads, tp))
+
+
+def shard_pass(cfg, graph: str):
+    """The tensor_parallel pass of `graph` in a compile of `cfg` (a CompileConfig), or None: at
+    TP 1, and for the draft's graphs (the draft is replicated: no collectives in its loop)."""
+    if cfg.tp == 1 or fmt.owner(graph) != "target":
+        return None
+    return partial(tensor_parallel, model=cfg.model, tp=cfg.tp)
+
+
+class RankWeights:
+    """Every rank's weights: the engine's (lifted) weights with, for each weight a graph sharded,
+    that rank's shard (`gm.meta["tp_shards"]`, named as the graph's parameter)."""
+
+    def __init__(self, tp: int):
+        self.tp, self.shards = tp, {}
+
+    def add(self, gm: fx.GraphModule) -> None:
+        self.shards.update(gm.meta.pop("tp_shards", {}))
+
+    def of(self, registry, rank: int) -> dict[str, torch.Tensor]:
+        missing = set(self.shards) - set(registry.tensors)
+        assert not missing, f"sharded weights {sorted(missing)[:3]} were not lifted under their names"
+        return {k: self.shards[k][rank] if k in self.shards else v for k, v in registry.tensors.items()}
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -144,7 +177,6 @@ def tensor_parallel(gm: fx.GraphModule, *, model: ModelConfig, tp: int, rank: in
         sdpa.kwargs = {**sdpa.kwargs, "enable_gqa": len(q_heads) != len(mine)}
     _propagate(gm)
     record(gm, "tensor_parallel", count)
-    gm.meta["tp"] = tp
     return finish(gm)
 
 

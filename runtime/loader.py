@@ -7,6 +7,7 @@ batch bucket, each step graph once per bucket, the prefill graphs at batch 1 (pe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -60,6 +61,11 @@ class EngineSpec:
     backend: str
     manifest: dict = field(repr=False)
     bucket_trees: dict[int, TreeSpec] = field(default_factory=dict)  # batch bucket -> its tree
+    rank: int = 0  # this process's tensor-parallel rank (runtime/tp.py)
+
+    @property
+    def tp(self) -> int:
+        return self.manifest["parallel"]["tp"]
 
     @property
     def batch_size(self) -> int:
@@ -95,6 +101,10 @@ def read_spec(engine_dir: Path, device: str | None = None) -> EngineSpec:
         raise SpecCompileError(f"{engine_dir} was built for {m['device']}, not {device}; rebuild "
                                f"with --device {device}")
     dims = fmt.Dims.from_json(m["dims"])
+    tp = m.get("parallel", {}).get("tp") if isinstance(m.get("parallel"), dict) else None
+    if type(tp) is not int or tp < 1:
+        raise SpecCompileError(f"{engine_dir}: corrupt parallel.tp {tp!r} in its manifest; rebuild the "
+                               "engine with spec-compile")
     unknown = set(m["graphs"]) - set(fmt.GRAPHS)
     if unknown:
         raise SpecCompileError(f"{engine_dir}: unknown graphs {sorted(unknown)}; rebuild the engine "
@@ -134,7 +144,7 @@ def check_memory(engine_dir: Path, spec: EngineSpec) -> int:
 
     need = fmt.state_bytes(spec.dims)
     try:
-        weights = (engine_dir / fmt.WEIGHTS).stat().st_size
+        weights = (engine_dir / fmt.weights_file(spec.rank, spec.tp)).stat().st_size
     except OSError:  # reported by the weights' load, with its own message
         weights = 0
     if spec.device.startswith("cuda"):
@@ -162,9 +172,15 @@ def load(engine_dir: str | Path, device: str | None = None):
         raise SpecCompileError(f"engine {engine_dir} does not exist; build it with spec-compile")
     t = [time.perf_counter()]
     spec = read_spec(engine_dir, device)  # hashes every file (the fingerprint)
+    if spec.tp > 1:  # this rank's weights, on its GPU
+        from .tp import rank_of
+
+        cuda = spec.device.startswith("cuda")
+        spec = dataclasses.replace(spec, rank=rank_of(engine_dir, spec.tp), device=spec.device if device or not cuda
+                                   else f"cuda:{torch.cuda.current_device()}")
     state_bytes = check_memory(engine_dir, spec)
     t.append(time.perf_counter())
-    weights = load_file(str(engine_dir / fmt.WEIGHTS), device=spec.device)
+    weights = load_file(str(engine_dir / fmt.weights_file(spec.rank, spec.tp)), device=spec.device)
     t.append(time.perf_counter())
     graphs: dict[int, dict[str, Graph]] = {}  # batch -> name -> graph
     for name, g in spec.manifest["graphs"].items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -53,6 +54,10 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sampling", dest="sampling", action="store_false",
                    help="greedy only: skip the sampling verify graph (temperature > 0), one graph "
                         "less to compile")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor-parallel ranks (default 1): the target's heads and MLP split over N "
+                        "GPUs (N processes on CPU), one weights file per rank; N must divide the KV "
+                        "heads or be a multiple of them")
     p.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="graphs lowered in parallel, one process each (default: one per 4 CPU "
                         "cores, at most 8; 1: one after another in this process)")
@@ -89,7 +94,7 @@ def compile_main(argv: list[str] | None = None) -> int:
                         max_seq_len=args.max_seq_len, backend=args.backend,
                         dtype=args.dtype or ("bfloat16" if args.device == "cuda" else "float32"),
                         device=args.device, prefill_chunk=args.prefill_chunk, sampling=args.sampling,
-                        batch_size=args.max_batch)
+                        batch_size=args.max_batch, tp=args.tp)
     compile_engine(cfg, args.model_dir, draft if tree.n_nodes > 1 else None, args.out,
                    debug_dir=args.debug_dir, draft_vocab=draft_vocab, auto_tree=auto_tree,
                    jobs=args.jobs)
@@ -133,7 +138,38 @@ def run_parser() -> argparse.ArgumentParser:
                    help="sampling seed (an integer); default: a fresh one, printed, to replay the run")
     p.add_argument("--json", action="store_true", help="print one JSON object (with the seed); with "
                    "--prompts-file one per prompt, in input order, then a summary line")
+    add_tp_flag(p)
     return add_verbose_flag(p)
+
+
+def add_tp_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=None, metavar="N",
+                   help="tensor-parallel ranks: read from the engine (it starts them itself); if "
+                        "given, it must be the engine's")
+
+
+def stats(line: str) -> None:
+    """A run's closing stats line, on stderr; from tensor-parallel rank 0 only."""
+    from spec_compiler.runtime.tp import rank
+
+    if rank() == 0:
+        print(line, file=sys.stderr)
+
+
+def tensor_parallel(entry: str, argv: list[str] | None, args, knobs: dict | None = None) -> int | None:
+    """A TP engine: from a plain start, start its ranks (`entry` with the same arguments) and
+    return their exit status; in a rank (started so, or by torchrun), join the process group,
+    take rank 0's seed (`knobs`), return None. A single-device engine: None."""
+    from spec_compiler.runtime import tp as ranks
+
+    tp, device = ranks.engine_tp(args.engine_dir, args.tp)
+    if tp > 1 and not ranks.launched():
+        return ranks.launch(entry, sys.argv[1:] if argv is None else argv, tp, device)
+    if ranks.launched():
+        ranks.join(tp, device)
+    if tp > 1 and knobs is not None:
+        knobs["seed"] = ranks.same(knobs["seed"] if knobs["seed"] is not None else secrets.randbits(63))
+    return None
 
 
 def parse_sampling(args) -> dict:
@@ -163,6 +199,9 @@ def run_main(argv: list[str] | None = None) -> int:
         ids = parse_prompt_ids(args.prompt_ids)
     knobs = parse_sampling(args)
     lines = read_prompts_file(args.prompts_file) if args.prompts_file is not None else None
+    status = tensor_parallel("spec_compiler.cli:run_main", argv, args, knobs)
+    if status is not None:
+        return status
     t0 = time.perf_counter()
     engine = Engine.load(args.engine_dir)
     load_s = time.perf_counter() - t0
@@ -181,9 +220,9 @@ def run_main(argv: list[str] | None = None) -> int:
             print(",".join(map(str, res.output_ids)))
         tps = len(res.output_ids) / res.seconds if res.seconds else float("nan")
         seed = "" if res.seed is None else f", seed {res.seed}"
-        print(f"[load {load_s:.2f} s | {len(res.output_ids)} tokens in {res.seconds:.2f} s: {tps:.1f} "
+        stats(f"[load {load_s:.2f} s | {len(res.output_ids)} tokens in {res.seconds:.2f} s: {tps:.1f} "
               f"tokens/s, {res.tokens_per_call:.2f} tokens/call over {res.verify_calls} verify calls, "
-              f"stop: {res.stop_reason}{seed}]", file=sys.stderr)
+              f"stop: {res.stop_reason}{seed}]")
     return 0
 
 
@@ -264,9 +303,9 @@ def _run_batch(engine, lines: list[dict], args, knobs: dict, load_s: float) -> i
     if args.json:
         print(json.dumps({"summary": summary}))
     else:
-        print(f"[load {load_s:.2f} s | {len(results)} sequences, {tokens} tokens in {seconds:.2f} s: "
+        stats(f"[load {load_s:.2f} s | {len(results)} sequences, {tokens} tokens in {seconds:.2f} s: "
               f"{summary['tokens_per_second'] or float('nan'):.1f} tokens/s, "
-              f"{summary['tokens_per_call']:.2f} tokens/call over {calls} verify calls]", file=sys.stderr)
+              f"{summary['tokens_per_call']:.2f} tokens/call over {calls} verify calls]")
     return 0
 
 

@@ -318,6 +318,7 @@ class CompileConfig:
     # One tree per batch bucket (engine_format.buckets order), chosen by `--tree auto`; None:
     # `tree` at every bucket. `tree` is then the deepest of them (what capacity checks need).
     bucket_trees: tuple[TreeSpec, ...] | None = None
+    tp: int = 1  # --tp: tensor-parallel ranks (passes/tensor_parallel.py)
 
     def trees(self) -> tuple[TreeSpec, ...]:
         """The tree of each batch bucket, smallest bucket first."""
@@ -345,8 +346,13 @@ class CompileConfig:
         if not 1 <= self.prefill_chunk <= MAX_PREFILL_CHUNK:
             raise SpecCompileError(f"--prefill-chunk {self.prefill_chunk}: must be 1 to "
                                    f"{MAX_PREFILL_CHUNK} tokens (the tree-attention kernels' limit)")
+        from spec_compiler.passes.tensor_parallel import check_tp
+
         from .engine_format import buckets
 
+        if type(self.tp) is not int:
+            raise SpecCompileError(f"--tp {self.tp!r}: must be an integer")
+        check_tp(self.model, self.tp)
         if self.bucket_trees is not None and len(self.bucket_trees) != len(buckets(self.batch_size)):
             raise SpecCompileError(f"{len(self.bucket_trees)} bucket trees for buckets "
                                    f"{list(buckets(self.batch_size))}; this is a compiler bug")

@@ -91,6 +91,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
           "int64": torch.int64, "bool": torch.bool}
 
 
+def weights_file(rank: int, tp: int) -> str:
+    """The weights a rank loads: WEIGHTS at TP 1, `weights.rank{r}.safetensors` per rank above."""
+    return WEIGHTS if tp == 1 else f"weights.rank{rank}.safetensors"
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

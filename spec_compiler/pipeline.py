@@ -30,6 +30,7 @@ from spec_compiler.export.lower import WeightRegistry, lift_weights, lower, lowe
 from spec_compiler.export.manifest import Manifest, write_manifest
 from spec_compiler.passes import default_passes, run_passes
 from spec_compiler.passes.infra import outputs, set_outputs
+from spec_compiler.passes.tensor_parallel import RankWeights, rank_dims, shard_pass
 
 from . import engine_format as fmt
 from .chat import check_tokenizer
@@ -78,8 +79,9 @@ def build_graph(cfg: CompileConfig, graph: str, module: torch.nn.Module, debug_d
     if graph == "draft_prefill":  # its logits are never used: don't compute them
         set_outputs(gm, {k: v for k, v in outputs(gm).items() if k != "logits"})
     project = module.fc if graph == "draft" and isinstance(module, Eagle3Draft) else None
-    return run_passes(gm, default_passes(graph, cfg.tree, cfg.prefill_chunk, width, project), debug_dir,
-                      label or graph)
+    shard = shard_pass(cfg, graph)
+    return run_passes(gm, default_passes(graph, cfg.tree, cfg.prefill_chunk, width, project, shard),
+                      debug_dir, label or graph)
 
 
 def check_contract(dims: fmt.Dims, graph: str, gm: fx.GraphModule) -> None:
@@ -224,6 +226,7 @@ def _build(cfg: CompileConfig, target, draft, tmp: Path, progress, debug_dir, gr
     from safetensors.torch import save_file
 
     dims = fmt.Dims.from_config(cfg)
+    local = rank_dims(dims, cfg.tp)  # what each rank's graphs take and its state (== dims at TP 1)
     graphs = list(fmt.graphs(dims)) if graphs is None else graphs
     buckets, trees = fmt.buckets(dims.batch), cfg.trees()
     # One artifact per (graph, batch): the prefill graphs at batch 1 (per slot), verify at every
@@ -232,7 +235,8 @@ def _build(cfg: CompileConfig, target, draft, tmp: Path, progress, debug_dir, gr
     # after another; the lowering (Inductor, most of the time) runs in parallel (`Lowering`).
     todo = [(name, b) for name in graphs for b in fmt.graph_batches(dims, name)]
     registry = WeightRegistry()
-    entries, lowering = {}, Lowering(cfg.backend, cfg.device, jobs, len(todo), progress)
+    entries, lowering = {}, Lowering(cfg.backend, cfg.device, jobs, len(todo), progress, cfg.tp)
+    shards = RankWeights(cfg.tp)
     try:
         for name, b in todo:
             owner = fmt.owner(name)
@@ -242,9 +246,10 @@ def _build(cfg: CompileConfig, target, draft, tmp: Path, progress, debug_dir, gr
             bcfg = dataclasses.replace(cfg, batch_size=b, tree=trees[buckets.index(b)], bucket_trees=None)
             gdims = fmt.graph_dims(dims, name, b)
             gm = build_graph(bcfg, name, module, debug_dir, label, gdims)
-            check_contract(gdims, name, gm)
-            io = fmt.graph_io(gdims, name)
+            check_contract(fmt.graph_dims(local, name, b), name, gm)
+            io = fmt.graph_io(fmt.graph_dims(local, name, b), name)
             weights = lift_weights(gm, registry, prefix="draft." if owner == "draft" else "")
+            shards.add(gm)
             gm = gm.to(cfg.device)
             args = [registry.tensors[w] for w in weights] + [example(t, cfg.device) for t in io.inputs]
             fname = fmt.graph_file(name, b)
@@ -260,8 +265,10 @@ def _build(cfg: CompileConfig, target, draft, tmp: Path, progress, debug_dir, gr
     finally:
         lowering.close()
     progress(f"[4/4] writing weights ({sum(t.numel() for t in registry.tensors.values()) / 1e6:.1f}M params)")
-    save_file({k: v.contiguous().cpu() for k, v in registry.tensors.items()}, str(tmp / fmt.WEIGHTS))
-    return Manifest.new(cfg, dims, entries)
+    for rank in range(cfg.tp):
+        save_file({k: v.contiguous().cpu() for k, v in shards.of(registry, rank).items()},
+                  str(tmp / fmt.weights_file(rank, cfg.tp)))
+    return Manifest.new(cfg, local, entries)
 
 
 class Lowering:
@@ -281,8 +288,9 @@ class Lowering:
     particular and the CPU engines (no CUDA graphs) would pay dynamic shapes on every call; the
     artifacts here stay static per bucket."""
 
-    def __init__(self, backend: str, device: str, jobs: int | None, total: int, progress):
+    def __init__(self, backend: str, device: str, jobs: int | None, total: int, progress, tp: int = 1):
         self.backend, self.device, self.total, self.progress = backend, device, total, progress
+        self.tp = tp  # graphs with collectives are lowered with a stand-in group of tp ranks
         self.jobs = min(8, max(1, (os.cpu_count() or 1) // 4)) if jobs is None else jobs
         self.parallel = backend != "eager" and self.jobs > 1 and total > 1
         self.pool, self.futures, self.done = None, {}, 0
@@ -291,7 +299,7 @@ class Lowering:
         if not self.parallel:
             self.done += 1
             self.progress(f"[3/4] {label}: lowering with {self.backend} ({self.done}/{self.total})")
-            lower(gm, args, path, self.backend)
+            lower(gm, args, path, self.backend, self.tp)
             return
         if self.pool is None:
             import concurrent.futures as cf
@@ -300,7 +308,7 @@ class Lowering:
             self.progress(f"[3/4] lowering {self.total} graphs with {self.backend}, {self.jobs} at a time")
             self.pool = cf.ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"))
         src = save_exported(gm, args, path.with_suffix(".export.pt2"))
-        self.futures[self.pool.submit(lower_saved, src, str(path), self.device)] = (label, src)
+        self.futures[self.pool.submit(lower_saved, src, str(path), self.device, self.tp)] = (label, src)
 
     def finish(self) -> None:
         """Wait for every worker; a worker's error is raised here."""

@@ -1,0 +1,150 @@
+"""Tensor-parallel ranks: the process group a TP engine runs in, and the launcher that starts it.
+
+An engine compiled with --tp N runs as N processes, one per rank (one GPU each on CUDA), each
+with its own weights (`engine_format.weights_file`) and the same host loop on the same inputs.
+The target graphs' all-reduces (passes/tensor_parallel.py) leave every rank with the same
+logits, so acceptance, sampling (the counter-based per-sequence RNG) and every host decision come
+out the same on every rank: no broadcast per step. What is not a function of the inputs is
+agreed on once (`same`): a seed drawn for a sampled request, spec-serve's admissions.
+The ranks' process group is the default one (its name, "0", is what the graphs' collectives
+call): gloo on CPU, NCCL on CUDA. `spec-run`/`spec-serve` start the ranks themselves (`launch`,
+torchrun's environment variables), or run as one rank under `torchrun --nproc-per-node N`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from spec_compiler.errors import SpecCompileError
+from spec_compiler.passes.tensor_parallel import GROUP
+
+RANK_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched() -> bool:
+    """This process is one rank of a launch (ours or torchrun's)."""
+    return all(k in os.environ for k in RANK_ENV)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def join(tp: int, device: str) -> int:
+    """Join the process group of a `tp`-rank launch (torchrun's environment variables), unless
+    one is initialised already; returns this rank. Ranks but 0 print nothing to stdout."""
+    if not dist.is_initialized():
+        world = int(os.environ["WORLD_SIZE"])
+        if world != tp:
+            raise SpecCompileError(f"started as {world} ranks, but the engine is built for --tp {tp}; "
+                                   f"start {tp} (torchrun --nproc-per-node {tp}) or let spec-run start them")
+        cuda = device.startswith("cuda")
+        if cuda:
+            local = int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+            check_gpus(tp if "LOCAL_RANK" not in os.environ else local + 1)
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    return dist.get_rank()
+
+
+def rank_of(engine_dir: Path, tp: int) -> int:
+    """This process's rank in the initialised process group a `tp`-rank engine runs in."""
+    if not dist.is_initialized():
+        raise SpecCompileError(f"{engine_dir} is built for --tp {tp}: load it in each of {tp} ranks of an "
+                               f"initialised process group (spec-run starts them; or torchrun "
+                               f"--nproc-per-node {tp})")
+    if dist.get_world_size() != tp:
+        raise SpecCompileError(f"{engine_dir} is built for --tp {tp}, the process group has "
+                               f"{dist.get_world_size()} ranks; run it with {tp}")
+    if dist.group.WORLD.group_name != GROUP:
+        raise SpecCompileError(f"the default process group is named {dist.group.WORLD.group_name!r}, the "
+                               f"engine's collectives use {GROUP!r} (the first group a process creates); "
+                               "initialise it once, before any other group")
+    return dist.get_rank()
+
+
+def check_gpus(n: int) -> None:
+    have = torch.cuda.device_count()
+    if have < n:
+        raise SpecCompileError(f"the engine runs one rank per GPU and needs {n} GPUs, {have} are visible; "
+                               "run it on a machine with more, or rebuild it with a smaller --tp")
+
+
+def same(value):
+    """Rank 0's `value` on every rank (a small picklable object)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=object_group())
+    return box[0]
+
+
+_OBJECT_GROUP = []
+
+
+def object_group():
+    """A gloo group for host objects (NCCL's object broadcast goes through GPU tensors)."""
+    if dist.get_backend() == "gloo":
+        return None
+    if not _OBJECT_GROUP:
+        _OBJECT_GROUP.append(dist.new_group(backend="gloo"))
+    return _OBJECT_GROUP[0]
+
+
+def launch(entry: str, argv: list[str], tp: int, device: str) -> int:
+    """Run `entry` ("module:function", called with argv, returning an exit status) as `tp` ranks,
+    child processes with torchrun's environment variables (MASTER_PORT a free port). Rank 0's
+    output is this process's, the others' stdout is dropped. A rank that fails stops the others;
+    its status is returned (else 0). SIGTERM is passed on to rank 0 (spec-serve's drain: it tells
+    the others); Ctrl-C reaches every rank from the terminal."""
+    if device.startswith("cuda"):
+        check_gpus(tp)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    module, fn = entry.split(":")
+    code = f"import sys; from {module} import {fn}; sys.exit({fn}(sys.argv[1:]))"
+    procs = []
+    for r in range(tp):
+        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(tp),
+               "LOCAL_WORLD_SIZE": str(tp), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-c", code, *argv], env=env,
+                                      stdout=None if r == 0 else subprocess.DEVNULL))
+    prev = signal.signal(signal.SIGTERM, lambda sig, frame: procs[0].send_signal(sig))
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed or all(c == 0 for c in codes):
+                return failed[0] if failed else 0
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        signal.signal(signal.SIGTERM, prev)
+
+
+def engine_tp(engine_dir: Path, want: int | None) -> tuple[int, str]:
+    """(tp, device) of an engine, its manifest checked; `want` (--tp), if given, must be its tp."""
+    from spec_compiler.runtime.loader import read_spec
+
+    if not Path(engine_dir).is_dir():
+        raise SpecCompileError(f"engine {engine_dir} does not exist; build it with spec-compile")
+    spec = read_spec(engine_dir)
+    if want is not None and want != spec.tp:
+        raise SpecCompileError(f"--tp {want}: {engine_dir} is built for --tp {spec.tp}; drop --tp or "
+                               f"pass --tp {spec.tp}")
+    return spec.tp, spec.device
