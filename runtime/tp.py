@@ -13,7 +13,10 @@ torchrun's environment variables), or run as one rank under `torchrun --nproc-pe
 
 from __future__ import annotations
 
+import datetime
 import os
+import pickle
+import secrets
 import signal
 import socket
 import subprocess
@@ -52,7 +55,8 @@ def join(tp: int, device: str) -> int:
             local = int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
             check_gpus(tp if "LOCAL_RANK" not in os.environ else local + 1)
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # A long timeout: spec-serve's other ranks wait in a broadcast while the server is idle.
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(days=30))
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")
     return dist.get_rank()
@@ -82,24 +86,30 @@ def check_gpus(n: int) -> None:
 
 
 def same(value):
-    """Rank 0's `value` on every rank (a small picklable object)."""
+    """Rank 0's `value` on every rank (a small picklable object), through the process group's
+    key-value store. Why not a gloo broadcast (broadcast_object_list): gloo's worker thread
+    frees the tensors it sent after the call has returned, and freeing a tensor made in Python
+    takes the GIL; an AOTInductor call holds the GIL while it waits in its all-reduce, which
+    that same worker thread must run: a deadlock (seen in spec-serve). The store has no such
+    thread. The last rank to read a value deletes it."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0, group=object_group())
-    return box[0]
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    store = _get_default_store()
+    _SENT[0] += 1
+    key = f"spec_compiler/same/{_SENT[0]}"
+    if dist.get_rank() == 0:
+        store.set(key, pickle.dumps(value))
+        return value
+    value = pickle.loads(store.get(key))
+    if store.add(key + "/read", 1) == dist.get_world_size() - 1:
+        store.delete_key(key)
+        store.delete_key(key + "/read")
+    return value
 
 
-_OBJECT_GROUP = []
-
-
-def object_group():
-    """A gloo group for host objects (NCCL's object broadcast goes through GPU tensors)."""
-    if dist.get_backend() == "gloo":
-        return None
-    if not _OBJECT_GROUP:
-        _OBJECT_GROUP.append(dist.new_group(backend="gloo"))
-    return _OBJECT_GROUP[0]
+_SENT = [0]  # values sent so far: the same count on every rank (every rank makes the same calls)
 
 
 def launch(entry: str, argv: list[str], tp: int, device: str) -> int:
@@ -110,16 +120,14 @@ def launch(entry: str, argv: list[str], tp: int, device: str) -> int:
     the others); Ctrl-C reaches every rank from the terminal."""
     if device.startswith("cuda"):
         check_gpus(tp)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     module, fn = entry.split(":")
     code = f"import sys; from {module} import {fn}; sys.exit({fn}(sys.argv[1:]))"
     procs = []
     for r in range(tp):
         env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(tp),
                "LOCAL_WORLD_SIZE": str(tp), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, "-c", code, *argv], env=env,
+        procs.append(subprocess.Popen([sys.executable, "-c", code, *argv], env=env, preexec_fn=_die_with_parent,
                                       stdout=None if r == 0 else subprocess.DEVNULL))
     prev = signal.signal(signal.SIGTERM, lambda sig, frame: procs[0].send_signal(sig))
     try:
@@ -135,6 +143,67 @@ def launch(entry: str, argv: list[str], tp: int, device: str) -> int:
                 p.kill()
             p.wait()
         signal.signal(signal.SIGTERM, prev)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In a rank, before exec: SIGKILL when the launcher dies (Linux), so no rank outlives it."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class Leader:
+    """Rank 0's engine in spec-serve: the engine, whose admit/cancel/finished calls are
+    recorded and sent to the other ranks (`follow`) at each step, before it runs, so every rank
+    makes the same calls in the same order. A sampled request without a seed gets one here,
+    so every rank samples with it."""
+
+    def __init__(self, engine):
+        self.engine, self.ops = engine, []
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def admit(self, prompt_ids, max_new_tokens=None, temperature=0.0, top_p=1.0, top_k=0, seed=None):
+        if temperature > 0 and seed is None:
+            seed = secrets.randbits(63)
+        args = (list(prompt_ids), max_new_tokens, temperature, top_p, top_k, seed)
+        slot = self.engine.admit(*args)
+        self.ops.append(("admit", args))
+        return slot
+
+    def cancel(self, slot: int) -> None:
+        self.engine.cancel(slot)
+        self.ops.append(("cancel", (slot,)))
+
+    def finished(self):
+        self.ops.append(("finished", ()))
+        return self.engine.finished()
+
+    def step(self) -> None:
+        ops, self.ops = [*self.ops, ("step", ())], []
+        same(ops)
+        self.engine.step()
+
+    def close(self) -> None:
+        """The server stopped: so do the other ranks."""
+        same(None)
+
+
+def follow(engine) -> None:
+    """A rank but 0 in spec-serve: make rank 0's engine calls (`Leader`) until it closes."""
+    while (ops := same(None)) is not None:
+        for name, args in ops:
+            getattr(engine, name)(*args)
 
 
 def engine_tp(engine_dir: Path, want: int | None) -> tuple[int, str]:

@@ -35,6 +35,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cli import add_tp_flag
 from .errors import SpecCompileError, add_verbose_flag, brief, cli_entry
 
 log = logging.getLogger("spec_compiler.serve")
@@ -678,6 +679,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds in-flight requests get to finish before they are "
                         "cancelled (default 30)")
+    add_tp_flag(p)
     return add_verbose_flag(p)
 
 
@@ -703,15 +705,28 @@ def main(argv: list[str] | None = None) -> int:
         import aiohttp  # noqa: F401
     except ImportError:
         raise SpecCompileError("spec-serve needs aiohttp: pip install aiohttp") from None
+    from .cli import tensor_parallel
     from .runtime import Engine
+    from .runtime import tp as ranks
 
+    status = tensor_parallel("spec_compiler.serve:main", argv, args)
+    if status is not None:
+        return status
     engine = Engine.load(args.engine_dir)
+    if engine.spec.tp > 1 and ranks.rank() > 0:  # rank 0 serves; this rank makes its engine calls
+        ranks.follow(engine)
+        return 0
     if engine.tokenizer is None:
         raise SpecCompileError(f"{args.engine_dir}: this engine has no tokenizer (its checkpoint had "
                                "none); spec-serve needs one to read prompts and write text")
     name = args.served_model_name or model_name(engine.spec.manifest, args.engine_dir)
-    server = Server(engine, name, args.max_queue, api_key, args.shutdown_timeout)
-    asyncio.run(server.serve(args.host, args.port))
+    leader = ranks.Leader(engine) if engine.spec.tp > 1 else None
+    server = Server(leader or engine, name, args.max_queue, api_key, args.shutdown_timeout)
+    try:
+        asyncio.run(server.serve(args.host, args.port))
+    finally:
+        if leader is not None:
+            leader.close()
     return 0
 
 
