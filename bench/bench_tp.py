@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from bench_decode import CTX, SHAPES as DECODE_SHAPES, random_modules
+from bench_decode import CTX, SHAPES as DECODE_SHAPES, random_modules, timed as cuda_timed
 from spec_compiler.config import CompileConfig, ModelConfig
 from spec_compiler.passes.tensor_parallel import local_kv_heads
 from spec_compiler.trees import chain, resolve_tree
@@ -49,22 +49,16 @@ GOAL = 1.15  # TP decode within this of (per-GPU roofline + all-reduce)
 
 
 def timed(fn, device: str, iters: int = 50, warmup: int = 5) -> float:
-    """Median ms of fn() (CUDA events on a GPU, wall clock on the CPU)."""
+    """Median ms of fn() (CUDA events on a GPU: bench_decode's; wall clock on the CPU)."""
+    if device == "cuda":
+        return cuda_timed(fn, iters, warmup)
     for _ in range(warmup):
         fn()
     ts = []
     for _ in range(iters):
-        if device == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t) * 1e3)
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e3)
     return sorted(ts)[len(ts) // 2]
 
 

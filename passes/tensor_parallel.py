@@ -112,12 +112,22 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
 def tensor_parallel(gm: fx.GraphModule, *, model: ModelConfig, tp: int, rank: int = 0) -> fx.GraphModule:
     check_tp(model, tp)
     hq, hkv, dh, inter = model.n_heads, model.n_kv_heads, model.head_dim, model.intermediate_size
-    q_heads = list(range(rank * hq // tp, (rank + 1) * hq // tp))
-    mine = kv_heads(hkv, tp, rank)
     shards = gm.meta.setdefault("tp_shards", {})
 
     def rows(heads, offset):  # the weight rows of `heads`, heads of dh rows from `offset`
         return [offset + h * dh + i for h in heads for i in range(dh)]
+
+    def q_of(r):  # rank r's q heads
+        return range(r * hq // tp, (r + 1) * hq // tp)
+
+    def mlp_of(r):  # rank r's slice of the intermediate size
+        return list(range(r * inter // tp, (r + 1) * inter // tp))
+
+    def qkv_of(r):  # rank r's rows of the fused q/k/v weight
+        kv = kv_heads(hkv, tp, r)
+        return rows(q_of(r), 0) + rows(kv, hq * dh) + rows(kv, (hq + hkv) * dh)
+
+    lq, lkv = len(q_of(rank)), len(kv_heads(hkv, tp, rank))  # this rank's q and kv heads
 
     def share(node: fx.Node, dim: int, pick) -> None:
         """Point get_attr `node` at its shard along `dim`: `pick(r)` the indices rank r keeps."""
@@ -138,43 +148,30 @@ def tensor_parallel(gm: fx.GraphModule, *, model: ModelConfig, tp: int, rank: in
         split = next(iter(lin.users)) if len(lin.users) == 1 else None
         if split is None or split.target != aten.split_with_sizes.default or not isinstance(lin.args[1], fx.Node):
             continue
-        sizes = list(split.args[1])
-        if sizes == qkv_sizes:
-            def pick(r):
-                qs, ks = list(range(r * hq // tp, (r + 1) * hq // tp)), kv_heads(hkv, tp, r)
-                return rows(qs, 0) + rows(ks, hq * dh) + rows(ks, (hq + hkv) * dh)
-            local = [len(q_heads), len(mine), len(mine)]
-            heads = [hq, hkv, hkv]
-        elif sizes == [inter, inter]:
-            def pick(r):
-                part = list(range(r * inter // tp, (r + 1) * inter // tp))
-                return part + [inter + i for i in part]
-            local, heads = None, None
-        else:
+        attention = list(split.args[1]) == qkv_sizes
+        if not attention and list(split.args[1]) != [inter, inter]:
             continue
-        for w in lin.args[1:3]:
+        for w in lin.args[1:3]:  # the column-parallel weight (and bias): rows
             if isinstance(w, fx.Node):
-                share(w, 0, pick)
-        if local is None:
-            split.args = (split.args[0], [inter // tp] * 2, *split.args[2:])
-        else:
-            split.args = (split.args[0], [n * dh for n in local], *split.args[2:])
+                share(w, 0, qkv_of if attention else lambda r: mlp_of(r) + [inter + i for i in mlp_of(r)])
+        row = _next_linear(split)  # o_proj or down_proj: columns
+        share(row.args[1], 1, (lambda r: rows(q_of(r), 0)) if attention else mlp_of)
+        if attention:
+            heads, mine = [hq, hkv, hkv], [lq, lkv, lkv]
+            split.args = (split.args[0], [n * dh for n in mine], *split.args[2:])
             for part in list(split.users):  # getitem -> view (B, T, H, Dh): this rank's head count
                 for view in list(part.users):
-                    _set_dim(view, 2, heads[part.args[1]], local[part.args[1]])
-        row = _next_linear(split)
-        if local is not None:  # o_proj: its input is the heads merged back, (B, T, Hq*Dh)
-            _set_dim(row.args[0], -1, hq * dh, len(q_heads) * dh)
-        cols = (lambda r: rows(range(r * hq // tp, (r + 1) * hq // tp), 0)) if local is not None else \
-            (lambda r: list(range(r * inter // tp, (r + 1) * inter // tp)))
-        share(row.args[1], 1, cols)
+                    _set_dim(view, 2, heads[part.args[1]], mine[part.args[1]])
+            _set_dim(row.args[0], -1, hq * dh, lq * dh)  # o_proj's input: (B, T, Hq*Dh)
+        else:
+            split.args = (split.args[0], [inter // tp] * 2, *split.args[2:])
         _reduce_after(gm, row)
         count += 1
     require("tensor_parallel", count, "fused q/k/v and gate/up projections (fuse_projections)")
-    _shard_caches(gm, hkv, len(mine))
+    _shard_caches(gm, hkv, lkv)
     for sdpa in [n for n in gm.graph.nodes if n.target == aten.scaled_dot_product_attention.default]:
         # what the model passes (q heads != kv heads), at this rank's head counts
-        sdpa.kwargs = {**sdpa.kwargs, "enable_gqa": len(q_heads) != len(mine)}
+        sdpa.kwargs = {**sdpa.kwargs, "enable_gqa": lq != lkv}
     _propagate(gm)
     record(gm, "tensor_parallel", count)
     return finish(gm)
