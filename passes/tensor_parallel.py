@@ -134,7 +134,7 @@ def tensor_parallel(gm: fx.GraphModule, *, model: ModelConfig, tp: int, rank: in
         full = get_attr_path(gm, node.target)
         name = "tp__" + node.target.replace(".", "_")
         if name not in shards:
-            shards[name] = [full.detach().index_select(dim, torch.tensor(pick(r))).contiguous()
+            shards[name] = [full.detach().index_select(dim, torch.tensor(pick(r), device=full.device))
                             for r in range(tp)]
             set_attr_path(gm, name, torch.nn.Parameter(shards[name][rank], requires_grad=False))
         with gm.graph.inserting_before(node):

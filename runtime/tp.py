@@ -4,8 +4,8 @@ An engine compiled with --tp N runs as N processes, one per rank (one GPU each o
 with its own weights (`engine_format.weights_file`) and the same host loop on the same inputs.
 The target graphs' all-reduces (passes/tensor_parallel.py) leave every rank with the same
 logits, so acceptance, sampling (the counter-based per-sequence RNG) and every host decision come
-out the same on every rank: no broadcast per step. What is not a function of the inputs is
-agreed on once (`same`): a seed drawn for a sampled request, spec-serve's admissions.
+out the same on every rank: no broadcast of tokens. What is not a function of the inputs is
+taken from rank 0 (`same`): a seed drawn for a sampled request, spec-serve's admissions.
 The ranks' process group is the default one (its name, "0", is what the graphs' collectives
 call): gloo on CPU, NCCL on CUDA. `spec-run`/`spec-serve` start the ranks themselves (`launch`,
 torchrun's environment variables), or run as one rank under `torchrun --nproc-per-node N`.
@@ -52,10 +52,10 @@ def join(tp: int, device: str) -> int:
                                    f"start {tp} (torchrun --nproc-per-node {tp}) or let spec-run start them")
         cuda = device.startswith("cuda")
         if cuda:
-            local = int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
-            check_gpus(tp if "LOCAL_RANK" not in os.environ else local + 1)
+            local = int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))  # one GPU per rank
+            check_gpus(local + 1)
             torch.cuda.set_device(local)
-        # A long timeout: spec-serve's other ranks wait in a broadcast while the server is idle.
+        # A long timeout: spec-serve's other ranks wait on the store (`same`) while it is idle.
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(days=30))
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")
