@@ -85,17 +85,21 @@ def test_tp2_bushy_tree_batched_every_rank_equals_transformers(gqa, tmp_path, mo
     assert ranks[0]["batch"] == want
 
 
-def test_tp4_replicated_kv_heads_chain(gqa2, tmp_path, monkeypatch):
-    """TP 4 over 2 kv heads (each on two ranks), tree chain-3."""
+def test_tp4_replicated_kv_heads_chain_equals_tp1(gqa2, tmp_path, monkeypatch):
+    """TP 4 over 2 kv heads (each on two ranks), tree chain-3: the TP 1 engine's tokens."""
+    from spec_compiler.runtime import Engine
+
     target, draft = gqa2
-    engine = build_engine(tmp_path / "tp4", target, draft_dir=draft, tree="chain-3", max_seq_len=96,
-                          tp=4, sampling=False)
+    kw = dict(draft_dir=draft, tree="chain-3", max_seq_len=96, sampling=False)
+    engine = build_engine(tmp_path / "tp4", target, tp=4, **kw)
     manifest = json.loads((engine / "manifest.json").read_text())
     assert manifest["parallel"] == {"tp": 4} and manifest["dims"]["n_kv_heads"] == 1
     assert sorted(p.name for p in engine.glob("weights*")) == [f"weights.rank{r}.safetensors" for r in range(4)]
     ranks = run_ranks(engine, tmp_path, 4, monkeypatch)
     assert all(r == ranks[0] for r in ranks)
     assert ranks[0]["greedy"] == [hf_greedy(target, p, N_NEW) for p in PROMPTS]
+    single = Engine.load(build_engine(tmp_path / "tp1", target, **kw))
+    assert [single.generate(p, max_new_tokens=N_NEW).output_ids for p in PROMPTS] == ranks[0]["greedy"]
 
 
 @pytest.fixture(scope="module")

@@ -80,7 +80,7 @@ def shard_inputs(x: dict, n_kv: int, tp: int) -> list[dict]:
     ((8, 4), 2, "verify", False),      # kv heads split 2 + 2
     ((8, 4), 4, "prefill", False),     # one kv head each
     ((4, 2), 4, "verify", True),       # 2 kv heads replicated on 2 ranks each; biases added once
-    ((6, 3), 3, "verify", False),      # SmolLM2's ratio: 3 kv heads at TP=3
+    ((9, 3), 3, "verify", False),      # SmolLM2's heads: 9 q, 3 kv heads at TP=3
 ])
 def test_ranks_sum_to_the_unsharded_graph(target, draft, heads, tp, graph, bias):
     module = tiny(*heads, bias=bias)
