@@ -115,6 +115,7 @@ def check_file_names(engine_dir: Path, data: dict) -> None:
         entries += [(f"graph {g!r} bucket {b} file", be.get("file"), True) for b, be in more.items()]
     entries += [("files entry", f, False) for f in (files if isinstance(files, dict) else [files])]
     tp = data.get("parallel", {}).get("tp", 1) if isinstance(data.get("parallel"), dict) else 1
+    # each rank's weights (a corrupt tp is refused by the loader, which reads it next)
     weights = [fmt.weights_file(r, tp) for r in range(tp)] if type(tp) is int and 0 < tp <= 4096 else []
     entries += [("file", w, True) for w in weights] + [("directory", fmt.TOKENIZER_DIR, True)]
     for what, name, plain in entries:

@@ -93,8 +93,8 @@ class RankWeights:
     """Every rank's weights: the engine's (lifted) weights with, for each weight a graph sharded,
     that rank's shard (`gm.meta["tp_shards"]`, named as the graph's parameter)."""
 
-    def __init__(self, tp: int):
-        self.tp, self.shards = tp, {}
+    def __init__(self):
+        self.shards: dict[str, list[torch.Tensor]] = {}
 
     def add(self, gm: fx.GraphModule) -> None:
         self.shards.update(gm.meta.pop("tp_shards", {}))

@@ -121,12 +121,17 @@ def launch(entry: str, argv: list[str], tp: int, device: str) -> int:
     if device.startswith("cuda"):
         check_gpus(tp)
     port = free_port()
+    # On a CPU the ranks share the cores: each rank's OpenMP threads spin while the others are
+    # in an all-reduce, so more threads than cores over all ranks slows a step many times.
+    cpu_threads = max(1, (os.cpu_count() or 1) // tp)
     module, fn = entry.split(":")
     code = f"import sys; from {module} import {fn}; sys.exit({fn}(sys.argv[1:]))"
     procs = []
     for r in range(tp):
         env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(tp),
                "LOCAL_WORLD_SIZE": str(tp), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        if not device.startswith("cuda"):  # the cores shared out (as torchrun does)
+            env.setdefault("OMP_NUM_THREADS", str(cpu_threads))
         procs.append(subprocess.Popen([sys.executable, "-c", code, *argv], env=env, preexec_fn=_die_with_parent,
                                       stdout=None if r == 0 else subprocess.DEVNULL))
     prev = signal.signal(signal.SIGTERM, lambda sig, frame: procs[0].send_signal(sig))

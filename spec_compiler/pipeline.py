@@ -236,7 +236,7 @@ def _build(cfg: CompileConfig, target, draft, tmp: Path, progress, debug_dir, gr
     todo = [(name, b) for name in graphs for b in fmt.graph_batches(dims, name)]
     registry = WeightRegistry()
     entries, lowering = {}, Lowering(cfg.backend, cfg.device, jobs, len(todo), progress, cfg.tp)
-    shards = RankWeights(cfg.tp)
+    shards = RankWeights()
     try:
         for name, b in todo:
             owner = fmt.owner(name)
@@ -246,7 +246,7 @@ def _build(cfg: CompileConfig, target, draft, tmp: Path, progress, debug_dir, gr
             bcfg = dataclasses.replace(cfg, batch_size=b, tree=trees[buckets.index(b)], bucket_trees=None)
             gdims = fmt.graph_dims(dims, name, b)
             gm = build_graph(bcfg, name, module, debug_dir, label, gdims)
-            check_contract(fmt.graph_dims(local, name, b), name, gm)
+            check_contract(fmt.graph_dims(local, name, b), name, gm)  # a rank's graph
             io = fmt.graph_io(fmt.graph_dims(local, name, b), name)
             weights = lift_weights(gm, registry, prefix="draft." if owner == "draft" else "")
             shards.add(gm)
