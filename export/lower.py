@@ -10,6 +10,7 @@ artifact as constants.
 Backends:
   inductor  AOTInductor package (`.pt2`): loading it compiles nothing.
   eager     `torch.export.save` of the rewritten program, run op by op (debugging only).
+  onnx      an ONNX model of the functional graph (export/onnx_export.py), run with ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -89,6 +90,10 @@ def _delete_attr(m: torch.nn.Module, target: str) -> None:
 def lower(gm: fx.GraphModule, example_inputs: list[torch.Tensor], out_path: Path,
           backend: str) -> Path:
     """Export the (weight-lifted) graph and compile it to `out_path`."""
+    if backend == "onnx":
+        from .onnx_export import export_onnx
+
+        return export_onnx(gm, example_inputs, out_path)
     with torch.no_grad():
         ep = torch.export.export(gm, tuple(example_inputs), strict=False)
     if backend == "eager":

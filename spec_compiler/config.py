@@ -326,8 +326,8 @@ class CompileConfig:
         return self.bucket_trees or (self.tree,) * len(buckets(self.batch_size))
 
     def __post_init__(self):
-        if self.backend not in ("inductor", "eager"):
-            raise SpecCompileError(f"--backend {self.backend!r}: expected inductor or eager")
+        if self.backend not in ("inductor", "eager", "onnx"):
+            raise SpecCompileError(f"--backend {self.backend!r}: expected inductor, eager or onnx")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise SpecCompileError(f"--dtype {self.dtype!r}: expected float32 or bfloat16")
         if self.device not in ("cpu", "cuda"):
