@@ -27,14 +27,23 @@ OPSET = 18
 ONNX_EXTRA = "pip install .[onnx]"
 
 
-def require_onnx(what: str = "--backend onnx") -> None:
-    """onnx, onnxscript (export) and onnxruntime (the engine check) are installed, else one line."""
-    import importlib.util
+def check_onnx(cfg) -> None:
+    """Before a compile with --backend onnx: onnx and onnxscript (export) and onnxruntime (what
+    runs the engine) import, and the dtype is one the runtime binds (no bfloat16 in numpy)."""
+    import importlib
 
-    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    missing = []
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
     if missing:
-        raise SpecCompileError(f"{what} needs {', '.join(missing)}, which is not installed; "
+        raise SpecCompileError(f"--backend onnx needs {', '.join(missing)}, which is not installed; "
                                f"install the onnx extra: {ONNX_EXTRA}")
+    if cfg.dtype not in ("float32", "float16"):
+        raise SpecCompileError(f"--backend onnx --dtype {cfg.dtype}: the ONNX Runtime engine runs "
+                               "float32 or float16; pass --dtype float32")
 
 
 def tree_attention_onnx(q, k_cache, v_cache, k_new, v_new, cache_len, tree_mask, scale: float):

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from spec_compiler.errors import SpecCompileError
+from spec_compiler.export.onnx_export import ONNX_EXTRA
 
-ONNX_EXTRA = "pip install .[onnx]"
 # ONNX Runtime's element type names -> torch dtypes (what the engine graphs use).
 _DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
            "tensor(int64)": torch.int64, "tensor(bool)": torch.bool}

@@ -28,6 +28,7 @@ from torch import fx
 
 from spec_compiler.export.lower import WeightRegistry, lift_weights, lower, lower_saved, save_exported
 from spec_compiler.export.manifest import Manifest, write_manifest
+from spec_compiler.export.onnx_export import check_onnx
 from spec_compiler.passes import default_passes, run_passes
 from spec_compiler.passes.infra import outputs, set_outputs
 
@@ -115,6 +116,8 @@ def compile_engine(cfg: CompileConfig, model_dir: Path, draft_dir: Path | DraftS
     it must follow `EagleDraft.forward`'s calling convention, and may have `hot_ids`)."""
     out_dir = Path(out_dir)
     check_machine(cfg)  # the device and the memory for the engine's state, before loading
+    if cfg.backend == "onnx":
+        check_onnx(cfg)  # its packages and dtype
     check_tokenizer(model_dir, cfg.model.vocab_size, fmt.TOKENIZER_FILES)  # what spec-run will do
     t0 = time.time()
     with _writing(out_dir):
