@@ -51,7 +51,10 @@ class WeightRegistry:
 def lift_weights(gm: fx.GraphModule, registry: WeightRegistry, prefix: str = "") -> list[str]:
     """Parameters and `gm.meta["weight_buffers"]` (get_attr) -> leading placeholders. Returns
     the weight names in input order."""
-    params = {n for n, _ in gm.named_parameters()} | set(gm.meta.get("weight_buffers", ()))
+    # Every name of a tied parameter (the embedding that is also the lm_head): named_parameters()
+    # lists one, and a graph reading the other would keep it as a constant (a second copy).
+    params = ({n for n, _ in gm.named_parameters(remove_duplicate=False)}
+              | set(gm.meta.get("weight_buffers", ())))
     first = next(n for n in gm.graph.nodes if n.op == "placeholder")
     names: list[str] = []
     seen: dict[str, fx.Node] = {}

@@ -15,7 +15,8 @@ import sys
 import pytest
 import torch
 
-from helpers import OracleDraft, build_engine, check_first_two_tokens, expected_emitted, hf_greedy
+from helpers import (OracleDraft, build_engine, check_first_two_tokens, expected_emitted, hf_greedy,
+                     make_random_draft)
 from spec_compiler.errors import SpecCompileError
 from spec_compiler.loading import load_draft, load_target
 from spec_compiler.ops.tree_attention import tree_attention_reference
@@ -31,22 +32,24 @@ RANK_OF, POISONED = (lambda p: (p // 2) % 2), (lambda p: p % 9 in (0, 4))
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, tiny_dir, tiny_draft_dir):
+def built(tmp_path_factory, tiny_dir, tiny_dirs, tiny_draft_dir):
     """onnx: the 26-node tree with the oracle draft at 2 slots (sampling too), and chain-2 with
-    the random draft; the same chain-2 engine with Inductor, and the tree with eager (whose
-    sampled tokens the onnx engine must replay)."""
+    a random draft on the tied-embedding checkpoint (its embedding is its lm_head: one weight);
+    the same chain-2 engine with Inductor, and the tree with eager (whose sampled tokens the
+    onnx engine must replay)."""
     root = tmp_path_factory.mktemp("onnx")
+    tied = tiny_dirs["mha_tied"]
     seq = PROMPT + hf_greedy(tiny_dir, PROMPT, 200, eos=[])
 
     def oracle():
         return OracleDraft(load_draft(tiny_draft_dir, load_target(tiny_dir)), seq, 128, 128, RANK_OF, POISONED)
 
     tree = dict(tree="mc_sim_7b_63", draft_dir=tiny_draft_dir, max_seq_len=128, max_batch=2)
-    chain = dict(tree="chain-2", draft_dir=tiny_draft_dir, max_seq_len=128, sampling=False)
+    chain = dict(tree="chain-2", draft_dir=make_random_draft(root / "d", tied), max_seq_len=128, sampling=False)
     engines = {"tree": build_engine(root / "tree", tiny_dir, backend="onnx", draft_module=oracle(), **tree),
                "tree_eager": build_engine(root / "te", tiny_dir, backend="eager", draft_module=oracle(), **tree),
-               "chain": build_engine(root / "chain", tiny_dir, backend="onnx", **chain),
-               "chain_inductor": build_engine(root / "ci", tiny_dir, backend="inductor", jobs=1, **chain)}
+               "chain": build_engine(root / "chain", tied, backend="onnx", **chain),
+               "chain_inductor": build_engine(root / "ci", tied, backend="inductor", jobs=1, **chain)}
     return engines, seq
 
 
@@ -55,13 +58,13 @@ def loaded(built):
     return {k: Engine.load(v) for k, v in built[0].items()}
 
 
-def test_onnx_greedy_matches_transformers_and_inductor(built, loaded, tiny_dir):
+def test_onnx_greedy_matches_transformers_and_inductor(built, loaded, tiny_dir, tiny_dirs):
     _, seq = built
     for p in (PROMPT, [9] * 20):
-        ref = hf_greedy(tiny_dir, p, 50)
-        for kind in ("tree", "chain"):
-            assert loaded[kind].spec.backend == "onnx"
-            assert loaded[kind].generate(p, max_new_tokens=50).output_ids == ref, kind
+        assert loaded["tree"].spec.backend == loaded["chain"].spec.backend == "onnx"
+        assert loaded["tree"].generate(p, max_new_tokens=50).output_ids == hf_greedy(tiny_dir, p, 50)
+        ref = hf_greedy(tiny_dirs["mha_tied"], p, 50)
+        assert loaded["chain"].generate(p, max_new_tokens=50).output_ids == ref
         assert loaded["chain_inductor"].generate(p, max_new_tokens=50).output_ids == ref
     # The oracle: acceptance and compaction of a path that is not the first, in the ONNX graphs.
     res = loaded["tree"].generate(PROMPT, max_new_tokens=60)
@@ -158,3 +161,13 @@ def test_missing_onnxruntime_is_one_clear_line(built, monkeypatch, tmp_path, tin
     assert_clean_error(cli("compile_main", tiny_dir, "--out", out, "--tree", "chain-0", "--backend", "onnx"),
                        "onnxruntime", "pip install .[onnx]")
     no_leftovers(out)
+
+
+def test_onnx_refuses_bfloat16(tiny_dir):
+    from spec_compiler.config import CompileConfig, ModelConfig
+    from spec_compiler.export.onnx_export import check_onnx
+
+    cfg = CompileConfig(model=ModelConfig.from_hf(tiny_dir), draft=None, tree=resolve_tree("chain-0"),
+                        backend="onnx", dtype="bfloat16")
+    with pytest.raises(SpecCompileError, match="--backend onnx --dtype bfloat16.*pass --dtype float32"):
+        check_onnx(cfg)
