@@ -10,8 +10,8 @@ frequencies) are initializers inside each .onnx file. Every shape is static (the
 buckets), so the graphs are also what TensorRT's ONNX parser takes (not tested here).
 
 `spec::tree_attention` is translated to standard ONNX operators (`tree_attention_onnx`,
-registered in torch.onnx's `custom_translation_table`, as is `cumprod`, which ONNX lacks): no
-custom-domain node is left.
+registered in torch.onnx's `custom_translation_table`, as are `cumprod`, which ONNX lacks, and
+`linear`, as Gemm over the weight as stored): no custom-domain node is left.
 """
 
 from __future__ import annotations
@@ -100,11 +100,22 @@ def cumprod_onnx(x, dim: int, dtype=None):
     return op.Concat(*out, axis=dim)
 
 
+def linear_onnx(x, weight, bias=None):
+    """`aten.linear` as Gemm with transB: the weight (out, in) is read as it is stored. torch's
+    own translation is MatMul(x, Transpose(weight)), and with the weights graph inputs (not
+    initializers, which ONNX Runtime would fold) that transposes every weight on every call."""
+    from onnxscript import opset18 as op
+
+    x2 = op.Reshape(x, op.Constant(value_ints=[-1, x.shape[-1]]))  # (N, in)
+    y = op.Gemm(x2, weight, transB=1) if bias is None else op.Gemm(x2, weight, bias, transB=1)
+    return op.Reshape(y, op.Constant(value_ints=[*x.shape[:-1], weight.shape[0]]))
+
+
 def translation_table() -> dict:
     import spec_compiler.ops.tree_attention  # noqa: F401  (registers the op)
 
     return {torch.ops.spec.tree_attention.default: tree_attention_onnx,
-            torch.ops.aten.cumprod.default: cumprod_onnx}
+            torch.ops.aten.cumprod.default: cumprod_onnx, torch.ops.aten.linear.default: linear_onnx}
 
 
 def export_onnx(gm: fx.GraphModule, example_inputs: list[torch.Tensor], out_path: Path) -> Path:
