@@ -22,7 +22,7 @@ from spec_compiler.loading import load_draft, load_target
 from spec_compiler.ops.tree_attention import tree_attention_reference
 from spec_compiler.runtime import Engine
 from spec_compiler.trees import resolve_tree
-from test_cli import ENV, REPO, assert_clean_error, no_leftovers
+from test_cli import ENV, REPO, assert_clean_error, no_leftovers, run
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -140,6 +140,14 @@ def test_tree_attention_translation_matches_reference(B, Hq, Hkv, T, lens):
     sess = ort.InferenceSession(prog.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
     out = sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)})[0]
     torch.testing.assert_close(torch.from_numpy(out), tree_attention_reference(*args, 0.3), atol=1e-5, rtol=1e-5)
+
+
+def test_spec_run_onnx_engine(built, loaded):
+    r = run(built[0]["tree"], "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "20",
+            "--json", "--temperature", "0.9", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    want = loaded["tree"].generate(PROMPT, max_new_tokens=20, temperature=0.9, seed=3).output_ids
+    assert json.loads(r.stdout)["output_ids"] == want
 
 
 BLOCK_ORT = "import sys; sys.modules['onnxruntime'] = None; "  # `import onnxruntime` then fails
