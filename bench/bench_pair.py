@@ -8,6 +8,8 @@ hits every configuration alike):
   - ours: the engine the demo builds (`spec-compile --draft ... --max-seq-len 1024`, default
     `--tree auto`, chosen on the benchmark's device), and its own non-speculative engine
     (`--tree chain-0`)
+  - with --onnx, ours_onnx: the same engine (its tree, written to a JSON file) built with
+    `--backend onnx` and run by ONNX Runtime
   - transformers eager `generate` (--hf-eager: at every temperature, the first only, or none)
   - transformers `generate` with its static cache + compile (`cache_implementation="static"`,
     Inductor; warmed up before timing), unless --no-hf-compile; sampled with the same
@@ -22,7 +24,7 @@ under --engines are built first (minutes; in parallel). Writes JSON (--out) and 
     python bench/bench_pair.py [--n 24] [--max-new-tokens 128] [--engines engines/]
                                [--device cpu|cuda] [--dtype float32|bfloat16]
                                [--temperatures 0,0.7,1.0] [--top-p 0.9] [--seed 0]
-                               [--hf-eager all|first|none] [--no-hf-compile] [--out FILE.json]
+                               [--hf-eager all|first|none] [--no-hf-compile] [--onnx] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -74,10 +76,12 @@ def bandwidth(device: str) -> float:
     return 2 * x.numel() / ts[len(ts) // 2] / 1e6
 
 
-def build_cmd(model: Path, draft: Path, out: Path, tree: str | None, device: str, dtype: str) -> list[str]:
+def build_cmd(model: Path, draft: Path, out: Path, tree: str | None, device: str, dtype: str,
+              backend: str = "inductor") -> list[str]:
     return [sys.executable, "-c", "import sys; from spec_compiler.cli import compile_main; "
             "sys.exit(compile_main(sys.argv[1:]))", str(model), "--draft", str(draft), "--out", str(out),
-            "--max-seq-len", "1024", "--device", device, "--dtype", dtype] + (["--tree", tree] if tree else [])
+            "--max-seq-len", "1024", "--device", device, "--dtype", dtype, "--backend", backend] + (
+            ["--tree", tree] if tree else [])
 
 
 def build_all(cmds: dict[str, list[str]]) -> dict[str, float]:
@@ -182,6 +186,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hf-eager", choices=("all", "first", "none"), default="all",
                     help="transformers eager at every temperature, the first one only, or not at all")
     ap.add_argument("--no-hf-compile", action="store_true")
+    ap.add_argument("--onnx", action="store_true",
+                    help="also ours with --backend onnx (ONNX Runtime), on ours' tree")
     ap.add_argument("--out", type=Path, default=None,
                     help="default: bench/results/cpu.json on the CPU, bench/results/pair_cuda.json on a GPU")
     args = ap.parse_args(argv)
@@ -208,6 +214,14 @@ def main(argv=None) -> int:
                                 for name, (d, tree) in engines.items()
                                 if not (d / "manifest.json").is_file()})
     runners = {name: Ours(d) for name, (d, _) in engines.items()}
+    if args.onnx:  # ours' tree (chosen for Inductor's step times), built for ONNX Runtime
+        d = args.engines / f"smollm2-eagle-onnx{suffix}"
+        tree_file = args.engines / f"smollm2-eagle{suffix}.tree.json"
+        tree_file.write_text(json.dumps(runners["ours"].engine.spec.manifest["tree"]["paths"]))
+        if not (d / "manifest.json").is_file():
+            res["build_s"]["ours_onnx"] = build_all(
+                {"ours_onnx": build_cmd(args.model, args.draft, d, str(tree_file), dev, dtype, "onnx")})["ours_onnx"]
+        runners["ours_onnx"] = Ours(d)
     res["tree"] = runners["ours"].tree
     res["tree_nodes"] = runners["ours"].nodes
     res["tree_choice"] = runners["ours"].choice

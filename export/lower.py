@@ -10,6 +10,7 @@ artifact as constants.
 Backends:
   inductor  AOTInductor package (`.pt2`): loading it compiles nothing.
   eager     `torch.export.save` of the rewritten program, run op by op (debugging only).
+  onnx      an ONNX model of the functional graph (export/onnx_export.py), run with ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ class WeightRegistry:
 def lift_weights(gm: fx.GraphModule, registry: WeightRegistry, prefix: str = "") -> list[str]:
     """Parameters and `gm.meta["weight_buffers"]` (get_attr) -> leading placeholders. Returns
     the weight names in input order."""
-    params = {n for n, _ in gm.named_parameters()} | set(gm.meta.get("weight_buffers", ()))
+    # Every name of a tied parameter (the embedding that is also the lm_head): named_parameters()
+    # lists one, and a graph reading the other would keep it as a constant (a second copy).
+    params = ({n for n, _ in gm.named_parameters(remove_duplicate=False)}
+              | set(gm.meta.get("weight_buffers", ())))
     first = next(n for n in gm.graph.nodes if n.op == "placeholder")
     names: list[str] = []
     seen: dict[str, fx.Node] = {}
@@ -92,6 +96,10 @@ def lower(gm: fx.GraphModule, example_inputs: list[torch.Tensor], out_path: Path
           backend: str, tp: int = 1) -> Path:
     """Export the (weight-lifted) graph and compile it to `out_path`. `tp`: the ranks of the
     process group its collectives run on (`collective_group`)."""
+    if backend == "onnx":
+        from .onnx_export import export_onnx
+
+        return export_onnx(gm, example_inputs, out_path)
     with torch.no_grad():
         ep = torch.export.export(gm, tuple(example_inputs), strict=False)
     if backend == "eager":

@@ -1,6 +1,7 @@
 """ENGINE_DIR -> Engine: validate the manifest and fingerprint, load artifacts and weights once,
 allocate every state buffer. Loading compiles nothing: Inductor artifacts are AOTInductor
-packages, loaded as they are. Graph interfaces and state come from the engine contract
+packages, loaded as they are; onnx engines' graphs are ONNX Runtime sessions
+(runtime/onnx_runtime.py). Graph interfaces and state come from the engine contract
 (`spec_compiler.engine_format`), sized by the manifest's `dims`: the state for the largest
 batch bucket, each step graph once per bucket, the prefill graphs at batch 1 (per slot).
 """
@@ -80,7 +81,11 @@ class EngineSpec:
         return self.dims.prefill_chunk
 
 
-def _load_artifact(path: Path, backend: str, device: str):
+def _load_artifact(path: Path, backend: str, device: str, entry: dict):
+    if backend == "onnx":  # the graph's cache rows are written by the runner (return_cache_rows)
+        from .onnx_runtime import OnnxRunner
+
+        return OnnxRunner(path, device, entry.get("cache_writes", []))
     if backend == "eager":
         import spec_compiler.ops.tree_attention  # noqa: F401  (the op the program calls)
 
@@ -185,7 +190,7 @@ def load(engine_dir: str | Path, device: str | None = None):
     graphs: dict[int, dict[str, Graph]] = {}  # batch -> name -> graph
     for name, g in spec.manifest["graphs"].items():
         for b, entry in [(int(g.get("batch", 1)), g), *((int(k), e) for k, e in g.get("buckets", {}).items())]:
-            fn = _load_artifact(engine_dir / entry["file"], spec.backend, spec.device)
+            fn = _load_artifact(engine_dir / entry["file"], spec.backend, spec.device, entry)
             io = fmt.graph_io(fmt.graph_dims(spec.dims, name, b), name)
             graphs.setdefault(b, {})[name] = Graph(name, fn, [weights[w] for w in entry["weights"]], io, b)
     t.append(time.perf_counter())

@@ -41,8 +41,9 @@ def compile_parser() -> argparse.ArgumentParser:
                         f"paths, built at every bucket; at most {MAX_TREE_NODES} nodes with the root")
     p.add_argument("--max-seq-len", type=int, default=2048,
                    help="engine capacity in tokens, scratch room for one tree included (default 2048)")
-    p.add_argument("--backend", choices=("inductor", "eager"), default="inductor",
-                   help="inductor (default): AOTInductor packages; eager: for debugging only")
+    p.add_argument("--backend", choices=("inductor", "eager", "onnx"), default="inductor",
+                   help="inductor (default): AOTInductor packages; onnx: ONNX graphs run with ONNX "
+                        "Runtime (needs the onnx extra); eager: for debugging only")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

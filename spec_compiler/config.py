@@ -327,8 +327,8 @@ class CompileConfig:
         return self.bucket_trees or (self.tree,) * len(buckets(self.batch_size))
 
     def __post_init__(self):
-        if self.backend not in ("inductor", "eager"):
-            raise SpecCompileError(f"--backend {self.backend!r}: expected inductor or eager")
+        if self.backend not in ("inductor", "eager", "onnx"):
+            raise SpecCompileError(f"--backend {self.backend!r}: expected inductor, eager or onnx")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise SpecCompileError(f"--dtype {self.dtype!r}: expected float32 or bfloat16")
         if self.device not in ("cpu", "cuda"):
@@ -353,6 +353,9 @@ class CompileConfig:
         if type(self.tp) is not int:
             raise SpecCompileError(f"--tp {self.tp!r}: must be an integer")
         check_tp(self.model, self.tp)
+        if self.tp > 1 and self.backend == "onnx":
+            raise SpecCompileError(f"--tp {self.tp} with --backend onnx: tensor-parallel engines are "
+                                   "built with Inductor only; drop --tp or use --backend inductor")
         if self.bucket_trees is not None and len(self.bucket_trees) != len(buckets(self.batch_size)):
             raise SpecCompileError(f"{len(self.bucket_trees)} bucket trees for buckets "
                                    f"{list(buckets(self.batch_size))}; this is a compiler bug")

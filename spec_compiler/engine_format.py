@@ -233,9 +233,10 @@ def graph_dims(dims: Dims, graph: str, bucket: int | None = None) -> Dims:
     return dataclasses.replace(dims, batch=b, bucket_nodes=nodes, tree_nodes=nodes[-1])
 
 
-def graph_file(graph: str, batch: int) -> str:
-    """An artifact's file name: NAME.pt2 at batch 1, NAME.bN.pt2 for a larger bucket."""
-    return f"{graph}.pt2" if batch == 1 else f"{graph}.b{batch}.pt2"
+def graph_file(graph: str, batch: int, ext: str = "pt2") -> str:
+    """An artifact's file name: NAME.pt2 at batch 1, NAME.bN.pt2 for a larger bucket (.onnx for
+    the onnx backend)."""
+    return f"{graph}.{ext}" if batch == 1 else f"{graph}.b{batch}.{ext}"
 
 
 def step_slots(tree_depth: int) -> int:

@@ -28,6 +28,7 @@ from torch import fx
 
 from spec_compiler.export.lower import WeightRegistry, lift_weights, lower, lower_saved, save_exported
 from spec_compiler.export.manifest import Manifest, write_manifest
+from spec_compiler.export.onnx_export import check_onnx
 from spec_compiler.passes import default_passes, run_passes
 from spec_compiler.passes.infra import outputs, set_outputs
 from spec_compiler.passes.tensor_parallel import RankWeights, rank_dims, shard_pass
@@ -79,19 +80,21 @@ def build_graph(cfg: CompileConfig, graph: str, module: torch.nn.Module, debug_d
     if graph == "draft_prefill":  # its logits are never used: don't compute them
         set_outputs(gm, {k: v for k, v in outputs(gm).items() if k != "logits"})
     project = module.fc if graph == "draft" and isinstance(module, Eagle3Draft) else None
-    shard = shard_pass(cfg, graph)
-    return run_passes(gm, default_passes(graph, cfg.tree, cfg.prefill_chunk, width, project, shard),
-                      debug_dir, label or graph)
+    passes = default_passes(graph, cfg.tree, cfg.prefill_chunk, width, project, shard_pass(cfg, graph),
+                            in_place=cfg.backend != "onnx")
+    return run_passes(gm, passes, debug_dir, label or graph)
 
 
 def check_contract(dims: fmt.Dims, graph: str, gm: fx.GraphModule) -> None:
-    """The rewritten graph's inputs and outputs (names, shapes, dtypes) are the contract's."""
+    """The rewritten graph's inputs and outputs (names, shapes, dtypes) are the contract's (an
+    ONNX graph's cache rows, `return_cache_rows`, come after them and are not the contract's)."""
     def spec(n: fx.Node):
         v = n.meta["val"]
         return (n.target if n.op == "placeholder" else None, tuple(v.shape), fmt.dtype_name(v.dtype))
 
     ins = [spec(n) for n in gm.graph.nodes if n.op == "placeholder"]
-    outs = [(name, *spec(n)[1:]) for name, n in outputs(gm).items()]
+    rows = {name for w in gm.meta.get("cache_writes", ()) for name in w[1:]}
+    outs = [(name, *spec(n)[1:]) for name, n in outputs(gm).items() if name not in rows]
     fmt.check_graph(dims, graph, ins, outs, gm.meta.get("mutated_inputs", []))
 
 
@@ -114,6 +117,8 @@ def compile_engine(cfg: CompileConfig, model_dir: Path, draft_dir: Path | DraftS
     it must follow `EagleDraft.forward`'s calling convention, and may have `hot_ids`)."""
     out_dir = Path(out_dir)
     check_machine(cfg)  # the device and the memory for the engine's state, before loading
+    if cfg.backend == "onnx":
+        check_onnx(cfg)  # its packages and dtype
     check_tokenizer(model_dir, cfg.model.vocab_size, fmt.TOKENIZER_FILES)  # what spec-run will do
     t0 = time.time()
     with _writing(out_dir):
@@ -252,8 +257,10 @@ def _build(cfg: CompileConfig, target, draft, tmp: Path, progress, debug_dir, gr
             shards.add(gm)
             gm = gm.to(cfg.device)
             args = [registry.tensors[w] for w in weights] + [example(t, cfg.device) for t in io.inputs]
-            fname = fmt.graph_file(name, b)
+            fname = fmt.graph_file(name, b, "onnx" if cfg.backend == "onnx" else "pt2")
             entry = {"file": fname, "weights": weights}
+            if "cache_writes" in gm.meta:  # the runtime writes these rows (return_cache_rows)
+                entry["cache_writes"] = gm.meta["cache_writes"]
             if name not in entries:  # the smallest batch: the graph's entry
                 entries[name] = {**entry, "batch": b, "passes": list(gm.meta.get("passes", [])),
                                  "pass_counts": dict(gm.meta.get("pass_counts", {}))}
@@ -282,7 +289,7 @@ class Lowering:
     built, `jobs` at a time; the example inputs (weights and caches) are dropped at once, not
     held for every graph. Default jobs: one per 4 CPU cores, at most 8 (each worker allocates
     uninitialised example inputs of its graph: the weights and that bucket's caches). 1, or the
-    eager backend, lowers in this process as before.
+    eager and onnx backends (an ONNX export takes seconds), lower in this process as before.
     The alternative, one artifact with a dynamic batch dimension and a CUDA graph captured per
     bucket, would compile each graph once, but its kernels would be tuned for no batch in
     particular and the CPU engines (no CUDA graphs) would pay dynamic shapes on every call; the
@@ -292,7 +299,7 @@ class Lowering:
         self.backend, self.device, self.total, self.progress = backend, device, total, progress
         self.tp = tp  # graphs with collectives are lowered with a stand-in group of tp ranks
         self.jobs = min(8, max(1, (os.cpu_count() or 1) // 4)) if jobs is None else jobs
-        self.parallel = backend != "eager" and self.jobs > 1 and total > 1
+        self.parallel = backend == "inductor" and self.jobs > 1 and total > 1
         self.pool, self.futures, self.done = None, {}, 0
 
     def add(self, label: str, gm: fx.GraphModule, args: list[torch.Tensor], path: Path) -> None:

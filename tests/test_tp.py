@@ -157,12 +157,14 @@ def test_engine_load_outside_a_process_group_is_one_line(inductor_tp2):
     (3, "--tp 3: must divide the model's 2 KV heads or be a multiple of them"),
     (8, "--tp 8: must divide the model's 4 attention heads"),
     (0, "--tp 0: must be at least 1"),
+    ("2 --backend onnx", "--tp 2 with --backend onnx: tensor-parallel engines are built with Inductor only"),
 ])
 def test_spec_compile_bad_tp_is_one_line_and_writes_nothing(tiny_dir, tmp_path, capsys, tp, what):
     from spec_compiler.cli import compile_main
 
     out = tmp_path / "e"
-    assert compile_main([str(tiny_dir), "--tree", "chain-0", "--out", str(out), "--tp", str(tp)]) == 2
+    argv = [str(tiny_dir), "--tree", "chain-0", "--out", str(out), "--tp", *str(tp).split()]
+    assert compile_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {what}")
     assert not out.exists() and list(tmp_path.iterdir()) == []

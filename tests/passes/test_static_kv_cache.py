@@ -11,8 +11,8 @@ from torch.testing import FileCheck
 
 from pass_utils import (C, apply, cache_names, call, clone, config, draft_step_inputs, exact,
                         random_inputs, traced)
-from spec_compiler.passes import (accept_epilogue, cleanup, fuse_projections, static_kv_cache, tree_attention,
-                    unroll_draft)
+from spec_compiler.passes import (accept_epilogue, cleanup, fuse_projections, return_cache_rows,
+                                  static_kv_cache, tree_attention, unroll_draft)
 from spec_compiler.passes.infra import aten, count_ops
 from spec_compiler.errors import SpecCompileError
 from spec_compiler.trees import chain
@@ -71,12 +71,14 @@ def test_static_kv_cache_updates_in_place(target, draft, bushy, case):
             assert torch.equal(args[k], x[k]), f"{k} must not be mutated"
 
 
-def test_static_kv_cache_requires_a_returned_cache(target, draft, bushy):
+@pytest.mark.parametrize("rewrite", [static_kv_cache, return_cache_rows])
+def test_static_kv_cache_requires_a_returned_cache(target, draft, bushy, rewrite):
+    """(and return_cache_rows, the onnx backend's counterpart)"""
     gm, _ = _graph("prefill", target, draft, bushy)
-    gm = apply(gm, static_kv_cache)
+    gm = apply(gm, rewrite)
     n = len(gm.graph.nodes)
-    with pytest.raises(SpecCompileError, match="static_kv_cache: 0 matches"):
-        static_kv_cache(gm)  # a second run: no cache is returned any more
+    with pytest.raises(SpecCompileError, match=f"{rewrite.__name__}: 0 matches"):
+        rewrite(gm)  # a second run: no cache is returned any more
     assert len(gm.graph.nodes) == n
 
 
