@@ -19,7 +19,7 @@ seconds, summed over prompts), tokens per verify call, each configuration's rati
 transformers one at that temperature, greedy outputs that differ from ours, the device's
 bandwidth (CPU: a 256 MB read; GPU: a device-to-device copy, bytes read + written) and the
 weight bytes per step (the floor: one pass over the weights per verify call). Engines missing
-under --engines are built first (minutes; in parallel). Writes JSON (--out) and prints a table last.
+under --engines are built first (minutes; one at a time). Writes JSON (--out) and prints a table last.
 
     python bench/bench_pair.py [--n 24] [--max-new-tokens 128] [--engines engines/]
                                [--device cpu|cuda] [--dtype float32|bfloat16]
@@ -85,15 +85,15 @@ def build_cmd(model: Path, draft: Path, out: Path, tree: str | None, device: str
 
 
 def build_all(cmds: dict[str, list[str]]) -> dict[str, float]:
-    """Compile the engines in parallel processes; seconds each (wall, so they overlap)."""
-    t, procs = time.time(), {}
+    """Compile the engines one after another; seconds each. Not in parallel: `--tree auto`
+    times candidate trees while it compiles, and a compile beside it skews that timing (it then
+    picks a tree for a busy machine)."""
+    out = {}
     for name, cmd in cmds.items():
         print("building:", " ".join(cmd[3:]), flush=True)
-        procs[name] = subprocess.Popen(cmd)
-    out = {}
-    for name, p in procs.items():
-        if p.wait():
-            raise SystemExit(f"bench_pair: building {name} failed (exit {p.returncode})")
+        t = time.time()
+        if subprocess.run(cmd).returncode:
+            raise SystemExit(f"bench_pair: building {name} failed")
         out[name] = time.time() - t
     return out
 

@@ -126,6 +126,7 @@ def export_onnx(gm: fx.GraphModule, example_inputs: list[torch.Tensor], out_path
 
     names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     outs = [f"{o}.out" if o in names else o for o in gm.meta["output_names"]]
+    gm.eval()  # an inference graph (no train-mode ops), and torch.onnx warns otherwise
     with torch.no_grad():
         prog = torch.onnx.export(gm, tuple(example_inputs), input_names=names,
                                  output_names=outs, opset_version=OPSET,
