@@ -55,6 +55,15 @@ def _num(cfg: dict, key: str, where: str, default) -> float:
     return float(v)
 
 
+def _target_int(cfg: dict, key: str, where: str, want: int, default=_REQUIRED) -> int:
+    """An integer field of a draft's config that must equal the target's `want`."""
+    v = _int(cfg, key, where, default)
+    if v != want:
+        raise SpecCompileError(f"{where}{key}={v} but the target's is {want}; use a draft head "
+                               "trained for this target")
+    return v
+
+
 def _flag(cfg: dict, key: str, where: str, default: bool) -> bool:
     v = _get(cfg, key, where, default)
     if not isinstance(v, bool):
@@ -255,16 +264,8 @@ class DraftConfig:
         path = Path(draft_dir) / "config.json"
         cfg = read_json_object(path, "draft")
         w = f"draft {path}: "
-        hidden = _int(cfg, "hidden_size", w)
-        if hidden != target.hidden_size:
-            raise SpecCompileError(
-                f"draft {path}: hidden_size={hidden} but the target's is {target.hidden_size}; "
-                "use a draft head trained for this target")
-        vocab = _int(cfg, "vocab_size", w, target.vocab_size)
-        if vocab != target.vocab_size:
-            raise SpecCompileError(
-                f"draft {path}: vocab_size={vocab} but the target's is {target.vocab_size}; "
-                "use a draft head trained for this target")
+        hidden = _target_int(cfg, "hidden_size", w, target.hidden_size)
+        _target_int(cfg, "vocab_size", w, target.vocab_size, target.vocab_size)
         n_heads = _int(cfg, "num_attention_heads", w, target.n_heads)
         theta, scaling = _draft_rope(cfg, path, target)
         layer = _made_from(
@@ -459,14 +460,8 @@ class Eagle3Config:
         if _int(cfg, "num_hidden_layers", w, 1) != 1:
             raise SpecCompileError(f"{w}num_hidden_layers={cfg['num_hidden_layers']!r}: an EAGLE-3 head has "
                                    "one decoder layer (midlayer)")
-        vocab = _int(cfg, "vocab_size", w, target.vocab_size)
-        if vocab != target.vocab_size:
-            raise SpecCompileError(f"{w}vocab_size={vocab} but the target's is {target.vocab_size}; use a "
-                                   "draft head trained for this target")
-        t_hidden = _int(cfg, "target_hidden_size", w, hidden)
-        if t_hidden != target.hidden_size:
-            raise SpecCompileError(f"{w}target_hidden_size={t_hidden} but the target's hidden size is "
-                                   f"{target.hidden_size}; use a draft head trained for this target")
+        _target_int(cfg, "vocab_size", w, target.vocab_size, target.vocab_size)
+        t_hidden = _target_int(cfg, "target_hidden_size", w, target.hidden_size, hidden)
         if hidden != target.hidden_size and not has_embed:
             raise SpecCompileError(f"{w}hidden_size={hidden} differs from the target's "
                                    f"{target.hidden_size} and the head has no embed_tokens.weight of its own")
