@@ -14,6 +14,7 @@ torchrun's environment variables), or run as one rank under `torchrun --nproc-pe
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import pickle
 import secrets
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from spec_compiler import engine_format as fmt
 from spec_compiler.errors import SpecCompileError
 from spec_compiler.passes.tensor_parallel import GROUP
 
@@ -212,13 +214,23 @@ def follow(engine) -> None:
 
 
 def engine_tp(engine_dir: Path, want: int | None) -> tuple[int, str]:
-    """(tp, device) of an engine, its manifest checked; `want` (--tp), if given, must be its tp."""
+    """(tp, device) of an engine; `want` (--tp), if given, must be its tp. A single-device
+    engine's manifest is only peeked at: Engine.load checks it whole next, fingerprint included,
+    and checking it here as well would hash every file twice per run. A TP engine's is checked
+    whole here, before any rank starts, so a bad one is one line, not one per rank."""
     from spec_compiler.runtime.loader import read_spec
 
     if not Path(engine_dir).is_dir():
         raise SpecCompileError(f"engine {engine_dir} does not exist; build it with spec-compile")
-    spec = read_spec(engine_dir)
-    if want is not None and want != spec.tp:
-        raise SpecCompileError(f"--tp {want}: {engine_dir} is built for --tp {spec.tp}; drop --tp or "
-                               f"pass --tp {spec.tp}")
-    return spec.tp, spec.device
+    try:
+        m = json.loads((Path(engine_dir) / fmt.MANIFEST).read_text())
+        tp, device = m["parallel"]["tp"], m["device"]
+    except (OSError, ValueError, TypeError, KeyError):  # read_spec says what is wrong
+        tp = device = None
+    if tp != 1 or not isinstance(device, str):
+        spec = read_spec(engine_dir)
+        tp, device = spec.tp, spec.device
+    if want is not None and want != tp:
+        raise SpecCompileError(f"--tp {want}: {engine_dir} is built for --tp {tp}; drop --tp or "
+                               f"pass --tp {tp}")
+    return tp, device

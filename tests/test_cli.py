@@ -259,6 +259,18 @@ def test_run_summary_line(engine_dir):
                         r"tokens/call over \d+ verify calls, stop: (eos|max_new_tokens|length)\]", lines[0]), lines
 
 
+def test_run_hashes_the_engine_once(engine_dir, monkeypatch, capsys):
+    """spec-run checks the engine's fingerprint (every file hashed) once: reading the manifest's
+    TP degree before the load does not hash it again."""
+    from spec_compiler.cli import run_main
+    from spec_compiler.export import manifest
+
+    calls, real = [], manifest.digest_files
+    monkeypatch.setattr(manifest, "digest_files", lambda paths: calls.append(len(paths)) or real(paths))
+    assert run_main([str(engine_dir), "--prompt-ids", "5,6,7", "--max-new-tokens", "3"]) == 0
+    assert len(calls) == 1 and calls[0] > 1
+
+
 def test_request_that_cannot_fit(engine_dir):
     r = run(engine_dir, "--prompt-ids", ",".join(["5"] * 100), "--max-new-tokens", "50")
     assert_clean_error(r, "100", "50", "128")
