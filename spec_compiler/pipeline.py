@@ -251,8 +251,9 @@ def _build(cfg: CompileConfig, target, draft, tmp: Path, progress, debug_dir, gr
             bcfg = dataclasses.replace(cfg, batch_size=b, tree=trees[buckets.index(b)], bucket_trees=None)
             gdims = fmt.graph_dims(dims, name, b)
             gm = build_graph(bcfg, name, module, debug_dir, label, gdims)
-            check_contract(fmt.graph_dims(local, name, b), name, gm)  # a rank's graph
-            io = fmt.graph_io(fmt.graph_dims(local, name, b), name)
+            rdims = fmt.graph_dims(local, name, b)  # a rank's graph
+            check_contract(rdims, name, gm)
+            io = fmt.graph_io(rdims, name)
             weights = lift_weights(gm, registry, prefix="draft." if owner == "draft" else "")
             shards.add(gm)
             gm = gm.to(cfg.device)
