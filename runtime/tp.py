@@ -14,7 +14,6 @@ torchrun's environment variables), or run as one rank under `torchrun --nproc-pe
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import pickle
 import secrets
@@ -30,6 +29,7 @@ import torch.distributed as dist
 
 from spec_compiler import engine_format as fmt
 from spec_compiler.errors import SpecCompileError
+from spec_compiler.fileio import read_json_object
 from spec_compiler.passes.tensor_parallel import GROUP
 
 RANK_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -222,11 +222,10 @@ def engine_tp(engine_dir: Path, want: int | None) -> tuple[int, str]:
 
     if not Path(engine_dir).is_dir():
         raise SpecCompileError(f"engine {engine_dir} does not exist; build it with spec-compile")
-    try:
-        m = json.loads((Path(engine_dir) / fmt.MANIFEST).read_text())
-        tp, device = m["parallel"]["tp"], m["device"]
-    except (OSError, ValueError, TypeError, KeyError):  # read_spec says what is wrong
-        tp = device = None
+    path = Path(engine_dir) / fmt.MANIFEST
+    m = read_json_object(path, "engine", fix="rebuild the engine with spec-compile") if path.is_file() else {}
+    parallel, device = m.get("parallel"), m.get("device")
+    tp = parallel.get("tp") if isinstance(parallel, dict) else None  # else read_spec says what is wrong
     if tp != 1 or not isinstance(device, str):
         spec = read_spec(engine_dir)
         tp, device = spec.tp, spec.device
