@@ -16,10 +16,12 @@ import functools
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 import warnings
-from typing import Callable
+from typing import Callable, Iterator
 
 
 class SpecCompileError(ValueError):
@@ -80,9 +82,39 @@ def _output(verbose: bool):
         torch_log.setLevel(saved[1])
 
 
+_SIGNALS_SEEN = [0]  # interrupting signals handled so far (raise_interrupt)
+
+
+def raise_interrupt(signum, frame) -> None:
+    """Signal handler: count the signal, then raise KeyboardInterrupt. Python raises it wherever
+    the main thread is, and library code that catches broad exceptions can turn it into another
+    error (torch.export's fake-tensor dispatch, interrupted mid-trace, logs the KeyboardInterrupt
+    and raises an unrelated error from it); `cli_entry` reads the count, so the user's Ctrl-C (or
+    SIGTERM/SIGHUP during a compile) reads as `interrupted` whatever it became."""
+    _SIGNALS_SEEN[0] += 1
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def _counting_sigint() -> Iterator[int]:
+    """Yields the signal count at entry; SIGINT goes through `raise_interrupt` meanwhile (only over
+    Python's default handler, and only in the main thread, where handlers live)."""
+    start = _SIGNALS_SEEN[0]
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield start
+        return
+    signal.signal(signal.SIGINT, raise_interrupt)
+    try:
+        yield start
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def cli_entry(interrupted: str = "interrupted") -> Callable[[Callable[..., int]], Callable[..., int]]:
     """Decorator for `main(argv=None) -> int`: SpecCompileError -> `error: MESSAGE` on stderr (one
-    line) and 2; KeyboardInterrupt -> `interrupted` on stderr and 130; any other exception ->
+    line) and 2; KeyboardInterrupt, or any error raised after an interrupting signal (see
+    `raise_interrupt`) -> `interrupted` on stderr and 130; any other exception ->
     `error: internal error: ...` (one line; the traceback too with `--verbose`) and 1; other exit
     codes pass. Without `--verbose` (in argv), Python warnings are not shown."""
     def wrap(main: Callable[..., int]) -> Callable[..., int]:
@@ -91,7 +123,7 @@ def cli_entry(interrupted: str = "interrupted") -> Callable[[Callable[..., int]]
             argv = args[0] if args else kwargs.get("argv")
             argv = sys.argv[1:] if argv is None else argv
             verbose = isinstance(argv, (list, tuple)) and "--verbose" in map(str, argv)
-            with warnings.catch_warnings(), _output(verbose):
+            with warnings.catch_warnings(), _output(verbose), _counting_sigint() as start:
                 try:
                     return main(*args, **kwargs)
                 except SpecCompileError as e:
@@ -103,6 +135,9 @@ def cli_entry(interrupted: str = "interrupted") -> Callable[[Callable[..., int]]
                     print(interrupted, file=sys.stderr)
                     return 130
                 except Exception as e:  # a bug: one line, the traceback on request
+                    if _SIGNALS_SEEN[0] > start:  # an interrupt turned into another error
+                        print(interrupted, file=sys.stderr)
+                        return 130
                     if verbose:
                         traceback.print_exc()
                     hint = "" if verbose else "; rerun with --verbose for the traceback"

@@ -36,7 +36,7 @@ from spec_compiler.passes.tensor_parallel import RankWeights, rank_dims, shard_p
 from . import engine_format as fmt
 from .chat import check_tokenizer
 from .config import CompileConfig, check_machine
-from .errors import SpecCompileError
+from .errors import SpecCompileError, raise_interrupt
 from .fileio import atomic_dir, output_lock
 from .loading import DraftSource, load_draft, load_target
 from .models.eagle3 import Eagle3Draft
@@ -171,7 +171,7 @@ def _writing(out_dir: Path):
     prev = {}
     if threading.current_thread() is threading.main_thread():  # signal handlers live there
         for sig in (signal.SIGTERM, signal.SIGHUP):
-            prev[sig] = signal.signal(sig, _raise_interrupt)
+            prev[sig] = signal.signal(sig, raise_interrupt)
     try:
         with output_lock(out_dir):
             if out_dir.exists():
@@ -202,10 +202,6 @@ def _compile(cfg, target, draft, out_dir: Path, progress, debug_dir, graphs, mod
         write_manifest(tmp, manifest)
     progress(f"done in {time.time() - t0:.0f}s: {out_dir}")
     return out_dir
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @contextlib.contextmanager

@@ -3,6 +3,10 @@ temporaries), read_json_object's errors, and cli_entry's exit codes."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 
 from spec_compiler import fileio
@@ -108,6 +112,30 @@ def test_cli_entry_exit_codes(capsys):
     assert main("bug") == 1  # a bug: one line, the traceback only with --verbose
     assert capsys.readouterr().err == ("error: internal error: RuntimeError: a bug keeps its traceback; "
                                        "rerun with --verbose for the traceback\n")
+
+
+def test_ctrl_c_that_a_library_turned_into_another_error_is_still_an_interrupt(capsys):
+    """torch.export's fake-tensor dispatch, hit by Ctrl-C mid-trace, raises an unrelated error from
+    the KeyboardInterrupt: the command still says `interrupted` and exits 130, and a real bug
+    afterwards is a bug again (the handler is gone with the command)."""
+    @cli_entry(interrupted="interrupted: no engine written")
+    def main(what):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler runs at the next bytecode; never reached
+        except KeyboardInterrupt:
+            raise TypeError("fake tensor raised while tracing")
+        return 0
+
+    assert main("x") == 130
+    assert capsys.readouterr().err == "interrupted: no engine written\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    @cli_entry()
+    def bug(argv):
+        raise TypeError("a real bug")
+
+    assert bug([]) == 1 and "internal error: TypeError: a real bug" in capsys.readouterr().err
 
 
 def test_every_entry_point_is_wrapped():

@@ -381,11 +381,17 @@ def test_full_queue_gets_429_and_dropped_streams_free_their_slots(small_server):
 def test_load_200_requests_32_clients_some_cancelled(engine, server, client):
     """200 requests of random lengths from 32 threads, one in 8 dropped after its first chunk: the
     rest complete with their solo greedy text, each exactly once, the server stays healthy and
-    /metrics agrees with what was sent."""
+    /metrics agrees with what was sent. A dropped request the server had already finished (a
+    client thread starved on a busy machine can read its first chunk after the last one was sent)
+    ended normally; the books must balance either way, to the token."""
     rng = random.Random(0)
     prompts = PROMPTS[:8]
     refs = {p: engine.generate(prompt_ids(engine, p), max_new_tokens=12).output_ids for p in prompts}
-    reqs = [(i, rng.choice(prompts), rng.randint(1, 12), rng.random() < 0.5, i % 8 == 3) for i in range(200)]
+    dropped = prompts[0]  # every dropped request asks for the same thing: its full length is known
+    full = engine.generate(prompt_ids(engine, dropped), max_new_tokens=80).output_ids
+    full_len = full.index(257) + 1 if 257 in full else len(full)
+    reqs = [(i, dropped if i % 8 == 3 else rng.choice(prompts), rng.randint(1, 12), rng.random() < 0.5,
+             i % 8 == 3) for i in range(200)]
     before = metrics(server)
 
     def one(req):
@@ -427,12 +433,17 @@ def test_load_200_requests_32_clients_some_cancelled(engine, server, client):
         return after.get(key, 0) - before.get(key, 0)
 
     n_cancel = sum(r[4] for r in reqs)
-    assert delta('spec_http_requests_total{endpoint="/v1/completions",status="200"}') == 200 - n_cancel
-    assert delta('spec_http_requests_total{endpoint="/v1/completions",status="499"}') == n_cancel
+    cut = delta('spec_requests_total{finish_reason="cancelled"}')  # dropped while still generating
+    assert 1 <= cut <= n_cancel
+    # every cut request is a 499; a dropped one the engine had just finished may be a 499 too (its
+    # client left while the last event was on its way), and nothing else is
+    gone = delta('spec_http_requests_total{endpoint="/v1/completions",status="499"}')
+    assert cut <= gone <= n_cancel
+    assert delta('spec_http_requests_total{endpoint="/v1/completions",status="200"}') == 200 - gone
     done = delta('spec_requests_total{finish_reason="stop"}') + delta('spec_requests_total{finish_reason="length"}')
-    assert done == 200 - n_cancel and delta('spec_requests_total{finish_reason="cancelled"}') == n_cancel
+    assert done == 200 - cut
     assert delta('spec_generation_tokens_total{finish_reason="stop"}') + \
-        delta('spec_generation_tokens_total{finish_reason="length"}') == tokens
+        delta('spec_generation_tokens_total{finish_reason="length"}') == tokens + (n_cancel - cut) * full_len
     assert delta("spec_step_seconds_count") > 0 and after["spec_queue_depth"] == 0
     assert after["spec_live_slots"] == 0 and after["spec_tokens_per_verify_call"] >= 1
 
