@@ -1,4 +1,5 @@
-"""The committed prompt set (spec_compiler/data/prompts_{train,dev}.jsonl) keeps its invariants.
+"""The committed prompt set (spec_compiler/data/prompts_{train,dev,train_wide}.jsonl) keeps its
+invariants.
 
 Dev must share no template with train, so dev acceptance measures generalisation rather than
 recall of a training frame; no template may dominate; and the files are what
@@ -65,14 +66,67 @@ def test_no_duplicate_prompts(parts):
     assert not dups, dups[:3]
 
 
-def test_files_match_generator():
-    spec = importlib.util.spec_from_file_location("make_prompts", REPO / "tools" / "make_prompts.py")
-    make_prompts = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = make_prompts  # dataclasses look their module up there
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     try:
-        spec.loader.exec_module(make_prompts)
+        spec.loader.exec_module(module)
     finally:
         del sys.modules[spec.name]
+    return module
+
+
+@pytest.fixture(scope="module")
+def make_prompts():
+    return _tool("make_prompts")
+
+
+def test_files_match_generator(make_prompts):
     for name, text in make_prompts.render().items():
         assert (DATA / name).read_text(encoding="utf-8") == text, (
             f"{name} differs from tools/make_prompts.py output; run: python tools/make_prompts.py")
+
+
+# ---- the wide training set (templated + the target's own prompts) ----
+
+def test_wide_set_keeps_train_and_stays_apart_from_dev(parts, make_prompts):
+    train, dev = parts
+    wide = _load("train_wide")
+    texts = [" ".join(r["prompt"].lower().split()) for r in wide]
+    assert len(set(texts)) == len(texts)
+    assert {r["prompt"] for r in train} <= {r["prompt"] for r in wide}
+    assert len(wide) >= 2.5 * len(train)
+    assert not {r["template"] for r in wide} & {r["template"] for r in dev}
+    dev_texts = [r["prompt"] for r in dev]
+    train_texts = {r["prompt"] for r in train}
+    clashes = [r["prompt"] for r in wide if r["prompt"] not in train_texts
+               and make_prompts.dev_clash(r["prompt"], dev_texts)]
+    assert not clashes, clashes[:3]
+    tid, n = Counter(r["template"] for r in wide + dev).most_common(1)[0]
+    assert n <= make_prompts.WIDE_MAX_SHARE * len(wide + dev), (tid, n)
+    assert CATEGORIES <= {r["category"] for r in wide}
+    written = [r for r in wide if r["template"].startswith("self-")]
+    assert len(written) >= 200  # the target's own prompts are in it
+    assert len({r["id"] for r in wide}) == len(wide) and all(set(r) == FIELDS for r in wide)
+
+
+def test_dev_clash_catches_a_dev_frame(make_prompts):
+    dev = ["Solve for x: 4x + 10 = 34. Show your steps.", "Explain how a lightning bolt forms in simple terms."]
+    assert make_prompts.dev_clash("solve for x:  2x + 1 = 5. Show your steps.", dev)  # opening
+    assert make_prompts.dev_clash("Explain why the sky is blue in simple terms.", dev)  # closing
+    assert make_prompts.dev_clash("EXPLAIN how a lightning bolt forms in simple terms.", dev)
+    assert not make_prompts.dev_clash("Explain how a rainbow forms, with a diagram.", dev)
+
+
+def test_self_written_prompts_are_cleaned():
+    clean = _tool("self_prompts").clean
+    assert clean(" 1. What's the biggest black hole ever discovered?\n", "black holes") == \
+        "What's the biggest black hole ever discovered?"
+    assert clean('Question: "How do SQL joins handle missing rows?"', "SQL joins") == \
+        "How do SQL joins handle missing rows?"
+    assert clean("What is a join and what does it do?", "SQL joins") is not None  # "join" ~ "joins"
+    assert clean("How did the ancient Greeks measure a star?", "black holes") is None  # off topic
+    assert clean("I'm happy to help with black holes!", "black holes") is None  # the assistant talking
+    assert clean("black holes are big", "black holes") is None  # not a request
+    assert clean("Why?", "black holes") is None  # too short

@@ -32,6 +32,10 @@ SEED = 20261126
 PER_TEMPLATE = 9    # prompts drawn from each parametrised template (fewer if it has fewer fills)
 DEV_SHARE = 0.15    # of each category's prompts, rounded, taken as whole templates
 MAX_SHARE = 0.05    # no template may supply more than this share of all prompts
+WIDE_PER_TEMPLATE = 40  # the wide training set: prompts per template (train and train-only frames)
+WIDE_PER_GENERATOR = 16  # ... and per computed-number generator (G), so math does not dominate
+WIDE_MAX_SHARE = 0.03
+SELF_FILE = "prompts_self.jsonl"  # prompts the target wrote (tools/self_prompts.py), if present
 OUT_DIR = Path(__file__).resolve().parents[1] / "spec_compiler" / "data"
 
 
@@ -46,7 +50,7 @@ class T:
     pairs: list[tuple[str, ...]] | None = None  # slots that must go together: (value, value, ...)
     pair_keys: tuple[str, ...] = ()
 
-    def candidates(self, rng: random.Random) -> list[str]:
+    def candidates(self, rng: random.Random, n: int = 0) -> list[str]:  # n: G's; T gives all
         keys = list(self.slots)
         combos = [dict(zip(keys, vals)) for vals in itertools.product(*self.slots.values())]
         if self.pairs is not None:
@@ -75,8 +79,8 @@ class G:
     category: str
     make: Callable[[random.Random], str]
 
-    def candidates(self, rng: random.Random) -> list[str]:
-        return [self.make(rng) for _ in range(PER_TEMPLATE * 6)]
+    def candidates(self, rng: random.Random, n: int = PER_TEMPLATE * 6) -> list[str]:
+        return [self.make(rng) for _ in range(n)]
 
 
 NAMES = ["Maya", "Omar", "Lena", "Kenji", "Sofia", "Diego", "Amara", "Tom", "Priya", "Lukas",
@@ -734,6 +738,234 @@ ONE_OFFS: dict[str, list[str]] = {
 }
 
 
+# ---------------------------------------------------------------- the wide training set
+# Train-only frames (none is a dev frame; `dev_clash` checks every prompt they make): more of each
+# training template's fills, plus these, make `prompts_train_wide.jsonl` (see `build_wide`).
+def _budget(r):
+    name, total = r.choice(NAMES), r.choice([300, 450, 800, 1200, 2000, 2500])
+    rent = r.choice([30, 35, 40, 45, 50])
+    return (f"{name} earns ${total} a month and spends {rent}% on rent and ${r.randint(5, 25) * 10} on "
+            f"food. How much is left? Show the calculation.")
+
+
+def _recipe_scale(r):
+    serves, want = r.choice([2, 4, 6]), r.choice([3, 5, 8, 10, 12])
+    amount, unit, what = r.choice([(200, "g", "flour"), (3, "", "eggs"), (250, "ml", "milk"),
+                                   (150, "g", "sugar"), (2, "tablespoons of", "butter")])
+    return (f"A recipe for {serves} people uses {amount} {unit} {what}. How much {what} do I need "
+            f"for {want} people?").replace("  ", " ")
+
+
+def _interest(r):
+    p, rate, years = r.choice([500, 1000, 2500, 10000]), r.choice([2, 3, 4, 5, 6, 8]), r.randint(2, 10)
+    kind = r.choice(["simple", "compound (yearly)"])
+    return f"How much is ${p} worth after {years} years at {rate}% {kind} interest?"
+
+
+def _dice(r):
+    ask = r.choice(["a sum of 7", "two sixes", "at least one six", "an even total", "a double",
+                    "a sum greater than 9"])
+    return f"I roll two fair dice. What is the probability of getting {ask}? Explain how you count."
+
+
+def _mean(r):
+    xs = [r.randint(1, 60) for _ in range(r.randint(5, 8))]
+    return r.choice([f"Find the mean, median and mode of {', '.join(map(str, xs))}.",
+                     f"What is the average of {', '.join(map(str, xs))}?"])
+
+
+def _clock(r):
+    h, m, d = r.randint(1, 11), r.choice([0, 15, 20, 30, 45, 50]), r.choice([75, 95, 130, 200, 345])
+    return (f"A movie starts at {h}:{m:02d} pm and lasts {d} minutes. What time does it end?")
+
+
+WIDE_TEMPLATES: list[T | G] = [
+    G("budget", "math", _budget), G("recipe-scale", "math", _recipe_scale),
+    G("interest", "math", _interest), G("dice", "math", _dice), G("mean", "math", _mean),
+    G("clock", "reasoning", _clock),
+    T("convince", "writing", "Write a short paragraph convincing {who} to {what}.", {
+        "who": ["my roommate", "my parents", "a busy manager", "a group of teenagers", "my neighbor",
+                "the city council"],
+        "what": ["recycle more", "adopt a rescue dog", "take a vacation", "learn to swim",
+                 "plant trees in the park", "try a vegetarian meal once a week", "read more fiction",
+                 "start a book club"]}),
+    T("dialogue", "writing", "Write a short dialogue between {a} and {b} about {s}.", {
+        "a": ["a teacher", "a grandmother", "a robot", "a detective", "a farmer", "a chef"],
+        "b": ["a student", "her grandson", "a child", "a witness", "a city tourist", "a food critic"],
+        "s": ["the weather", "a missing key", "the future", "a strange noise at night",
+              "their favorite food", "a lost wallet"]}),
+    T("review", "writing", "Write a {len} review of {s}.", {
+        "len": ["short", "balanced", "two-paragraph", "humorous"],
+        "s": ["a new pizza place downtown", "a mystery novel you could not put down",
+              "a budget smartphone", "a rainy camping trip", "a science museum", "a wireless keyboard",
+              "a cooking class", "a family-friendly hotel", "a board game night"]}),
+    T("letter-to", "writing", "Write a letter to {who} {why}.", {
+        "who": ["my future self", "my childhood best friend", "the mayor", "a favorite author",
+                "my grandmother", "a new neighbor"],
+        "why": ["about what I learned this year", "asking for advice", "saying thank you",
+                "describing my new city", "sharing some good news"]}),
+    T("story-prompt", "writing", "Tell a story about {s} in {n} sentences.", {
+        "s": ["a dragon who is afraid of fire", "a town where it never stops snowing",
+              "a robot learning to cook", "two rival bakers", "a message in a bottle",
+              "a time traveler stuck in 1920", "a kid who finds a map in the attic",
+              "a garden that grows overnight"],
+        "n": ["five", "six", "eight", "ten"]}),
+    T("describe-place", "writing", "Describe {s} using all five senses.", {"s": [
+        "a busy market in the morning", "a beach at sunset", "a bakery before dawn",
+        "a forest after rain", "a crowded subway car", "a farm in summer", "a snowy mountain cabin",
+        "a stadium on game night", "a quiet library", "a night market in Bangkok"]}),
+    T("invitation", "writing", "Write an invitation for {s}.", {"s": [
+        "a surprise birthday party", "a neighborhood cleanup day", "a company picnic",
+        "a baby shower", "a charity bake sale", "a game night", "a housewarming party",
+        "a book launch", "a school reunion", "an open day at a pottery studio"]}),
+    T("summarize-for", "extraction", "Summarize the main points of this text for {who}: \"{text}\"", {
+        "who": ["a busy manager", "a ten-year-old", "a newspaper headline", "a tweet"],
+        "text": ["The city will close the Elm Street bridge for repairs from June 3 to August 20. "
+                 "Buses will take a detour via Oak Avenue, and cyclists can use the ferry for free.",
+                 "Our quarterly sales rose 12 percent, mostly from online orders, while store visits "
+                 "fell slightly. We plan to open two pickup points and hire five more drivers.",
+                 "Researchers found that people who walked for 20 minutes after dinner had lower blood "
+                 "sugar the next morning than those who rested, although the effect was small.",
+                 "The library is extending its hours on weekdays until 9 pm and will start lending "
+                 "board games and laptops to members from next month."]}),
+    T("classify", "extraction", "Classify each of these into {cats}: {items}.", pairs=[
+        ("fruit or vegetable", "tomato, carrot, apple, cucumber, banana, spinach"),
+        ("mammal, bird or reptile", "bat, penguin, lizard, whale, eagle, turtle"),
+        ("renewable or non-renewable energy", "wind, coal, solar, natural gas, hydro, oil"),
+        ("noun, verb or adjective", "run, happy, table, quickly, sing, blue"),
+        ("solid, liquid or gas", "ice, steam, honey, oxygen, sand, milk"),
+        ("input or output device", "keyboard, monitor, mouse, printer, microphone, speaker")],
+        pair_keys=("cats", "items")),
+    T("fix-grammar", "extraction", "Correct the grammar and spelling in this text: \"{text}\"", {"text": [
+        "Me and him goes to the store yesterday and buyed three apple.",
+        "Their going to the park after they finishes there homework.",
+        "The informations you sended me was very usefull, thank you alot.",
+        "She dont like when peoples is late to the meeting.",
+        "We was suppose to meet at noon but the bus were late.",
+        "Its been raining all week so the river have flooded.",
+        "I has never saw a movie so boring like that one."]}),
+    T("py-task", "coding", "Write a Python {kind} that {task}.", {
+        "kind": ["function", "script", "class"],
+        "task": ["counts the words in a text file", "checks whether a string is a palindrome",
+                 "merges two sorted lists", "converts Celsius to Fahrenheit",
+                 "finds the most common element in a list", "validates an email address",
+                 "removes duplicates from a list while keeping order", "flattens a nested list",
+                 "reads a CSV file and prints the average of a column", "generates a random password",
+                 "checks whether a year is a leap year", "computes the factorial of a number"]}),
+    T("other-lang", "coding", "Write a {lang} program that {task}.", {
+        "lang": ["C", "Go", "Java", "Rust", "TypeScript", "Bash"],
+        "task": ["prints the numbers from 1 to 100", "reverses a string", "reads a line and greets the user",
+                 "sums the numbers in an array", "prints the multiplication table of 7",
+                 "counts the vowels in a word"]}),
+    T("code-review", "coding", "How could I improve this {lang} code?\n```{tag}\n{code}\n```", pairs=[
+        ("Python", "python", "def avg(l):\n    s = 0\n    for i in range(len(l)):\n        s = s + l[i]\n    return s / len(l)"),
+        ("Python", "python", "result = []\nfor x in data:\n    if x % 2 == 0:\n        result.append(x * x)"),
+        ("JavaScript", "javascript", "function getNames(users) {\n  var names = [];\n  for (var i = 0; i < users.length; i++) {\n    names.push(users[i].name);\n  }\n  return names;\n}"),
+        ("Python", "python", "f = open('data.txt')\nlines = f.readlines()\nprint(len(lines))"),
+        ("SQL", "sql", "SELECT * FROM orders WHERE customer_id IN (SELECT id FROM customers WHERE country = 'FR');"),
+        ("Python", "python", "def is_prime(n):\n    for i in range(2, n):\n        if n % i == 0:\n            return False\n    return True")],
+        pair_keys=("lang", "tag", "code")),
+    T("what-is-tech", "coding", "What is {s}, and when would I use it?", {"s": [
+        "a linked list", "a Docker container", "a virtual environment in Python", "a message queue",
+        "a binary search tree", "a database index", "a lambda function", "a Git rebase",
+        "a regular expression", "an API key", "a cache", "a load balancer", "a unit test",
+        "a stack", "a decorator in Python", "a foreign key"]}),
+    T("history-event", "humanities", "Tell me about {s}. What happened, and what changed afterwards?", {"s": [
+        "the fall of the Berlin Wall", "the signing of the Magna Carta", "the Black Death",
+        "the invention of the telephone", "the first Olympic Games", "the construction of the Great Wall",
+        "the voyage of the Mayflower", "the California Gold Rush", "the partition of India",
+        "the launch of Sputnik", "the building of the Panama Canal", "the eruption of Vesuvius in 79 AD"]}),
+    T("culture-food", "humanities", "What is the story behind {s}?", {"s": [
+        "sushi", "the croissant", "tea ceremonies in Japan", "Mexican Day of the Dead",
+        "the Chinese New Year", "pizza", "chocolate", "Halloween", "the Olympic flame",
+        "Valentine's Day", "the tango", "Oktoberfest"]}),
+    T("book-recommend", "humanities", "Recommend {n} books for someone who enjoyed {s}, and say why.", {
+        "n": ["three", "four", "five"],
+        "s": ["The Hobbit", "Pride and Prejudice", "The Martian", "Sapiens", "Harry Potter",
+              "To Kill a Mockingbird", "The Little Prince", "Dune"]}),
+    T("compare-things", "science", "Compare {a} and {b}: how are they similar and how are they different?", pairs=[
+        ("viruses", "bacteria"), ("weather", "climate"), ("mitosis", "meiosis"), ("AC", "DC current"),
+        ("comets", "asteroids"), ("frogs", "toads"), ("alligators", "crocodiles"), ("speed", "velocity"),
+        ("evaporation", "boiling"), ("an atom", "a molecule"), ("hurricanes", "tornadoes"),
+        ("arteries", "veins")], pair_keys=("a", "b")),
+    T("how-do", "science", "How do {s}?", {"s": [
+        "birds know where to migrate", "vaccines train the immune system", "airplanes stay in the air",
+        "plants know which way is up", "submarines dive and surface", "bats find food in the dark",
+        "refrigerators keep food cold", "glaciers move", "fireflies glow", "noise-cancelling headphones work",
+        "our ears keep our balance", "chameleons change color", "microwaves heat food",
+        "scientists measure the age of rocks"]}),
+    T("fact-check", "science", "Is it true that {s}? Explain what the evidence says.", {"s": [
+        "we only use 10% of our brains", "lightning never strikes the same place twice",
+        "goldfish have a three-second memory", "cracking your knuckles causes arthritis",
+        "the Great Wall of China is visible from space", "bats are blind",
+        "sugar makes children hyperactive", "humans have five senses", "bulls hate the color red",
+        "you lose most of your body heat through your head"]}),
+    T("plan-for", "advice", "Make me a {span} plan to {goal}.", {
+        "span": ["one-week", "30-day", "three-month", "weekend"],
+        "goal": ["learn basic Spanish", "run my first 5K", "clean out my garage", "eat more vegetables",
+                 "save $500", "read three books", "get better at drawing", "prepare for a math exam",
+                 "build a morning routine", "learn to play the ukulele"]}),
+    T("should-i", "advice", "Should I {a} or {b}? Help me think it through.", pairs=[
+        ("rent", "buy a house"), ("take a gap year", "go straight to university"),
+        ("learn Python", "learn JavaScript first"), ("buy an electric car", "keep my old car"),
+        ("work at a startup", "join a big company"), ("get a cat", "get a dog"),
+        ("study abroad", "study at home"), ("take the bus", "cycle to work")], pair_keys=("a", "b")),
+    T("what-do-i", "advice", "What should I do if {s}?", {"s": [
+        "my laptop gets wet", "I lock myself out of my house", "my coworker takes credit for my work",
+        "I miss my connecting flight", "my bread does not rise", "a friend keeps cancelling plans",
+        "I get a flat tire on the highway", "my phone is stolen", "I feel burned out",
+        "my neighbor's music is too loud at night", "I forget an important birthday",
+        "my houseplant's leaves turn yellow"]}),
+    T("list-of", "brainstorming", "List {n} {what}.", {
+        "n": ["five", "seven", "ten"],
+        "what": ["questions to ask on a first date", "ways to reduce plastic waste at home",
+                 "cheap hobbies to try this year", "team names for a trivia night",
+                 "things to do on a long train ride", "ways to celebrate a small win at work",
+                 "conversation starters for a networking event", "indoor games for a rainy day",
+                 "healthy snacks for a road trip", "fun facts about octopuses"]}),
+    T("themes-for", "brainstorming", "Brainstorm {n} themes for {s}.", {
+        "n": ["five", "eight", "ten"],
+        "s": ["a costume party", "a photography contest", "a school dance", "a wedding",
+              "a company retreat", "a children's summer camp", "a restaurant menu", "a music festival"]}),
+    T("riddle", "reasoning", "Solve this riddle and explain your answer: {s}", {"s": [
+        "What has keys but can't open locks?", "What gets wetter the more it dries?",
+        "What has a neck but no head?", "What can travel around the world while staying in a corner?",
+        "The more you take, the more you leave behind. What am I?",
+        "What has hands but cannot clap?", "What comes down but never goes up?",
+        "What has one eye but cannot see?"]}),
+    T("estimate", "reasoning", "Estimate {s}. Walk me through your reasoning.", {"s": [
+        "how many piano tuners work in Chicago", "how many golf balls fit in a school bus",
+        "how many words you speak in a year", "how much water a family of four uses in a day",
+        "how many trees are in Central Park", "how many slices of pizza are eaten in a city of a million people each day",
+        "how long it would take to walk around the Earth", "how many books fit in an average bookshelf"]}),
+    T("argument-flaw", "reasoning", "What is wrong with this argument? \"{s}\"", {"s": [
+        "Every time I wash my car it rains, so washing my car makes it rain.",
+        "Most successful people wake up early, so waking up early will make me successful.",
+        "This medicine is natural, so it must be safe.",
+        "Nobody has proven that ghosts don't exist, so they must exist.",
+        "My grandfather smoked and lived to 95, so smoking is not harmful.",
+        "If we allow students to use phones at lunch, soon they will use them in every class."]}),
+    T("act-as", "roleplay", "Act as {who}. {task}", pairs=[
+        ("a fitness coach", "Design a warm-up routine for me before a morning run."),
+        ("a travel agent", "Plan a three-day trip to Lisbon for a couple on a budget."),
+        ("a career counselor", "Ask me three questions to find out what job suits me."),
+        ("a Socratic tutor", "Help me understand why the sky is blue by asking me questions."),
+        ("a sommelier", "Suggest a drink to go with a mushroom risotto."),
+        ("a librarian", "Help me pick a book for a long flight."),
+        ("a game master", "Start a short fantasy adventure and give me three choices."),
+        ("a language tutor", "Teach me five useful phrases in Italian for a restaurant."),
+        ("a gardener", "Tell me what to plant this spring in a small shady yard."),
+        ("a tech support agent", "My printer says it is offline. Guide me step by step.")],
+        pair_keys=("who", "task")),
+    T("interview-me", "roleplay", "Pretend you are {who} giving an interview. What would you say about {s}?", pairs=[
+        ("a famous chef", "your first restaurant"), ("an Olympic swimmer", "your training"),
+        ("a deep-sea explorer", "the strangest creature you have seen"),
+        ("an astronaut back from Mars", "the journey home"), ("a mountain guide", "a dangerous climb"),
+        ("a zookeeper", "your favorite animal"), ("a bestselling novelist", "writer's block")],
+        pair_keys=("who", "s")),
+]
+
+
 def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
@@ -789,28 +1021,75 @@ def split(records: list[dict], seed: int = SEED) -> tuple[list[dict], list[dict]
     return train, dev
 
 
-def render(seed: int = SEED) -> dict[str, str]:
+def dev_clash(prompt: str, dev: list[str]) -> bool:
+    """The same text as a dev prompt, or its first four or last three words (a dev frame)."""
+    w = _norm(prompt).split()
+    for d in dev:
+        dw = _norm(d).split()
+        if w == dw or w[:4] == dw[:4] or (len(w) >= 3 and w[-3:] == dw[-3:]):
+            return True
+    return False
+
+
+def build_wide(train: list[dict], dev: list[dict], self_written: list[dict],
+               seed: int = SEED) -> list[dict]:
+    """The wide training set: `train`, then up to WIDE_PER_TEMPLATE prompts (WIDE_PER_GENERATOR
+    for a generator) from every training template and every train-only frame (`WIDE_TEMPLATES`),
+    then the target's own prompts. Dev templates give nothing; no added prompt may `dev_clash`."""
+    rng = random.Random(seed + 10)
+    dev_templates = {r["template"] for r in dev}
+    dev_texts = [r["prompt"] for r in dev]
+    seen = {_norm(r["prompt"]) for r in train + dev}
+    per = Counter(r["template"] for r in train)
+    out = list(train)
+    for t in [t for t in TEMPLATES if t.id not in dev_templates] + WIDE_TEMPLATES:
+        cap = WIDE_PER_GENERATOR if isinstance(t, G) else WIDE_PER_TEMPLATE
+        for text in t.candidates(rng, cap * 6):
+            if per[t.id] >= cap:
+                break
+            if _norm(text) in seen or dev_clash(text, dev_texts):
+                continue
+            seen.add(_norm(text))
+            per[t.id] += 1
+            out.append({"category": t.category, "template": t.id, "prompt": text})
+    for r in self_written:
+        if _norm(r["prompt"]) not in seen and not dev_clash(r["prompt"], dev_texts):
+            seen.add(_norm(r["prompt"]))
+            out.append({"category": r["category"], "template": r["template"], "prompt": r["prompt"]})
+    return out
+
+
+def read_self_written(data_dir: Path = OUT_DIR) -> list[dict]:
+    path = data_dir / SELF_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def render(seed: int = SEED, data_dir: Path = OUT_DIR) -> dict[str, str]:
     """{file name: jsonl text} for both parts, records shuffled (a trainer reading a file front
     to back sees mixed categories) and numbered `train-0000`, `dev-0000`, ..."""
     train, dev = split(build(seed), seed)
     check(train, dev)
+    wide = build_wide(train, dev, read_self_written(data_dir), seed)
+    check(wide, dev, WIDE_MAX_SHARE)
     rng = random.Random(seed + 2)
     out = {}
-    for name, part in (("train", train), ("dev", dev)):
+    for name, part, width in (("train", train, 4), ("dev", dev, 4), ("train_wide", wide, 5)):
         part = list(part)
         rng.shuffle(part)
         out[f"prompts_{name}.jsonl"] = "".join(
-            json.dumps({"id": f"{name}-{i:04d}", **r}, ensure_ascii=False) + "\n"
+            json.dumps({"id": f"{name.replace('_', '-')}-{i:0{width}d}", **r}, ensure_ascii=False) + "\n"
             for i, r in enumerate(part))
     return out
 
 
-def check(train: list[dict], dev: list[dict]) -> None:
+def check(train: list[dict], dev: list[dict], max_share: float = MAX_SHARE) -> None:
     """The set's invariants (also tested in tests/test_prompts.py)."""
     everything = train + dev
     per_template = Counter(r["template"] for r in everything)
     tid, n = per_template.most_common(1)[0]
-    assert n <= MAX_SHARE * len(everything), f"template {tid} has {n}/{len(everything)} prompts"
+    assert n <= max_share * len(everything), f"template {tid} has {n}/{len(everything)} prompts"
     assert not {r["template"] for r in train} & {r["template"] for r in dev}, "train/dev share a template"
     assert len({_norm(r["prompt"]) for r in everything}) == len(everything), "duplicate prompts"
     assert {r["category"] for r in dev} == {r["category"] for r in train}, "dev lacks a category"
@@ -831,6 +1110,10 @@ def main(argv: list[str] | None = None) -> None:
               f"dev {sum(r['category'] == c for r in dev):3d}")
     print(f"  {len({r['template'] for r in train + dev})} templates "
           f"(max {Counter(r['template'] for r in train + dev).most_common(1)[0][1]} prompts each)")
+    wide = build_wide(train, dev, read_self_written())
+    by = Counter(r["template"].startswith("self-") for r in wide)
+    print(f"  wide training set: {len(wide)} prompts, {len({r['template'] for r in wide})} templates "
+          f"({by[True]} written by the target)")
 
 
 if __name__ == "__main__":
