@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import sys
 import time
@@ -14,7 +13,7 @@ import torch
 from ..config import DraftConfig, Eagle3Config, eagle3_default_layers
 from ..engine_format import DTYPES
 from ..errors import SpecCompileError
-from ..hashing import record_path, sha256_file
+from ..hashing import record_path, sha256_file, weights_sha256
 from ..loading import load_target
 from ..models.eagle import EagleDraft
 from ..models.eagle3 import Eagle3Draft
@@ -90,15 +89,6 @@ def hot_ids(counts: torch.Tensor, n: int) -> torch.Tensor:
     return torch.tensor(order[:n], dtype=torch.long)
 
 
-def _hash_weights(model_dir: Path) -> str:
-    files = sorted(model_dir.glob("*.safetensors"))
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        h.update(sha256_file(f).encode())
-    return h.hexdigest()
-
-
 class _Meter:
     """Token-weighted running means of the step metrics."""
 
@@ -139,7 +129,7 @@ def train(args, command: str) -> dict:
                     "n_prompts": len(ids)},
         "model": {"dir": record_path(args.model_dir),
                   "config_sha256": sha256_file(args.model_dir / "config.json"),
-                  "weights_sha256": _hash_weights(args.model_dir)},
+                  "weights_sha256": weights_sha256(args.model_dir)},
     }
 
     eagle3 = args.arch == "eagle3"
