@@ -181,6 +181,26 @@ def read_corpus(corpus_dir: str | Path, what: str = "--corpus") -> list[Sequence
     return out
 
 
+def corpus_sha256(index: dict) -> str:
+    """One digest of a corpus's contents: its parts' sha256s in order."""
+    return hashlib.sha256("".join(p["sha256"] for p in index["parts"]).encode()).hexdigest()
+
+
+def is_val_prompt(prompt_index: int, frac: float) -> bool:
+    """Whether a prompt (its row in the corpus's prompt file) is held out for validation: a hash
+    of the row, so the split is fixed, needs no state, and takes every pass of a prompt together."""
+    h = hashlib.sha256(f"spec-corpus-val:{prompt_index}".encode()).digest()
+    return int.from_bytes(h[:8], "big") < frac * (1 << 64)
+
+
+def split_by_prompt(seqs: list[Sequence], frac: float) -> tuple[list[Sequence], list[Sequence]]:
+    """(training, validation) sequences: validation holds every sequence of a held-out prompt."""
+    train, val = [], []
+    for s in seqs:
+        (val if is_val_prompt(s.prompt_index, frac) else train).append(s)
+    return train, val
+
+
 # ---------------------------------------------------------------- writing
 
 def _seed(*parts: int) -> int:
