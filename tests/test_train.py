@@ -441,9 +441,10 @@ def test_the_best_validated_weights_are_written(tiny_dir, corpus_dir, tmp_path, 
     monkeypatch.setattr(loop, "_validate", lambda *a: {"loss": next(losses), "acc": 0.0})
     out = tmp_path / "d"
     assert main([str(tiny_dir), "--corpus", str(corpus_dir), "--out", str(out), *CORPUS_ARGS,
-                 "--patience", "2", "--max-steps", "50"]) == 0
+                 "--patience", "2", "--max-steps", "50", "--draft-vocab", "16"]) == 0
     info = json.loads((out / "training.json").read_text())
     assert info["stop_reason"] == "early stop" and info["final_metrics"]["step"] == 8
+    assert 0 < info["draft"]["hot_coverage"] <= 1  # counted over the corpus's training split
     assert info["validation"]["best"]["step"] == 4 and info["validation"]["written"] == "best (step 4)"
     _, ck = load_latest(out / "checkpoints")
     assert ck["state"]["step"] == 8 and ck["state"]["best"]["step"] == 4
@@ -465,12 +466,12 @@ def test_corpus_training_errors(tiny_dir, tiny_dirs, corpus_dir, prompt_file, tm
     assert "--val-frac" in _one_error(capsys, [str(tiny_dir), *out, "--corpus", str(corpus_dir),
                                                "--val-frac", "1"])
     assert "--corpus" in _one_error(capsys, [str(tiny_dir), *out, "--corpus", str(tmp_path / "none")])
-    online = tmp_path / "online"
-    assert main([str(tiny_dir), "--out", str(online), "--prompts", str(prompt_file), *ARGS,
+    done = tmp_path / "o"
+    assert main([str(tiny_dir), "--out", str(done), "--prompts", str(prompt_file), *ARGS,
                  "--max-steps", "2"]) == 0
     capsys.readouterr()
-    assert "online" in _one_error(capsys, [str(tiny_dir), "--out", str(online), "--corpus", str(corpus_dir),
-                                           *ARGS, "--resume"])
+    assert "trained online (without --corpus)" in _one_error(
+        capsys, [str(tiny_dir), "--out", str(done), "--corpus", str(corpus_dir), *ARGS, "--resume"])
 
 
 def test_split_checkpoints_reassemble_and_old_ones_still_load(tmp_path, monkeypatch):

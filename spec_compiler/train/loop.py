@@ -215,9 +215,8 @@ def train(args, command: str) -> dict:
     wall0 = st["wall_s"]
     val: list[Sequence] = []
     if corpus is not None:
-        st["counts"] = torch.zeros(target.cfg.vocab_size, dtype=torch.long)  # over the training split
-        for s in corpus.train:
-            st["counts"] += torch.bincount(s.tokens[s.prompt_len:], minlength=len(st["counts"]))
+        st["counts"] = torch.bincount(  # the hot vocabulary's counts: over the training split
+            torch.cat([s.tokens[s.prompt_len:] for s in corpus.train]), minlength=target.cfg.vocab_size)
         if corpus.val:  # featurized once per run, kept in memory
             t0 = time.time()
             val = featurize(target, [Sequence(s.tokens, None, s.prompt_len, s.ended, s.prompt_index)
@@ -421,6 +420,10 @@ def _log(st, args, meter, lr, tps):
 
 
 def _check_resume(ck: dict, args, info: dict, path: Path) -> None:
+    if (ck["info"].get("corpus") or {}).get("sha256") != (info.get("corpus") or {}).get("sha256"):
+        was = ck["info"].get("corpus")
+        raise SpecCompileError(f"--resume: {path} was trained " + (f"on another corpus ({was['dir']})"
+                               if was else "online (without --corpus)") + "; use the same data to continue")
     old = ck["settings"]
     new = settings(args)
     diff = [k for k in RESUME_KEYS if old.get(k, RESUME_DEFAULTS.get(k)) != new[k]]
@@ -429,10 +432,6 @@ def _check_resume(ck: dict, args, info: dict, path: Path) -> None:
         raise SpecCompileError(f"--resume: {path} was trained with --{k.replace('_', '-')} "
                                f"{old.get(k, RESUME_DEFAULTS.get(k))}, this run has {new[k]}; use the same "
                                "settings to continue")
-    if (ck["info"].get("corpus") or {}).get("sha256") != (info.get("corpus") or {}).get("sha256"):
-        was = ck["info"].get("corpus")
-        raise SpecCompileError(f"--resume: {path} was trained " + (f"on another corpus ({was['dir']})"
-                               if was else "online (without --corpus)") + "; use the same data to continue")
     for what in ("prompts", "model"):
         if ck["info"][what]["sha256" if what == "prompts" else "config_sha256"] != \
                 info[what]["sha256" if what == "prompts" else "config_sha256"]:
