@@ -417,14 +417,17 @@ def test_early_stop_when_validation_cannot_improve(tiny_dir, corpus_dir, tmp_pat
     its first value, so --patience 2 stops two validations later, and the first is written."""
     out = tmp_path / "d"
     assert main([str(tiny_dir), "--corpus", str(corpus_dir), "--out", str(out), *CORPUS_ARGS, "--lr", "1e-30",
-                 "--patience", "2", "--max-steps", "50", "--save-dtype", "float32"]) == 0
+                 "--patience", "2", "--max-steps", "50", "--save-dtype", "float32", "--save-every", "2",
+                 "--keep-checkpoints", "1"]) == 0
     info = json.loads((out / "training.json").read_text())
     assert info["stop_reason"] == "early stop" and info["final_metrics"]["step"] == 6
     v = info["validation"]
     assert [h["step"] for h in v["history"]] == [2, 4, 6] and v["best"]["step"] == 2
     assert v["written"] == "best (step 2)" and v["last"] is None
-    from spec_compiler.train.checkpoint import load_latest
+    from spec_compiler.train.checkpoint import list_checkpoints, load_latest
 
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-0000006.pt.parts"]
+    assert {p.name.split(".")[0] for p in (out / "checkpoints").iterdir()} == {"step-0000006"}
     _, ck = load_latest(out / "checkpoints")
     written = read_draft_state(out)
     for k, w in ck["best"].items():

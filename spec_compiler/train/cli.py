@@ -89,6 +89,9 @@ def parser() -> argparse.ArgumentParser:
     a("--checkpoint-dir", type=Path, default=None, help="default: DRAFT_DIR/checkpoints")
     a("--checkpoint-part-mb", type=float, default=15.0,
       help="a checkpoint larger than this (MiB) is written in parts of this size (default 15)")
+    a("--keep-checkpoints", type=int, default=2,
+      help="newest checkpoints kept (default 2; 1 is safe too: the older goes only once the new one "
+           "is complete)")
     a("--resume", action="store_true", help="continue from the newest checkpoint")
     a("--save-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     a("--log-every", type=int, default=5, help="progress line every N steps (default 5)")

@@ -341,7 +341,7 @@ def make_corpus(args, command: str) -> dict:
     existing = read_index(out, "--out") if (out / INDEX).is_file() else None
     if existing is not None:
         _check_same(existing, model, prompts, shape, args.passes, out)
-    elif out.is_dir() and any(p.name != ".gitattributes" for p in out.iterdir()):
+    elif out.is_dir() and any(out.iterdir()):
         raise SpecCompileError(f"--out {out} is not empty and holds no {INDEX}; choose an empty or new directory")
     with output_lock(out):
         out.mkdir(parents=True, exist_ok=True)

@@ -235,7 +235,7 @@ def train(args, command: str) -> dict:
             "settings": settings(args), "info": info, "best": best_w,
             # a corpus batch is rebuilt from the corpus on resume
             "batch": _pack(seqs) if seqs is not None and corpus is None else None},
-            part_bytes=int(args.checkpoint_part_mb * (1 << 20)))
+            keep=args.keep_checkpoints, part_bytes=int(args.checkpoint_part_mb * (1 << 20)))
 
     def validate() -> dict:
         m = _validate(draft, target, val, args, dev, eagle3)

@@ -47,7 +47,7 @@ def resolve_args(args) -> None:
 
 def check_args(args) -> None:
     for flag in ("layers", "tokens", "max_new_tokens", "max_prompt_tokens", "gen_batch",
-                 "batch_size", "reuse", "save_every", "log_every", "eval_n"):
+                 "batch_size", "reuse", "save_every", "log_every", "eval_n", "keep_checkpoints"):
         v = getattr(args, flag)
         if v <= 0:
             raise SpecCompileError(f"--{flag.replace('_', '-')} {v}: must be a positive integer")
