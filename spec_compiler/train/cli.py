@@ -10,6 +10,10 @@ Output (DRAFT_DIR): config.json + model.safetensors in the EAGLE-1/2 reference f
 `spec-compile --draft` reads), and training.json (command line, settings, prompt-file sha256,
 model hashes, final metrics, history; paths repository-relative), all three swapped in at once. Checkpoints: DRAFT_DIR/checkpoints (or --checkpoint-dir);
 `--resume` continues from the newest one. Bad input: one line `error: ...`, exit code 2.
+
+`--corpus CORPUS_DIR` (made by `spec-corpus`) replaces the generation: batches are drawn from the
+corpus, a hash-based share of its prompts is held out for validation and early stopping, and
+the draft written is the best by validation (docs/training.md, "Corpus and GPU-scale training").
 """
 
 from __future__ import annotations
