@@ -124,9 +124,10 @@ def test_eagle3_trains_from_a_corpus_with_validation(target_dir, prompt_file, tm
                         "--max-new-tokens", "12", "--gen-batch", "8"]) == 0
     out = tmp_path / "d"
     assert main([str(target_dir), "--out", str(out), "--corpus", str(corpus), "--arch", "eagle3",
-                 "--aux-layers", "0,1,2", "--gen-batch", "8", "--batch-size", "3", "--val-frac", "0.25", "--val-every", "2",
-                 "--max-steps", "4"]) == 0
+                 "--aux-layers", "0,1,2", "--gen-batch", "8", "--batch-size", "3", "--val-frac", "0.25",
+                 "--val-every", "2", "--max-steps", "4"]) == 0
     info = json.loads((out / "training.json").read_text())
     hist = info["validation"]["history"]
-    assert [h["step"] for h in hist] == [2, 4] and all(h["kl_last"] > 0 for h in hist)
+    assert [h["step"] for h in hist] == [2, 4]
+    assert all(h["kl_last"] > 0 for h in hist)
     assert isinstance(load_draft(out, load_target(target_dir)), Eagle3Draft)
