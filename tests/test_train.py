@@ -400,6 +400,7 @@ def test_corpus_training_resumes_exactly_and_never_trains_on_validation_prompts(
     assert strip(va["last"]) == strip(vb["last"]) and va["written"] == vb["written"]
     assert all(v["wall_s"] >= 0 and v["tokens_seen"] > 0 and 0 <= v["acc"] <= 1 for v in vb["history"])
     assert ib["stop_reason"] == "max steps" and ib["final_metrics"]["step"] == 9
+    assert [h["step"] for h in ib["history"]] == [2, 4, 5, 6, 8, 9] and all(h["wall_s"] >= 0 for h in ib["history"])
     fm = ib["final_metrics"]
     assert fm["corpus_sequences_used"] == 16 and 0 < fm["epochs"] < 1  # 9 steps of 6 per batch: 2 batches
     assert 0 < fm["corpus_tokens_used"] < ib["corpus"]["train_new"] and fm["wall_s"] > 0

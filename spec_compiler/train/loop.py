@@ -316,7 +316,7 @@ def train(args, command: str) -> dict:
                       + ")", file=sys.stderr, flush=True)
             done = _done(st, args, t_start)
             if st["step"] % args.log_every == 0 or done:
-                _log(st, args, meter, lr, n_log / max(1e-9, time.time() - t_log))
+                _log(st, args, meter, lr, n_log / max(1e-9, time.time() - t_log), wall0 + time.time() - t_start)
                 meter, t_log, n_log = _Meter(), time.time(), 0
             if st["mb"] == len(groups):  # advance the cursor before a checkpoint records it
                 st["pass"], st["mb"] = st["pass"] + 1, 0
@@ -405,7 +405,7 @@ def _target_dtype(args) -> str:
     return "bfloat16" if args.device == "cuda" else "float32"
 
 
-def _log(st, args, meter, lr, tps):
+def _log(st, args, meter, lr, tps, wall: float):
     m = meter.means()
     gen_tps = st["generated"] / max(1e-9, st["gen_s"])
     parts = (f"feat {m['feat']:.4f}, kl {m['kl']:.3f}" if "feat" in m else
@@ -416,7 +416,7 @@ def _log(st, args, meter, lr, tps):
     print(f"step {st['step']} | tokens {st['tokens_seen']}/{args.tokens} | loss {m['loss']:.4f} "
           f"({parts}) | acc {m['acc']:.3f} | lr {lr:.2e} | {data}", file=sys.stderr, flush=True)
     st["history"].append({"step": st["step"], "tokens_seen": st["tokens_seen"], "lr": lr,
-                          **{k: round(v, 5) for k, v in m.items()}})
+                          "wall_s": round(wall, 1), **{k: round(v, 5) for k, v in m.items()}})
 
 
 def _check_resume(ck: dict, args, info: dict, path: Path) -> None:
