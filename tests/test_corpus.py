@@ -171,3 +171,22 @@ def test_part_checks_and_mismatched_reruns(tiny_dir, tiny_dirs, prompt_file, tmp
     assert f"{name} is missing" in _one_error(capsys, argv)
     with pytest.raises(SpecCompileError, match="index.json is missing"):
         read_corpus(tmp_path)
+
+
+def test_more_passes_extend_a_corpus(tiny_dir, prompt_file, tmp_path, capsys):  # noqa: F811
+    """--passes may grow on a rerun: the corpus then equals one made with that many passes; it
+    never shrinks."""
+    common = [str(tiny_dir), "--prompts", str(prompt_file), *GEN, "--temperature", "0,1", "--part-mb", "0.0012"]
+    grown, straight = tmp_path / "grown", tmp_path / "straight"
+    assert main([*common, "--out", str(grown)]) == 0
+    one = read_index(grown)
+    assert one["complete"] and one["batches_done"] == 6
+    assert main([*common, "--out", str(grown), "--passes", "2"]) == 0
+    assert main([*common, "--out", str(straight), "--passes", "2"]) == 0
+    a, b = _files(grown), _files(straight)
+    assert a.keys() == b.keys() and all(a[n] == b[n] for n in a if n != "index.json")
+    assert read_index(grown)["totals"] == read_index(straight)["totals"]
+    assert read_index(grown)["totals"]["n_sequences"] == 2 * one["totals"]["n_sequences"]
+    capsys.readouterr()
+    assert "--passes 1" in _one_error(capsys, [*common, "--out", str(grown), "--passes", "1"])
+    assert _files(grown) == a
