@@ -171,6 +171,11 @@ def test_part_checks_and_mismatched_reruns(tiny_dir, tiny_dirs, prompt_file, tmp
     assert f"{name} is missing" in _one_error(capsys, argv)
     with pytest.raises(SpecCompileError, match="index.json is missing"):
         read_corpus(tmp_path)
+    index = json.loads((out / "index.json").read_text())
+    index["parts"][0]["file"] = "../" + index["parts"][0]["file"]  # an index names only its own parts
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(SpecCompileError, match="is not a spec-corpus/1 index"):
+        read_corpus(out)
 
 
 def test_more_passes_extend_a_corpus(tiny_dir, prompt_file, tmp_path, capsys):  # noqa: F811

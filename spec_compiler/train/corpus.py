@@ -36,6 +36,7 @@ import argparse
 import hashlib
 import json
 import lzma
+import re
 import struct
 import sys
 import time
@@ -55,6 +56,7 @@ INDEX = "index.json"
 _FRAME = b"SPCF"
 _BLOCK = b"SPC1"
 _HEAD = struct.Struct("<4sIII")
+_PART = re.compile(r"^part-\d{5,}\.bin$")
 # Settings that shape the corpus's bytes: an existing corpus continues only with the same ones.
 SHAPE_KEYS = ("temperature", "max_new_tokens", "max_prompt_tokens", "gen_batch", "seed", "target_dtype",
               "part_mb")
@@ -152,7 +154,16 @@ def read_index(corpus_dir: Path, what: str = "--corpus") -> dict:
     fix = "restore it (e.g. from git) or regenerate the corpus with spec-corpus"
     index = read_json_object(Path(corpus_dir) / INDEX, what, hint=f"is {corpus_dir} a spec-corpus "
                              "directory? create one with spec-corpus", fix=fix)
-    if index.get("format") != FORMAT or not isinstance(index.get("parts"), list):
+    ok = (index.get("format") == FORMAT and isinstance(index.get("parts"), list)
+          and all(isinstance(index.get(k), dict) for k in ("model", "prompts", "settings", "totals"))
+          and all(isinstance(index[k].get(f), str) for k, f in (("model", "config_sha256"),
+                  ("model", "weights_sha256"), ("prompts", "sha256")))
+          and isinstance(index.get("batches_done"), int)
+          and all(isinstance(p, dict) and isinstance(p.get("file"), str) and _PART.match(p["file"])
+                  and isinstance(p.get("bytes"), int) and isinstance(p.get("sha256"), str)
+                  and all(isinstance(p.get(k), int) for k in ("n_sequences", "n_tokens", "n_new"))
+                  for p in index["parts"]))
+    if not ok:
         raise SpecCompileError(f"{what}: {Path(corpus_dir) / INDEX} is not a {FORMAT} index; {fix}")
     return index
 
