@@ -18,7 +18,8 @@ Files (CORPUS_DIR):
     part-00000.bin ...  whole sequences as compressed token ids, each part at most `--part-mb`
                         (a run appends to the newest part while it fits)
     index.json          per part: file, sha256, bytes, sequences, tokens, new tokens, batches;
-                        the model's and the prompt file's hashes, the generation settings, totals
+                        the model's and the prompt file's hashes, the generation settings, totals,
+                        and per run its command, device, torch version and batches [first, last]
 Every write is atomic (temporary + rename) and the index is written last: a crash leaves at
 worst bytes past the recorded end of the newest part, or a part the index does not name, both
 dropped by the next run.
@@ -378,12 +379,17 @@ def _generate(args, command, out, index, rows, model, prompts, shape, t_start) -
                          args.max_prompt_tokens)
     width = token_bytes(target.cfg.vocab_size)
     if index is None:
-        index = {"format": FORMAT, "command": command, "model": model, "prompts": prompts,
+        index = {"format": FORMAT, "model": model, "prompts": prompts,
                  "settings": {"passes": args.passes, **shape}, "vocab_size": target.cfg.vocab_size,
                  "token_bytes": width, "eos_token_ids": sorted(target.cfg.eos_token_ids),
                  "batches_per_pass": per_pass, "batches_done": 0, "complete": False, "parts": [],
-                 "totals": _totals([]), "time": {"generate_s": 0.0}}
+                 "totals": _totals([]), "time": {"generate_s": 0.0}, "runs": []}
     index["settings"]["passes"] = args.passes
+    # which command made which batches, where (a corpus may be continued on another machine)
+    run = {"command": command, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+           "target_dtype": _target_dtype(args), "torch": torch.__version__, "batches": [done, done],
+           "generate_s": 0.0}
+    index["runs"].append(run)
     limit = int(args.part_mb * (1 << 20))
     order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))  # little padding per batch
     eos = target.cfg.eos_token_ids
@@ -405,6 +411,7 @@ def _generate(args, command, out, index, rows, model, prompts, shape, t_start) -
         index["complete"] = done == total
         index["totals"] = _totals(index["parts"])
         index["time"]["generate_s"] = round(index["time"]["generate_s"] + dt, 1)
+        run["batches"][1], run["generate_s"] = done - 1, round(run["generate_s"] + dt, 1)
         _write_index(out, index)  # the commit point of this batch
         new = sum(m["new"] for m in meta)
         print(f"corpus batch {done}/{total} (pass {p}, T {temp:g}): {len(pids)} prompts, {new} new "
