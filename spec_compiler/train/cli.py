@@ -97,6 +97,9 @@ def parser() -> argparse.ArgumentParser:
       help="newest checkpoints kept (default 2; 1 is safe too: the older goes only once the new one "
            "is complete)")
     a("--resume", action="store_true", help="continue from the newest checkpoint")
+    a("--resume-if-any", action="store_true",
+      help="continue from the newest checkpoint if there is one, else start: one command for every "
+           "call of a run cut into calls")
     a("--save-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     a("--log-every", type=int, default=5, help="progress line every N steps (default 5)")
     a("--eval-prompts", type=Path, default=None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -27,8 +28,12 @@ VAL_DEFAULTS = {"val_frac": 0.05, "val_every": 100, "val_seqs": 256, "patience":
 
 
 def resolve_args(args) -> None:
-    """Fill the defaults that depend on the mode: --prompts (online), the validation flags
-    (--corpus); a flag the mode does not use is an error, not silently ignored."""
+    """Fill what depends on the mode or the disk: --resume-if-any, --prompts (online), the
+    validation flags (--corpus); a flag the mode does not use is an error, not silently ignored."""
+    if args.resume_if_any and not args.resume:
+        args.resume = bool(list_checkpoints(args.checkpoint_dir or args.out / "checkpoints"))
+        if not args.resume:
+            print("--resume-if-any: no checkpoint yet; starting", file=sys.stderr)
     if args.corpus is not None:
         if args.prompts is not None:
             raise SpecCompileError("--prompts: not used with --corpus (the corpus records its prompt "
