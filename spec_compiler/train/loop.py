@@ -422,8 +422,9 @@ def _log(st, args, meter, lr, tps, wall: float):
 def _check_resume(ck: dict, args, info: dict, path: Path) -> None:
     if (ck["info"].get("corpus") or {}).get("sha256") != (info.get("corpus") or {}).get("sha256"):
         was = ck["info"].get("corpus")
-        raise SpecCompileError(f"--resume: {path} was trained " + (f"on another corpus ({was['dir']})"
-                               if was else "online (without --corpus)") + "; use the same data to continue")
+        how = (f"on another corpus ({was['dir']}; its parts differ from this one's: other data, or more "
+               "of it)" if was else "online (without --corpus)")
+        raise SpecCompileError(f"--resume: {path} was trained {how}; use the same data to continue")
     old = ck["settings"]
     new = settings(args)
     diff = [k for k in RESUME_KEYS if old.get(k, RESUME_DEFAULTS.get(k)) != new[k]]
