@@ -479,6 +479,20 @@ def test_corpus_training_errors(tiny_dir, tiny_dirs, corpus_dir, prompt_file, tm
     capsys.readouterr()
     assert "trained online (without --corpus)" in _one_error(
         capsys, [str(tiny_dir), "--out", str(done), "--corpus", str(corpus_dir), *ARGS, "--resume"])
+    # a corpus that grew since (one more pass) is other data: its checkpoint does not continue on it
+    import shutil
+
+    from spec_compiler.train.corpus import main as corpus_main
+
+    grown = tmp_path / "grown"
+    shutil.copytree(corpus_dir, grown)
+    trained = [str(tiny_dir), "--out", str(tmp_path / "e"), "--corpus", str(grown), *CORPUS_ARGS]
+    assert main([*trained, "--max-steps", "2"]) == 0
+    assert corpus_main([str(tiny_dir), "--out", str(grown), "--prompts", str(prompt_file), "--passes", "3",
+                        "--temperature", "0,1", "--max-new-tokens", "12", "--gen-batch", "8",
+                        "--part-mb", "0.002"]) == 0
+    capsys.readouterr()
+    assert "other data, or more of it" in _one_error(capsys, [*trained, "--max-steps", "4", "--resume"])
 
 
 def test_split_checkpoints_reassemble_and_old_ones_still_load(tmp_path, monkeypatch):
