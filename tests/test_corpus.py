@@ -197,3 +197,26 @@ def test_more_passes_extend_a_corpus(tiny_dir, prompt_file, tmp_path, capsys):  
     capsys.readouterr()
     assert "--passes 1" in _one_error(capsys, [*common, "--out", str(grown), "--passes", "1"])
     assert _files(grown) == a
+
+
+def test_frames_round_trip_wide_ids_and_reject_garbage():
+    """Token ids past 16 bits take 4 bytes; a frame decodes to the sequences it encoded, and a
+    damaged one is an error, never wrong ids."""
+    import torch
+
+    from spec_compiler.train.corpus import decode_frames, encode_frame, token_bytes
+    from spec_compiler.train.generate import Sequence
+
+    assert token_bytes(1 << 16) == 2 and token_bytes((1 << 16) + 1) == 4
+    g = torch.Generator().manual_seed(0)
+    seqs = [Sequence(torch.randint(0, 150_000, (n,), generator=g), None, p, e, i)
+            for i, (n, p, e) in enumerate([(5, 2, True), (9, 9, False), (1, 1, False)])]
+    data = encode_frame(seqs, 7, 4) + encode_frame(seqs[:1], 8, 4)
+    (b0, got), (b1, again) = decode_frames(data, "x")
+    assert (b0, b1) == (7, 8) and len(again) == 1
+    for s, t in zip(seqs, got):
+        assert (t.tokens.tolist(), t.prompt_len, t.ended, t.prompt_index) == \
+            (s.tokens.tolist(), s.prompt_len, s.ended, s.prompt_index)
+    for bad in (data[:-3], data[:20] + b"\0" + data[21:], b"XXXX" + data[4:]):
+        with pytest.raises(SpecCompileError, match="x: not a corpus part"):
+            decode_frames(bad, "x")
