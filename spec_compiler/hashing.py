@@ -22,6 +22,16 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def weights_sha256(model_dir: Path) -> str:
+    """One sha256 over a checkpoint's safetensors files (names and contents, in name order):
+    what training records and checks as "the same target"."""
+    h = hashlib.sha256()
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
 def digest_files(paths: list[Path], workers: int | None = None) -> dict[Path, str]:
     """Each file's "sha256x64m:" digest: sha256 over the sha256 digests of its 64 MiB chunks,
     in order (a two-level hash, as secure as sha256 of the file for detecting any edit). The

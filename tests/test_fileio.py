@@ -146,10 +146,10 @@ def test_ctrl_c_that_a_library_turned_into_another_error_is_still_an_interrupt(c
 
 def test_every_entry_point_is_wrapped():
     from spec_compiler import cli, smollm2
-    from spec_compiler.train import cli as train_cli, evaluate, fit_tree
+    from spec_compiler.train import cli as train_cli, corpus, evaluate, fit_tree
 
     for main in (cli.compile_main, cli.run_main, train_cli.main, smollm2.main, fit_tree.main,
-                 evaluate.main):
+                 evaluate.main, corpus.main):
         assert hasattr(main, "__wrapped__"), main.__module__
 
 

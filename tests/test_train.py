@@ -340,3 +340,213 @@ def test_time_limit_stops_and_writes_the_draft(tiny_dir, prompt_file, tmp_path):
     hot = load_draft(out, target).hot_ids  # the 16 tokens the target generated most often
     assert hot.shape == (16,) and len(set(hot.tolist())) == 16
     assert load_draft(out, target, draft_vocab="full").hot_ids is None
+
+
+# ---------------------------------------------------------------- --corpus, validation, split checkpoints
+
+@pytest.fixture(scope="module")
+def corpus_dir(tiny_dir, prompt_file, tmp_path_factory):
+    from spec_compiler.train.corpus import main as corpus_main
+
+    out = tmp_path_factory.mktemp("corpus") / "c"
+    assert corpus_main([str(tiny_dir), "--out", str(out), "--prompts", str(prompt_file), "--passes", "2",
+                        "--temperature", "0,1", "--max-new-tokens", "12", "--gen-batch", "8",
+                        "--part-mb", "0.002"]) == 0
+    return out
+
+
+CORPUS_ARGS = ["--gen-batch", "8", "--batch-size", "3", "--reuse", "2", "--lr", "2e-3", "--warmup", "2",
+               "--log-every", "2", "--val-frac", "0.25", "--val-every", "2", "--checkpoint-part-mb", "0.1"]
+
+
+def test_corpus_training_resumes_exactly_and_never_trains_on_validation_prompts(
+        tiny_dir, corpus_dir, tmp_path, capsys, monkeypatch):
+    from spec_compiler.train import loop
+    from spec_compiler.train.corpus import is_val_prompt, read_corpus
+
+    drawn = []
+    batch = loop._Corpus.batch
+
+    def spy(self, *a):
+        seqs = batch(self, *a)
+        drawn.extend(s.prompt_index for s in seqs)
+        return seqs
+
+    monkeypatch.setattr(loop._Corpus, "batch", spy)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = [str(tiny_dir), "--corpus", str(corpus_dir), *CORPUS_ARGS, "--patience", "0"]
+    assert main([*common, "--out", str(straight), "--max-steps", "9"]) == 0
+    capsys.readouterr()
+    # one command for every call: --resume-if-any starts the first and resumes the next
+    assert main([*common, "--out", str(split), "--max-steps", "5", "--save-every", "100", "--resume-if-any"]) == 0
+    assert "no checkpoint yet; starting" in capsys.readouterr().err
+    ckpts = sorted(p.name for p in (split / "checkpoints").iterdir())
+    assert ckpts[-1] == "step-0000005.pt.parts" and len(ckpts) > 2  # in parts under the limit
+    assert all((split / "checkpoints" / n).stat().st_size <= 0.1 * (1 << 20) for n in ckpts)
+    assert main([*common, "--out", str(split), "--max-steps", "9", "--save-every", "100", "--resume-if-any"]) == 0
+    assert "resumed from" in capsys.readouterr().err
+
+    a, b = read_draft_state(straight), read_draft_state(split)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+    val_prompts = {s.prompt_index for s in read_corpus(corpus_dir) if is_val_prompt(s.prompt_index, 0.25)}
+    assert val_prompts and drawn and not set(drawn) & val_prompts
+    assert len(set(drawn)) > 5
+
+    ia, ib = (json.loads((d / "training.json").read_text()) for d in (straight, split))
+    va, vb = ia["validation"], ib["validation"]
+    assert [v["step"] for v in va["history"]] == [2, 4, 6, 8] and va["last"]["step"] == 9
+    strip = lambda v: {k: x for k, x in v.items() if k != "wall_s"}  # noqa: E731
+    assert [strip(v) for v in va["history"]] == [strip(v) for v in vb["history"]]
+    assert strip(va["last"]) == strip(vb["last"]) and va["written"] == vb["written"]
+    assert all(v["wall_s"] >= 0 and v["tokens_seen"] > 0 and 0 <= v["acc"] <= 1 for v in vb["history"])
+    assert ib["stop_reason"] == "max steps" and ib["final_metrics"]["step"] == 9
+    assert [h["step"] for h in ib["history"]] == [2, 4, 5, 6, 8, 9] and all(h["wall_s"] >= 0 for h in ib["history"])
+    fm = ib["final_metrics"]
+    assert fm["corpus_sequences_used"] == 16 and 0 < fm["epochs"] < 1  # 9 steps of 6 per batch: 2 batches
+    assert 0 < fm["corpus_tokens_used"] < ib["corpus"]["train_new"] and fm["wall_s"] > 0
+    assert ib["corpus"]["train_sequences"] == 2 * (24 - len(val_prompts))
+    assert ib["corpus"]["val_prompts"] == len(val_prompts) and ib["corpus"]["dir"] == corpus_dir.name
+    assert ib["prompts"]["n_prompts"] == 24 and ib["settings"]["prompts"] is None
+    assert len(ib["resume_commands"]) == 1 and not _absolute_paths(ib)
+    # validation shapes training: a resume must keep it
+    assert main([*common, "--out", str(split), "--max-steps", "10", "--resume", "--val-every", "3"]) == 2
+    assert "--val-every" in capsys.readouterr().err
+
+
+def test_early_stop_when_validation_cannot_improve(tiny_dir, corpus_dir, tmp_path):
+    """A learning rate too small to move a float32 weight: the validation loss never falls below
+    its first value, so --patience 2 stops two validations later, and the first is written."""
+    out = tmp_path / "d"
+    assert main([str(tiny_dir), "--corpus", str(corpus_dir), "--out", str(out), *CORPUS_ARGS, "--lr", "1e-30",
+                 "--patience", "2", "--max-steps", "50", "--save-dtype", "float32", "--save-every", "2",
+                 "--keep-checkpoints", "1"]) == 0
+    info = json.loads((out / "training.json").read_text())
+    assert info["stop_reason"] == "early stop" and info["final_metrics"]["step"] == 6
+    v = info["validation"]
+    assert [h["step"] for h in v["history"]] == [2, 4, 6] and v["best"]["step"] == 2
+    assert v["written"] == "best (step 2)" and v["last"] is None
+    from spec_compiler.train.checkpoint import list_checkpoints, load_latest
+
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-0000006.pt.parts"]
+    assert {p.name.split(".")[0] for p in (out / "checkpoints").iterdir()} == {"step-0000006"}
+    _, ck = load_latest(out / "checkpoints")
+    written = read_draft_state(out)
+    for k, w in ck["best"].items():
+        torch.testing.assert_close(written[k], w, rtol=0, atol=0, msg=k)
+
+
+def test_the_best_validated_weights_are_written(tiny_dir, corpus_dir, tmp_path, monkeypatch):
+    """Scripted validation losses (best at step 4, then worse): training stops at step 8 and
+    writes the step-4 weights, which the checkpoint keeps beside the (different) current ones."""
+    from spec_compiler.train import loop
+    from spec_compiler.train.checkpoint import load_latest
+
+    losses = iter([1.0, 0.5, 0.7, 0.8])
+    monkeypatch.setattr(loop, "_validate", lambda *a: {"loss": next(losses), "acc": 0.0})
+    out = tmp_path / "d"
+    assert main([str(tiny_dir), "--corpus", str(corpus_dir), "--out", str(out), *CORPUS_ARGS,
+                 "--patience", "2", "--max-steps", "50", "--draft-vocab", "16"]) == 0
+    info = json.loads((out / "training.json").read_text())
+    assert info["stop_reason"] == "early stop" and info["final_metrics"]["step"] == 8
+    assert 0 < info["draft"]["hot_coverage"] <= 1  # counted over the corpus's training split
+    assert info["validation"]["best"]["step"] == 4 and info["validation"]["written"] == "best (step 4)"
+    _, ck = load_latest(out / "checkpoints")
+    assert ck["state"]["step"] == 8 and ck["state"]["best"]["step"] == 4
+    written = read_draft_state(out)
+    assert ck["best"].keys() == {k for k in written if k in ck["draft"]}
+    for k, w in ck["best"].items():
+        assert w.dtype == torch.bfloat16
+        torch.testing.assert_close(written[k], w, rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(ck["draft"][k].to(torch.bfloat16), w) for k, w in ck["best"].items())
+
+
+def test_corpus_training_errors(tiny_dir, tiny_dirs, corpus_dir, prompt_file, tmp_path, capsys):
+    out = ["--out", str(tmp_path / "d")]
+    err = _one_error(capsys, [str(tiny_dirs["mha_tied"]), *out, "--corpus", str(corpus_dir)])
+    assert "another model" in err and "spec-corpus" in err
+    assert "--prompts" in _one_error(capsys, [str(tiny_dir), *out, "--corpus", str(corpus_dir),
+                                              "--prompts", str(prompt_file)])
+    assert "--val-frac" in _one_error(capsys, [str(tiny_dir), *out, "--val-frac", "0.1"])
+    assert "--val-frac" in _one_error(capsys, [str(tiny_dir), *out, "--corpus", str(corpus_dir),
+                                               "--val-frac", "1"])
+    assert "--corpus" in _one_error(capsys, [str(tiny_dir), *out, "--corpus", str(tmp_path / "none")])
+    done = tmp_path / "o"
+    assert main([str(tiny_dir), "--out", str(done), "--prompts", str(prompt_file), *ARGS,
+                 "--max-steps", "2"]) == 0
+    capsys.readouterr()
+    assert "trained online (without --corpus)" in _one_error(
+        capsys, [str(tiny_dir), "--out", str(done), "--corpus", str(corpus_dir), *ARGS, "--resume"])
+    # a corpus that grew since (one more pass) is other data: its checkpoint does not continue on it
+    import shutil
+
+    from spec_compiler.train.corpus import main as corpus_main
+
+    grown = tmp_path / "grown"
+    shutil.copytree(corpus_dir, grown)
+    trained = [str(tiny_dir), "--out", str(tmp_path / "e"), "--corpus", str(grown), *CORPUS_ARGS]
+    assert main([*trained, "--max-steps", "2"]) == 0
+    assert corpus_main([str(tiny_dir), "--out", str(grown), "--prompts", str(prompt_file), "--passes", "3",
+                        "--temperature", "0,1", "--max-new-tokens", "12", "--gen-batch", "8",
+                        "--part-mb", "0.002"]) == 0
+    capsys.readouterr()
+    assert "other data, or more of it" in _one_error(capsys, [*trained, "--max-steps", "4", "--resume"])
+
+
+def test_split_checkpoints_reassemble_and_old_ones_still_load(tmp_path, monkeypatch):
+    from spec_compiler.errors import SpecCompileError
+    from spec_compiler.train import checkpoint
+    from spec_compiler.train.checkpoint import list_checkpoints, load_latest, save_checkpoint
+
+    d = tmp_path / "ck"
+    d.mkdir()
+
+    def state(n):
+        return {"w": torch.randn(3000, generator=torch.Generator().manual_seed(n)), "state": {"step": n}}
+
+    def same(a, b):
+        return torch.equal(a["w"], b["w"]) and a["state"] == b["state"]
+
+    torch.save(state(1), d / "step-0000001.pt")  # as the single-file writer left them
+    path, ck = load_latest(d)
+    assert path.name == "step-0000001.pt" and same(ck, state(1))
+
+    assert save_checkpoint(d, 2, state(2), part_bytes=4096).name == "step-0000002.pt.parts"
+    parts = sorted(d.glob("step-0000002.pt.part0*"))
+    assert len(parts) >= 3 and all(p.stat().st_size <= 4096 for p in parts)
+    path, ck = load_latest(d)
+    assert path.name == "step-0000002.pt.parts" and same(ck, state(2))
+    assert save_checkpoint(d, 3, state(3), part_bytes=1 << 20).name == "step-0000003.pt"  # fits: one file
+    save_checkpoint(d, 4, state(4), part_bytes=4096)
+    assert [p.name for p in list_checkpoints(d)] == ["step-0000003.pt", "step-0000004.pt.parts"]
+    assert not list(d.glob("step-0000002*")) and not list(d.glob("step-0000001*"))  # the newest two kept
+
+    real, calls = checkpoint.atomic_write_bytes, []
+
+    def interrupted(path, data):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(path, data)
+
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(d, 5, state(5), part_bytes=4096)
+    monkeypatch.undo()
+    path, ck = load_latest(d)  # the unfinished one has no manifest: the previous is whole
+    assert path.name == "step-0000004.pt.parts" and same(ck, state(4))
+    save_checkpoint(d, 6, state(6), part_bytes=4096)
+    assert not list(d.glob("step-0000005*"))  # its orphan parts are gone
+
+    part = d / "step-0000006.pt.part001"
+    data = bytearray(part.read_bytes())
+    data[7] ^= 1
+    part.write_bytes(bytes(data))
+    with pytest.raises(SpecCompileError, match="part001 is corrupt") as e:
+        load_latest(d)
+    assert "\n" not in str(e.value)
+    part.unlink()
+    with pytest.raises(SpecCompileError, match="part001 is missing"):
+        load_latest(d)

@@ -114,3 +114,20 @@ def test_ttt_loss_falls_on_a_fixed_batch(target_dir):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_eagle3_trains_from_a_corpus_with_validation(target_dir, prompt_file, tmp_path):  # noqa: F811
+    from spec_compiler.train.corpus import main as corpus_main
+
+    corpus = tmp_path / "c"
+    assert corpus_main([str(target_dir), "--out", str(corpus), "--prompts", str(prompt_file),
+                        "--max-new-tokens", "12", "--gen-batch", "8"]) == 0
+    out = tmp_path / "d"
+    assert main([str(target_dir), "--out", str(out), "--corpus", str(corpus), "--arch", "eagle3",
+                 "--aux-layers", "0,1,2", "--gen-batch", "8", "--batch-size", "3", "--val-frac", "0.25",
+                 "--val-every", "2", "--max-steps", "4"]) == 0
+    info = json.loads((out / "training.json").read_text())
+    hist = info["validation"]["history"]
+    assert [h["step"] for h in hist] == [2, 4]
+    assert all(h["kl_last"] > 0 for h in hist)
+    assert isinstance(load_draft(out, load_target(target_dir)), Eagle3Draft)

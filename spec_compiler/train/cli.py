@@ -10,6 +10,10 @@ Output (DRAFT_DIR): config.json + model.safetensors in the EAGLE-1/2 reference f
 `spec-compile --draft` reads), and training.json (command line, settings, prompt-file sha256,
 model hashes, final metrics, history; paths repository-relative), all three swapped in at once. Checkpoints: DRAFT_DIR/checkpoints (or --checkpoint-dir);
 `--resume` continues from the newest one. Bad input: one line `error: ...`, exit code 2.
+
+`--corpus CORPUS_DIR` (made by `spec-corpus`) replaces the generation: batches are drawn from the
+corpus, a hash-based share of its prompts is held out for validation and early stopping, and
+the draft written is the best by validation (docs/training.md, "Corpus and GPU-scale training").
 """
 
 from __future__ import annotations
@@ -40,8 +44,22 @@ def parser() -> argparse.ArgumentParser:
     a("--aux-layers", type=_layers, default=None,
       help="eagle3: the three target layers whose inputs are fused, e.g. 2,16,29 (default: the "
            "reference's 2, L/2, L-3)")
-    a("--prompts", type=Path, default=DEFAULT_TRAIN_PROMPTS,
-      help="JSON-lines prompt file (default: the packaged training prompts)")
+    a("--prompts", type=Path, default=None,
+      help=f"JSON-lines prompt file (default: the packaged training prompts, "
+           f"{DEFAULT_TRAIN_PROMPTS.name}); not with --corpus")
+    a("--corpus", type=Path, default=None,
+      help="train from a spec-corpus directory (the target's continuations, made once) instead of "
+           "generating online; --gen-batch then counts corpus sequences per featurized batch")
+    a("--val-frac", type=float, default=None,
+      help="--corpus: share of the training prompts held out for validation, picked by a hash of "
+           "the prompt's index (default 0.05; 0: none)")
+    a("--val-every", type=int, default=None,
+      help="--corpus: validation loss and top-1 every N steps (default 100)")
+    a("--val-seqs", type=int, default=None,
+      help="--corpus: held-out sequences scored (default 256, a fixed seeded sample)")
+    a("--patience", type=int, default=None,
+      help="--corpus: stop after K validations without a lower validation loss (default 5; 0: "
+           "never); the draft written is the best by validation")
     a("--tokens", type=int, default=1_000_000,
       help="stop after this many supervised positions trained, reuse counted (default 1M)")
     a("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
@@ -73,7 +91,15 @@ def parser() -> argparse.ArgumentParser:
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     a("--save-every", type=int, default=50, help="checkpoint every N steps (default 50)")
     a("--checkpoint-dir", type=Path, default=None, help="default: DRAFT_DIR/checkpoints")
+    a("--checkpoint-part-mb", type=float, default=15.0,
+      help="a checkpoint larger than this (MiB) is written in parts of this size (default 15)")
+    a("--keep-checkpoints", type=int, default=2,
+      help="newest checkpoints kept (default 2; 1 is safe too: the older goes only once the new one "
+           "is complete)")
     a("--resume", action="store_true", help="continue from the newest checkpoint")
+    a("--resume-if-any", action="store_true",
+      help="continue from the newest checkpoint if there is one, else start: one command for every "
+           "call of a run cut into calls")
     a("--save-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     a("--log-every", type=int, default=5, help="progress line every N steps (default 5)")
     a("--eval-prompts", type=Path, default=None,

@@ -35,6 +35,7 @@ class Sequence:
     features: torch.Tensor | None  # (L, H) float32: target hidden after the final norm, per position
     prompt_len: int
     ended: bool             # the continuation ends with EOS (whose feature is never used: zeros)
+    prompt_index: int = -1  # the prompt's row in its prompt file, where known (a corpus records it)
 
     @property
     def n_new(self) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import sys
 import time
@@ -14,16 +13,17 @@ import torch
 from ..config import DraftConfig, Eagle3Config, eagle3_default_layers
 from ..engine_format import DTYPES
 from ..errors import SpecCompileError
-from ..hashing import record_path, sha256_file
+from ..hashing import record_path, sha256_file, weights_sha256
 from ..loading import load_target
 from ..models.eagle import EagleDraft
 from ..models.eagle3 import Eagle3Draft
 from .checkpoint import load_latest, save_checkpoint
-from .data import batch_prompt_ids, encode_prompts, load_tokenizer, read_prompts
+from .corpus import corpus_sha256, read_corpus, read_index, split_by_prompt
+from .data import batch_prompt_ids, encode_prompts, load_tokenizer, prompt_order, read_prompts
 from .distill import collate, distill_loss, lr_at, minibatches, supervised_range
 from .eagle3 import ttt_loss
 from .generate import Sequence, continue_prompts, featurize, greedy_continuations
-from .options import RESUME_DEFAULTS, RESUME_KEYS, check_args, settings
+from .options import RESUME_DEFAULTS, RESUME_KEYS, check_args, resolve_args, settings
 from .save import save_draft, save_eagle3
 
 FROZEN = ("embed_tokens.", "lm_head.")  # the target's, shared and frozen
@@ -90,15 +90,6 @@ def hot_ids(counts: torch.Tensor, n: int) -> torch.Tensor:
     return torch.tensor(order[:n], dtype=torch.long)
 
 
-def _hash_weights(model_dir: Path) -> str:
-    files = sorted(model_dir.glob("*.safetensors"))
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        h.update(sha256_file(f).encode())
-    return h.hexdigest()
-
-
 class _Meter:
     """Token-weighted running means of the step metrics."""
 
@@ -119,7 +110,58 @@ def _fmt_t(s: float) -> str:
     return f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
+class _Corpus:
+    """`--corpus`: the training and validation sequences (no features) and what is recorded."""
+
+    def __init__(self, args, model: dict):
+        index = read_index(args.corpus)
+        if (index["model"]["config_sha256"], index["model"]["weights_sha256"]) != \
+                (model["config_sha256"], model["weights_sha256"]):
+            raise SpecCompileError(f"--corpus {args.corpus} holds continuations of another model "
+                                   f"({index['model']['dir']}); train that MODEL_DIR, or make a corpus "
+                                   "of this one with spec-corpus")
+        if not index.get("complete"):
+            print(f"note: --corpus {args.corpus} is unfinished ({index['batches_done']} generation "
+                  "batches); training uses what it holds", file=sys.stderr)
+        seqs = [s for s in read_corpus(args.corpus) if supervised_range(s)[1] > supervised_range(s)[0]]
+        train, val = split_by_prompt(seqs, args.val_frac)
+        if not train:
+            raise SpecCompileError(f"--val-frac {args.val_frac}: holds out every prompt of the corpus; "
+                                   "lower it")
+        if args.val_frac > 0 and not val:
+            raise SpecCompileError(f"--val-frac {args.val_frac}: no prompt of the corpus's "
+                                   f"{index['prompts']['n_prompts']} falls in the validation split; "
+                                   "raise it, or pass --val-frac 0 for none")
+        if len(val) > args.val_seqs:  # a fixed seeded sample, kept in corpus order
+            keep = torch.randperm(len(val), generator=torch.Generator().manual_seed(args.seed))
+            val = [val[i] for i in sorted(keep[:args.val_seqs].tolist())]
+        self.train, self.val, self.prompts = train, val, index["prompts"]
+        self.record = {
+            "dir": record_path(args.corpus), "sha256": corpus_sha256(index),
+            "complete": bool(index.get("complete")), "settings": index["settings"],
+            "n_sequences": index["totals"]["n_sequences"], "n_new": index["totals"]["n_new"],
+            "train_sequences": len(train), "train_new": sum(s.n_new for s in train),
+            "train_prompts": len({s.prompt_index for s in train}),
+            "val_prompts": len({s.prompt_index for s in seqs} - {s.prompt_index for s in train}),
+            "val_sequences_scored": len(val), "val_new_scored": sum(s.n_new for s in val)}
+
+    def batch(self, idx: int, size: int, seed: int) -> list[Sequence]:
+        """Generation batch `idx`: `size` training sequences, seeded shuffled epochs (fresh
+        copies: featurize fills them)."""
+        return [Sequence(s.tokens, None, s.prompt_len, s.ended, s.prompt_index)
+                for s in (self.train[i] for i in batch_prompt_ids(len(self.train), size, idx, seed))]
+
+    def used(self, batches: int, size: int, seed: int) -> dict:
+        """The distinct training sequences that the first `batches` batches drew (epoch 0 is a
+        permutation: they are its prefix) and their new tokens."""
+        n = min(len(self.train), batches * size)
+        first = prompt_order(len(self.train), seed, 0)[:n]
+        return {"corpus_sequences_used": n, "corpus_tokens_used": sum(self.train[i].n_new for i in first),
+                "epochs": round(batches * size / len(self.train), 3)}
+
+
 def train(args, command: str) -> dict:
+    resolve_args(args)
     check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,19 +170,20 @@ def train(args, command: str) -> dict:
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     ckpt_dir = args.checkpoint_dir or args.out / "checkpoints"
-    rows = read_prompts(args.prompts)
+    model = {"dir": record_path(args.model_dir), "config_sha256": sha256_file(args.model_dir / "config.json"),
+             "weights_sha256": weights_sha256(args.model_dir)}
+    corpus = _Corpus(args, model) if args.corpus is not None else None
+    rows = read_prompts(args.prompts) if corpus is None else None
     target = load_target(args.model_dir, _target_dtype(args)).to(dev)
     target.requires_grad_(False)
-    ids = encode_prompts(rows, load_tokenizer(args.model_dir), target.cfg.vocab_size, args.prompts,
-                         args.max_prompt_tokens)
+    if corpus is None:
+        ids = encode_prompts(rows, load_tokenizer(args.model_dir), target.cfg.vocab_size, args.prompts,
+                             args.max_prompt_tokens)
+        info = {"prompts": {"path": record_path(args.prompts), "sha256": sha256_file(args.prompts),
+                            "n_prompts": len(ids)}, "model": model}
+    else:
+        info = {"prompts": corpus.prompts, "model": model, "corpus": corpus.record}
     eos = target.cfg.eos_token_ids
-    info = {
-        "prompts": {"path": record_path(args.prompts), "sha256": sha256_file(args.prompts),
-                    "n_prompts": len(ids)},
-        "model": {"dir": record_path(args.model_dir),
-                  "config_sha256": sha256_file(args.model_dir / "config.json"),
-                  "weights_sha256": _hash_weights(args.model_dir)},
-    }
 
     eagle3 = args.arch == "eagle3"
     draft = build_eagle3(target, args.aux_layers, args.seed) if eagle3 else build_draft(target, args.layers, args.seed)
@@ -152,9 +195,11 @@ def train(args, command: str) -> dict:
                             weight_decay=args.weight_decay)
     noise_gen = torch.Generator(dev).manual_seed(args.seed)
     st = {"step": 0, "tokens_seen": 0, "generated": 0, "gen_idx": 0, "pass": 0, "mb": 0,
-          "train_s": 0.0, "gen_s": 0.0, "history": [], "commands": [command],
-          "counts": torch.zeros(target.cfg.vocab_size, dtype=torch.long)}
+          "train_s": 0.0, "gen_s": 0.0, "feat_s": 0.0, "wall_s": 0.0, "history": [], "commands": [command],
+          "counts": torch.zeros(target.cfg.vocab_size, dtype=torch.long),
+          "val_history": [], "best": None, "bad_vals": 0, "early_stop": False}
     seqs: list[Sequence] | None = None
+    best_w: dict[str, torch.Tensor] | None = None  # the best-by-validation weights, in --save-dtype
     if args.resume:
         path, ck = load_latest(ckpt_dir)
         _check_resume(ck, args, info, path)
@@ -162,23 +207,53 @@ def train(args, command: str) -> dict:
             p.data.copy_(ck["draft"][n])
         opt.load_state_dict(ck["optimizer"])
         noise_gen.set_state(ck["noise_rng"])
+        best_w = ck.get("best")
         st = {**st, **ck["state"], "commands": ck["state"]["commands"] + [command]}
         seqs = featurize(target, _unpack(ck["batch"]), with_final=eagle3) if ck["batch"] is not None else None
         print(f"resumed from {path} at step {st['step']} ({st['tokens_seen']} tokens)",
               file=sys.stderr)
+    wall0 = st["wall_s"]
+    val: list[Sequence] = []
+    if corpus is not None:
+        st["counts"] = torch.bincount(  # the hot vocabulary's counts: over the training split
+            torch.cat([s.tokens[s.prompt_len:] for s in corpus.train]), minlength=target.cfg.vocab_size)
+        if corpus.val:  # featurized once per run, kept in memory
+            t0 = time.time()
+            val = featurize(target, [Sequence(s.tokens, None, s.prompt_len, s.ended, s.prompt_index)
+                                     for s in corpus.val], with_final=eagle3)
+            print(f"validation: {len(val)} sequences of {corpus.record['val_prompts']} held-out prompts, "
+                  f"featurized in {time.time() - t0:.1f}s", file=sys.stderr, flush=True)
+    # --patience may change on a resume (a stop criterion, as --tokens): judged with this run's
+    st["early_stop"] = bool(val) and args.patience > 0 and st["bad_vals"] >= args.patience
     draft.train()
 
     def checkpoint():
+        st["wall_s"] = wall0 + time.time() - t_start
         save_checkpoint(ckpt_dir, st["step"], {
             "draft": {n: p.detach().cpu() for n, p in params.items()},
             "optimizer": opt.state_dict(), "noise_rng": noise_gen.get_state(), "state": st,
-            "settings": settings(args), "info": info,
-            "batch": _pack(seqs) if seqs is not None else None})
+            "settings": settings(args), "info": info, "best": best_w,
+            # a corpus batch is rebuilt from the corpus on resume
+            "batch": _pack(seqs) if seqs is not None and corpus is None else None},
+            keep=args.keep_checkpoints, part_bytes=int(args.checkpoint_part_mb * (1 << 20)))
+
+    def validate() -> dict:
+        m = _validate(draft, target, val, args, dev, eagle3)
+        return {"step": st["step"], "tokens_seen": st["tokens_seen"],
+                "wall_s": round(wall0 + time.time() - t_start, 1), **{k: round(v, 5) for k, v in m.items()}}
 
     meter, recent = _Meter(), []
     t_log, n_log = time.time(), 0
     done = _done(st, args, t_start)
     while not done:
+        if seqs is None and corpus is not None:
+            t0 = time.time()
+            seqs = featurize(target, corpus.batch(st["gen_idx"], args.gen_batch, args.seed), with_final=eagle3)
+            dt = time.time() - t0
+            st["feat_s"] += dt
+            print(f"corpus batch {st['gen_idx']} (epoch {st['gen_idx'] * args.gen_batch // len(corpus.train)}): "
+                  f"{len(seqs)} sequences, {sum(s.n_new for s in seqs)} new tokens, featurized in {dt:.1f}s",
+                  file=sys.stderr, flush=True)
         if seqs is None:
             t0 = time.time()
             pids = batch_prompt_ids(len(ids), args.gen_batch, st["gen_idx"], args.seed)
@@ -203,7 +278,7 @@ def train(args, command: str) -> dict:
         while st["mb"] < len(groups) and not done:
             t0 = time.time()
             batch = collate([seqs[i] for i in groups[st["mb"]]], dev)
-            lr = lr_at(st["step"], _progress(st, args, t_start), args.lr, args.warmup)
+            lr = lr_at(st["step"], _progress(st, args, t_start, corpus is not None), args.lr, args.warmup)
             for g in opt.param_groups:
                 g["lr"] = lr
             with torch.autocast("cuda", torch.bfloat16, enabled=dev.type == "cuda"):
@@ -225,9 +300,23 @@ def train(args, command: str) -> dict:
             meter.add(m, n)
             recent = (recent + [(m, n)])[-20:]
             n_log += n
+            if val and st["step"] % args.val_every == 0:
+                rec = validate()
+                st["val_history"].append(rec)
+                if st["best"] is None or rec["loss"] < st["best"]["loss"]:
+                    st["best"], st["bad_vals"] = rec, 0
+                    best_w = {k: p.detach().to("cpu", DTYPES[args.save_dtype], copy=True)
+                              for k, p in params.items()}
+                else:
+                    st["bad_vals"] += 1
+                    st["early_stop"] = args.patience > 0 and st["bad_vals"] >= args.patience
+                print(f"validation step {st['step']}: loss {rec['loss']:.4f}, acc {rec['acc']:.3f} "
+                      f"(best {st['best']['loss']:.4f} at step {st['best']['step']}"
+                      + (f"; no better for {st['bad_vals']}/{args.patience}" if st["bad_vals"] else "")
+                      + ")", file=sys.stderr, flush=True)
             done = _done(st, args, t_start)
             if st["step"] % args.log_every == 0 or done:
-                _log(st, args, meter, lr, n_log / max(1e-9, time.time() - t_log))
+                _log(st, args, meter, lr, n_log / max(1e-9, time.time() - t_log), wall0 + time.time() - t_start)
                 meter, t_log, n_log = _Meter(), time.time(), 0
             if st["mb"] == len(groups):  # advance the cursor before a checkpoint records it
                 st["pass"], st["mb"] = st["pass"] + 1, 0
@@ -242,23 +331,70 @@ def train(args, command: str) -> dict:
     final = _Meter()
     for m, n in recent:
         final.add(m, n)
+    stop = _stop_reason(st, args, t_start) or "nothing left to do"
     metrics = {"step": st["step"], "tokens_seen": st["tokens_seen"],
                "generated_tokens": st["generated"], "last_20_steps": final.means()}
+    validation = None
+    if corpus is not None:
+        started = st["gen_idx"] + (1 if st["pass"] or st["mb"] else 0)
+        metrics.update(corpus.used(started, args.gen_batch, args.seed))
+    if val:
+        last = validate() if not st["val_history"] or st["val_history"][-1]["step"] != st["step"] else None
+        written = "last"
+        if best_w is not None and (last is None or last["loss"] >= st["best"]["loss"]):
+            for k, p in params.items():  # the best by validation is what is written
+                p.data.copy_(best_w[k])
+            written = f"best (step {st['best']['step']})"
+        validation = {"val_frac": args.val_frac, "every": args.val_every, "patience": args.patience,
+                      "history": st["val_history"], "best": st["best"],
+                      "last": last, "written": written}
+        print(f"validation: writing the {written} weights", file=sys.stderr)
+    st["wall_s"] = wall0 + time.time() - t_start
+    metrics["wall_s"] = round(st["wall_s"], 1)
     dev_eval = _dev_eval(draft, target, args) if args.eval_prompts else None
-    _write_draft(draft, args, info, st, metrics, dev_eval)
+    _write_draft(draft, args, info, st, metrics, dev_eval, stop, validation)
     return metrics
 
 
+@torch.no_grad()
+def _validate(draft, target, val: list[Sequence], args, dev, eagle3: bool) -> dict:
+    """Teacher-forced validation metrics (the training log's, without input noise), token-weighted
+    over the held-out sequences, in length-sorted minibatches."""
+    meter = _Meter()
+    order = sorted(range(len(val)), key=lambda i: len(val[i].tokens))
+    for r in range(0, len(order), args.batch_size):
+        batch = collate([val[i] for i in order[r:r + args.batch_size]], dev)
+        with torch.autocast("cuda", torch.bfloat16, enabled=dev.type == "cuda"):
+            if eagle3:
+                _, m = ttt_loss(draft, target.lm_head, batch.tokens, batch.features, batch.mask, args.ttt_steps)
+            else:
+                _, m = distill_loss(draft, batch, args.w_feat, args.w_kl, 0.0)
+        meter.add(m, batch.n_tokens)
+    return meter.means()
+
+
+def _stop_reason(st, args, t_start: float) -> str | None:
+    if st.get("early_stop"):
+        return "early stop"
+    if st["tokens_seen"] >= args.tokens:
+        return "tokens"
+    if args.max_steps is not None and st["step"] >= args.max_steps:
+        return "max steps"
+    if args.time_limit is not None and time.time() - t_start >= args.time_limit:
+        return "time limit"
+    return None
+
+
 def _done(st, args, t_start: float) -> bool:
-    return (st["tokens_seen"] >= args.tokens
-            or (args.max_steps is not None and st["step"] >= args.max_steps)
-            or (args.time_limit is not None and time.time() - t_start >= args.time_limit))
+    return _stop_reason(st, args, t_start) is not None
 
 
-def _progress(st, args, t_start: float) -> float:
-    """Share of the run done: tokens, or wall time under --time-limit, whichever is further."""
+def _progress(st, args, t_start: float, by_tokens: bool = False) -> float:
+    """Share of the run done: tokens, or wall time under --time-limit, whichever is further.
+    With `by_tokens` (--corpus) tokens alone: --time-limit there bounds one call of a run
+    resumed across calls, and the schedule must not depend on where the calls stop."""
     frac = st["tokens_seen"] / args.tokens
-    if args.time_limit is not None:
+    if args.time_limit is not None and not by_tokens:
         frac = max(frac, (time.time() - t_start) / args.time_limit)
     return min(1.0, frac)
 
@@ -269,20 +405,26 @@ def _target_dtype(args) -> str:
     return "bfloat16" if args.device == "cuda" else "float32"
 
 
-def _log(st, args, meter, lr, tps):
+def _log(st, args, meter, lr, tps, wall: float):
     m = meter.means()
     gen_tps = st["generated"] / max(1e-9, st["gen_s"])
     parts = (f"feat {m['feat']:.4f}, kl {m['kl']:.3f}" if "feat" in m else
              f"kl {m['kl']:.3f}, step {args.ttt_steps} kl {m['kl_last']:.3f}")
+    data = (f"{tps:.0f} tok/s | train {_fmt_t(st['train_s'])} features {_fmt_t(st['feat_s'])}"
+            if args.corpus is not None else
+            f"{tps:.0f} tok/s (gen {gen_tps:.1f} tok/s) | train {_fmt_t(st['train_s'])} gen {_fmt_t(st['gen_s'])}")
     print(f"step {st['step']} | tokens {st['tokens_seen']}/{args.tokens} | loss {m['loss']:.4f} "
-          f"({parts}) | acc {m['acc']:.3f} | lr {lr:.2e} | "
-          f"{tps:.0f} tok/s (gen {gen_tps:.1f} tok/s) | train {_fmt_t(st['train_s'])} "
-          f"gen {_fmt_t(st['gen_s'])}", file=sys.stderr, flush=True)
+          f"({parts}) | acc {m['acc']:.3f} | lr {lr:.2e} | {data}", file=sys.stderr, flush=True)
     st["history"].append({"step": st["step"], "tokens_seen": st["tokens_seen"], "lr": lr,
-                          **{k: round(v, 5) for k, v in m.items()}})
+                          "wall_s": round(wall, 1), **{k: round(v, 5) for k, v in m.items()}})
 
 
 def _check_resume(ck: dict, args, info: dict, path: Path) -> None:
+    if (ck["info"].get("corpus") or {}).get("sha256") != (info.get("corpus") or {}).get("sha256"):
+        was = ck["info"].get("corpus")
+        how = (f"on another corpus ({was['dir']}; its parts differ from this one's: other data, or more "
+               "of it)" if was else "online (without --corpus)")
+        raise SpecCompileError(f"--resume: {path} was trained {how}; use the same data to continue")
     old = ck["settings"]
     new = settings(args)
     diff = [k for k in RESUME_KEYS if old.get(k, RESUME_DEFAULTS.get(k)) != new[k]]
@@ -315,7 +457,7 @@ def _dev_eval(draft, target, args) -> dict:
     return res
 
 
-def _write_draft(draft, args, info, st, metrics, dev_eval) -> None:
+def _write_draft(draft, args, info, st, metrics, dev_eval, stop: str, validation: dict | None) -> None:
     """DRAFT_DIR's model.safetensors, config.json and training.json, swapped in together
     (save_draft): an interruption leaves the previous draft, if any, whole."""
     import transformers
@@ -338,8 +480,11 @@ def _write_draft(draft, args, info, st, metrics, dev_eval) -> None:
                   "hot_coverage": (round(float(counts[hot].sum()) / max(1, int(counts.sum())), 4)
                                    if hot is not None else None)},
         "final_metrics": metrics,
+        "stop_reason": stop,
+        "validation": validation,
         "dev_eval": dev_eval,
-        "time": {"train_s": round(st["train_s"], 1), "gen_s": round(st["gen_s"], 1)},
+        "time": {"train_s": round(st["train_s"], 1), "gen_s": round(st["gen_s"], 1),
+                 "features_s": round(st["feat_s"], 1), "wall_s": round(st["wall_s"], 1)},
         "history": st["history"],
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }

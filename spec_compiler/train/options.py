@@ -5,24 +5,54 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 from pathlib import Path
 
 import torch
 
 from ..errors import SpecCompileError
 from ..hashing import record_path
+from .checkpoint import list_checkpoints
+from .data import DEFAULT_TRAIN_PROMPTS
 
 # Settings a resumed run must share with the checkpoint (the rest are stop criteria or plumbing).
 RESUME_KEYS = ("layers", "max_new_tokens", "gen_batch", "batch_size", "reuse", "lr", "warmup",
                "w_feat", "w_kl", "noise", "temperature", "seed", "weight_decay", "grad_clip",
-               "max_prompt_tokens", "target_dtype", "arch", "ttt_steps", "aux_layers")
+               "max_prompt_tokens", "target_dtype", "arch", "ttt_steps", "aux_layers",
+               "val_frac", "val_every", "val_seqs")
 # What a checkpoint written before a setting existed ran with.
-RESUME_DEFAULTS = {"arch": "eagle", "ttt_steps": 3, "aux_layers": None}
+RESUME_DEFAULTS = {"arch": "eagle", "ttt_steps": 3, "aux_layers": None, "val_frac": None, "val_every": None,
+                   "val_seqs": None}
+# With --corpus: the validation split's defaults (online training has no held-out split).
+VAL_DEFAULTS = {"val_frac": 0.05, "val_every": 100, "val_seqs": 256, "patience": 5}
+
+
+def resolve_args(args) -> None:
+    """Fill what depends on the mode or the disk: --resume-if-any, --prompts (online), the
+    validation flags (--corpus); a flag the mode does not use is an error, not silently ignored."""
+    if args.resume_if_any and not args.resume:
+        args.resume = bool(list_checkpoints(args.checkpoint_dir or args.out / "checkpoints"))
+        if not args.resume:
+            print("--resume-if-any: no checkpoint yet; starting", file=sys.stderr)
+    if args.corpus is not None:
+        if args.prompts is not None:
+            raise SpecCompileError("--prompts: not used with --corpus (the corpus records its prompt "
+                                   "file); drop it")
+        for k, v in VAL_DEFAULTS.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+    else:
+        if args.prompts is None:
+            args.prompts = DEFAULT_TRAIN_PROMPTS
+        for k in VAL_DEFAULTS:
+            if getattr(args, k) is not None:
+                raise SpecCompileError(f"--{k.replace('_', '-')}: only with --corpus (online training "
+                                       "has no held-out split); drop it")
 
 
 def check_args(args) -> None:
     for flag in ("layers", "tokens", "max_new_tokens", "max_prompt_tokens", "gen_batch",
-                 "batch_size", "reuse", "save_every", "log_every", "eval_n"):
+                 "batch_size", "reuse", "save_every", "log_every", "eval_n", "keep_checkpoints"):
         v = getattr(args, flag)
         if v <= 0:
             raise SpecCompileError(f"--{flag.replace('_', '-')} {v}: must be a positive integer")
@@ -53,11 +83,24 @@ def check_args(args) -> None:
         raise SpecCompileError("--device cuda: no CUDA device is available; use --device cpu")
     if args.threads is not None and args.threads <= 0:
         raise SpecCompileError(f"--threads {args.threads}: must be a positive integer")
+    if not args.checkpoint_part_mb > 0:
+        raise SpecCompileError(f"--checkpoint-part-mb {args.checkpoint_part_mb}: must be positive")
+    if args.corpus is not None:
+        if not args.corpus.is_dir():
+            raise SpecCompileError(f"--corpus {args.corpus}: no such directory; make one with spec-corpus")
+        if not 0 <= args.val_frac < 1:
+            raise SpecCompileError(f"--val-frac {args.val_frac}: must be in [0, 1) (0: no validation)")
+        for flag in ("val_every", "val_seqs"):
+            if getattr(args, flag) <= 0:
+                raise SpecCompileError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be a "
+                                       "positive integer")
+        if args.patience < 0:
+            raise SpecCompileError(f"--patience {args.patience}: must be >= 0 (0: never stop early)")
     if not args.resume:
         if (args.out / "model.safetensors").exists() or (args.out / "training.json").exists():
             raise SpecCompileError(f"--out {args.out} already holds a trained draft; choose another "
                                    "directory or remove it")
-        if list((args.checkpoint_dir or args.out / "checkpoints").glob("step-*.pt")):
+        if list_checkpoints(args.checkpoint_dir or args.out / "checkpoints"):
             raise SpecCompileError(f"--out {args.out} has checkpoints from an earlier run; pass "
                                    "--resume to continue it, or remove them")
 
