@@ -49,7 +49,7 @@ import torch
 from ..errors import SpecCompileError, add_verbose_flag, brief, cli_entry
 from ..fileio import atomic_write_bytes, atomic_write_text, output_lock, read_bounded, read_json_object
 from ..hashing import record_path, sha256_file, weights_sha256
-from .data import DEFAULT_TRAIN_PROMPTS, encode_prompts, load_tokenizer, read_prompts
+from .data import DEFAULT_WIDE_PROMPTS, encode_prompts, load_tokenizer, read_prompts
 from .generate import Sequence, continue_prompts
 
 FORMAT = "spec-corpus/1"
@@ -71,8 +71,9 @@ def parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("model_dir", type=Path, help="Hugging Face Llama checkpoint directory (with tokenizer)")
     a("--out", type=Path, required=True, help="corpus directory to write (or continue)")
-    a("--prompts", type=Path, default=DEFAULT_TRAIN_PROMPTS,
-      help="JSON-lines prompt file (default: the packaged training prompts)")
+    a("--prompts", type=Path, default=DEFAULT_WIDE_PROMPTS,
+      help="JSON-lines prompt file (default: the packaged wide training set, "
+           f"{DEFAULT_WIDE_PROMPTS.name}: 2.8x the training split's prompts)")
     a("--passes", type=int, default=1, help="continuations of every prompt (default 1); may grow "
                                             "on a rerun")
     a("--temperature", type=_temperatures, default=(0.0,),

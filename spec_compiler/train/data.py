@@ -21,6 +21,9 @@ from ..fileio import parse_json
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_TRAIN_PROMPTS = DATA_DIR / "prompts_train.jsonl"
 DEFAULT_DEV_PROMPTS = DATA_DIR / "prompts_dev.jsonl"
+# The wide training set (tools/make_prompts.py): the training split, more fills of its templates,
+# train-only frames and prompts the target wrote itself; spec-corpus's default.
+DEFAULT_WIDE_PROMPTS = DATA_DIR / "prompts_train_wide.jsonl"
 
 
 def read_prompts(path: str | Path) -> list[dict]:
