@@ -76,7 +76,7 @@ def parser() -> argparse.ArgumentParser:
     a("--w-kl", type=float, default=0.1, help="weight of the KL to the target (default 0.1)")
     a("--noise", type=float, default=0.05,
       help="uniform input-feature noise, half-width as a fraction of the feature RMS (default 0.05)")
-    a("--temperature", type=_temperatures, default=(0.0,),
+    a("--temperature", type=temperatures, default=(0.0,),
       help="target sampling temperature for the continuations (default 0: greedy); a comma "
            "list (e.g. 0,0.7) cycles over generation batches")
     a("--seed", type=int, default=0)
@@ -115,12 +115,13 @@ def _layers(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of layer indices")
 
 
-def _temperatures(text: str) -> tuple[float, ...]:
+def temperatures(text: str) -> tuple[float, ...]:
+    """`--temperature`: a number or a comma list, each >= 0 (NaN refused)."""
     try:
         ts = tuple(float(t) for t in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a number or a comma list of numbers")
-    if any(t < 0 for t in ts):
+    if any(not t >= 0 for t in ts):
         raise argparse.ArgumentTypeError(f"{text!r}: temperatures must be >= 0")
     return ts
 

@@ -49,8 +49,10 @@ import torch
 from ..errors import SpecCompileError, add_verbose_flag, brief, cli_entry
 from ..fileio import atomic_write_bytes, atomic_write_text, output_lock, read_bounded, read_json_object
 from ..hashing import record_path, sha256_file, weights_sha256
+from .cli import temperatures
 from .data import DEFAULT_WIDE_PROMPTS, encode_prompts, load_tokenizer, read_prompts
 from .generate import Sequence, continue_prompts
+from .options import target_dtype
 
 FORMAT = "spec-corpus/1"
 INDEX = "index.json"
@@ -76,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
            f"{DEFAULT_WIDE_PROMPTS.name}: 2.8x the training split's prompts)")
     a("--passes", type=int, default=1, help="continuations of every prompt (default 1); may grow "
                                             "on a rerun")
-    a("--temperature", type=_temperatures, default=(0.0,),
+    a("--temperature", type=temperatures, default=(0.0,),
       help="sampling temperature per pass (default 0: greedy); a comma list (e.g. 0,0.7,1.0) "
            "cycles over passes")
     a("--max-new-tokens", type=int, default=192, help="continuation length per prompt (default 192)")
@@ -91,16 +93,6 @@ def parser() -> argparse.ArgumentParser:
       help="stop after the generation batch in flight once this many seconds have passed")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     return add_verbose_flag(p)
-
-
-def _temperatures(text: str) -> tuple[float, ...]:
-    try:
-        ts = tuple(float(t) for t in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number or a comma list of numbers")
-    if any(not t >= 0 for t in ts):
-        raise argparse.ArgumentTypeError(f"{text!r}: temperatures must be >= 0")
-    return ts
 
 
 # ---------------------------------------------------------------- encoding
@@ -223,12 +215,6 @@ def _seed(*parts: int) -> int:
     return s
 
 
-def _target_dtype(args) -> str:
-    if args.target_dtype != "auto":
-        return args.target_dtype
-    return "bfloat16" if args.device == "cuda" else "float32"
-
-
 def _check_args(args) -> None:
     for flag in ("passes", "max_new_tokens", "max_prompt_tokens", "gen_batch"):
         if getattr(args, flag) <= 0:
@@ -250,7 +236,7 @@ def _check_args(args) -> None:
 def _shape(args) -> dict:
     return {"temperature": list(args.temperature), "max_new_tokens": args.max_new_tokens,
             "max_prompt_tokens": args.max_prompt_tokens, "gen_batch": args.gen_batch, "seed": args.seed,
-            "target_dtype": _target_dtype(args), "part_mb": args.part_mb}
+            "target_dtype": target_dtype(args), "part_mb": args.part_mb}
 
 
 def _check_same(index: dict, model: dict, prompts: dict, shape: dict, passes: int, out: Path) -> None:
@@ -375,7 +361,7 @@ def _generate(args, command, out, index, rows, model, prompts, shape, t_start) -
         return index
     from ..loading import load_target
 
-    target = load_target(args.model_dir, _target_dtype(args)).to(dev)
+    target = load_target(args.model_dir, target_dtype(args)).to(dev)
     ids = encode_prompts(rows, load_tokenizer(args.model_dir), target.cfg.vocab_size, args.prompts,
                          args.max_prompt_tokens)
     width = token_bytes(target.cfg.vocab_size)
@@ -388,7 +374,7 @@ def _generate(args, command, out, index, rows, model, prompts, shape, t_start) -
     index["settings"]["passes"] = args.passes
     # which command made which batches, where (a corpus may be continued on another machine)
     run = {"command": command, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-           "target_dtype": _target_dtype(args), "torch": torch.__version__, "batches": [done, done],
+           "target_dtype": target_dtype(args), "torch": torch.__version__, "batches": [done, done],
            "generate_s": 0.0}
     index["runs"].append(run)
     limit = int(args.part_mb * (1 << 20))

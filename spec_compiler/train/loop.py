@@ -23,7 +23,7 @@ from .data import batch_prompt_ids, encode_prompts, load_tokenizer, prompt_order
 from .distill import collate, distill_loss, lr_at, minibatches, supervised_range
 from .eagle3 import ttt_loss
 from .generate import Sequence, continue_prompts, featurize, greedy_continuations
-from .options import RESUME_DEFAULTS, RESUME_KEYS, check_args, resolve_args, settings
+from .options import RESUME_DEFAULTS, RESUME_KEYS, check_args, resolve_args, settings, target_dtype
 from .save import save_draft, save_eagle3
 
 FROZEN = ("embed_tokens.", "lm_head.")  # the target's, shared and frozen
@@ -174,7 +174,7 @@ def train(args, command: str) -> dict:
              "weights_sha256": weights_sha256(args.model_dir)}
     corpus = _Corpus(args, model) if args.corpus is not None else None
     rows = read_prompts(args.prompts) if corpus is None else None
-    target = load_target(args.model_dir, _target_dtype(args)).to(dev)
+    target = load_target(args.model_dir, target_dtype(args)).to(dev)
     target.requires_grad_(False)
     if corpus is None:
         ids = encode_prompts(rows, load_tokenizer(args.model_dir), target.cfg.vocab_size, args.prompts,
@@ -397,12 +397,6 @@ def _progress(st, args, t_start: float, by_tokens: bool = False) -> float:
     if args.time_limit is not None and not by_tokens:
         frac = max(frac, (time.time() - t_start) / args.time_limit)
     return min(1.0, frac)
-
-
-def _target_dtype(args) -> str:
-    if args.target_dtype != "auto":
-        return args.target_dtype
-    return "bfloat16" if args.device == "cuda" else "float32"
 
 
 def _log(st, args, meter, lr, tps, wall: float):

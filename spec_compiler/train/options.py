@@ -105,6 +105,14 @@ def check_args(args) -> None:
                                    "--resume to continue it, or remove them")
 
 
+def target_dtype(args) -> str:
+    """The target's weights while training or generating: `--target-dtype`, auto = bfloat16 on
+    cuda, float32 on cpu."""
+    if args.target_dtype != "auto":
+        return args.target_dtype
+    return "bfloat16" if args.device == "cuda" else "float32"
+
+
 def settings(args) -> dict:
     """The flags as recorded: JSON values, paths by `record_path` (repository-relative)."""
     return {k: (record_path(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
