@@ -215,6 +215,7 @@ def atomic_dir(dest: str | Path, existing: str = "error") -> Iterator[Path]:
     try:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result gets the usual mode
         yield tmp
+        _usual_modes(tmp)
         _fsync_tree(tmp)
         if not dest.exists():
             os.replace(tmp, dest)
@@ -395,6 +396,18 @@ def _swap(new: Path, dest: Path) -> None:
         os.replace(aside, dest)
         raise
     os.replace(aside, new)
+
+
+def _usual_modes(root: Path) -> None:
+    """Files some writers create private (0600: safetensors' `save_file`, `tempfile.mkstemp`) get
+    the usual mode, as any other file the block wrote: an engine or draft built by one user is
+    readable by the service that runs it. Other modes are left as written."""
+    mode = 0o666 & ~_umask()
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p) and os.stat(p).st_mode & 0o777 == 0o600 and mode != 0o600:
+                os.chmod(p, mode)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -114,6 +114,24 @@ def test_cli_entry_exit_codes(capsys):
                                        "rerun with --verbose for the traceback\n")
 
 
+def test_atomic_dir_gives_private_files_the_usual_mode(tmp_path):
+    """safetensors writes 0600 files: an engine built by one user must be readable by the
+    account that serves it, like every other file of the directory."""
+    from safetensors.torch import save_file
+    import torch
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "engine") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp / "weights.safetensors"))
+            (tmp / "run.sh").write_text("#!/bin/sh\n")
+            (tmp / "run.sh").chmod(0o750)  # a mode chosen on purpose stays
+    finally:
+        os.umask(old)
+    assert (tmp_path / "engine" / "weights.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "engine" / "run.sh").stat().st_mode & 0o777 == 0o750
+
+
 def test_ctrl_c_that_a_library_turned_into_another_error_is_still_an_interrupt(capsys):
     """torch.export's fake-tensor dispatch, hit by Ctrl-C mid-trace, raises an unrelated error from
     the KeyboardInterrupt: the command still says `interrupted` and exits 130, and a real bug

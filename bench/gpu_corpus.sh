@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# GPU-scale draft training (docs/training.md, "Corpus and GPU-scale training") in calls of at most
+# 10 minutes. Every stage is one call; any call may land on a fresh machine, so everything a
+# later call needs comes back under $OUT and is committed before the next call:
+#   corpus: spec-corpus continues the wide training set (8 passes at T 0 / 0.7 / 1.0, 256 new
+#           tokens) for $LIMIT seconds; CORPUS comes back (parts <= 15 MiB). Repeat until
+#           index.json says complete (the stage prints it).
+#   train:  spec-train --corpus, resumed from the checkpoint in $RUN if there is one, for $LIMIT
+#           seconds; the checkpoint (parts <= 15 MiB) and the draft come back. Repeat until the
+#           printed stop_reason is "tokens" or "early stop".
+#   report: the finished draft scored on the development prompts (training.json dev_eval).
+# Usage: bash bench/gpu_corpus.sh STAGE PARTS_DIR [LIMIT_SECONDS]
+#   the SmolLM2 GGUF parts as for bench/gpu_round.sh (kept in $KEEP_ROOT while the machine is warm)
+set -uo pipefail
+STAGE=${1:?usage: gpu_corpus.sh corpus|train|report PARTS_DIR [LIMIT_SECONDS]}
+PARTS=${2:?usage: gpu_corpus.sh STAGE PARTS_DIR [LIMIT_SECONDS]}
+LIMIT=${3:-480}
+. "$(dirname "$0")/gpu_env.sh"
+KEEP_ROOT=${KEEP_ROOT:-/root/keep}
+mkdir -p "$KEEP_ROOT/gq" && cp "$PARTS"/gq_0* "$KEEP_ROOT/gq/" 2>/dev/null
+[ "$(ls "$KEEP_ROOT/gq" | wc -l)" -ge 2 ] || { echo "GGUF part kept; the next call brings the other"; exit 0; }
+fetch_smollm2 "$KEEP_ROOT/gq" || exit 1
+CORPUS=${CORPUS:-corpora/smollm2-wide}
+RUN=${RUN:-runs/smollm2-wide}
+DRAFT=${DRAFT:-drafts/smollm2-eagle-wide}
+TRAIN=(python3 -m spec_compiler.train.cli "$SMOL" --out "$DRAFT" --corpus "$CORPUS" --device cuda
+       --checkpoint-dir "$RUN/checkpoints" --keep-checkpoints 1 --tokens 40000000 --batch-size 16
+       --gen-batch 384 --reuse 2 --lr 6e-4 --warmup 50 --draft-vocab 16384 --val-every 200
+       --patience 5 --save-every 200 --log-every 50 --resume-if-any)
+case "$STAGE" in
+corpus)
+  python3 -m spec_compiler.train.corpus "$SMOL" --out "$CORPUS" --device cuda --passes 8 \
+    --temperature 0,0.7,1.0 --max-new-tokens 256 --gen-batch 512 --time-limit "$LIMIT" 2>&1 \
+    | tee "$OUT/corpus.log" | tail -6
+  python3 -c "import json,sys; i=json.load(open(sys.argv[1])); print('complete', i.get('complete'), i['totals'])" \
+    "$CORPUS/index.json"
+  mkdir -p "$OUT/corpus" && cp "$CORPUS"/index.json "$CORPUS"/part-*.bin "$OUT/corpus/"
+  ;;
+train|report)
+  [ "$STAGE" = report ] && TRAIN+=(--eval-prompts spec_compiler/data/prompts_dev.jsonl --eval-n 117)
+  "${TRAIN[@]}" --time-limit "$LIMIT" > "$OUT/train.log" 2>&1
+  echo "exit $?"; grep -v "^\s*$" "$OUT/train.log" | tail -8
+  python3 -c "import json,sys; t=json.load(open(sys.argv[1])); v=t.get('validation', {}); \
+print('stop_reason', t.get('stop_reason'), '| tokens', t['final_metrics']['tokens_seen'], \
+'| corpus tokens used', t['final_metrics'].get('corpus_tokens_used'), '| best val', v.get('best'), \
+'| dev', t.get('dev_eval'))" "$DRAFT/training.json"
+  mkdir -p "$OUT/run" "$OUT/draft" && cp -r "$RUN"/. "$OUT/run/" \
+    && cp "$DRAFT"/{model.safetensors,config.json,training.json} "$OUT/draft/"
+  ;;
+*) echo "unknown stage $STAGE: corpus, train or report"; exit 2 ;;
+esac
+nvidia-smi --query-gpu=name --format=csv,noheader
