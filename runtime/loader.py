@@ -81,11 +81,11 @@ class EngineSpec:
         return self.dims.prefill_chunk
 
 
-def _load_artifact(path: Path, backend: str, device: str, entry: dict):
+def _load_artifact(path: Path, backend: str, device: str, entry: dict, constant: list[torch.Tensor] | None):
     if backend == "onnx":  # the graph's cache rows are written by the runner (return_cache_rows)
         from .onnx_runtime import OnnxRunner
 
-        return OnnxRunner(path, device, entry.get("cache_writes", []))
+        return OnnxRunner(path, device, entry.get("cache_writes", []), constant)
     if backend == "eager":
         import spec_compiler.ops.tree_attention  # noqa: F401  (the op the program calls)
 
@@ -188,11 +188,18 @@ def load(engine_dir: str | Path, device: str | None = None):
     weights = load_file(str(engine_dir / fmt.weights_file(spec.rank, spec.tp)), device=spec.device)
     t.append(time.perf_counter())
     graphs: dict[int, dict[str, Graph]] = {}  # batch -> name -> graph
+    prepack, PREPACKED = False, ()
+    if spec.backend == "onnx" and not spec.device.startswith("cuda"):
+        from .onnx_runtime import PREPACKED, prepack_fits  # the decode graphs' matmul weights
+
+        prepack = prepack_fits(sum(w.numel() * w.element_size() for w in weights.values()))
     for name, g in spec.manifest["graphs"].items():
         for b, entry in [(int(g.get("batch", 1)), g), *((int(k), e) for k, e in g.get("buckets", {}).items())]:
-            fn = _load_artifact(engine_dir / entry["file"], spec.backend, spec.device, entry)
+            ws = [weights[w] for w in entry["weights"]]
+            fn = _load_artifact(engine_dir / entry["file"], spec.backend, spec.device, entry,
+                                ws if prepack and name in PREPACKED else None)
             io = fmt.graph_io(fmt.graph_dims(spec.dims, name, b), name)
-            graphs.setdefault(b, {})[name] = Graph(name, fn, [weights[w] for w in entry["weights"]], io, b)
+            graphs.setdefault(b, {})[name] = Graph(name, fn, ws, io, b)
     t.append(time.perf_counter())
     state = {t.name: t.empty(spec.device) for t in fmt.state(spec.dims)}
     tdir = engine_dir / fmt.TOKENIZER_DIR

@@ -179,3 +179,38 @@ def test_onnx_refuses_bfloat16(tiny_dir):
                         backend="onnx", dtype="bfloat16")
     with pytest.raises(SpecCompileError, match="--backend onnx --dtype bfloat16.*pass --dtype float32"):
         check_onnx(cfg)
+
+
+def test_decode_graphs_run_with_prepacked_weights_and_the_same_tokens(built, loaded, monkeypatch):
+    """On the CPU the decode graphs' weights are session constants (ONNX Runtime prepacks them),
+    started at their first call; prefill binds them as inputs. A machine whose memory would not
+    hold the packed copies binds every weight, and the tokens are the same either way."""
+    from spec_compiler.runtime import onnx_runtime
+
+    fresh = Engine.load(built[0]["tree"])
+    graphs = [g for bucket in fresh._bucket_graphs.values() for g in bucket.values()]
+    assert all((g.fn.session is None) == (g.name in onnx_runtime.PREPACKED) for g in graphs)
+    fresh.generate(PROMPT, max_new_tokens=8)
+    used = [g for g in graphs if g.fn.session is not None]
+    assert {g.name for g in used} >= {"prefill", "verify", "draft"}
+    assert all(bool(g.fn.constant) == (g.name in onnx_runtime.PREPACKED) for g in used)
+    assert not any(g.name == "verify_sampled" for g in used)  # greedy: its packed copy never made
+
+    monkeypatch.setattr(onnx_runtime, "prepack_fits", lambda nbytes: False)
+    plain = Engine.load(built[0]["tree"])
+    assert all(g.fn.weights is None for bucket in plain._bucket_graphs.values() for g in bucket.values())
+    for p in (PROMPT, [9] * 20):
+        assert plain.generate(p, max_new_tokens=40).output_ids == fresh.generate(p, max_new_tokens=40).output_ids
+    batch = [PROMPT, [9] * 20]
+    assert [r.output_ids for r in plain.generate_batch(batch, max_new_tokens=20, temperature=1.0, seed=3)] == \
+        [r.output_ids for r in fresh.generate_batch(batch, max_new_tokens=20, temperature=1.0, seed=3)]
+
+
+def test_prepack_only_where_the_packed_copies_fit(monkeypatch):
+    from spec_compiler.runtime import onnx_runtime
+
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": (16 << 30) // 4096}  # 16 GiB
+    monkeypatch.setattr(onnx_runtime.os, "sysconf", lambda k: pages[k])
+    n = len(onnx_runtime.PREPACKED)
+    assert onnx_runtime.prepack_fits((4 << 30) // n)  # the copies take a quarter: fits
+    assert not onnx_runtime.prepack_fits((4 << 30) // n + (1 << 20))
