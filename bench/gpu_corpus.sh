@@ -9,10 +9,13 @@
 #           seconds; the checkpoint (parts <= 15 MiB) and the draft come back. Repeat until the
 #           printed stop_reason is "tokens" or "early stop".
 #   report: the finished draft scored on the development prompts (training.json dev_eval).
+#   trees:  the finished draft's acceptance table refitted on the GPU, fitted trees of 40, 64 and
+#           96 nodes compiled and measured one after another (tokens per call and seconds on the
+#           dev prompts), and the --tree auto engine's choice among all sizes (bench_acceptance).
 # Usage: bash bench/gpu_corpus.sh STAGE PARTS_DIR [LIMIT_SECONDS]
 #   the SmolLM2 GGUF parts as for bench/gpu_round.sh (kept in $KEEP_ROOT while the machine is warm)
 set -uo pipefail
-STAGE=${1:?usage: gpu_corpus.sh corpus|train|report PARTS_DIR [LIMIT_SECONDS]}
+STAGE=${1:?usage: gpu_corpus.sh corpus|train|report|trees PARTS_DIR [LIMIT_SECONDS]}
 PARTS=${2:?usage: gpu_corpus.sh STAGE PARTS_DIR [LIMIT_SECONDS]}
 LIMIT=${3:-480}
 . "$(dirname "$0")/gpu_env.sh"
@@ -47,6 +50,25 @@ print('stop_reason', t.get('stop_reason'), '| tokens', t['final_metrics']['token
   mkdir -p "$OUT/run" "$OUT/draft" && cp -r "$RUN"/. "$OUT/run/" \
     && cp "$DRAFT"/{model.safetensors,config.json,training.json} "$OUT/draft/"
   ;;
-*) echo "unknown stage $STAGE: corpus, train or report"; exit 2 ;;
+trees)
+  python3 -m spec_compiler.train.fit_tree "$SMOL" "$DRAFT" --device cuda --n 128 --nodes 96 \
+    --out "$OUT/tree-96.json" --accept-out "$DRAFT/accept.json" 2>&1 | tail -2
+  python3 - "$DRAFT/accept.json" "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+from spec_compiler.tree_choice import AcceptTable
+table = AcceptTable.read(Path(sys.argv[1]))
+for n in (40, 64, 96):
+    t = table.fitted(n)
+    Path(sys.argv[2], f"fitted-{n}.json").write_text(json.dumps([list(p) for p in t.paths]))
+    print(f"fitted-{n}: expected {table.expected_tpc(t):.2f} tokens per call")
+PY
+  T="auto,$OUT/fitted-40.json,$OUT/fitted-64.json,$OUT/fitted-96.json"
+  timeout 560 python3 bench/bench_acceptance.py "$SMOL" --drafts "$DRAFT" --trees "$T" --device cuda \
+    --jobs 1 --out "$OUT/acceptance_trees.json" > "$OUT/acceptance_trees.log" 2>&1
+  grep -v "^\[\|DEBUG\|^W1\|^I1" "$OUT/acceptance_trees.log" | tail -8
+  cp "$DRAFT/accept.json" "$OUT/"
+  ;;
+*) echo "unknown stage $STAGE: corpus, train, report or trees"; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name --format=csv,noheader

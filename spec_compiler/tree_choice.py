@@ -58,7 +58,7 @@ from .trees import TreeSpec, chain, resolve_tree
 ACCEPT = "accept.json"
 ACCEPT_FORMAT = "spec-accept/1"
 # Fitted-tree sizes tried (nodes with the root), and the longest chain tried.
-FITTED_SIZES = (2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 26, 32, 48, 64)
+FITTED_SIZES = (2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 26, 32, 40, 48, 64, 96)  # 40-96: GPU-sized trees
 MAX_CHAIN = 6
 ROUNDS = 7  # timing rounds (the fastest per size)
 BUSY_SPREAD = 1.5  # a median round this much slower than the fastest: the timing was disturbed
