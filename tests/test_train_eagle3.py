@@ -88,13 +88,8 @@ def test_cli_trains_a_loadable_eagle3_head_and_resumes_exactly(target_dir, promp
         assert eng.generate(p, max_new_tokens=20).output_ids == hf_greedy(target_dir, p, 20)
 
 
-def test_ttt_loss_falls_on_a_fixed_batch(target_dir):
-    from spec_compiler.train.eagle3 import ttt_loss
-
+def _fixed_batch(target_dir):
     target = load_target(target_dir)
-    head = random_head(target)
-    head.lm_head.weight = torch.nn.Parameter(target.lm_head.weight.detach().clone())
-    head.train()
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, 128, (2, 12), generator=g)
     target.feature_layers = (0, 1, 2)
@@ -102,8 +97,16 @@ def test_ttt_loss_falls_on_a_fixed_batch(target_dir):
         final, fused, _ = target.forward_parts(tokens, torch.arange(12).expand(2, 12), torch.zeros(2, dtype=torch.long),
                                                [torch.zeros(target.cache_shape(2, 12)) for _ in range(8)])
     target.feature_layers = ()
-    feats = torch.cat((fused, final), -1)
-    mask = torch.ones(2, 11, dtype=torch.bool)
+    return target, tokens, torch.cat((fused, final), -1), torch.ones(2, 11, dtype=torch.bool)
+
+
+def test_ttt_loss_falls_on_a_fixed_batch(target_dir):
+    from spec_compiler.train.eagle3 import ttt_loss
+
+    target, tokens, feats, mask = _fixed_batch(target_dir)
+    head = random_head(target)
+    head.lm_head.weight = torch.nn.Parameter(target.lm_head.weight.detach().clone())
+    head.train()
     params = [p for n, p in head.named_parameters() if not n.startswith("embed_tokens")]
     opt = torch.optim.Adam(params, lr=3e-3)
     losses = []
@@ -131,3 +134,86 @@ def test_eagle3_trains_from_a_corpus_with_validation(target_dir, prompt_file, tm
     assert [h["step"] for h in hist] == [2, 4]
     assert all(h["kl_last"] > 0 for h in hist)
     assert isinstance(load_draft(out, load_target(target_dir)), Eagle3Draft)
+
+
+def test_ttt_loss_over_a_hot_vocabulary(target_dir):
+    """A head whose lm_head scores only hot ids: with every id hot (in another order) the loss
+    and metrics are the full-vocabulary ones; with a subset, each step's KL is the target's
+    distribution renormalised over the hot ids, against the head's, averaged over the rows whose
+    target top token is hot (written out here by hand), and acc compares target ids."""
+    from spec_compiler.train.eagle3 import ttt_loss
+
+    target, tokens, feats, mask = _fixed_batch(target_dir)
+    head = random_head(target)
+    head.lm_head.weight = torch.nn.Parameter(target.lm_head.weight.detach().clone())
+    V = target.cfg.vocab_size
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(2))
+    full, m_full = ttt_loss(head, target.lm_head, tokens, feats, mask, 3)
+    permuted = random_head(target)
+    permuted.lm_head.weight = torch.nn.Parameter(head.lm_head.weight.detach()[perm].clone())
+    permuted.load_state_dict({k: v for k, v in head.state_dict().items() if k != "lm_head.weight"}, strict=False)
+    same, m_same = ttt_loss(permuted, target.lm_head, tokens, feats, mask, 3, perm)
+    torch.testing.assert_close(same, full, rtol=1e-5, atol=1e-6)
+    assert m_same["acc"] == m_full["acc"] and m_same["acc_last"] == m_full["acc_last"]
+
+    hot = perm[:40]
+    sub = random_head(target)
+    sub.load_state_dict({k: v for k, v in head.state_dict().items() if k != "lm_head.weight"}, strict=False)
+    sub.lm_head.weight = torch.nn.Parameter(head.lm_head.weight.detach()[hot].clone())
+    loss, m = ttt_loss(sub, target.lm_head, tokens, feats, mask, 2, hot)
+    outs = ttt_hidden(sub, tokens[:, 1:], feats[:, :-1, :sub.fc.in_features], 2)
+    final = feats[..., sub.fc.in_features:]
+    want, accs = [], []
+    for k, g in enumerate(outs, start=1):
+        rows = [(b, i) for b in range(2) for i in range(11) if i + k < 12]
+        kls, hits = [], []
+        for b, i in rows:
+            t = target.lm_head(final[b, i + k]).float()
+            d = torch.log_softmax(sub.lm_head(sub.norm(g[b, i])).float(), -1)
+            hits.append(int(hot[d.argmax()]) == int(t.argmax()))
+            if bool((hot == t.argmax()).any()):
+                p = torch.log_softmax(t[hot], -1)
+                kls.append((p.exp() * (p - d)).sum())
+        want.append(torch.stack(kls).mean())
+        accs.append(sum(hits) / len(hits))
+    expect = (want[0] + 0.8 * want[1]) / 1.8
+    torch.testing.assert_close(loss, expect, rtol=1e-4, atol=1e-5)
+    assert abs(m["acc"] - accs[0]) < 1e-6 and abs(m["acc_last"] - accs[1]) < 1e-6
+
+
+def test_eagle3_corpus_training_over_the_hot_vocabulary(target_dir, prompt_file, tmp_path):  # noqa: F811
+    """With a corpus the hot vocabulary is known up front: the head trains an lm_head of N rows
+    (the checkpoint holds N rows, not the vocabulary), the ids are the corpus's most frequent
+    new tokens, a resume with another --draft-vocab is one clear line, and the written head
+    (its rows as trained, with d2t/t2d) compiles into a lossless engine."""
+    from spec_compiler.errors import SpecCompileError  # noqa: F401
+    from spec_compiler.train.checkpoint import load_latest
+    from spec_compiler.train.corpus import main as corpus_main, read_corpus
+    from spec_compiler.train.loop import hot_ids
+
+    corpus = tmp_path / "c"
+    assert corpus_main([str(target_dir), "--out", str(corpus), "--prompts", str(prompt_file),
+                        "--max-new-tokens", "12", "--gen-batch", "8"]) == 0
+    out = tmp_path / "d"
+    args = [str(target_dir), "--out", str(out), "--corpus", str(corpus), "--arch", "eagle3",
+            "--aux-layers", "0,1,2", "--gen-batch", "8", "--batch-size", "3", "--val-frac", "0",
+            "--draft-vocab", "48", "--save-every", "2"]
+    assert main(args + ["--max-steps", "2"]) == 0
+    _, ck = load_latest(out / "checkpoints")
+    assert ck["draft"]["lm_head.weight"].shape == (48, 64)
+    assert main(args + ["--max-steps", "3", "--resume"]) == 0
+    r = main([*args[:-4], "--draft-vocab", "40", "--save-every", "2", "--max-steps", "4", "--resume"])
+    assert r == 2
+    state = read_draft_state(out)
+    seqs = read_corpus(corpus)
+    counts = torch.bincount(torch.cat([s.tokens[s.prompt_len:] for s in seqs]), minlength=128)
+    hot = hot_ids(counts, 48)
+    assert state["lm_head.weight"].shape == (48, 64)
+    assert torch.equal(state["d2t"] + torch.arange(48), hot)
+    head = load_draft(out, load_target(target_dir))
+    assert torch.equal(head.hot_ids, hot)
+    eng = build_engine(tmp_path / "e", target_dir, tree="chain-2", draft_dir=out, max_seq_len=64)
+    from spec_compiler.runtime import Engine
+
+    for p in ([5, 9, 33, 2], [7] * 6):
+        assert Engine.load(eng).generate(p, max_new_tokens=16).output_ids == hf_greedy(target_dir, p, 16)

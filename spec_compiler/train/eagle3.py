@@ -70,10 +70,16 @@ def ttt_hidden(draft: Eagle3Draft, tokens: torch.Tensor, fused: torch.Tensor, st
 
 
 def ttt_loss(draft: Eagle3Draft, target_head: torch.nn.Linear, tokens: torch.Tensor, features: torch.Tensor,
-             mask: torch.Tensor, steps: int):
+             mask: torch.Tensor, steps: int, hot: torch.Tensor | None = None):
     """tokens (B, T), features (B, T, F + H) = [fused ; final], mask (B, T-1): supervised draft
     rows (as distill.collate marks them). -> (loss, metrics: loss, kl and acc of step 1 and of
-    the last step)."""
+    the last step).
+
+    With `hot` (the head's lm_head scores only those target ids, column j = hot[j]) the target's
+    distribution is taken over the hot ids and renormalised, and rows whose target top token is
+    not hot are not scored (the head cannot propose it), as EAGLE-3's reference trains; `acc`
+    still compares target ids over every scored row position (a row whose top token is not hot
+    counts as a miss)."""
     F_ = draft.fc.in_features
     fused, final = features[:, :-1, :F_], features[..., F_:]
     outs = ttt_hidden(draft, tokens[:, 1:], fused, steps)
@@ -86,12 +92,24 @@ def ttt_loss(draft: Eagle3Draft, target_head: torch.nn.Linear, tokens: torch.Ten
             break
         nxt = F.pad(final[:, k:], (0, 0, 0, k - 1))[:, :T1]  # (B, T-1, H): final[i+k]
         with torch.no_grad():
-            t_logp = torch.log_softmax(target_head(nxt[ok]).float(), -1)
+            t_logits = target_head(nxt[ok]).float()
+            t_top = t_logits.argmax(-1)  # target ids
+            if hot is not None:
+                is_hot = torch.zeros(t_logits.shape[-1], dtype=torch.bool, device=t_logits.device)
+                is_hot[hot] = True
+                scored = is_hot[t_top]
+                t_logits = t_logits[:, hot]
+            t_logp = torch.log_softmax(t_logits, -1)
         d_logp = torch.log_softmax(draft.lm_head(draft.norm(g[ok])).float(), -1)
-        kl = (t_logp.exp() * (t_logp - d_logp)).sum(-1).mean()
+        d_top = d_logp.argmax(-1) if hot is None else hot[d_logp.argmax(-1)]
+        acc = (d_top == t_top).float().mean().item()
+        kl_rows = (t_logp.exp() * (t_logp - d_logp)).sum(-1)
+        if hot is None:
+            kl = kl_rows.mean()
+        else:  # (no row scored: 0, still a tensor of the graph)
+            kl = (kl_rows * scored).sum() / scored.sum().clamp(min=1)
         w = TTT_DECAY ** (k - 1)
         total, wsum = total + w * kl, wsum + w
-        acc = (d_logp.argmax(-1) == t_logp.argmax(-1)).float().mean().item()
         if k == 1:
             metrics.update(kl=kl.item(), acc=acc)
         metrics.update(kl_last=kl.item(), acc_last=acc)

@@ -41,10 +41,13 @@ def build_draft(target, n_layers: int, seed: int) -> EagleDraft:
     return draft
 
 
-def build_eagle3(target, aux_layers: tuple[int, ...] | None, seed: int) -> Eagle3Draft:
+def build_eagle3(target, aux_layers: tuple[int, ...] | None, seed: int,
+                 hot: torch.Tensor | None = None) -> Eagle3Draft:
     """A fresh EAGLE-3 head (PyTorch default init) reading the target layers `aux_layers`
     (default: the reference's), sharing the target's embedding; its own lm_head starts as a copy
-    of the target's (full vocabulary: the hot rows are picked when it is written)."""
+    of the target's: of its `hot` rows only when the hot vocabulary is known before training (a
+    corpus), as EAGLE-3 trains it, else the full vocabulary (the hot rows are picked when it is
+    written)."""
     L = target.cfg.n_layers
     aux = tuple(aux_layers) if aux_layers is not None else eagle3_default_layers(L)
     if len(aux) != 3 or len(set(aux)) != 3 or not all(0 <= i < L for i in aux):
@@ -53,12 +56,17 @@ def build_eagle3(target, aux_layers: tuple[int, ...] | None, seed: int) -> Eagle
                                                "; the reference's default does not fit this target, name them"))
     c = target.cfg
     cfg = Eagle3Config(layer=dataclasses.replace(c, n_layers=1, head_dim=c.hidden_size // c.n_heads),
-                       target_hidden_size=c.hidden_size, aux_layers=tuple(sorted(aux)), has_embed=False)
+                       target_hidden_size=c.hidden_size, aux_layers=tuple(sorted(aux)), has_embed=False,
+                       draft_vocab_size=None if hot is None else hot.numel())
     torch.manual_seed(seed)
     with torch.device(target.embed_tokens.weight.device):
         draft = Eagle3Draft(cfg, c)
     draft.embed_tokens.weight = target.embed_tokens.weight
-    draft.lm_head.weight.data.copy_(target.lm_head.weight.detach())
+    lm = target.lm_head.weight.detach()
+    if hot is not None:
+        draft.hot_ids.copy_(hot)
+        lm = lm[hot.to(lm.device)]
+    draft.lm_head.weight.data.copy_(lm)
     return draft
 
 
@@ -186,7 +194,15 @@ def train(args, command: str) -> dict:
     eos = target.cfg.eos_token_ids
 
     eagle3 = args.arch == "eagle3"
-    draft = build_eagle3(target, args.aux_layers, args.seed) if eagle3 else build_draft(target, args.layers, args.seed)
+    counts = torch.zeros(target.cfg.vocab_size, dtype=torch.long)
+    if corpus is not None:  # the hot vocabulary's counts: over the training split
+        counts = torch.bincount(torch.cat([s.tokens[s.prompt_len:] for s in corpus.train]),
+                                minlength=target.cfg.vocab_size)
+    # EAGLE-3 with a corpus: the hot vocabulary is known before training, and the head's lm_head
+    # trains over it alone (the reference's way; its checkpoint then holds N rows, not V)
+    hot = hot_ids(counts, args.draft_vocab) if eagle3 and corpus is not None and args.draft_vocab else None
+    draft = (build_eagle3(target, args.aux_layers, args.seed, hot) if eagle3
+             else build_draft(target, args.layers, args.seed))
     # EAGLE-3 learns from the fused layers and the target's next-token distribution (its last
     # hidden state, stored beside them); EAGLE-1/2 from the last hidden state alone.
     target.feature_layers = draft.cfg.fused_layers
@@ -196,13 +212,17 @@ def train(args, command: str) -> dict:
     noise_gen = torch.Generator(dev).manual_seed(args.seed)
     st = {"step": 0, "tokens_seen": 0, "generated": 0, "gen_idx": 0, "pass": 0, "mb": 0,
           "train_s": 0.0, "gen_s": 0.0, "feat_s": 0.0, "wall_s": 0.0, "history": [], "commands": [command],
-          "counts": torch.zeros(target.cfg.vocab_size, dtype=torch.long),
-          "val_history": [], "best": None, "bad_vals": 0, "early_stop": False}
+          "counts": counts, "val_history": [], "best": None, "bad_vals": 0, "early_stop": False}
     seqs: list[Sequence] | None = None
     best_w: dict[str, torch.Tensor] | None = None  # the best-by-validation weights, in --save-dtype
     if args.resume:
         path, ck = load_latest(ckpt_dir)
         _check_resume(ck, args, info, path)
+        if tuple(ck["draft"]["lm_head.weight"].shape if "lm_head.weight" in ck["draft"] else ()) not in \
+                ((), tuple(params["lm_head.weight"].shape) if "lm_head.weight" in params else ()):
+            raise SpecCompileError(f"--resume: {path} trained an lm_head over "
+                                   f"{ck['draft']['lm_head.weight'].shape[0]} tokens, this run's has "
+                                   f"{params['lm_head.weight'].shape[0]}; use the same --draft-vocab")
         for n, p in params.items():
             p.data.copy_(ck["draft"][n])
         opt.load_state_dict(ck["optimizer"])
@@ -215,8 +235,7 @@ def train(args, command: str) -> dict:
     wall0 = st["wall_s"]
     val: list[Sequence] = []
     if corpus is not None:
-        st["counts"] = torch.bincount(  # the hot vocabulary's counts: over the training split
-            torch.cat([s.tokens[s.prompt_len:] for s in corpus.train]), minlength=target.cfg.vocab_size)
+        st["counts"] = counts
         if corpus.val:  # featurized once per run, kept in memory
             t0 = time.time()
             val = featurize(target, [Sequence(s.tokens, None, s.prompt_len, s.ended, s.prompt_index)
@@ -284,7 +303,7 @@ def train(args, command: str) -> dict:
             with torch.autocast("cuda", torch.bfloat16, enabled=dev.type == "cuda"):
                 if eagle3:
                     loss, m = ttt_loss(draft, target.lm_head, batch.tokens, batch.features, batch.mask,
-                                       args.ttt_steps)
+                                       args.ttt_steps, draft.hot_ids)
                 else:
                     loss, m = distill_loss(draft, batch, args.w_feat, args.w_kl, args.noise, noise_gen)
             opt.zero_grad(set_to_none=True)
@@ -366,7 +385,8 @@ def _validate(draft, target, val: list[Sequence], args, dev, eagle3: bool) -> di
         batch = collate([val[i] for i in order[r:r + args.batch_size]], dev)
         with torch.autocast("cuda", torch.bfloat16, enabled=dev.type == "cuda"):
             if eagle3:
-                _, m = ttt_loss(draft, target.lm_head, batch.tokens, batch.features, batch.mask, args.ttt_steps)
+                _, m = ttt_loss(draft, target.lm_head, batch.tokens, batch.features, batch.mask, args.ttt_steps,
+                                draft.hot_ids)
             else:
                 _, m = distill_loss(draft, batch, args.w_feat, args.w_kl, 0.0)
         meter.add(m, batch.n_tokens)

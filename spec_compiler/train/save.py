@@ -54,11 +54,17 @@ def save_eagle3(draft: Eagle3Draft, out_dir: str | Path, dtype: torch.dtype = to
     config.json with `draft_vocab_size`, `target_hidden_size` and the fused target layers
     (`eagle_aux_hidden_state_layer_ids`). The embedding is the target's: not written."""
     V = draft.cfg.layer.vocab_size
-    hot_ids = _checked_hot_ids(hot_ids, V)
+    lm = draft.lm_head.weight.detach()
+    if draft.hot_ids is not None:  # trained over its hot vocabulary: the rows are those already
+        if hot_ids is not None and not torch.equal(hot_ids.cpu(), draft.hot_ids.cpu()):
+            raise ValueError("save_eagle3: hot_ids differ from the head's own hot vocabulary")
+        hot_ids = draft.hot_ids.cpu()
+    else:
+        hot_ids = _checked_hot_ids(hot_ids, V)
+        lm = lm if hot_ids is None else lm[hot_ids.to(lm.device)]
     sd = {k: v.detach().to(dtype).contiguous() for k, v in draft.state_dict().items()
           if k.startswith(("fc.", "midlayer.", "norm."))}
-    lm = draft.lm_head.weight.detach()
-    sd["lm_head.weight"] = (lm if hot_ids is None else lm[hot_ids.to(lm.device)]).to(dtype).contiguous()
+    sd["lm_head.weight"] = lm.to(dtype).contiguous()
     if hot_ids is not None:
         sd.update(_hot_tables(hot_ids, V))
     c = draft.cfg.layer
