@@ -192,7 +192,9 @@ def load(engine_dir: str | Path, device: str | None = None):
     if spec.backend == "onnx" and not spec.device.startswith("cuda"):
         from .onnx_runtime import PREPACKED, prepack_fits  # the decode graphs' matmul weights
 
-        prepack = prepack_fits(sum(w.numel() * w.element_size() for w in weights.values()))
+        sessions = sum(1 + len(g.get("buckets", {})) for name, g in spec.manifest["graphs"].items()
+                       if name in PREPACKED)
+        prepack = prepack_fits(sum(w.numel() * w.element_size() for w in weights.values()), sessions)
     for name, g in spec.manifest["graphs"].items():
         for b, entry in [(int(g.get("batch", 1)), g), *((int(k), e) for k, e in g.get("buckets", {}).items())]:
             ws = [weights[w] for w in entry["weights"]]

@@ -86,14 +86,15 @@ def write_rows(cache: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> 
     cache.scatter_(2, slots[:, None, :, None].expand(rows.shape), rows)
 
 
-def prepack_fits(weight_bytes: int) -> bool:
-    """Whether every PREPACKED graph's packed copy of `weight_bytes` fits in a quarter of the
-    machine's memory (SmolLM2 in float32: 3 x 0.54 GB; an 8B model in float32 would not)."""
+def prepack_fits(weight_bytes: int, sessions: int) -> bool:
+    """Whether `sessions` packed copies of `weight_bytes` (one per PREPACKED graph and batch
+    bucket, if every one is called) fit in a quarter of the machine's memory (SmolLM2 in float32
+    at one bucket: 3 x 0.54 GB; an 8B model in float32 would not)."""
     try:
         phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return False
-    return weight_bytes * len(PREPACKED) <= phys // 4
+    return weight_bytes * sessions <= phys // 4
 
 
 class OnnxRunner:

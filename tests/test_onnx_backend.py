@@ -196,7 +196,7 @@ def test_decode_graphs_run_with_prepacked_weights_and_the_same_tokens(built, loa
     assert all(bool(g.fn.constant) == (g.name in onnx_runtime.PREPACKED) for g in used)
     assert not any(g.name == "verify_sampled" for g in used)  # greedy: its packed copy never made
 
-    monkeypatch.setattr(onnx_runtime, "prepack_fits", lambda nbytes: False)
+    monkeypatch.setattr(onnx_runtime, "prepack_fits", lambda nbytes, sessions: False)
     plain = Engine.load(built[0]["tree"])
     assert all(g.fn.weights is None for bucket in plain._bucket_graphs.values() for g in bucket.values())
     for p in (PROMPT, [9] * 20):
@@ -211,6 +211,16 @@ def test_prepack_only_where_the_packed_copies_fit(monkeypatch):
 
     pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": (16 << 30) // 4096}  # 16 GiB
     monkeypatch.setattr(onnx_runtime.os, "sysconf", lambda k: pages[k])
-    n = len(onnx_runtime.PREPACKED)
-    assert onnx_runtime.prepack_fits((4 << 30) // n)  # the copies take a quarter: fits
-    assert not onnx_runtime.prepack_fits((4 << 30) // n + (1 << 20))
+    assert onnx_runtime.prepack_fits(1 << 30, 4)  # the copies take a quarter: fits
+    assert not onnx_runtime.prepack_fits((1 << 30) + (1 << 20), 4)
+    assert not onnx_runtime.prepack_fits(1 << 30, 5)  # one more bucket's session: not
+
+
+def test_prepack_counts_every_bucket_session(built, monkeypatch):
+    """The tree engine has batch buckets 1 and 2: its decode graphs are six sessions."""
+    from spec_compiler.runtime import onnx_runtime
+
+    seen = []
+    monkeypatch.setattr(onnx_runtime, "prepack_fits", lambda nbytes, sessions: seen.append(sessions) or True)
+    eng = Engine.load(built[0]["tree"])
+    assert seen == [2 * len(onnx_runtime.PREPACKED)] and sorted(eng._bucket_graphs) == [1, 2]
