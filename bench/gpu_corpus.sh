@@ -30,6 +30,9 @@ TRAIN=(python3 -m spec_compiler.train.cli "$SMOL" --out "$DRAFT" --corpus "$CORP
        --checkpoint-dir "$RUN/checkpoints" --keep-checkpoints 1 --tokens 40000000 --batch-size 16
        --gen-batch 384 --reuse 2 --lr 6e-4 --warmup 50 --draft-vocab 16384 --val-every 200
        --patience 5 --save-every 200 --log-every 50 --resume-if-any)
+# A data-size point: CORPUS_TOKENS=N trains on the corpus's first N new tokens (nested subsets;
+# give each point its own DRAFT and RUN), then bench/training_curve.py tabulates and plots them.
+[ -n "${CORPUS_TOKENS:-}" ] && TRAIN+=(--corpus-tokens "$CORPUS_TOKENS")
 case "$STAGE" in
 corpus)
   python3 -m spec_compiler.train.corpus "$SMOL" --out "$CORPUS" --device cuda --passes 8 \

@@ -550,3 +550,40 @@ def test_split_checkpoints_reassemble_and_old_ones_still_load(tmp_path, monkeypa
     part.unlink()
     with pytest.raises(SpecCompileError, match="part001 is missing"):
         load_latest(d)
+
+
+def test_corpus_tokens_trains_on_nested_fixed_subsets(tiny_dir, corpus_dir, tmp_path, monkeypatch):
+    """--corpus-tokens N: the first training sequences of one fixed order within N new tokens,
+    whatever --seed; growing N only adds sequences (nested data-size points); only those are
+    drawn, training.json records the limit, and the flag is corpus-only and kept on resume."""
+    from spec_compiler.train import loop
+    from spec_compiler.train.corpus import read_corpus, split_by_prompt
+
+    train, _ = split_by_prompt([s for s in read_corpus(corpus_dir)
+                                if loop.supervised_range(s)[1] > loop.supervised_range(s)[0]], 0.25)
+    key = lambda s: (s.prompt_index, tuple(s.tokens.tolist()))  # noqa: E731
+    sizes = [40, 90, 10**9]
+    subsets = [loop.data_subset(train, n) for n in sizes]
+    for n, sub in zip(sizes, subsets):
+        assert sub and (len(sub) == 1 or sum(s.n_new for s in sub) <= n)
+    assert {key(s) for s in subsets[0]} <= {key(s) for s in subsets[1]} < {key(s) for s in subsets[2]}
+    assert len(subsets[2]) == len(train) and len(subsets[0]) < len(subsets[1])
+
+    drawn = []
+    batch = loop._Corpus.batch
+
+    def spy(self, *a):
+        seqs = batch(self, *a)
+        drawn.extend(key(s) for s in seqs)
+        return seqs
+
+    monkeypatch.setattr(loop._Corpus, "batch", spy)
+    out = tmp_path / "d"
+    common = [str(tiny_dir), "--corpus", str(corpus_dir), *CORPUS_ARGS, "--patience", "0", "--out", str(out)]
+    assert main([*common, "--corpus-tokens", "90", "--seed", "5", "--max-steps", "6"]) == 0
+    assert drawn and set(drawn) <= {key(s) for s in subsets[1]}
+    info = json.loads((out / "training.json").read_text())
+    assert info["corpus"]["corpus_tokens"] == 90
+    assert info["corpus"]["train_sequences"] == len(subsets[1])
+    assert main([*common, "--corpus-tokens", "40", "--seed", "5", "--max-steps", "8", "--resume"]) == 2
+    assert main([str(tiny_dir), "--out", str(tmp_path / "o"), "--corpus-tokens", "40"]) == 2  # online

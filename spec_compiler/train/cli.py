@@ -50,6 +50,10 @@ def parser() -> argparse.ArgumentParser:
     a("--corpus", type=Path, default=None,
       help="train from a spec-corpus directory (the target's continuations, made once) instead of "
            "generating online; --gen-batch then counts corpus sequences per featurized batch")
+    a("--corpus-tokens", type=int, default=None,
+      help="--corpus: train on a fixed subset of its training split, the first sequences of one "
+           "fixed order (the same for every seed) up to N new tokens: subsets of growing N are "
+           "nested, for data-size curves (default: all)")
     a("--val-frac", type=float, default=None,
       help="--corpus: share of the training prompts held out for validation, picked by a hash of "
            "the prompt's index (default 0.05; 0: none)")

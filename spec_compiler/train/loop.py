@@ -118,6 +118,20 @@ def _fmt_t(s: float) -> str:
     return f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
+def data_subset(train: list[Sequence], new_tokens: int) -> list[Sequence]:
+    """The first training sequences of one fixed order (not the run's --seed: the subsets of
+    every run on a corpus are nested) while their new tokens stay within `new_tokens` (at least
+    one sequence), kept in corpus order."""
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(20261130)).tolist()
+    keep, total = [], 0
+    for i in order:
+        if keep and total + train[i].n_new > new_tokens:
+            break
+        keep.append(i)
+        total += train[i].n_new
+    return [train[i] for i in sorted(keep)]
+
+
 class _Corpus:
     """`--corpus`: the training and validation sequences (no features) and what is recorded."""
 
@@ -136,6 +150,8 @@ class _Corpus:
         if not train:
             raise SpecCompileError(f"--val-frac {args.val_frac}: holds out every prompt of the corpus; "
                                    "lower it")
+        if args.corpus_tokens is not None:
+            train = data_subset(train, args.corpus_tokens)
         if args.val_frac > 0 and not val:
             raise SpecCompileError(f"--val-frac {args.val_frac}: no prompt of the corpus's "
                                    f"{index['prompts']['n_prompts']} falls in the validation split; "
@@ -146,6 +162,7 @@ class _Corpus:
         self.train, self.val, self.prompts = train, val, index["prompts"]
         self.record = {
             "dir": record_path(args.corpus), "sha256": corpus_sha256(index),
+            "corpus_tokens": args.corpus_tokens,
             "complete": bool(index.get("complete")), "settings": index["settings"],
             "n_sequences": index["totals"]["n_sequences"], "n_new": index["totals"]["n_new"],
             "train_sequences": len(train), "train_new": sum(s.n_new for s in train),

@@ -19,10 +19,10 @@ from .data import DEFAULT_TRAIN_PROMPTS
 RESUME_KEYS = ("layers", "max_new_tokens", "gen_batch", "batch_size", "reuse", "lr", "warmup",
                "w_feat", "w_kl", "noise", "temperature", "seed", "weight_decay", "grad_clip",
                "max_prompt_tokens", "target_dtype", "arch", "ttt_steps", "aux_layers",
-               "val_frac", "val_every", "val_seqs")
+               "val_frac", "val_every", "val_seqs", "corpus_tokens")
 # What a checkpoint written before a setting existed ran with.
 RESUME_DEFAULTS = {"arch": "eagle", "ttt_steps": 3, "aux_layers": None, "val_frac": None, "val_every": None,
-                   "val_seqs": None}
+                   "val_seqs": None, "corpus_tokens": None}
 # With --corpus: the validation split's defaults (online training has no held-out split).
 VAL_DEFAULTS = {"val_frac": 0.05, "val_every": 100, "val_seqs": 256, "patience": 5}
 
@@ -44,7 +44,7 @@ def resolve_args(args) -> None:
     else:
         if args.prompts is None:
             args.prompts = DEFAULT_TRAIN_PROMPTS
-        for k in VAL_DEFAULTS:
+        for k in (*VAL_DEFAULTS, "corpus_tokens"):
             if getattr(args, k) is not None:
                 raise SpecCompileError(f"--{k.replace('_', '-')}: only with --corpus (online training "
                                        "has no held-out split); drop it")
@@ -94,6 +94,8 @@ def check_args(args) -> None:
             if getattr(args, flag) <= 0:
                 raise SpecCompileError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be a "
                                        "positive integer")
+        if args.corpus_tokens is not None and args.corpus_tokens <= 0:
+            raise SpecCompileError(f"--corpus-tokens {args.corpus_tokens}: must be a positive integer")
         if args.patience < 0:
             raise SpecCompileError(f"--patience {args.patience}: must be >= 0 (0: never stop early)")
     if not args.resume:
