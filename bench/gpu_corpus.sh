@@ -2,8 +2,8 @@
 # GPU-scale draft training (docs/training.md, "Corpus and GPU-scale training") in calls of at most
 # 10 minutes. Every stage is one call; any call may land on a fresh machine, so everything a
 # later call needs comes back under $OUT and is committed before the next call:
-#   corpus: spec-corpus continues the wide training set (8 passes at T 0 / 0.7 / 1.0, 256 new
-#           tokens) for $LIMIT seconds; CORPUS comes back (parts <= 15 MiB). Repeat until
+#   corpus: spec-corpus continues the wide training set (27 passes: one greedy, then T 0.7 and 1.0
+#           in turn, 256 new tokens: ~9M new tokens, 10x the shipped drafts' data) for $LIMIT seconds; CORPUS comes back (parts <= 15 MiB). Repeat until
 #           index.json says complete (the stage prints it).
 #   train:  spec-train --corpus, resumed from the checkpoint in $RUN if there is one, for $LIMIT
 #           seconds; the checkpoint (parts <= 15 MiB) and the draft come back. Repeat until the
@@ -35,7 +35,7 @@ TRAIN=(python3 -m spec_compiler.train.cli "$SMOL" --out "$DRAFT" --corpus "$CORP
 [ -n "${CORPUS_TOKENS:-}" ] && TRAIN+=(--corpus-tokens "$CORPUS_TOKENS")
 case "$STAGE" in
 corpus)
-  python3 -m spec_compiler.train.corpus "$SMOL" --out "$CORPUS" --device cuda --passes 8 \
+  python3 -m spec_compiler.train.corpus "$SMOL" --out "$CORPUS" --device cuda --passes 27 \
     --temperature 0,0.7,1.0 --max-new-tokens 256 --gen-batch 512 --time-limit "$LIMIT" 2>&1 \
     | tee "$OUT/corpus.log" | tail -6
   python3 -c "import json,sys; i=json.load(open(sys.argv[1])); print('complete', i.get('complete'), i['totals'])" \

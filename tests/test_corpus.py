@@ -220,3 +220,17 @@ def test_frames_round_trip_wide_ids_and_reject_garbage():
     for bad in (data[:-3], data[:20] + b"\0" + data[21:], b"XXXX" + data[4:]):
         with pytest.raises(SpecCompileError, match="x: not a corpus part"):
             decode_frames(bad, "x")
+
+
+def test_pass_temperatures_never_repeat_a_greedy_pass(tiny_dir, prompt_file, tmp_path, capsys):  # noqa: F811
+    """The list in order, then its sampling temperatures in turn: one greedy pass, not copies of
+    it. Greedy only: cycles as given, with a note naming the copies."""
+    from spec_compiler.train.corpus import pass_temperature
+
+    assert [pass_temperature((0.0, 0.7, 1.0), p) for p in range(7)] == [0.0, 0.7, 1.0, 0.7, 1.0, 0.7, 1.0]
+    assert [pass_temperature((0.7, 0.0), p) for p in range(4)] == [0.7, 0.0, 0.7, 0.7]
+    assert [pass_temperature((0.0,), p) for p in range(3)] == [0.0, 0.0, 0.0]
+    capsys.readouterr()
+    assert main([str(tiny_dir), "--out", str(tmp_path / "c"), "--prompts", str(prompt_file), *GEN,
+                 "--passes", "3"]) == 0
+    assert "note: passes 1, 2 are greedy again" in capsys.readouterr().err

@@ -9,7 +9,7 @@ not bit-reproducible across machines and library versions, so the same command e
 approximately, not exactly, the same tokens.
 
 Work: `--passes` passes over the prompt file; pass p continues every prompt once at temperature
-`--temperature[p % len]`, in generation batches of `--gen-batch` prompts (length-sorted within
+`pass_temperature` (the list in order, then its sampling temperatures in turn), in generation batches of `--gen-batch` prompts (length-sorted within
 the pass: little padding). Generation batch k is the unit of work: its sequences are written,
 then the index records it, so a rerun of the same command resumes after the last recorded batch
 (a finished corpus: nothing to do, nothing written); `--passes` may grow between runs.
@@ -79,8 +79,9 @@ def parser() -> argparse.ArgumentParser:
     a("--passes", type=int, default=1, help="continuations of every prompt (default 1); may grow "
                                             "on a rerun")
     a("--temperature", type=temperatures, default=(0.0,),
-      help="sampling temperature per pass (default 0: greedy); a comma list (e.g. 0,0.7,1.0) "
-           "cycles over passes")
+      help="sampling temperature per pass (default 0: greedy); a comma list (e.g. 0,0.7,1.0) is "
+           "used in order, then its sampling temperatures cycle (a repeated greedy pass would "
+           "only copy the first)")
     a("--max-new-tokens", type=int, default=192, help="continuation length per prompt (default 192)")
     a("--max-prompt-tokens", type=int, default=512, help="prompts are cut to their last N tokens")
     a("--gen-batch", type=int, default=64, help="prompts the target continues at once (default 64)")
@@ -184,6 +185,17 @@ def read_corpus(corpus_dir: str | Path, what: str = "--corpus") -> list[Sequence
         for _, seqs in decode_frames(read_part(corpus_dir, part, what), f"{what}: {corpus_dir / part['file']}"):
             out += seqs
     return out
+
+
+def pass_temperature(temps: tuple[float, ...], p: int) -> float:
+    """Pass p's temperature: the list in order, then cycling over its sampling temperatures only.
+    Greedy decoding continues a prompt the same way every time, so a second greedy pass would
+    add an exact copy, not data (`--passes 24 --temperature 0,0.7,1.0`: one greedy pass, then
+    0.7 and 1.0 in turn). A list of greedy only cycles as given."""
+    if p < len(temps):
+        return temps[p]
+    sampled = [t for t in temps if t > 0] or list(temps)
+    return sampled[(p - len(temps)) % len(sampled)]
 
 
 def corpus_sha256(index: dict) -> str:
@@ -354,6 +366,10 @@ def _generate(args, command, out, index, rows, model, prompts, shape, t_start) -
     G = args.gen_batch
     per_pass = -(-len(rows) // G)
     total = per_pass * args.passes
+    greedy = [p for p in range(args.passes) if pass_temperature(args.temperature, p) == 0]
+    if len(greedy) > 1:
+        print(f"note: passes {', '.join(map(str, greedy[1:]))} are greedy again: exact copies of pass "
+              f"{greedy[0]}'s continuations; add a sampling temperature for new data", file=sys.stderr)
     done = index["batches_done"] if index else 0
     if index is not None and done >= total:
         print(f"corpus {out}: complete ({done} batches, {index['totals']['n_new']} new tokens in "
@@ -384,7 +400,7 @@ def _generate(args, command, out, index, rows, model, prompts, shape, t_start) -
         t0 = time.time()
         p, b = divmod(done, per_pass)
         pids = order[b * G:(b + 1) * G]
-        temp = args.temperature[p % len(args.temperature)]
+        temp = pass_temperature(args.temperature, p)
         gen = torch.Generator(dev).manual_seed(_seed(args.seed, done, 1))
         seqs = continue_prompts(target, [ids[i] for i in pids], args.max_new_tokens, eos, temp, gen)
         for s, i in zip(seqs, pids):
