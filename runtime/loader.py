@@ -188,18 +188,19 @@ def load(engine_dir: str | Path, device: str | None = None):
     weights = load_file(str(engine_dir / fmt.weights_file(spec.rank, spec.tp)), device=spec.device)
     t.append(time.perf_counter())
     graphs: dict[int, dict[str, Graph]] = {}  # batch -> name -> graph
-    prepack, PREPACKED = False, ()
+    constant = frozenset()  # the graphs whose weights are session constants (onnx on the CPU)
     if spec.backend == "onnx" and not spec.device.startswith("cuda"):
         from .onnx_runtime import PREPACKED, prepack_fits  # the decode graphs' matmul weights
 
         sessions = sum(1 + len(g.get("buckets", {})) for name, g in spec.manifest["graphs"].items()
                        if name in PREPACKED)
-        prepack = prepack_fits(sum(w.numel() * w.element_size() for w in weights.values()), sessions)
+        if prepack_fits(sum(w.numel() * w.element_size() for w in weights.values()), sessions):
+            constant = PREPACKED
     for name, g in spec.manifest["graphs"].items():
         for b, entry in [(int(g.get("batch", 1)), g), *((int(k), e) for k, e in g.get("buckets", {}).items())]:
             ws = [weights[w] for w in entry["weights"]]
             fn = _load_artifact(engine_dir / entry["file"], spec.backend, spec.device, entry,
-                                ws if prepack and name in PREPACKED else None)
+                                ws if name in constant else None)
             io = fmt.graph_io(fmt.graph_dims(spec.dims, name, b), name)
             graphs.setdefault(b, {})[name] = Graph(name, fn, ws, io, b)
     t.append(time.perf_counter())

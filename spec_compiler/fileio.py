@@ -32,6 +32,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -68,6 +69,19 @@ def read_bounded(path: str | Path, what: str, max_bytes: int, fix: str) -> bytes
     if len(raw) > max_bytes:
         raise SpecCompileError(f"{what}: {path} is larger than {max_bytes >> 20} MiB, {fix}")
     return raw
+
+
+def read_recorded(path: Path, nbytes: int, sha256: str, what: str, kind: str, listing: str, fix: str) -> bytes:
+    """The bytes of `path` (a `kind`, e.g. "corpus part"), checked against the size and sha256 a
+    `listing` (an index or manifest) records for it: missing, unreadable, another size or
+    another sha256 is one SpecCompileError `what: ...; fix`."""
+    if not path.is_file():
+        raise SpecCompileError(f"{what}: {kind} {path} is missing; {fix}")
+    data = read_bounded(path, what, nbytes, fix) if path.stat().st_size == nbytes else b""
+    if len(data) != nbytes or hashlib.sha256(data).hexdigest() != sha256:
+        raise SpecCompileError(f"{what}: {kind} {path} is corrupt (its size or sha256 differs from "
+                               f"{listing}); {fix}")
+    return data
 
 
 def parse_json(text: str | bytes, where: str, fix: str):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import sys
 import time
 from pathlib import Path
@@ -72,14 +71,6 @@ def is_complete(model_dir: Path) -> bool:
         return False
     has_template = (model_dir / "chat_template.jinja").is_file() or "chat_template" in tok_config
     return config.get("model_type") == "llama" and has_template
-
-
-def _make_readable(model_dir: Path) -> None:
-    """Some writers create 0600 files; give them the usual umask modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for f in model_dir.iterdir():
-        f.chmod(0o666 & ~umask)
 
 
 def _convert(gguf: Path, out: Path) -> None:
@@ -144,7 +135,6 @@ def fetch_smollm2(out_dir: Path, *, force: bool = False) -> Path:
     with atomic_dir(out_dir, existing="replace") as tmp:  # replace: only with force
         _convert(gguf, tmp)
         assert is_complete(tmp), f"conversion left an incomplete {tmp}: {sorted(tmp.iterdir())}"
-        _make_readable(tmp)
     print(f"SmolLM2-135M-Instruct converted to {out_dir} in {time.perf_counter() - t0:.1f} s",
           flush=True)
     return out_dir

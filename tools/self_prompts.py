@@ -137,7 +137,7 @@ _LABEL = re.compile(r"^(question|request|task|instruction|prompt|user|q)\s*[:\-]
 _NUMBER = re.compile(r"^\s*(\d+|[a-zA-Z])[.)]\s*")  # "1. ", "A) "
 _CHATTER = re.compile(r"^(i'm|i am|i can|i'd|sure|haha|here|as an|sorry|thank|hello|hi)\b", re.I)
 _STOP = {"a", "an", "the", "of", "and", "or", "in", "on", "for", "to", "with", "about", "at", "my",
-         "on", "s", "how", "what"}
+         "s", "how", "what"}
 
 
 def clean(text: str, topic: str) -> str | None:

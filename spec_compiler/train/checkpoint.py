@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SpecCompileError, brief
-from ..fileio import atomic_write_bytes, atomic_write_text, read_bounded, read_json_object
+from ..fileio import atomic_write_bytes, atomic_write_text, read_json_object, read_recorded
 
 _NAME = re.compile(r"^step-(\d+)\.pt(\.parts)?$")
 _PART = re.compile(r"^step-(\d+)\.pt\.part\d+$")
@@ -42,7 +42,7 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 def _step(path: Path) -> int:
-    return int(path.name.split("-")[1].split(".")[0])
+    return int(_NAME.match(path.name).group(1))
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep: int = 2,
@@ -108,14 +108,8 @@ def _read_parts(manifest: Path) -> bytes:
         raise SpecCompileError(f"--resume: {manifest} is not a checkpoint manifest; {fix}")
     out = bytearray()
     for p in parts:
-        f = manifest.parent / p["file"]
-        if not f.is_file():
-            raise SpecCompileError(f"--resume: checkpoint part {f} is missing; {fix}")
-        chunk = read_bounded(f, "--resume", p["bytes"], f"not the part the manifest names; {fix}")
-        if len(chunk) != p["bytes"] or hashlib.sha256(chunk).hexdigest() != p["sha256"]:
-            raise SpecCompileError(f"--resume: checkpoint part {f} is corrupt (its size or sha256 "
-                                   f"differs from {manifest.name}); {fix}")
-        out += chunk
+        out += read_recorded(manifest.parent / p["file"], p["bytes"], p["sha256"], "--resume",
+                             "checkpoint part", manifest.name, fix)
     if hashlib.sha256(out).hexdigest() != m.get("sha256"):
         raise SpecCompileError(f"--resume: {manifest} does not match its parts; {fix}")
     return bytes(out)

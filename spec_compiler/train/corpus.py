@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from ..errors import SpecCompileError, add_verbose_flag, brief, cli_entry
-from ..fileio import atomic_write_bytes, atomic_write_text, output_lock, read_bounded, read_json_object
+from ..fileio import atomic_write_bytes, atomic_write_text, output_lock, read_json_object, read_recorded
 from ..hashing import record_path, sha256_file, weights_sha256
 from .cli import temperatures
 from .data import DEFAULT_WIDE_PROMPTS, encode_prompts, load_tokenizer, read_prompts
@@ -165,15 +165,8 @@ def read_index(corpus_dir: Path, what: str = "--corpus") -> dict:
 
 def read_part(corpus_dir: Path, part: dict, what: str = "--corpus") -> bytes:
     """A part's bytes, checked against its index entry (size and sha256)."""
-    path = Path(corpus_dir) / part["file"]
-    fix = "restore it (e.g. git checkout) or regenerate the corpus with spec-corpus"
-    if not path.is_file():
-        raise SpecCompileError(f"{what}: corpus part {path} is missing; {fix}")
-    data = read_bounded(path, what, part["bytes"], fix) if path.stat().st_size == part["bytes"] else b""
-    if len(data) != part["bytes"] or hashlib.sha256(data).hexdigest() != part["sha256"]:
-        raise SpecCompileError(f"{what}: corpus part {path} is corrupt (its size or sha256 differs "
-                               f"from {INDEX}); {fix}")
-    return data
+    return read_recorded(Path(corpus_dir) / part["file"], part["bytes"], part["sha256"], what, "corpus part",
+                         INDEX, "restore it (e.g. git checkout) or regenerate the corpus with spec-corpus")
 
 
 def read_corpus(corpus_dir: str | Path, what: str = "--corpus") -> list[Sequence]:

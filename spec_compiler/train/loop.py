@@ -173,7 +173,7 @@ class _Corpus:
     def batch(self, idx: int, size: int, seed: int) -> list[Sequence]:
         """Generation batch `idx`: `size` training sequences, seeded shuffled epochs (fresh
         copies: featurize fills them)."""
-        return [Sequence(s.tokens, None, s.prompt_len, s.ended, s.prompt_index)
+        return [dataclasses.replace(s, features=None)
                 for s in (self.train[i] for i in batch_prompt_ids(len(self.train), size, idx, seed))]
 
     def used(self, batches: int, size: int, seed: int) -> dict:
@@ -255,7 +255,7 @@ def train(args, command: str) -> dict:
         st["counts"] = counts
         if corpus.val:  # featurized once per run, kept in memory
             t0 = time.time()
-            val = featurize(target, [Sequence(s.tokens, None, s.prompt_len, s.ended, s.prompt_index)
+            val = featurize(target, [dataclasses.replace(s, features=None)
                                      for s in corpus.val], with_final=eagle3)
             print(f"validation: {len(val)} sequences of {corpus.record['val_prompts']} held-out prompts, "
                   f"featurized in {time.time() - t0:.1f}s", file=sys.stderr, flush=True)
