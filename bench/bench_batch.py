@@ -18,7 +18,7 @@ Models (--shapes):
 Writes JSON (--out), prints a table, and draws a PNG next to it (skipped without matplotlib).
 
     python bench/bench_batch.py [--device cuda] [--shapes pair,llama8b] [--batches 1,2,4,8,16,32,64]
-                                [--engines DIR] [--out bench/results/batch_DEVICE.json]
+                                [--engines DIR [--build-only]] [--out bench/results/batch_DEVICE.json]
 """
 
 from __future__ import annotations
@@ -69,8 +69,15 @@ def engine_step_ms(eng, batch: int, device: str) -> float:
 
 
 def random_engines(shape: str, batches: list[int], table: AcceptTable, root: Path, device: str) -> dict:
-    """Build (or reuse) the three engines of a random-weight shape; returns name -> dir, and the
-    dispatcher's per-bucket trees."""
+    """Build (or reuse) the three engines of a random-weight shape; returns name -> dir, and
+    name -> compile seconds (None if reused from an earlier run that did not record it). The
+    dispatcher's is a whole engine (its compile time is the one reported); the other two have
+    the step's graphs only (timed steps start from a synthetic context: no prefill)."""
+    names = ("ours_dispatch", "ours_plain", "ours_forced")
+    dirs = {name: root / f"{shape}-{name}-{device}" for name in names}
+    seconds = {name: root / f"{shape}-{name}-{device}.compile_s" for name in names}
+    if all((d / "manifest.json").is_file() for d in dirs.values()):
+        return dirs, {n: float(f.read_text()) if f.is_file() else None for n, f in seconds.items()}
     m = SHAPES[shape]
     target, draft, dcfg = random_modules(m, device=device)
     dtype = "bfloat16" if device == "cuda" else "float32"
@@ -81,32 +88,39 @@ def random_engines(shape: str, batches: list[int], table: AcceptTable, root: Pat
                          prefill_chunk=64, backend=backend, batch_size=max(batches), sampling=False)
     from spec_compiler import engine_format as fmt
 
+    t = time.time()
     trees, choice = AutoTree(table).choose_buckets(
         target, draft, base.max_seq_len, lambda d: fmt.min_capacity(base.prefill_chunk, d),
         fmt.buckets(base.batch_size), lambda s: print("  " + s, flush=True))
+    print(f"  dispatcher's trees chosen in {time.time() - t:.0f} s", flush=True)
     forced = trees[0] if trees[0].n_nodes > 1 else table.fitted(4)
     cfgs = {"ours_dispatch": with_bucket_trees(base, trees),
             "ours_plain": dataclasses.replace(base, tree=chain(0), draft=None),
             "ours_forced": dataclasses.replace(base, tree=forced)}
-    out = {}
     for name, cfg in cfgs.items():
-        d = root / f"{shape}-{name}-{device}"
+        d = dirs[name]
         if not (d / "manifest.json").is_file():
             t = time.time()
             compile_modules(cfg, target, draft if cfg.draft is not None else None, d,
                             progress=lambda s: print("  " + s, flush=True),
-                            tree_choice=choice if name == "ours_dispatch" else None)
+                            tree_choice=choice if name == "ours_dispatch" else None,
+                            graphs=None if name == "ours_dispatch" else  # whole: its compile time is reported
+                            ["verify", "draft"] if cfg.draft is not None else ["verify"])
+            seconds[name].write_text(f"{time.time() - t:.1f}")
             print(f"  built {d.name} in {time.time() - t:.0f} s", flush=True)
-        out[name] = d
     del target, draft
-    return out
+    return dirs, {n: float(f.read_text()) if f.is_file() else None for n, f in seconds.items()}
 
 
-def bench_random(shape: str, batches: list[int], table: AcceptTable, root: Path, device: str) -> dict:
+def bench_random(shape: str, batches: list[int], table: AcceptTable, root: Path, device: str,
+                 build_only: bool = False) -> dict:
     from spec_compiler.runtime import Engine
 
     res = {c: {} for c in CURVES}
-    for name, d in random_engines(shape, batches, table, root, device).items():
+    engines, res["compile_s"] = random_engines(shape, batches, table, root, device)
+    if build_only:
+        return res
+    for name, d in engines.items():
         eng = Engine.load(d)
         for b in batches:
             bucket = next(x for x in eng.buckets if x >= b)
@@ -171,6 +185,8 @@ def bench_pair(args, batches: list[int]) -> dict:
     if not (d / "manifest.json").is_file():
         assert compile_main([str(args.model), "--out", str(d), *flags, "--tree", str(tree_file)]) == 0
     res["tree_choice"] = first["tree_choice"]
+    if args.build_only:
+        return res
     for name in ("ours_dispatch", "ours_plain", "ours_forced"):
         eng = Engine.load(args.engines / f"pair-{name}-{dev}")
         ids = [eng.encode_prompt(p) for p in prompts_text]
@@ -273,6 +289,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--engines", type=Path, default=REPO / "engines")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--build-only", action="store_true", help="compile the engines under --engines, time nothing")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_batch: --device cuda needs a CUDA GPU", file=sys.stderr)
@@ -285,7 +302,10 @@ def main(argv=None) -> int:
     for shape in args.shapes.split(","):
         print(f"== {shape}", flush=True)
         results[shape] = (bench_pair(args, batches) if shape == "pair"
-                          else bench_random(shape, batches, table, args.engines, args.device))
+                          else bench_random(shape, batches, table, args.engines, args.device, args.build_only))
+    if args.build_only:
+        print(f"built the engines under {args.engines}")
+        return 0
     meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "ctx": CTX, "batches": batches}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ llama70b (`--layers K` keeps K layers, e.g. to fit TP 1 on one GPU), and tiny fo
 run of the script itself (`--device cpu`: gloo, wall-clock timing). Writes JSON, prints a table.
 
     python bench/bench_tp.py [--shape llama8b] [--tp 1,2] [--layers K] [--device cuda]
-                             [--engines DIR] [--out bench/results/tp.json]
+                             [--engines DIR [--build-only]] [--out bench/results/tp.json]
     python bench/bench_tp.py --shape tiny --tp 1,2 --device cpu --out /tmp/tp_cpu.json
 """
 
@@ -129,7 +129,7 @@ def rank_bytes(m: ModelConfig, tp: int, dtype_bytes: int) -> dict:
 
 def build(m: ModelConfig, tp: int, root: Path, device: str, dtype: str) -> tuple[Path, Path]:
     """The decode (chain-0) and speculative engines of degree tp, compiled once (reused when
-    root already holds them)."""
+    root already holds them), with the step's graphs only (start_synthetic needs no prefill)."""
     from spec_compiler.pipeline import compile_modules
 
     dirs = root / f"tp{tp}_decode", root / f"tp{tp}_spec"
@@ -145,7 +145,9 @@ def build(m: ModelConfig, tp: int, root: Path, device: str, dtype: str) -> tuple
         cfg = CompileConfig(model=m, draft=dcfg if spec else None, tree=tree, max_seq_len=512, dtype=dtype,
                             device=device, prefill_chunk=64, sampling=False, tp=tp)
         t = time.time()
-        compile_modules(cfg, target, draft if spec else None, d, progress=lambda s: print("  " + s, flush=True))
+        graphs = ["verify", "draft"] if spec else ["verify"]  # the step's graphs: no prefill is timed
+        compile_modules(cfg, target, draft if spec else None, d, progress=lambda s: print("  " + s, flush=True),
+                        graphs=graphs)
         print(f"  built {d.name} in {time.time() - t:.0f} s", flush=True)
     return dirs
 
@@ -195,7 +197,10 @@ def main(argv=None):
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--engines", type=Path, default=None, help="keep (and reuse) the engines here")
     ap.add_argument("--out", default="bench/results/tp.json")
+    ap.add_argument("--build-only", action="store_true", help="compile the engines under --engines, time nothing")
     args = ap.parse_args(argv)
+    if args.build_only and args.engines is None:
+        ap.error("--build-only needs --engines DIR")
     m = SHAPES[args.shape]
     if args.layers is not None:
         m = dataclasses.replace(m, n_layers=args.layers)
@@ -206,9 +211,13 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         root = args.engines or Path(tmp)
         for tp in map(int, args.tp.split(",")):
+            if args.build_only:
+                build(m, tp, root, args.device, dtype)
+                continue
             res["degrees"].append(bench_degree(m, tp, root, args.device, dtype))
             Path(args.out).write_text(json.dumps(res, indent=1))
-    print(table(res))
+    if not args.build_only:
+        print(table(res))
     return 0
 
 

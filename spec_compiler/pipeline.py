@@ -275,6 +275,15 @@ def _build(cfg: CompileConfig, target, draft, tmp: Path, progress, debug_dir, gr
     return Manifest.new(cfg, local, entries)
 
 
+def usable_cpus() -> int:
+    """The CPU cores this process may run on (its affinity mask: a container's or taskset's
+    share, not the whole machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks on this platform
+        return os.cpu_count() or 1
+
+
 class Lowering:
     """Lowers the engine's graphs as they are built. Why in parallel: an engine has one verify
     (and draft, verify_sampled) per batch bucket, so --max-batch 64 is 7 buckets x up to 4
@@ -295,7 +304,7 @@ class Lowering:
     def __init__(self, backend: str, device: str, jobs: int | None, total: int, progress, tp: int = 1):
         self.backend, self.device, self.total, self.progress = backend, device, total, progress
         self.tp = tp  # graphs with collectives are lowered with a stand-in group of tp ranks
-        self.jobs = min(8, max(1, (os.cpu_count() or 1) // 4)) if jobs is None else jobs
+        self.jobs = min(8, max(1, usable_cpus() // 4)) if jobs is None else jobs
         self.parallel = backend == "inductor" and self.jobs > 1 and total > 1
         self.pool, self.futures, self.done = None, {}, 0
 
