@@ -30,7 +30,7 @@ command -v taskset >/dev/null || { PIN_A=(); PIN_B=(); }
 T() { local s=$1; shift; [ "$s" -gt 10 ] || return 124; timeout "$s" "$@"; }
 A() { local s=$1; shift; CUDA_VISIBLE_DEVICES=0 T "$s" "${PIN_A[@]}" "$@"; }
 B() { local s=$1; shift; CUDA_VISIBLE_DEVICES=1 T "$s" "${PIN_B[@]}" "$@"; }
-PYTEST=(python3 -m pytest -q -p no:cacheprovider -rfE)
+PYTEST=(python3 -m pytest -v -p no:cacheprovider -rfE)  # -v: each outcome logged as it comes
 D8=(python3 bench/bench_decode.py --shapes llama8b --draft-vocab 0 --skip-decode --engines "$KEEP_ROOT/eng8")
 TP=(python3 bench/bench_tp.py --shape llama8b --tp 1,2 --engines "$KEEP_ROOT/tp")
 BATCH=(python3 bench/bench_batch.py --device cuda --engines "$KEEP_ROOT/batch" --model "$SMOL")
@@ -43,9 +43,9 @@ case "$STAGE" in
 1)
   python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
   (
-    B 120 "${PYTEST[@]}" tests/test_sampling.py -m gpu > "$LOG/t_sampling.log" 2>&1; echo "sampling tests rc $?"
-    B 300 "${PYTEST[@]}" tests/test_gpu_runtime.py -m gpu > "$LOG/t_runtime.log" 2>&1; echo "runtime tests rc $?"
-    B 120 "${PYTEST[@]}" tests/test_tp.py -m "gpu and not multi_gpu" > "$LOG/t_tp1.log" 2>&1; echo "tp ws1 test rc $?"
+    B 90 "${PYTEST[@]}" tests/test_sampling.py -m gpu > "$LOG/t_sampling.log" 2>&1; echo "sampling tests rc $?"
+    B 360 "${PYTEST[@]}" tests/test_gpu_runtime.py -m gpu > "$LOG/t_runtime.log" 2>&1; echo "runtime tests rc $?"
+    B 110 "${PYTEST[@]}" tests/test_tp.py -m "gpu and not multi_gpu" > "$LOG/t_tp1.log" 2>&1; echo "tp ws1 test rc $?"
     B "$(left 110)" "${TP[@]}" --tp 1 --build-only > "$LOG/tp1_build.log" 2>&1; echo "tp 1 build rc $? at ${SECONDS}s"
   ) &
   LANE_B=$!
@@ -55,7 +55,7 @@ case "$STAGE" in
   A "$(left 110)" "${TP[@]}" --tp 2 --build-only > "$LOG/tp2_build.log" 2>&1; echo "tp 2 build rc $? at ${SECONDS}s"
   wait $LANE_B
   T "$(left 15)" "${PYTEST[@]}" tests/test_tp.py -m multi_gpu > "$LOG/t_tp2.log" 2>&1; echo "tp2 test rc $?"
-  for f in t_sampling t_runtime t_tp1 t_tp2; do echo "-- $f"; tail -4 "$LOG/$f.log" 2>/dev/null; done
+  for f in t_sampling t_runtime t_tp1 t_tp2; do echo "-- $f"; grep -E "PASSED|FAILED|ERROR|passed|failed" "$LOG/$f.log" | grep -v "^tests.*PASSED" | tail -6; grep -c "PASSED" "$LOG/$f.log"; done
   grep -E "built|rror" "$LOG/build8b.log" "$LOG"/tp*_build.log | tail -8
   grep -v "^  \[" "$LOG/decode8b.log" | tail -12
   ;;
