@@ -107,21 +107,28 @@ def lower(gm: fx.GraphModule, example_inputs: list[torch.Tensor], out_path: Path
         return out_path
     from torch._inductor import aoti_compile_and_package
 
-    with torch.no_grad(), collective_group(tp):
+    with torch.no_grad(), collective_group(tp, has_collectives(ep.graph)):
         return Path(aoti_compile_and_package(ep, package_path=str(out_path),
                                              inductor_configs=dict(INDUCTOR_CONFIGS)))
 
 
+def has_collectives(graph: fx.Graph) -> bool:
+    """Whether the graph calls a functional collective (the tensor-parallel pass's all-reduces)."""
+    return any(n.op == "call_function" and getattr(n.target, "namespace", None) == "_c10d_functional"
+               for n in graph.nodes)
+
+
 @contextlib.contextmanager
-def collective_group(tp: int):
+def collective_group(tp: int, collectives: bool = True):
     """Inductor resolves the process group a collective names (the default one, "0") while it
-    lowers it, for its size; a compile runs no ranks, so at tp > 1 a stand-in group of tp ranks
-    ("fake": no communication) is the default group while it lowers. The artifact runs on the
-    real one."""
+    lowers it, for its size; a compile runs no ranks, so a graph with collectives is lowered
+    with a stand-in group of tp ranks ("fake": no communication) as the default group, unless
+    this process is in a real group already. The artifact runs on the real one. (A spawned
+    lowering worker is never in one, also when the compile that started it is.)"""
     import torch.distributed as dist
 
-    if tp == 1 or dist.is_initialized():
-        if tp > 1 and dist.get_world_size() != tp:
+    if not collectives or dist.is_initialized():
+        if collectives and tp > 1 and dist.get_world_size() != tp:
             raise SpecCompileError(f"--tp {tp}: compiling inside a process group of "
                                    f"{dist.get_world_size()} ranks; compile outside it")
         yield
@@ -159,6 +166,24 @@ def lower_saved(src: str, out_path: str, device: str, tp: int = 1) -> str:
     vals = [n.meta["val"] for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
     ep.example_inputs = (tuple(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
                                for v in vals), {})
-    with torch.no_grad(), collective_group(tp):
-        return aoti_compile_and_package(ep, package_path=out_path,
-                                        inductor_configs=dict(INDUCTOR_CONFIGS))
+    try:
+        with torch.no_grad(), collective_group(tp, has_collectives(ep.graph)):
+            return aoti_compile_and_package(ep, package_path=out_path,
+                                            inductor_configs=dict(INDUCTOR_CONFIGS))
+    except Exception as e:  # reaches the parent by pickle: one that does not pickle, as text
+        raise picklable(e) from None
+
+
+def picklable(e: Exception) -> Exception:
+    """`e` itself if it survives a pickle round trip, else a RuntimeError with its type, message
+    and traceback as text (Inductor's errors can hold frames, which do not pickle)."""
+    import pickle
+    import traceback
+
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        text = RuntimeError(f"{type(e).__name__}: {e}")
+        text.add_note("".join(traceback.format_exception(e)))
+        return text

@@ -201,6 +201,60 @@ def test_spec_serve_tp2_greedy_completion(inductor_tp2, gqa):
         server.kill()
 
 
+def test_a_lowering_worker_outside_any_group_lowers_collectives(tmp_path, monkeypatch):
+    """A spawned lowering worker is in no process group, also when the compile that started it
+    is (a one-rank NCCL group on a GPU machine). A graph with all-reduces, lowered there at TP 1,
+    gets a stand-in group; the artifact then runs in a real group and reduces."""
+    import torch.distributed as dist
+
+    from spec_compiler.export.lower import has_collectives, lower_saved, save_exported
+    from spec_compiler.passes.tensor_parallel import all_reduce
+    from spec_compiler.runtime.tp import free_port
+
+    class Reduce(torch.nn.Module):
+        def forward(self, x):
+            return all_reduce(x * 2) + 1
+
+    gm = torch.fx.symbolic_trace(Reduce())
+    assert has_collectives(gm.graph) and not has_collectives(torch.fx.symbolic_trace(torch.nn.ReLU()).graph)
+    assert not dist.is_initialized()
+    src = save_exported(gm, [torch.randn(4, 8)], tmp_path / "g.export.pt2")
+    package = lower_saved(src, str(tmp_path / "g.pt2"), "cpu", tp=1)
+    assert not dist.is_initialized()  # the stand-in group is gone
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        x = torch.randn(4, 8)
+        out = torch._inductor.aoti_load_package(package)(x)
+        torch.testing.assert_close(out[0] if isinstance(out, (list, tuple)) else out, x * 2 + 1)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_worker_error_that_does_not_pickle_reaches_the_parent_as_text():
+    import pickle
+    import types
+
+    from spec_compiler.export.lower import picklable
+
+    plain = ValueError("bad shape")
+    assert picklable(plain) is plain
+
+    class Holding(Exception):  # like Inductor's errors that keep a frame
+        def __init__(self, msg):
+            super().__init__(msg)
+            self.frame = types.SimpleNamespace(f=sys._getframe())
+
+    try:
+        raise Holding("lowering failed")
+    except Holding as e:
+        err = picklable(e)
+    back = pickle.loads(pickle.dumps(err))
+    assert isinstance(back, RuntimeError) and str(back) == "Holding: lowering failed"
+    assert "raise Holding" in "".join(back.__notes__)
+
+
 @pytest.mark.gpu
 def test_collectives_in_a_world_size_1_nccl_group_capture_and_replay(tmp_path, tiny_dir, tiny_draft_dir,
                                                                        monkeypatch):
