@@ -171,6 +171,7 @@ class CostModel:
     target_ms: dict[int, float]
     draft_ms: dict[int, float]
     spread: float = 1.0  # the worst median/fastest ratio over the sizes: how busy the machine was
+    timing: str = "eager"  # how the forwards ran: "eager", or "cuda_graph" (replays, on a GPU)
 
     def step_ms(self, tree: TreeSpec) -> float:
         return (_interp(self.target_ms, tree.n_nodes)
@@ -179,7 +180,7 @@ class CostModel:
     def to_json(self) -> dict:
         return {"target_ms": {str(k): round(v, 3) for k, v in sorted(self.target_ms.items())},
                 "draft_ms": {str(k): round(v, 3) for k, v in sorted(self.draft_ms.items())},
-                "spread": round(self.spread, 2)}
+                "spread": round(self.spread, 2), "timing": self.timing}
 
 
 def _interp(table: dict[int, float], x: int) -> float:
@@ -213,9 +214,13 @@ def choose(cands: list[TreeSpec], table: AcceptTable, cost: CostModel) -> tuple[
 def measure(target: torch.nn.Module, draft: torch.nn.Module | None, target_sizes: list[int],
             draft_sizes: list[int], capacity: int, context: int, rounds: int = ROUNDS,
             batch: int = 1) -> CostModel:
-    """Time target(T) and draft(n) forwards (eager, on the modules' device and dtype) of `batch`
+    """Time target(T) and draft(n) forwards (on the modules' device and dtype) of `batch`
     sequences over caches of `capacity` slots holding `context` tokens: `rounds` round-robin
-    passes over every size after one warm-up pass, the fastest round per size."""
+    passes over every size after one warm-up pass, the fastest round per size. On a GPU each
+    forward is captured as a CUDA graph and its replays are timed: eager forwards there are
+    bound by kernel launches (a small model's take the same time at 1 and 96 tokens), which
+    would hide what a bigger tree costs the engine, whose step is one replay. Eager where a
+    capture fails."""
     jobs: dict[tuple[str, int], Callable[[], object]] = {}
     for name, module, sizes in (("target", target, target_sizes), ("draft", draft, draft_sizes)):
         if module is None:
@@ -227,6 +232,10 @@ def measure(target: torch.nn.Module, draft: torch.nn.Module | None, target_sizes
             jobs[(name, n)] = _forward(module, n, context, kv, batch)
     dev = next(target.parameters()).device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    timing = "eager"
+    if dev.type == "cuda":
+        graphed, failure = _graphed(jobs)
+        jobs, timing = (graphed, "cuda_graph") if graphed is not None else (jobs, f"eager: {failure}")
     times: dict[tuple[str, int], list[float]] = {k: [] for k in jobs}
     for r in range(rounds + 1):
         for k, fn in jobs.items():
@@ -240,7 +249,29 @@ def measure(target: torch.nn.Module, draft: torch.nn.Module | None, target_sizes
     spread = max((sorted(v)[len(v) // 2] / best[k] for k, v in times.items()), default=1.0)
     return CostModel(monotone({T: best[("target", T)] for T in target_sizes}),
                      monotone({n: best[("draft", n)] for n in draft_sizes if draft is not None}),
-                     spread)
+                     spread, timing)
+
+
+def _graphed(jobs: dict) -> tuple[dict | None, str]:
+    """Each job captured as a CUDA graph (one memory pool shared by all: they run one at a
+    time and their outputs are not kept), as job -> its graph's replay; (None, why) if a
+    forward cannot be captured."""
+    pool, out = torch.cuda.graph_pool_handle(), {}
+    try:
+        for k, fn in jobs.items():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the capture (lazy init, workspaces)
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                fn()
+            out[k] = graph.replay
+    except RuntimeError as e:
+        torch.cuda.synchronize()
+        return None, (str(e).splitlines() or [type(e).__name__])[0][:160]
+    return out, ""
 
 
 def monotone(ms: dict[int, float]) -> dict[int, float]:
@@ -312,6 +343,9 @@ class AutoTree:
             f"tokens/call expected, {best['predicted_step_ms']:.1f} ms/step predicted, "
             f"{best['expected_tokens_per_s']:.1f} tokens/s; {len(rows)} candidates timed in "
             f"{time.perf_counter() - t0:.1f}s")
+        if cost.timing.startswith("eager:") and next(target.parameters()).is_cuda:
+            log(f"[tree] note: the forwards could not be captured as CUDA graphs, so they were timed "
+                f"eagerly (launch-bound: bigger trees may look cheaper than they are): {cost.timing[7:]}")
         if cost.spread > BUSY_SPREAD:
             log(f"[tree] note: the machine was busy while timing (a forward's median round took "
                 f"{cost.spread:.1f}x its fastest); the choice may not be the fastest tree: rebuild "

@@ -105,6 +105,38 @@ def test_measure_times_every_size(tiny_dir, tiny_draft_dir):
     cost = measure(target, draft, [1, 3], [2], capacity=64, context=16, rounds=2)
     assert set(cost.target_ms) == {1, 3} and set(cost.draft_ms) == {2}
     assert all(v > 0 for v in [*cost.target_ms.values(), *cost.draft_ms.values()])
+    assert cost.timing == "eager"  # the CPU runs forwards as they are
+
+
+@pytest.mark.gpu
+def test_measure_on_a_gpu_times_cuda_graph_replays(tiny_dir, tiny_draft_dir):
+    """On a GPU the forwards are timed as CUDA-graph replays (an engine's step is one replay;
+    eager forwards are launch-bound), and each replay computes what the eager forward does."""
+    import torch
+
+    from spec_compiler.loading import load_draft, load_target
+    from spec_compiler.tree_choice import _forward, _graphed
+
+    target = load_target(tiny_dir).cuda()
+    draft = load_draft(tiny_draft_dir, target).cuda()
+    cost = measure(target, draft, [1, 3, 16], [2], capacity=64, context=16, rounds=2)
+    assert cost.timing == "cuda_graph", cost.timing
+    assert set(cost.target_ms) == {1, 3, 16} and all(v > 0 for v in cost.target_ms.values())
+    p = next(target.parameters())
+    kv = [torch.zeros(target.cache_shape(1, 64), dtype=p.dtype, device="cuda") for _ in range(2 * len(target.layers))]
+    forward, out = _forward(target, 3, 16, kv), {}
+
+    def logits():
+        out["logits"] = forward()[0]  # in a capture: the graph's output, which each replay rewrites
+
+    with torch.inference_mode():
+        want = forward()[0].clone()
+        graphed, why = _graphed({"target": logits})
+        assert graphed is not None, why
+        out["logits"].zero_()
+        graphed["target"]()
+        torch.cuda.synchronize()
+    torch.testing.assert_close(out["logits"], want)
 
 
 def _draft_with_table(tiny_draft_dir, tmp_path, **header):
