@@ -38,7 +38,7 @@ from bench_decode import SHAPES, random_modules  # noqa: E402
 from spec_compiler.config import CompileConfig, ModelConfig  # noqa: E402
 from spec_compiler.pipeline import compile_modules, with_bucket_trees  # noqa: E402
 from spec_compiler.tree_choice import AcceptTable, AutoTree  # noqa: E402
-from spec_compiler.trees import chain  # noqa: E402
+from spec_compiler.trees import TreeSpec, chain  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = {**SHAPES, "tiny": ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, n_layers=2,
@@ -68,11 +68,14 @@ def engine_step_ms(eng, batch: int, device: str) -> float:
     return sorted(ts)[len(ts) // 2]
 
 
-def random_engines(shape: str, batches: list[int], table: AcceptTable, root: Path, device: str) -> dict:
+def random_engines(shape: str, batches: list[int], table: AcceptTable, root: Path, device: str,
+                   only: tuple[str, ...] = ()) -> dict:
     """Build (or reuse) the three engines of a random-weight shape; returns name -> dir, and
     name -> compile seconds (None if reused from an earlier run that did not record it). The
     dispatcher's is a whole engine (its compile time is the one reported); the other two have
-    the step's graphs only (timed steps start from a synthetic context: no prefill)."""
+    the step's graphs only (timed steps start from a synthetic context: no prefill). `only`:
+    build just these (two processes can share the work); the dispatcher's trees are chosen once
+    and kept in a file beside the engines, so every process builds from the same choice."""
     names = ("ours_dispatch", "ours_plain", "ours_forced")
     dirs = {name: root / f"{shape}-{name}-{device}" for name in names}
     seconds = {name: root / f"{shape}-{name}-{device}.compile_s" for name in names}
@@ -88,18 +91,24 @@ def random_engines(shape: str, batches: list[int], table: AcceptTable, root: Pat
                          prefill_chunk=64, backend=backend, batch_size=max(batches), sampling=False)
     from spec_compiler import engine_format as fmt
 
-    t = time.time()
-    trees, choice = AutoTree(table).choose_buckets(
-        target, draft, base.max_seq_len, lambda d: fmt.min_capacity(base.prefill_chunk, d),
-        fmt.buckets(base.batch_size), lambda s: print("  " + s, flush=True))
-    print(f"  dispatcher's trees chosen in {time.time() - t:.0f} s", flush=True)
+    chosen = root / f"{shape}-{device}.trees.json"
+    if chosen.is_file():
+        kept = json.loads(chosen.read_text())
+        trees, choice = tuple(TreeSpec.from_json(t) for t in kept["trees"]), kept["choice"]
+    else:
+        t = time.time()
+        trees, choice = AutoTree(table).choose_buckets(
+            target, draft, base.max_seq_len, lambda d: fmt.min_capacity(base.prefill_chunk, d),
+            fmt.buckets(base.batch_size), lambda s: print("  " + s, flush=True))
+        print(f"  dispatcher's trees chosen in {time.time() - t:.0f} s", flush=True)
+        chosen.write_text(json.dumps({"trees": [t.to_json() for t in trees], "choice": choice}))
     forced = trees[0] if trees[0].n_nodes > 1 else table.fitted(4)
     cfgs = {"ours_dispatch": with_bucket_trees(base, trees),
             "ours_plain": dataclasses.replace(base, tree=chain(0), draft=None),
             "ours_forced": dataclasses.replace(base, tree=forced)}
     for name, cfg in cfgs.items():
         d = dirs[name]
-        if not (d / "manifest.json").is_file():
+        if not (d / "manifest.json").is_file() and (not only or name in only):
             t = time.time()
             compile_modules(cfg, target, draft if cfg.draft is not None else None, d,
                             progress=lambda s: print("  " + s, flush=True),
@@ -113,11 +122,11 @@ def random_engines(shape: str, batches: list[int], table: AcceptTable, root: Pat
 
 
 def bench_random(shape: str, batches: list[int], table: AcceptTable, root: Path, device: str,
-                 build_only: bool = False) -> dict:
+                 build_only: bool = False, only: tuple[str, ...] = ()) -> dict:
     from spec_compiler.runtime import Engine
 
     res = {c: {} for c in CURVES}
-    engines, res["compile_s"] = random_engines(shape, batches, table, root, device)
+    engines, res["compile_s"] = random_engines(shape, batches, table, root, device, only)
     if build_only:
         return res
     for name, d in engines.items():
@@ -290,7 +299,11 @@ def main(argv=None) -> int:
     ap.add_argument("--engines", type=Path, default=REPO / "engines")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--build-only", action="store_true", help="compile the engines under --engines, time nothing")
+    ap.add_argument("--only", default="", help="with --build-only, a random-weight shape's engines to build "
+                    "(comma-separated: ours_dispatch, ours_plain, ours_forced; default all)")
     args = ap.parse_args(argv)
+    if args.only and not args.build_only:
+        ap.error("--only needs --build-only (the timed run uses all three engines)")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_batch: --device cuda needs a CUDA GPU", file=sys.stderr)
         return 1
@@ -302,7 +315,8 @@ def main(argv=None) -> int:
     for shape in args.shapes.split(","):
         print(f"== {shape}", flush=True)
         results[shape] = (bench_pair(args, batches) if shape == "pair"
-                          else bench_random(shape, batches, table, args.engines, args.device, args.build_only))
+                          else bench_random(shape, batches, table, args.engines, args.device, args.build_only,
+                                          tuple(x for x in args.only.split(",") if x)))
     if args.build_only:
         print(f"built the engines under {args.engines}")
         return 0
