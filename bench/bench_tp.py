@@ -1,20 +1,22 @@
 """Tensor parallelism at batch 1: TP 1 vs TP N on one shape, one run per degree (issue 15).
 
-Per degree, random weights, a 128-token context:
+Per degree (and at TP > 1 per lm_head layout, --lm-head: replicated on every rank, or sharded by
+vocabulary with an all-gather of the logits), random weights, a 128-token context:
   - non-speculative decode ms/token (a chain-0 engine's step: the verify graph at T = 1)
   - the speculative step (mc_sim_7b_63: draft + verify + accept, replicated draft)
   - the all-reduces of one step measured alone, in the same run: 2 per layer, (1, T, hidden)
     in the engine's dtype, T = 1 (decode) and T = the tree's nodes (verify)
+  - with the vocabulary-sharded lm_head, the logits' all-gather of one decode step alone
   - the per-GPU roofline: the bytes each rank reads per decode step (its shard of the sharded
-    weights, the replicated lm_head and norms, its kv heads' 128-token cache) over a measured
-    device-to-device copy bandwidth, plus the measured all-reduce time. Issue 15's goal: TP 2
+    weights, the lm_head or its shard, the norms, its kv heads' 128-token cache) over a measured
+    device-to-device copy bandwidth, plus the measured collectives' time. Issue 15's goal: TP 2
     decode within 1.15x of that.
 The engines are compiled once per degree (the ranks share the artifacts); the ranks run as
 child processes (`runtime.tp.launch`, this file's `rank_main`), rank 0 reports. Shapes: llama8b,
 llama70b (`--layers K` keeps K layers, e.g. to fit TP 1 on one GPU), and tiny for a CPU smoke
 run of the script itself (`--device cpu`: gloo, wall-clock timing). Writes JSON, prints a table.
 
-    python bench/bench_tp.py [--shape llama8b] [--tp 1,2] [--layers K] [--device cuda]
+    python bench/bench_tp.py [--shape llama8b] [--tp 1,2] [--lm-head replicated,vocab] [--layers K] [--device cuda]
                              [--engines DIR [--build-only]] [--out bench/results/tp.json]
     python bench/bench_tp.py --shape tiny --tp 1,2 --device cpu --out /tmp/tp_cpu.json
 """
@@ -99,6 +101,7 @@ def rank_main(argv: list[str]) -> int:
     from spec_compiler.runtime import tp as ranks
 
     decode_dir, spec_dir, device, out, tp = argv[0], argv[1], argv[2], argv[3], int(argv[4])
+    lm_head = argv[5] if len(argv) > 5 else "replicated"
     rank = ranks.join(tp, device) if ranks.launched() else 0
     dev = "cuda" if device == "cuda" else "cpu"
     decode, spec = Engine.load(decode_dir), Engine.load(spec_dir)
@@ -107,6 +110,13 @@ def rank_main(argv: list[str]) -> int:
     if ranks.launched():
         r["all_reduce_decode_ms"] = all_reduce_ms(m, dtype, 1, dev)
         r["all_reduce_verify_ms"] = all_reduce_ms(m, dtype, spec.spec.tree.n_nodes, dev)
+        if lm_head == "vocab":  # the logits' all-gather, (V/tp, 1) per rank in the engine's dtype
+            import torch.distributed as dist
+
+            part = torch.randn(m.vocab_size // tp, 1, dtype=dtype, device=dev)
+            whole = torch.empty(m.vocab_size, 1, dtype=dtype, device=dev)
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # newer torch: the former
+            r["all_gather_decode_ms"] = timed(lambda: gather(whole, part), dev, iters=20)
     else:
         r["all_reduce_decode_ms"] = r["all_reduce_verify_ms"] = 0.0
     r["copy_gb_s"] = copy_bandwidth(dev)
@@ -115,24 +125,28 @@ def rank_main(argv: list[str]) -> int:
     return 0
 
 
-def rank_bytes(m: ModelConfig, tp: int, dtype_bytes: int) -> dict:
-    """Bytes one rank reads per decode step: its shard of q/k/v, o, gate/up, down; the
-    replicated lm_head and norms (the embedding is a row gather); its kv heads' cache."""
+def rank_bytes(m: ModelConfig, tp: int, dtype_bytes: int, lm_head: str = "replicated") -> dict:
+    """Bytes one rank reads per decode step: its shard of q/k/v, o, gate/up, down; the lm_head
+    (replicated, or its 1/tp of the vocabulary rows) and the norms (the embedding is a row
+    gather); its kv heads' cache."""
     hq, hkv, d, h, i = m.n_heads, m.n_kv_heads, m.head_dim, m.hidden_size, m.intermediate_size
     sharded = m.n_layers * (h * (hq + 2 * hkv) * d + hq * d * h + 3 * h * i)
-    replicated = m.vocab_size * h + (2 * m.n_layers + 1) * h
+    head = m.vocab_size * h // (tp if lm_head == "vocab" else 1)
+    replicated = (2 * m.n_layers + 1) * h
     kv_heads = local_kv_heads(hkv, tp)
     kv = 2 * m.n_layers * kv_heads * d * CTX
-    return {"sharded": sharded * dtype_bytes // tp, "replicated": replicated * dtype_bytes,
-            "kv": kv * dtype_bytes}
+    return {"sharded": sharded * dtype_bytes // tp, "lm_head": head * dtype_bytes,
+            "replicated": replicated * dtype_bytes, "kv": kv * dtype_bytes}
 
 
-def build(m: ModelConfig, tp: int, root: Path, device: str, dtype: str) -> tuple[Path, Path]:
+def build(m: ModelConfig, tp: int, root: Path, device: str, dtype: str,
+          lm_head: str = "replicated") -> tuple[Path, Path]:
     """The decode (chain-0) and speculative engines of degree tp, compiled once (reused when
     root already holds them), with the step's graphs only (start_synthetic needs no prefill)."""
     from spec_compiler.pipeline import compile_modules
 
-    dirs = root / f"tp{tp}_decode", root / f"tp{tp}_spec"
+    tag = f"tp{tp}" + ("_vocab" if lm_head == "vocab" else "")
+    dirs = root / f"{tag}_decode", root / f"{tag}_spec"
     if all((d / "manifest.json").is_file() for d in dirs):
         return dirs
     target, draft, dcfg = random_modules(m, device=device)
@@ -143,7 +157,7 @@ def build(m: ModelConfig, tp: int, root: Path, device: str, dtype: str) -> tuple
             continue
         spec = tree.n_nodes > 1
         cfg = CompileConfig(model=m, draft=dcfg if spec else None, tree=tree, max_seq_len=512, dtype=dtype,
-                            device=device, prefill_chunk=64, sampling=False, tp=tp)
+                            device=device, prefill_chunk=64, sampling=False, tp=tp, tp_lm_head=lm_head)
         t = time.time()
         graphs = ["verify", "draft"] if spec else ["verify"]  # the step's graphs: no prefill is timed
         compile_modules(cfg, target, draft if spec else None, d, progress=lambda s: print("  " + s, flush=True),
@@ -152,40 +166,41 @@ def build(m: ModelConfig, tp: int, root: Path, device: str, dtype: str) -> tuple
     return dirs
 
 
-def bench_degree(m: ModelConfig, tp: int, root: Path, device: str, dtype: str) -> dict:
+def bench_degree(m: ModelConfig, tp: int, root: Path, device: str, dtype: str, lm_head: str = "replicated") -> dict:
     from spec_compiler.runtime.tp import launch
 
-    print(f"== TP {tp}", flush=True)
-    decode_dir, spec_dir = build(m, tp, root, device, dtype)
-    out = root / f"tp{tp}.json"
-    args = [str(decode_dir), str(spec_dir), device, str(out), str(tp)]
+    print(f"== TP {tp}, lm_head {lm_head}", flush=True)
+    decode_dir, spec_dir = build(m, tp, root, device, dtype, lm_head)
+    out = root / f"{decode_dir.name}.json"
+    args = [str(decode_dir), str(spec_dir), device, str(out), str(tp), lm_head]
     if tp == 1:
         rank_main(args)
     else:
         os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
         if launch("bench_tp:rank_main", args, tp, device) != 0:
             raise SystemExit(f"TP {tp}: a rank failed")
-    r = {"tp": tp, **json.loads(out.read_text())}
-    nbytes = rank_bytes(m, tp, 2 if dtype == "bfloat16" else 4)
+    r = {"tp": tp, "lm_head": lm_head, **json.loads(out.read_text())}
+    nbytes = rank_bytes(m, tp, 2 if dtype == "bfloat16" else 4, lm_head)
     r["rank_bytes"] = nbytes
     r["roofline_ms"] = sum(nbytes.values()) / r["copy_gb_s"] / 1e6
-    r["roofline_plus_all_reduce_ms"] = r["roofline_ms"] + r["all_reduce_decode_ms"]
+    r["roofline_plus_all_reduce_ms"] = r["roofline_ms"] + r["all_reduce_decode_ms"] + r.get("all_gather_decode_ms", 0.0)
     r["decode_over_bound"] = r["decode_ms_per_token"] / r["roofline_plus_all_reduce_ms"]
     return r
 
 
 def table(res: dict) -> str:
-    rows = [("TP", "decode ms/tok", "spec step ms", "AR decode ms", "AR verify ms", "roofline ms",
-             "+AR ms", "decode / bound")]
+    rows = [("TP lm_head", "decode ms/tok", "spec step ms", "AR decode ms", "AR verify ms", "AG decode ms",
+             "roofline ms", "+collectives ms", "decode / bound")]
     for r in res["degrees"]:
-        rows.append((str(r["tp"]), f"{r['decode_ms_per_token']:.3f}", f"{r['spec_step_ms']:.3f}",
-                     f"{r['all_reduce_decode_ms']:.3f}", f"{r['all_reduce_verify_ms']:.3f}",
+        rows.append((f"{r['tp']} {r.get('lm_head', 'replicated')}", f"{r['decode_ms_per_token']:.3f}",
+                     f"{r['spec_step_ms']:.3f}", f"{r['all_reduce_decode_ms']:.3f}",
+                     f"{r['all_reduce_verify_ms']:.3f}", f"{r.get('all_gather_decode_ms', 0.0):.3f}",
                      f"{r['roofline_ms']:.3f}", f"{r['roofline_plus_all_reduce_ms']:.3f}",
                      f"{r['decode_over_bound']:.2f}x"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
     return "\n".join([f"{res['shape']} ({res['layers']} layers, {res['dtype']}, {res['device']}), "
-                      f"batch 1, context {CTX}; goal: TP > 1 decode within {GOAL}x of roofline + all-reduce",
+                      f"batch 1, context {CTX}; goal: TP > 1 decode within {GOAL}x of roofline + collectives",
                       *lines])
 
 
@@ -193,6 +208,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama8b")
     ap.add_argument("--tp", default="1,2", help="degrees, comma-separated (default 1,2)")
+    ap.add_argument("--lm-head", default="replicated,vocab",
+                    help="at TP > 1, the lm_head layouts to compare (default both; TP 1 is replicated)")
     ap.add_argument("--layers", type=int, default=None, help="keep the first K layers (e.g. 70B at TP 1)")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--engines", type=Path, default=None, help="keep (and reuse) the engines here")
@@ -210,11 +227,13 @@ def main(argv=None):
            "degrees": []}
     with tempfile.TemporaryDirectory() as tmp:
         root = args.engines or Path(tmp)
-        for tp in map(int, args.tp.split(",")):
+        runs = [(tp, head) for tp in map(int, args.tp.split(","))
+                for head in (args.lm_head.split(",") if tp > 1 else ["replicated"])]
+        for tp, head in runs:
             if args.build_only:
-                build(m, tp, root, args.device, dtype)
+                build(m, tp, root, args.device, dtype, head)
                 continue
-            res["degrees"].append(bench_degree(m, tp, root, args.device, dtype))
+            res["degrees"].append(bench_degree(m, tp, root, args.device, dtype, head))
             Path(args.out).write_text(json.dumps(res, indent=1))
     if not args.build_only:
         print(table(res))

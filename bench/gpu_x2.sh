@@ -12,6 +12,8 @@
 #            bench_pair on A (T = 0, 0.7, 1.0 vs transformers; `--tree auto` chosen by CUDA-graph
 #            timing); on B, bench_batch's pair engines
 #   stage 3: bench_batch (pair and 8B) on A, bench_serve on B (the pair's --max-batch engine)
+#   stage 4: the 8B TP 2 engines with the replicated (A) and the vocabulary-sharded (B) lm_head
+#            built, then bench_tp compares them on both GPUs (alone; needs no SmolLM2 part)
 # (The 2026-11-30 run used an earlier version of this script for the sampling and TP numbers.)
 # Usage: bash bench/gpu_x2.sh STAGE PARTS_DIR [SECONDS]   (SECONDS: this call's budget, 560)
 set -uo pipefail
@@ -88,6 +90,14 @@ case "$STAGE" in
   wait $LANE_B
   tail -22 "$LOG/batch.log"; tail -14 "$LOG/serve.log"
   ;;
-*) echo "unknown stage $STAGE: 1, 2 or 3"; exit 2 ;;
+4)
+  TP=(python3 bench/bench_tp.py --shape llama8b --tp 2 --engines "$KEEP_ROOT/tp")
+  A "$(left 120)" "${TP[@]}" --lm-head replicated --build-only > "$LOG/tp_build_a.log" 2>&1 &
+  B "$(left 120)" "${TP[@]}" --lm-head vocab --build-only > "$LOG/tp_build_b.log" 2>&1
+  wait; grep -hE "built|rror" "$LOG"/tp_build_*.log | tail -6
+  T "$(left 10)" "${TP[@]}" --lm-head replicated,vocab --out "$LOG/tp_cuda.json" > "$LOG/tp.log" 2>&1
+  echo "bench_tp rc $? at ${SECONDS}s"; tail -6 "$LOG/tp.log"
+  ;;
+*) echo "unknown stage $STAGE: 1, 2, 3 or 4"; exit 2 ;;
 esac
 finish

@@ -49,8 +49,9 @@ class Manifest:
             "dims": dims.to_json(),
             "dtype": cfg.dtype, "device": cfg.device, "backend": cfg.backend,
             # tensor-parallel ranks; at tp > 1 `dims` are one rank's (its kv heads) and each rank
-            # has its own weights file (engine_format.weights_file)
-            "parallel": {"tp": cfg.tp},
+            # has its own weights file (engine_format.weights_file); lm_head: replicated or
+            # sharded by vocabulary (an all-gather of the logits)
+            "parallel": {"tp": cfg.tp, "lm_head": cfg.tp_lm_head},
             "state": [t.to_json() for t in fmt.state(dims)],  # for readers; the runtime derives it
             "buckets": list(fmt.buckets(dims.batch)),  # batch buckets of the step graphs
             "graphs": graphs,  # name -> artifact at its smallest batch; larger buckets under "buckets"

@@ -9,9 +9,11 @@ After:   the same, with this rank's rows of Wqkv (its q heads and their kv heads
          its kv heads only.
 KV heads: N divides Hkv (rank r holds Hkv/N of them), or N is a multiple of Hkv and each kv head
 is replicated on N/Hkv ranks (rank r holds head r // (N/Hkv)), as vLLM does: a rank's q heads
-always fall in its kv heads' GQA groups. The embedding, norms and lm_head stay replicated (every
-rank computes the whole logits, so acceptance and sampling run unchanged and identically on every
-rank; the cost is each rank reading the whole lm_head, README: Tensor parallelism).
+always fall in its kv heads' GQA groups. The embedding and norms stay replicated. The lm_head
+(`lm_head`, --tp-lm-head): "replicated" (default: every rank computes the whole logits; the cost
+is each rank reading the whole lm_head, README: Tensor parallelism) or "vocab" (each rank
+computes its 1/N of the vocabulary and an all-gather gives every rank the whole logits). Either
+way acceptance and sampling run unchanged and identically on every rank.
 Collectives are the functional ones (`_c10d_functional`), so the graph stays traceable and
 AOTInductor compiles them; they name the default process group, "0", the first one a process
 creates. The graph is built for `rank`; `gm.meta["tp_shards"]` has every rank's tensor of each
@@ -42,11 +44,14 @@ from .infra import (attr_node, aten, call_traced, fake_mode, finish, get_attr_pa
 
 GROUP = "0"  # the default process group's name: the first group a process creates
 ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
+ALL_GATHER = torch.ops._c10d_functional.all_gather_into_tensor.default
+LOGITS_WEIGHTS = ("lm_head.weight", "embed_tokens.weight")  # the exported target's names (tied: the second)
+LM_HEAD = ("replicated", "vocab")  # --tp-lm-head: every rank reads all of it, or its 1/N of the rows
 _SHAPED = (aten.view.default, aten.reshape.default)
 
 
-def check_tp(model: ModelConfig, tp: int) -> None:
-    """--tp N fits the model: one line naming the sizes otherwise."""
+def check_tp(model: ModelConfig, tp: int, lm_head: str = "replicated") -> None:
+    """--tp N (and --tp-lm-head) fits the model: one line naming the sizes otherwise."""
     hq, hkv, inter = model.n_heads, model.n_kv_heads, model.intermediate_size
     if tp < 1:
         raise SpecCompileError(f"--tp {tp}: must be at least 1")
@@ -56,6 +61,11 @@ def check_tp(model: ModelConfig, tp: int) -> None:
     if hq % tp or inter % tp:
         raise SpecCompileError(f"--tp {tp}: must divide the model's {hq} attention heads and its "
                                f"intermediate size {inter}; try --tp {_fits(model)}")
+    if lm_head not in LM_HEAD:
+        raise SpecCompileError(f"--tp-lm-head {lm_head!r}: expected one of {', '.join(LM_HEAD)}")
+    if lm_head == "vocab" and model.vocab_size % tp:
+        raise SpecCompileError(f"--tp-lm-head vocab: --tp {tp} must divide the vocabulary "
+                               f"({model.vocab_size} tokens); use --tp-lm-head replicated")
 
 
 def _fits(model: ModelConfig) -> str:
@@ -86,7 +96,7 @@ def shard_pass(cfg, graph: str):
     TP 1, and for the draft's graphs (the draft is replicated: no collectives in its loop)."""
     if cfg.tp == 1 or fmt.owner(graph) != "target":
         return None
-    return partial(tensor_parallel, model=cfg.model, tp=cfg.tp)
+    return partial(tensor_parallel, model=cfg.model, tp=cfg.tp, lm_head=cfg.tp_lm_head)
 
 
 class RankWeights:
@@ -109,8 +119,16 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return torch.ops._c10d_functional.wait_tensor(ALL_REDUCE(x, "sum", GROUP))
 
 
-def tensor_parallel(gm: fx.GraphModule, *, model: ModelConfig, tp: int, rank: int = 0) -> fx.GraphModule:
-    check_tp(model, tp)
+def gather_last(x: torch.Tensor, tp: int) -> torch.Tensor:
+    """(..., V/tp) on each rank -> (..., V), the ranks' parts in rank order (the functional
+    all-gather concatenates along dim 0, so the last dim is moved there and back)."""
+    parts = torch.ops._c10d_functional.wait_tensor(ALL_GATHER(x.movedim(-1, 0).contiguous(), tp, GROUP))
+    return parts.movedim(0, -1)
+
+
+def tensor_parallel(gm: fx.GraphModule, *, model: ModelConfig, tp: int, rank: int = 0,
+                    lm_head: str = "replicated") -> fx.GraphModule:
+    check_tp(model, tp, lm_head)
     hq, hkv, dh, inter = model.n_heads, model.n_kv_heads, model.head_dim, model.intermediate_size
     shards = gm.meta.setdefault("tp_shards", {})
 
@@ -168,6 +186,8 @@ def tensor_parallel(gm: fx.GraphModule, *, model: ModelConfig, tp: int, rank: in
         _reduce_after(gm, row)
         count += 1
     require("tensor_parallel", count, "fused q/k/v and gate/up projections (fuse_projections)")
+    if lm_head == "vocab":
+        count += _shard_lm_head(gm, model, tp, rank, shards)
     _shard_caches(gm, hkv, lkv)
     for sdpa in [n for n in gm.graph.nodes if n.target == aten.scaled_dot_product_attention.default]:
         # what the model passes (q heads != kv heads), at this rank's head counts
@@ -175,6 +195,38 @@ def tensor_parallel(gm: fx.GraphModule, *, model: ModelConfig, tp: int, rank: in
     _propagate(gm)
     record(gm, "tensor_parallel", count)
     return finish(gm)
+
+
+def _shard_lm_head(gm: fx.GraphModule, model: ModelConfig, tp: int, rank: int, shards: dict) -> int:
+    """The logits projection (a linear whose weight is vocab x hidden) with this rank's 1/tp of
+    the vocabulary rows, its output all-gathered back to the whole vocabulary, so acceptance
+    and sampling (top-k, top-p over every token) run on identical logits on every rank. Only
+    that use of the weight changes: a tied embedding keeps reading the whole matrix (a row
+    gather, a few rows per step). Returns the number of projections sharded (0 in graphs
+    without logits)."""
+    V, H, per = model.vocab_size, model.hidden_size, model.vocab_size // tp
+    count = 0
+    for lin in [n for n in gm.graph.nodes if n.op == "call_function" and n.target == aten.linear.default]:
+        w = lin.args[1]  # models.llama's lm_head, or the embedding it is tied to
+        if not (isinstance(w, fx.Node) and w.op == "get_attr" and w.target in LOGITS_WEIGHTS
+                and tuple(get_attr_path(gm, w.target).shape) == (V, H)) or len(lin.args) > 2:
+            continue
+        name = "tp__" + w.target.replace(".", "_")
+        if name not in shards:
+            full = get_attr_path(gm, w.target).detach()
+            shards[name] = [full[r * per:(r + 1) * per].clone() for r in range(tp)]
+            set_attr_path(gm, name, torch.nn.Parameter(shards[name][rank], requires_grad=False))
+        with gm.graph.inserting_before(lin):
+            lin.replace_input_with(w, attr_node(gm, name))
+        if not w.users:  # untied: the whole matrix is no longer read (a tied embedding still reads it)
+            gm.graph.erase_node(w)
+        users = list(lin.users)
+        with gm.graph.inserting_before(lin.next):
+            out = call_traced(gm, partial(gather_last, tp=tp), lin)
+        for u in users:
+            u.replace_input_with(lin, out)
+        count += 1
+    return count
 
 
 def _set_dim(node: fx.Node, dim: int, old: int, new: int) -> None:

@@ -59,6 +59,9 @@ def compile_parser() -> argparse.ArgumentParser:
                    help="tensor-parallel ranks (default 1): the target's heads and MLP split over N "
                         "GPUs (N processes on CPU), one weights file per rank; N must divide the KV "
                         "heads or be a multiple of them")
+    p.add_argument("--tp-lm-head", choices=("replicated", "vocab"), default="replicated",
+                   help="with --tp N: the lm_head replicated on every rank (default), or sharded by "
+                        "vocabulary (each rank reads 1/N of it; an all-gather of the logits per call)")
     p.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="graphs lowered in parallel, one process each (default: one per 4 CPU "
                         "cores, at most 8; 1: one after another in this process)")
@@ -95,7 +98,7 @@ def compile_main(argv: list[str] | None = None) -> int:
                         max_seq_len=args.max_seq_len, backend=args.backend,
                         dtype=args.dtype or ("bfloat16" if args.device == "cuda" else "float32"),
                         device=args.device, prefill_chunk=args.prefill_chunk, sampling=args.sampling,
-                        batch_size=args.max_batch, tp=args.tp)
+                        batch_size=args.max_batch, tp=args.tp, tp_lm_head=args.tp_lm_head)
     compile_engine(cfg, args.model_dir, draft if tree.n_nodes > 1 else None, args.out,
                    debug_dir=args.debug_dir, draft_vocab=draft_vocab, auto_tree=auto_tree,
                    jobs=args.jobs)

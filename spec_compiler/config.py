@@ -320,6 +320,7 @@ class CompileConfig:
     # `tree` at every bucket. `tree` is then the deepest of them (what capacity checks need).
     bucket_trees: tuple[TreeSpec, ...] | None = None
     tp: int = 1  # --tp: tensor-parallel ranks (passes/tensor_parallel.py)
+    tp_lm_head: str = "replicated"  # --tp-lm-head: replicated on every rank, or sharded by vocabulary
 
     def trees(self) -> tuple[TreeSpec, ...]:
         """The tree of each batch bucket, smallest bucket first."""
@@ -353,7 +354,10 @@ class CompileConfig:
 
         if type(self.tp) is not int:
             raise SpecCompileError(f"--tp {self.tp!r}: must be an integer")
-        check_tp(self.model, self.tp)
+        check_tp(self.model, self.tp, self.tp_lm_head)
+        if self.tp == 1 and self.tp_lm_head != "replicated":
+            raise SpecCompileError(f"--tp-lm-head {self.tp_lm_head}: shards over tensor-parallel ranks; "
+                                   "it needs --tp N with N > 1")
         if self.tp > 1 and self.backend == "onnx":
             raise SpecCompileError(f"--tp {self.tp} with --backend onnx: tensor-parallel engines are "
                                    "built with Inductor only; drop --tp or use --backend inductor")

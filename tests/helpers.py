@@ -100,7 +100,7 @@ def build_engine(out: Path, model_dir: Path, *, tree: str = "mc_sim_7b_63", draf
                  draft_module: nn.Module | None = None, draft_cfg: DraftConfig | None = None,
                  device: str = "cpu", dtype: str = "float32", draft_vocab: str | int = "auto",
                  sampling: bool = True, max_batch: int = 1, bucket_trees: list[str] | None = None,
-                 jobs: int | None = None, tp: int = 1) -> Path:
+                 jobs: int | None = None, tp: int = 1, tp_lm_head: str = "replicated") -> Path:
     """`bucket_trees`: one tree per batch bucket (what --tree auto may choose) instead of `tree`."""
     from spec_compiler.pipeline import with_bucket_trees
 
@@ -111,7 +111,8 @@ def build_engine(out: Path, model_dir: Path, *, tree: str = "mc_sim_7b_63", draf
         draft_cfg = load_draft(draft_dir, load_target(model_dir), draft_vocab=draft_vocab).cfg
     cfg = CompileConfig(model=model, draft=draft_cfg if spec else None, tree=trees[0],
                         max_seq_len=max_seq_len, backend=backend, prefill_chunk=chunk,
-                        device=device, dtype=dtype, sampling=sampling, batch_size=max_batch, tp=tp)
+                        device=device, dtype=dtype, sampling=sampling, batch_size=max_batch, tp=tp,
+                        tp_lm_head=tp_lm_head)
     if bucket_trees is not None:
         cfg = with_bucket_trees(cfg, trees)
     return compile_engine(cfg, model_dir, draft_dir if spec else None, out, progress=lambda s: None,

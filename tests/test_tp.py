@@ -86,14 +86,17 @@ def test_tp2_bushy_tree_batched_every_rank_equals_transformers(gqa, tmp_path, mo
 
 
 def test_tp4_replicated_kv_heads_chain_equals_tp1(gqa2, tmp_path, monkeypatch):
-    """TP 4 over 2 kv heads (each on two ranks), tree chain-3: the TP 1 engine's tokens."""
+    """TP 4 over 2 kv heads (each on two ranks), tree chain-3, the lm_head sharded by vocabulary
+    (each rank computes a quarter of the logits, an all-gather joins them): the TP 1 engine's
+    tokens. (TP 2 above has it replicated.)"""
     from spec_compiler.runtime import Engine
 
     target, draft = gqa2
     kw = dict(draft_dir=draft, tree="chain-3", max_seq_len=96, sampling=False)
-    engine = build_engine(tmp_path / "tp4", target, tp=4, **kw)
+    engine = build_engine(tmp_path / "tp4", target, tp=4, tp_lm_head="vocab", **kw)
     manifest = json.loads((engine / "manifest.json").read_text())
-    assert manifest["parallel"] == {"tp": 4} and manifest["dims"]["n_kv_heads"] == 1
+    assert manifest["parallel"] == {"tp": 4, "lm_head": "vocab"} and manifest["dims"]["n_kv_heads"] == 1
+    assert manifest["graphs"]["verify"]["pass_counts"]["tensor_parallel"] == 2 * 2 + 1  # + the lm_head
     assert sorted(p.name for p in engine.glob("weights*")) == [f"weights.rank{r}.safetensors" for r in range(4)]
     ranks = run_ranks(engine, tmp_path, 4, monkeypatch)
     assert all(r == ranks[0] for r in ranks)
@@ -158,6 +161,7 @@ def test_engine_load_outside_a_process_group_is_one_line(inductor_tp2):
     (8, "--tp 8: must divide the model's 4 attention heads"),
     (0, "--tp 0: must be at least 1"),
     ("2 --backend onnx", "--tp 2 with --backend onnx: tensor-parallel engines are built with Inductor only"),
+    ("1 --tp-lm-head vocab", "--tp-lm-head vocab: shards over tensor-parallel ranks; it needs --tp N with N > 1"),
 ])
 def test_spec_compile_bad_tp_is_one_line_and_writes_nothing(tiny_dir, tmp_path, capsys, tp, what):
     from spec_compiler.cli import compile_main
