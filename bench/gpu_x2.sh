@@ -11,7 +11,8 @@
 #   stage 2: SmolLM2 assembled from the GGUF parts (one part per call: PARTS_DIR), then
 #            bench_pair on A (T = 0, 0.7, 1.0 vs transformers; `--tree auto` chosen by CUDA-graph
 #            timing); on B, bench_batch's pair engines
-#   stage 3: bench_batch (pair and 8B) on A, bench_serve on B (the pair's --max-batch engine)
+#   stage 3: bench_batch (pair and 8B) on A, bench_serve on B (the pair's --max-batch engine;
+#            the peer `transformers serve`, its packages carried in .whl-serve, else in-process)
 #   stage 4: the 8B TP 2 engines with the replicated (A) and the vocabulary-sharded (B) lm_head
 #            built, then bench_tp compares them on both GPUs (alone; needs no SmolLM2 part)
 # (The 2026-11-30 run used an earlier version of this script for the sampling and TP numbers.)
@@ -78,9 +79,18 @@ case "$STAGE" in
   ;;
 3)
   fetch_smollm2 "$KEEP_ROOT/gq" > "$LOG/fetch.log" 2>&1 || { tail -5 "$LOG/fetch.log"; finish; exit 1; }
+  # The peer at its best: `transformers serve` (its fastapi/uvicorn/openai/pydantic travel as
+  # wheels in .whl-serve, carried by the call); transformers' in-process continuous batching if
+  # they do not import
+  PEER=cb
+  if ls .whl-serve/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --target /tmp/serve-site \
+      .whl-serve/*.whl >/dev/null 2>&1 && PYTHONPATH=/tmp/serve-site python3 -c "import fastapi, uvicorn, openai, pydantic"; then
+    export PYTHONPATH=/tmp/serve-site${PYTHONPATH:+:$PYTHONPATH}; PEER=serve
+  fi
+  echo "serving peer: $PEER"
   (
     B "$(left 20)" python3 bench/bench_serve.py --engine "$KEEP_ROOT/batch/pair-ours_dispatch-cuda" --model "$SMOL" \
-      --rates 1,4,16,inf --n 64 --peer cb --out "$LOG/serve_cuda.json" > "$LOG/serve.log" 2>&1
+      --rates 1,4,16,inf --n 64 --peer "$PEER" --out "$LOG/serve_cuda.json" > "$LOG/serve.log" 2>&1
     echo "bench_serve rc $? at ${SECONDS}s"
   ) &
   LANE_B=$!
