@@ -12,7 +12,8 @@ hits every configuration alike):
     `--backend onnx` and run by ONNX Runtime
   - transformers eager `generate` (--hf-eager: at every temperature, the first only, or none)
   - transformers `generate` with its static cache + compile (`cache_implementation="static"`,
-    Inductor; warmed up before timing), unless --no-hf-compile; sampled with the same
+    Inductor, "reduce-overhead" (CUDA graphs) on a GPU; warmed up before timing), unless
+    --no-hf-compile; sampled with the same
     temperature and top-p (top-k 0 passed explicitly: its default would be 50)
 Times are wall clock per `generate` call, prefill included. Reports tokens/s (new tokens over
 seconds, summed over prompts), tokens per verify call, each configuration's ratio to the fastest
@@ -122,7 +123,8 @@ class Ours:
 class HF:
     """transformers' generate: eager (its dynamic cache), or a static cache of the engine's
     capacity (one cache for every prompt, so the compiled decode step keeps one shape) with its
-    forward compiled by Inductor (transformers compiles on CUDA only unless told)."""
+    forward compiled by Inductor (transformers compiles on CUDA only unless told), with CUDA
+    graphs on a GPU as transformers' own compile config does."""
 
     def __init__(self, model_dir: Path, static: bool, device: str, dtype: torch.dtype, capacity: int = 1024):
         import transformers
@@ -137,7 +139,9 @@ class HF:
         if static:
             from transformers import StaticCache
 
-            cc = CompileConfig(fullgraph=True, mode="default")
+            # transformers' own default on a GPU ("reduce-overhead": CUDA graphs); on the CPU,
+            # where there are none, Inductor's default mode
+            cc = CompileConfig(fullgraph=True, mode="reduce-overhead" if device == "cuda" else "default")
             cc._compile_all_devices = True
             self.kw.update(compile_config=cc)
             self.cache = StaticCache(config=self.model.config, max_cache_len=capacity)
