@@ -13,6 +13,7 @@ torchrun's environment variables), or run as one rank under `torchrun --nproc-pe
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import pickle
@@ -59,6 +60,7 @@ def join(tp: int, device: str) -> int:
             torch.cuda.set_device(local)
         # A long timeout: spec-serve's other ranks wait on the store (`same`) while it is idle.
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(days=30))
+        atexit.register(leave)
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")
     return dist.get_rank()
@@ -114,6 +116,23 @@ def same(value):
 _SENT = [0]  # values sent so far: the same count on every rank (every rank makes the same calls)
 
 
+def leave() -> None:
+    """At exit: the process group torn down (its threads joined). A group left to the
+    interpreter's teardown can abort the process ("terminate called without an active
+    exception") while a peer still talks to it."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def finish(status: int) -> int:
+    """A launched rank's last step: when it succeeded, wait for every rank to get here, so no
+    rank tears its group down while another still uses it (then `leave` at exit). A failed
+    rank does not wait: the launcher stops the others."""
+    if status == 0 and dist.is_initialized():
+        dist.barrier()
+    return status
+
+
 def launch(entry: str, argv: list[str], tp: int, device: str) -> int:
     """Run `entry` ("module:function", called with argv, returning an exit status) as `tp` ranks,
     child processes with torchrun's environment variables (MASTER_PORT a free port). Rank 0's
@@ -127,7 +146,8 @@ def launch(entry: str, argv: list[str], tp: int, device: str) -> int:
     # in an all-reduce, so more threads than cores over all ranks slows a step many times.
     cpu_threads = max(1, (os.cpu_count() or 1) // tp)
     module, fn = entry.split(":")
-    code = f"import sys; from {module} import {fn}; sys.exit({fn}(sys.argv[1:]))"
+    code = (f"import sys; from {module} import {fn}; from spec_compiler.runtime.tp import finish; "
+            f"sys.exit(finish({fn}(sys.argv[1:])))")
     procs = []
     for r in range(tp):
         env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(tp),

@@ -32,7 +32,7 @@ def test_manifest_records_the_contract_and_the_runtime_binds_it(engine_dir):
     assert m["schema_version"] == fmt.SCHEMA_VERSION
     dims = fmt.Dims.from_json(m["dims"])
     assert (dims.batch, dims.max_seq_len, dims.tree_nodes, dims.tree_depth) == (1, 96, 26, 5)
-    assert dims.feature_dim == dims.hidden and m["parallel"] == {"tp": 1}
+    assert dims.feature_dim == dims.hidden and m["parallel"] == {"tp": 1, "lm_head": "replicated"}
     assert m["state"] == [t.to_json() for t in fmt.state(dims)]
     engine = Engine.load(engine_dir)
     assert set(engine.graphs) == set(fmt.graphs(dims)) == set(m["graphs"])
