@@ -18,7 +18,8 @@ Models (--shapes):
 Writes JSON (--out), prints a table, and draws a PNG next to it (skipped without matplotlib).
 
     python bench/bench_batch.py [--device cuda] [--shapes pair,llama8b] [--batches 1,2,4,8,16,32,64]
-                                [--engines DIR [--build-only]] [--out bench/results/batch_DEVICE.json]
+                                [--engines DIR [--build-only [--only NAMES]]] [--out bench/results/batch_DEVICE.json]
+    python bench/bench_batch.py --merge A.json,B.json --out FILE.json   (one table and plot of several runs)
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ def random_engines(shape: str, batches: list[int], table: AcceptTable, root: Pat
 
 
 def bench_random(shape: str, batches: list[int], table: AcceptTable, root: Path, device: str,
-                 build_only: bool = False, only: tuple[str, ...] = ()) -> dict:
+                 build_only: bool = False, only: tuple[str, ...] = (), save=lambda res: None) -> dict:
+    """`save(res)` after each curve: what is measured survives a run stopped later."""
     from spec_compiler.runtime import Engine
 
     res = {c: {} for c in CURVES}
@@ -139,12 +141,14 @@ def bench_random(shape: str, batches: list[int], table: AcceptTable, root: Path,
             res[name][b] = {"tokens_per_s": b * tpc * 1000 / ms, "step_ms": ms, "tree": tree.name,
                             "expected_tokens_per_call": tpc}
         del eng
-    res["hf"] = hf_random(SHAPES[shape], batches, device)
+        save(res)
+    res["hf"] = hf_random(SHAPES[shape], batches, device, lambda hf: save({**res, "hf": hf}))
     return res
 
 
-def hf_random(m: ModelConfig, batches: list[int], device: str) -> dict:
-    """transformers' static-cache batched generate on random weights: b x NEW tokens per call."""
+def hf_random(m: ModelConfig, batches: list[int], device: str, save=lambda out: None) -> dict:
+    """transformers' static-cache batched generate on random weights: b x NEW tokens per call
+    (`save(out)` after each batch)."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     hcfg = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
@@ -165,12 +169,14 @@ def hf_random(m: ModelConfig, batches: list[int], device: str) -> dict:
         hf.generate(prompt, generation_config=gc)
         sync(device)
         out[b] = {"tokens_per_s": b * NEW / (time.perf_counter() - t), "method": "static generate"}
+        save(out)
     del hf
     return out
 
 
-def bench_pair(args, batches: list[int]) -> dict:
-    """The real SmolLM2 pair: wall tokens/s of b prompts decoded together."""
+def bench_pair(args, batches: list[int], save=lambda res: None) -> dict:
+    """The real SmolLM2 pair: wall tokens/s of b prompts decoded together (`save(res)` after
+    each curve)."""
     from spec_compiler.cli import compile_main
     from spec_compiler.runtime import Engine
 
@@ -209,6 +215,7 @@ def bench_pair(args, batches: list[int]) -> dict:
             n = sum(len(r.output_ids) for r in out)
             res[name][b] = {"tokens_per_s": n / (time.perf_counter() - t), "tokens": n}
         del eng
+        save(res)
     res["hf"] = hf_pair(args, batches, prompts_text)
     return res
 
@@ -262,7 +269,7 @@ def table_and_plot(results: dict, batches: list[int], png: Path) -> None:
         for b in batches:
             row = [res.get(c, {}).get(b) for c in CURVES]
             cells = "  ".join(f"{r['tokens_per_s']:14.1f}" if r else f"{'-':>14}" for r in row)
-            print(f"{b:5d}  {cells}  {(res['ours_dispatch'].get(b) or {}).get('tree', '')}")
+            print(f"{b:5d}  {cells}  {(res.get('ours_dispatch', {}).get(b) or {}).get('tree', '')}")
     try:
         import matplotlib
 
@@ -299,31 +306,48 @@ def main(argv=None) -> int:
     ap.add_argument("--engines", type=Path, default=REPO / "engines")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--build-only", action="store_true", help="compile the engines under --engines, time nothing")
+    ap.add_argument("--merge", default="", metavar="A.json,B.json",
+                    help="time nothing: join earlier runs' results (e.g. one per shape) into --out, with the plot")
     ap.add_argument("--only", default="", help="with --build-only, a random-weight shape's engines to build "
                     "(comma-separated: ours_dispatch, ours_plain, ours_forced; default all)")
     args = ap.parse_args(argv)
     if args.only and not args.build_only:
         ap.error("--only needs --build-only (the timed run uses all three engines)")
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available() and not args.merge:
         print("bench_batch: --device cuda needs a CUDA GPU", file=sys.stderr)
         return 1
     batches = [int(b) for b in args.batches.split(",")]
     out = args.out or REPO / f"bench/results/batch_{args.device}.json"
-    args.engines.mkdir(parents=True, exist_ok=True)
-    table = AcceptTable.read(args.accept)
-    results = {}
-    for shape in args.shapes.split(","):
-        print(f"== {shape}", flush=True)
-        results[shape] = (bench_pair(args, batches) if shape == "pair"
-                          else bench_random(shape, batches, table, args.engines, args.device, args.build_only,
-                                          tuple(x for x in args.only.split(",") if x)))
-    if args.build_only:
-        print(f"built the engines under {args.engines}")
-        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "ctx": CTX, "batches": batches}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str) + "\n")
+    results = {}
+
+    def write(partial: dict | None = None) -> None:
+        out.write_text(json.dumps({"meta": meta, "results": {**results, **(partial or {})}}, indent=1,
+                                  default=str) + "\n")
+
+    if args.merge:
+        runs = [json.loads(Path(f).read_text()) for f in args.merge.split(",")]
+        meta = {**runs[0]["meta"], "merged_from": args.merge.split(",")}
+        batches = meta["batches"]
+        for run in runs:  # JSON made the batch keys strings
+            results.update({shape: {c: {int(b) if str(b).isdigit() else b: v for b, v in rows.items()}
+                                    if c in CURVES and isinstance(rows, dict) else rows for c, rows in res.items()}
+                            for shape, res in run["results"].items()})
+    else:
+        args.engines.mkdir(parents=True, exist_ok=True)
+        table = AcceptTable.read(args.accept)
+        for shape in args.shapes.split(","):
+            print(f"== {shape}", flush=True)
+            save = (lambda res, shape=shape: write({shape: res})) if not args.build_only else (lambda res: None)
+            results[shape] = (bench_pair(args, batches, save) if shape == "pair"
+                              else bench_random(shape, batches, table, args.engines, args.device, args.build_only,
+                                                tuple(x for x in args.only.split(",") if x), save))
+        if args.build_only:
+            print(f"built the engines under {args.engines}")
+            return 0
+    write()
     print(f"wrote {out}")
     table_and_plot(results, batches, out.with_suffix(".png"))
     return 0

@@ -94,11 +94,17 @@ case "$STAGE" in
     echo "bench_serve rc $? at ${SECONDS}s"
   ) &
   LANE_B=$!
-  SHAPES=pair; [ -f "$KEEP_ROOT/batch/llama8b-ours_forced-cuda/manifest.json" ] && SHAPES=pair,llama8b
-  A "$(left 20)" "${BATCH[@]}" --shapes "$SHAPES" --out "$LOG/batch_cuda.json" > "$LOG/batch.log" 2>&1
-  echo "bench_batch ($SHAPES) rc $? at ${SECONDS}s"
+  # one run per shape (each writes its JSON as it goes), then one table and plot of both
+  A "$(left 20)" "${BATCH[@]}" --shapes pair --out "$LOG/batch_pair.json" > "$LOG/batch_pair.log" 2>&1
+  echo "bench_batch pair rc $? at ${SECONDS}s"
+  if [ -f "$KEEP_ROOT/batch/llama8b-ours_forced-cuda/manifest.json" ]; then
+    A "$(left 20)" "${BATCH[@]}" --shapes llama8b --out "$LOG/batch_8b.json" > "$LOG/batch_8b.log" 2>&1
+    echo "bench_batch llama8b rc $? at ${SECONDS}s"
+  fi
   wait $LANE_B
-  tail -22 "$LOG/batch.log"; tail -14 "$LOG/serve.log"
+  python3 bench/bench_batch.py --merge "$(ls "$LOG"/batch_pair.json "$LOG"/batch_8b.json 2>/dev/null | paste -sd,)" \
+    --out "$LOG/batch_cuda.json" 2>&1 | tail -22
+  tail -14 "$LOG/serve.log"
   ;;
 4)
   TP=(python3 bench/bench_tp.py --shape llama8b --tp 2 --engines "$KEEP_ROOT/tp")
