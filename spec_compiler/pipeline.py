@@ -293,7 +293,7 @@ class Lowering:
     here as soon as it is built (cheap), saved, and lowered in its own worker process
     (`export.lower.lower_saved`: a spawned interpreter, safe with CUDA) while the next graph is
     built, `jobs` at a time; the example inputs (weights and caches) are dropped at once, not
-    held for every graph. Default jobs: one per 4 CPU cores, at most 8 (each worker allocates
+    held for every graph. Default jobs: one per 4 usable CPU cores, at most 8 (each worker allocates
     uninitialised example inputs of its graph: the weights and that bucket's caches). 1, or the
     eager and onnx backends (an ONNX export takes seconds), lower in this process as before.
     The alternative, one artifact with a dynamic batch dimension and a CUDA graph captured per
