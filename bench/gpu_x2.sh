@@ -14,7 +14,8 @@
 #   stage 3: bench_batch (pair and 8B) on A, bench_serve on B (the pair's --max-batch engine;
 #            the peer `transformers serve`, its packages carried in .whl-serve, else in-process)
 #   stage 4: the 8B TP 2 engines with the replicated (A) and the vocabulary-sharded (B) lm_head
-#            built, then bench_tp compares them on both GPUs (alone; needs no SmolLM2 part)
+#            built, then bench_tp compares them on both GPUs (alone; needs no SmolLM2 part), then
+#            the 2-GPU TP test of both layouts
 # (The 2026-11-30 run used an earlier version of this script for the sampling and TP numbers.)
 # Usage: bash bench/gpu_x2.sh STAGE PARTS_DIR [SECONDS]   (SECONDS: this call's budget, 560)
 set -uo pipefail
@@ -111,8 +112,10 @@ case "$STAGE" in
   A "$(left 120)" "${TP[@]}" --lm-head replicated --build-only > "$LOG/tp_build_a.log" 2>&1 &
   B "$(left 120)" "${TP[@]}" --lm-head vocab --build-only > "$LOG/tp_build_b.log" 2>&1
   wait; grep -hE "built|rror" "$LOG"/tp_build_*.log | tail -6
-  T "$(left 10)" "${TP[@]}" --lm-head replicated,vocab --out "$LOG/tp_cuda.json" > "$LOG/tp.log" 2>&1
+  T "$(left 130)" "${TP[@]}" --lm-head replicated,vocab --out "$LOG/tp_cuda.json" > "$LOG/tp.log" 2>&1
   echo "bench_tp rc $? at ${SECONDS}s"; tail -6 "$LOG/tp.log"
+  T "$(left 10)" "${PYTEST[@]}" tests/test_tp.py -m multi_gpu > "$LOG/t_tp2.log" 2>&1  # both layouts on 2 GPUs
+  outcomes t_tp2
   ;;
 *) echo "unknown stage $STAGE: 1, 2, 3 or 4"; exit 2 ;;
 esac

@@ -313,14 +313,17 @@ def cuda_rank_main(argv: list[str]) -> int:
 
 @pytest.mark.gpu
 @pytest.mark.multi_gpu
-def test_tp2_on_two_gpus_token_identical_one_replay_per_step(tmp_path, tiny_dir, tiny_draft_dir, monkeypatch):
+@pytest.mark.parametrize("lm_head", ["replicated", "vocab"])
+def test_tp2_on_two_gpus_token_identical_one_replay_per_step(tmp_path, tiny_dir, tiny_draft_dir, monkeypatch,
+                                                             lm_head):
     """TP 2 over NCCL, float32: TP 1's (transformers') greedy tokens on both ranks, and each step
-    one CUDA-graph replay (NCCL all-reduces inside) without a host sync."""
+    one CUDA-graph replay (NCCL all-reduces, and with a vocabulary-sharded lm_head the logits'
+    all-gather, inside) without a host sync."""
     from spec_compiler.runtime.tp import launch
     from test_gpu_runtime import PROMPT
 
     engine = build_engine(tmp_path / "e", tiny_dir, draft_dir=tiny_draft_dir, backend="inductor",
-                          device="cuda", dtype="float32", max_seq_len=256, tp=2)
+                          device="cuda", dtype="float32", max_seq_len=256, tp=2, tp_lm_head=lm_head)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     assert launch("test_tp:cuda_rank_main", [str(engine), str(tmp_path), "2"], 2, "cuda") == 0
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
