@@ -109,10 +109,10 @@ case "$STAGE" in
   ;;
 4)
   TP=(python3 bench/bench_tp.py --shape llama8b --tp 2 --engines "$KEEP_ROOT/tp")
-  A "$(left 120)" "${TP[@]}" --lm-head replicated --build-only > "$LOG/tp_build_a.log" 2>&1 &
-  B "$(left 120)" "${TP[@]}" --lm-head vocab --build-only > "$LOG/tp_build_b.log" 2>&1
+  A "$(left 220)" "${TP[@]}" --lm-head replicated --build-only > "$LOG/tp_build_a.log" 2>&1 &
+  B "$(left 220)" "${TP[@]}" --lm-head vocab --build-only > "$LOG/tp_build_b.log" 2>&1
   wait; grep -hE "built|rror" "$LOG"/tp_build_*.log | tail -6
-  T "$(left 130)" "${TP[@]}" --lm-head replicated,vocab --out "$LOG/tp_cuda.json" > "$LOG/tp.log" 2>&1
+  T "$(left 110)" "${TP[@]}" --lm-head replicated,vocab --out "$LOG/tp_cuda.json" > "$LOG/tp.log" 2>&1
   echo "bench_tp rc $? at ${SECONDS}s"; tail -6 "$LOG/tp.log"
   T "$(left 10)" "${PYTEST[@]}" tests/test_tp.py -m multi_gpu > "$LOG/t_tp2.log" 2>&1  # both layouts on 2 GPUs
   outcomes t_tp2
