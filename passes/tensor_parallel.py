@@ -148,13 +148,9 @@ def tensor_parallel(gm: fx.GraphModule, *, model: ModelConfig, tp: int, rank: in
     lq, lkv = len(q_of(rank)), len(kv_heads(hkv, tp, rank))  # this rank's q and kv heads
 
     def share(node: fx.Node, dim: int, pick) -> None:
-        """Point get_attr `node` at its shard along `dim`: `pick(r)` the indices rank r keeps."""
-        full = get_attr_path(gm, node.target)
-        name = "tp__" + node.target.replace(".", "_")
-        if name not in shards:
-            shards[name] = [full.detach().index_select(dim, torch.tensor(pick(r), device=full.device))
-                            for r in range(tp)]
-            set_attr_path(gm, name, torch.nn.Parameter(shards[name][rank], requires_grad=False))
+        """Point get_attr `node` (every use of it) at its shard along `dim`: `pick(r)` the
+        indices rank r keeps."""
+        name = _shard(gm, shards, node.target, dim, pick, tp, rank)
         with gm.graph.inserting_before(node):
             new = attr_node(gm, name)
         node.replace_all_uses_with(new)
@@ -197,6 +193,17 @@ def tensor_parallel(gm: fx.GraphModule, *, model: ModelConfig, tp: int, rank: in
     return finish(gm)
 
 
+def _shard(gm: fx.GraphModule, shards: dict, target: str, dim: int, pick, tp: int, rank: int) -> str:
+    """The name of weight `target`'s shard parameter along `dim` (`pick(r)`: the indices rank r
+    keeps), made once per graph module: every rank's tensor in `shards`, this rank's on `gm`."""
+    name = "tp__" + target.replace(".", "_")
+    if name not in shards:
+        full = get_attr_path(gm, target).detach()
+        shards[name] = [full.index_select(dim, torch.tensor(pick(r), device=full.device)) for r in range(tp)]
+        set_attr_path(gm, name, torch.nn.Parameter(shards[name][rank], requires_grad=False))
+    return name
+
+
 def _shard_lm_head(gm: fx.GraphModule, model: ModelConfig, tp: int, rank: int, shards: dict) -> int:
     """The logits projection (a linear whose weight is vocab x hidden) with this rank's 1/tp of
     the vocabulary rows, its output all-gathered back to the whole vocabulary, so acceptance
@@ -211,12 +218,8 @@ def _shard_lm_head(gm: fx.GraphModule, model: ModelConfig, tp: int, rank: int, s
         if not (isinstance(w, fx.Node) and w.op == "get_attr" and w.target in LOGITS_WEIGHTS
                 and tuple(get_attr_path(gm, w.target).shape) == (V, H)) or len(lin.args) > 2:
             continue
-        name = "tp__" + w.target.replace(".", "_")
-        if name not in shards:
-            full = get_attr_path(gm, w.target).detach()
-            shards[name] = [full[r * per:(r + 1) * per].clone() for r in range(tp)]
-            set_attr_path(gm, name, torch.nn.Parameter(shards[name][rank], requires_grad=False))
-        with gm.graph.inserting_before(lin):
+        name = _shard(gm, shards, w.target, 0, lambda r: list(range(r * per, (r + 1) * per)), tp, rank)
+        with gm.graph.inserting_before(lin):  # this use only: a tied embedding keeps the whole matrix
             lin.replace_input_with(w, attr_node(gm, name))
         if not w.users:  # untied: the whole matrix is no longer read (a tied embedding still reads it)
             gm.graph.erase_node(w)
