@@ -1,4 +1,5 @@
-"""The only user of CUDA graphs: capture a step function once, replay it many times.
+"""The one place CUDA graphs are captured: a step function captured once, replayed many times
+(the engine's step; --tree auto's cost model times its candidate forwards the same way).
 
 The step function must touch only static buffers (the engine's state) and run no host syncs.
 AOTInductor packages are loaded with `run_single_threaded=True` (runtime/aoti.py): the default
@@ -14,9 +15,10 @@ import torch
 
 
 class CapturedStep:
-    """Warm `fn` up on a side stream, then capture it into one CUDA graph."""
+    """Warm `fn` up on a side stream, then capture it into one CUDA graph (in memory pool `pool`
+    if given: graphs that never run at the same time can share one)."""
 
-    def __init__(self, fn: Callable[[], None], warmup: int = 2):
+    def __init__(self, fn: Callable[[], None], warmup: int = 2, pool=None):
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -24,7 +26,7 @@ class CapturedStep:
                 fn()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             fn()
         torch.cuda.synchronize()
 

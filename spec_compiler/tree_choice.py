@@ -254,24 +254,16 @@ def measure(target: torch.nn.Module, draft: torch.nn.Module | None, target_sizes
 
 def _graphed(jobs: dict) -> tuple[dict | None, str]:
     """Each job captured as a CUDA graph (one memory pool shared by all: they run one at a
-    time and their outputs are not kept), as job -> its graph's replay; (None, why) if a
-    forward cannot be captured."""
-    pool, out = torch.cuda.graph_pool_handle(), {}
+    time and their outputs are not kept), as job -> its replay; (None, why) if a forward
+    cannot be captured."""
+    from .runtime.cuda_graph import CapturedStep
+
+    pool = torch.cuda.graph_pool_handle()
     try:
-        for k, fn in jobs.items():
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up off the capture (lazy init, workspaces)
-                fn()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                fn()
-            out[k] = graph.replay
+        return {k: CapturedStep(fn, warmup=1, pool=pool) for k, fn in jobs.items()}, ""
     except RuntimeError as e:
         torch.cuda.synchronize()
         return None, (str(e).splitlines() or [type(e).__name__])[0][:160]
-    return out, ""
 
 
 def monotone(ms: dict[int, float]) -> dict[int, float]:
