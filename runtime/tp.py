@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from spec_compiler import engine_format as fmt
+from spec_compiler.config import usable_cpus
 from spec_compiler.errors import SpecCompileError
 from spec_compiler.fileio import read_json_object
 from spec_compiler.passes.tensor_parallel import GROUP
@@ -144,7 +145,7 @@ def launch(entry: str, argv: list[str], tp: int, device: str) -> int:
     port = free_port()
     # On a CPU the ranks share the cores: each rank's OpenMP threads spin while the others are
     # in an all-reduce, so more threads than cores over all ranks slows a step many times.
-    cpu_threads = max(1, (os.cpu_count() or 1) // tp)
+    cpu_threads = max(1, usable_cpus() // tp)
     module, fn = entry.split(":")
     code = (f"import sys; from {module} import {fn}; from spec_compiler.runtime.tp import finish; "
             f"sys.exit(finish({fn}(sys.argv[1:])))")

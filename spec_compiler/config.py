@@ -418,6 +418,15 @@ def check_machine(cfg: CompileConfig) -> None:
                                f"--max-seq-len of at most about {fit}")
 
 
+def usable_cpus() -> int:
+    """The CPU cores this process may run on (its affinity mask: a container's or taskset's
+    share, not the whole machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks on this platform
+        return os.cpu_count() or 1
+
+
 def device_memory(device: str) -> tuple[int, str]:
     """(bytes, description) of the memory an engine on `device` lives in."""
     if device == "cuda":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import shutil
 import signal
 import sys
@@ -35,7 +34,7 @@ from spec_compiler.passes.tensor_parallel import RankWeights, rank_dims, shard_p
 
 from . import engine_format as fmt
 from .chat import check_tokenizer
-from .config import CompileConfig, check_machine
+from .config import CompileConfig, check_machine, usable_cpus
 from .errors import SpecCompileError, raise_interrupt
 from .fileio import atomic_dir, output_lock
 from .loading import DraftSource, load_draft, load_target
@@ -273,15 +272,6 @@ def _build(cfg: CompileConfig, target, draft, tmp: Path, progress, debug_dir, gr
         save_file({k: v.contiguous().cpu() for k, v in shards.of(registry, rank).items()},
                   str(tmp / fmt.weights_file(rank, cfg.tp)))
     return Manifest.new(cfg, local, entries)
-
-
-def usable_cpus() -> int:
-    """The CPU cores this process may run on (its affinity mask: a container's or taskset's
-    share, not the whole machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity masks on this platform
-        return os.cpu_count() or 1
 
 
 class Lowering:
