@@ -80,8 +80,12 @@ def random_engines(shape: str, batches: list[int], table: AcceptTable, root: Pat
     names = ("ours_dispatch", "ours_plain", "ours_forced")
     dirs = {name: root / f"{shape}-{name}-{device}" for name in names}
     seconds = {name: root / f"{shape}-{name}-{device}.compile_s" for name in names}
+
+    def recorded() -> dict:
+        return {n: float(f.read_text()) if f.is_file() else None for n, f in seconds.items()}
+
     if all((d / "manifest.json").is_file() for d in dirs.values()):
-        return dirs, {n: float(f.read_text()) if f.is_file() else None for n, f in seconds.items()}
+        return dirs, recorded()
     m = SHAPES[shape]
     target, draft, dcfg = random_modules(m, device=device)
     dtype = "bfloat16" if device == "cuda" else "float32"
@@ -119,7 +123,7 @@ def random_engines(shape: str, batches: list[int], table: AcceptTable, root: Pat
             seconds[name].write_text(f"{time.time() - t:.1f}")
             print(f"  built {d.name} in {time.time() - t:.0f} s", flush=True)
     del target, draft
-    return dirs, {n: float(f.read_text()) if f.is_file() else None for n, f in seconds.items()}
+    return dirs, recorded()
 
 
 def bench_random(shape: str, batches: list[int], table: AcceptTable, root: Path, device: str,
