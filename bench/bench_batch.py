@@ -189,12 +189,20 @@ def bench_pair(args, batches: list[int], save=lambda res: None) -> dict:
     flags = ["--max-seq-len", "1024", "--device", dev, "--dtype", dtype, "--max-batch", str(max(batches)),
              "--no-sampling", "--draft", str(args.draft)]
     dirs = {"ours_dispatch": [], "ours_plain": ["--tree", "chain-0"]}
+    only = [x for x in args.only.split(",") if x] or ["ours_dispatch", "ours_plain", "ours_forced"]
     res = {c: {} for c in CURVES}
     for name, extra in dirs.items():
         d = args.engines / f"pair-{name}-{dev}"
-        if not (d / "manifest.json").is_file():
+        if not (d / "manifest.json").is_file() and name in only:
+            t = time.time()
             assert compile_main([str(args.model), "--out", str(d), *flags, *extra]) == 0
-    first = json.loads((args.engines / f"pair-ours_dispatch-{dev}" / "manifest.json").read_text())
+            print(f"  built {d.name} in {time.time() - t:.0f} s", flush=True)
+    if "ours_forced" not in only:
+        return res
+    first_manifest = args.engines / f"pair-ours_dispatch-{dev}" / "manifest.json"
+    while args.build_only and not first_manifest.is_file():  # another process builds it (--only)
+        time.sleep(5)
+    first = json.loads(first_manifest.read_text())
     forced = first["bucket_trees"]["1"]
     if len(forced["paths"]) == 0:
         forced = {"name": "chain-3", "paths": [[0] * (i + 1) for i in range(3)]}
@@ -202,7 +210,9 @@ def bench_pair(args, batches: list[int], save=lambda res: None) -> dict:
     tree_file.write_text(json.dumps(forced["paths"]))
     d = args.engines / f"pair-ours_forced-{dev}"
     if not (d / "manifest.json").is_file():
+        t = time.time()
         assert compile_main([str(args.model), "--out", str(d), *flags, "--tree", str(tree_file)]) == 0
+        print(f"  built {d.name} in {time.time() - t:.0f} s", flush=True)
     res["tree_choice"] = first["tree_choice"]
     if args.build_only:
         return res
@@ -312,8 +322,9 @@ def main(argv=None) -> int:
     ap.add_argument("--build-only", action="store_true", help="compile the engines under --engines, time nothing")
     ap.add_argument("--merge", default="", metavar="A.json,B.json",
                     help="time nothing: join earlier runs' results (e.g. one per shape) into --out, with the plot")
-    ap.add_argument("--only", default="", help="with --build-only, a random-weight shape's engines to build "
-                    "(comma-separated: ours_dispatch, ours_plain, ours_forced; default all)")
+    ap.add_argument("--only", default="", help="with --build-only, the engines to build (comma-separated: "
+                    "ours_dispatch, ours_plain, ours_forced; default all; the pair's forced engine waits for "
+                    "its dispatcher engine, which another process may be building)")
     args = ap.parse_args(argv)
     if args.only and not args.build_only:
         ap.error("--only needs --build-only (the timed run uses all three engines)")

@@ -9,9 +9,12 @@
 #            bench_batch's 8B plain and forced engines; on A, its 8B dispatcher engine (whole:
 #            its compile time is the one reported; A chooses the trees, B builds from that choice)
 #   stage 2: SmolLM2 assembled from the GGUF parts (one part per call: PARTS_DIR), then
-#            bench_pair on A (T = 0, 0.7, 1.0 vs transformers; `--tree auto` chosen by CUDA-graph
-#            timing); on B, bench_batch's pair engines
-#   stage 3: bench_batch (pair and 8B) on A, bench_serve on B (the pair's --max-batch engine;
+#            bench_batch's pair engines built (the dispatcher's on A, then the 8B curves there
+#            from stage 1's engines; the other two on B)
+#   stage 2p: bench_pair on A (T = 0, 0.7, 1.0 vs transformers; `--tree auto` chosen by
+#            CUDA-graph timing)
+#   stage 3: bench_batch's pair curves on A (one table and plot with stage 2's 8B curves),
+#            bench_serve on B (the pair's --max-batch engine;
 #            the peer `transformers serve`, its packages carried in .whl-serve, else in-process)
 #   stage 4: the 8B TP 2 engines with the replicated (A) and the vocabulary-sharded (B) lm_head
 #            built, then bench_tp compares them on both GPUs (alone; needs no SmolLM2 part), then
@@ -51,6 +54,8 @@ case "$STAGE" in
       > "$LOG/t_gpu.log" 2>&1; echo "GPU tests rc $? at ${SECONDS}s"
     [ -n "${RUNTIME:-}" ] && { B 360 "${PYTEST[@]}" tests/test_gpu_runtime.py -m gpu > "$LOG/t_runtime.log" 2>&1
                                echo "runtime tests rc $? at ${SECONDS}s"; }
+    # the forced engine builds from A's tree choice: wait for it (A writes it before compiling)
+    until [ -f "$KEEP_ROOT/batch/llama8b-cuda.trees.json" ] || [ "$(left 200)" -lt 0 ]; do sleep 5; done
     B "$(left 40)" "${BATCH[@]}" --shapes llama8b --build-only --only ours_plain,ours_forced \
       > "$LOG/batch_build_8b_b.log" 2>&1
     echo "8B batch build (B) rc $? at ${SECONDS}s"
@@ -65,17 +70,26 @@ case "$STAGE" in
 2)
   fetch_smollm2 "$KEEP_ROOT/gq" > "$LOG/fetch.log" 2>&1 || { tail -5 "$LOG/fetch.log"; finish; exit 1; }
   (
-    B "$(left 30)" "${BATCH[@]}" --shapes pair --build-only > "$LOG/batch_build_pair.log" 2>&1
-    echo "pair batch build rc $? at ${SECONDS}s"
-    B "$(left 30)" "${BATCH[@]}" --shapes llama8b --build-only > "$LOG/batch_build_8b.log" 2>&1
-    echo "8B batch build rc $? at ${SECONDS}s"
+    B "$(left 30)" "${BATCH[@]}" --shapes pair --build-only --only ours_plain,ours_forced \
+      > "$LOG/batch_build_pair_b.log" 2>&1
+    echo "pair batch build (B) rc $? at ${SECONDS}s"
   ) &
   LANE_B=$!
+  A "$(left 250)" "${BATCH[@]}" --shapes pair --build-only --only ours_dispatch > "$LOG/batch_build_pair_a.log" 2>&1
+  echo "pair batch build (A) rc $? at ${SECONDS}s"
+  # the 8B curves (any engine stage 1 left unbuilt is built first); the JSON grows as it goes
+  A "$(left 30)" "${BATCH[@]}" --shapes llama8b --out "$LOG/batch_8b.json" > "$LOG/batch_8b.log" 2>&1
+  echo "bench_batch llama8b rc $? at ${SECONDS}s"
+  cp "$LOG/batch_8b.json" "$KEEP_ROOT/" 2>/dev/null
+  wait $LANE_B
+  grep -hE "built|rror|chosen" "$LOG"/*build*.log | tail -12
+  tail -14 "$LOG/batch_8b.log"
+  ;;
+2p)  # bench_pair on one GPU (T = 0, 0.7, 1.0 vs transformers; `--tree auto` by CUDA-graph timing)
+  fetch_smollm2 "$KEEP_ROOT/gq" > "$LOG/fetch.log" 2>&1 || { tail -5 "$LOG/fetch.log"; finish; exit 1; }
   A "$(left 30)" python3 bench/bench_pair.py --model "$SMOL" --device cuda --engines "$KEEP_ROOT/eng" \
     --temperatures 0,0.7,1.0 --top-p 0.9 --hf-eager none --out "$LOG/pair_cuda.json" > "$LOG/pair_cuda.log" 2>&1
   echo "bench_pair rc $? at ${SECONDS}s"
-  wait $LANE_B
-  grep -hE "built|rror|auto" "$LOG"/*build*.log | tail -12
   grep -v "^\[\|^  \|^T=" "$LOG/pair_cuda.log" | tail -24
   ;;
 3)
@@ -98,12 +112,8 @@ case "$STAGE" in
   # one run per shape (each writes its JSON as it goes), then one table and plot of both
   A "$(left 20)" "${BATCH[@]}" --shapes pair --out "$LOG/batch_pair.json" > "$LOG/batch_pair.log" 2>&1
   echo "bench_batch pair rc $? at ${SECONDS}s"
-  if [ -f "$KEEP_ROOT/batch/llama8b-ours_forced-cuda/manifest.json" ]; then
-    A "$(left 20)" "${BATCH[@]}" --shapes llama8b --out "$LOG/batch_8b.json" > "$LOG/batch_8b.log" 2>&1
-    echo "bench_batch llama8b rc $? at ${SECONDS}s"
-  fi
   wait $LANE_B
-  python3 bench/bench_batch.py --merge "$(ls "$LOG"/batch_pair.json "$LOG"/batch_8b.json 2>/dev/null | paste -sd,)" \
+  python3 bench/bench_batch.py --merge "$(ls "$LOG"/batch_pair.json "$KEEP_ROOT"/batch_8b.json 2>/dev/null | paste -sd,)" \
     --out "$LOG/batch_cuda.json" 2>&1 | tail -22
   tail -14 "$LOG/serve.log"
   ;;
