@@ -9,7 +9,9 @@ output tokens/s over the run (first arrival to last end) and p50 / p99 of both l
 
     python bench/bench_serve.py --engine ENGINE_DIR --model MODEL_DIR
            [--rates 1,2,4,8,16,inf] [--n 64] [--max-new-tokens 128] [--device cuda]
-           [--dtype bfloat16] [--peer auto|serve|cb|none] [--peer-compile] [--out FILE.json]
+           [--dtype bfloat16] [--peer auto|serve|cb|none] [--peer-compile] [--servers ours,peer]
+           [--out FILE.json]
+    python bench/bench_serve.py --merge A.json,B.json --out FILE.json   (one table of several runs)
 
 ENGINE_DIR: ours, built with --max-batch N (the slots). The peer, in the same run, same trace:
   - serve: `transformers serve MODEL_DIR --continuous-batching` (an OpenAI server like ours,
@@ -226,7 +228,7 @@ def drive_cb(model_dir: Path, device: str, dtype: str, prompts: list[str], sweep
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--engine", type=Path, required=True, help="our engine (spec-compile --max-batch N)")
+    ap.add_argument("--engine", type=Path, help="our engine (spec-compile --max-batch N)")
     ap.add_argument("--model", type=Path, help="the target's HF checkpoint, for the peer")
     ap.add_argument("--rates", default="1,2,4,8,16,inf", help="requests/s, comma-separated; inf = all at once")
     ap.add_argument("--n", type=int, default=64, help="requests per rate (default 64)")
@@ -238,8 +240,27 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", help="the peer's dtype")
     ap.add_argument("--peer", choices=("auto", "serve", "cb", "none"), default="auto")
     ap.add_argument("--peer-compile", action="store_true", help="transformers serve --compile")
+    ap.add_argument("--servers", default="ours,peer",
+                    help="which to run: ours, peer or both (two runs pinned to different GPUs can share "
+                    "a machine; --merge joins their JSON)")
+    ap.add_argument("--merge", default="", metavar="A.json,B.json", help="run nothing: one table of earlier runs")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve.json")
     args = ap.parse_args(argv)
+    if args.merge:
+        runs = [json.loads(Path(f).read_text()) for f in args.merge.split(",")]
+        meta = {**runs[0]["meta"], "merged_from": args.merge.split(","),
+                "peer": next((r["meta"]["peer"] for r in runs if r["meta"].get("peer") not in (None, "none")), "none")}
+        results = {k: v for r in runs for k, v in r["results"].items()}
+        args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        print_table(results, args.out)
+        return 0
+    if args.engine is None:
+        ap.error("--engine ENGINE_DIR is needed (or --merge)")
+    servers = set(args.servers.split(","))
+    if not servers <= {"ours", "peer"} or not servers:
+        ap.error("--servers: ours, peer or ours,peer")
+    if "peer" not in servers:
+        args.peer = "none"
     if args.peer != "none" and args.model is None:
         ap.error("--model MODEL_DIR is needed for the peer (or --peer none)")
     rates = [float(r) for r in args.rates.split(",")]
@@ -256,45 +277,53 @@ def main(argv=None) -> int:
                                                       args.temperature, args.seed))
             print(f"  {name} rate {r}: {results[name][r]['tokens_per_second']:.1f} tokens/s", file=sys.stderr)
 
-    ours = Server([sys.executable, "-m", "spec_compiler.serve", str(args.engine), "--port", "0"], None)
-    try:
-        sweep_http("spec-serve", ours)
-    finally:
-        ours.stop()
     peer = args.peer
     if peer == "auto":
         peer = "serve" if all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")) else "cb"
+    meta = {"engine": str(args.engine), "model": str(args.model), "n": args.n, "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature, "rates": args.rates, "peer": peer}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write() -> None:  # after each server: what is measured survives a run stopped later
+        args.out.write_text(json.dumps({"meta": meta, "results": {k: {str(r): v for r, v in d.items()}
+                                                                  for k, d in results.items()}}, indent=1))
+
+    if "ours" in servers:
+        ours = Server([sys.executable, "-m", "spec_compiler.serve", str(args.engine), "--port", "0"], None)
+        try:
+            sweep_http("spec-serve", ours)
+        finally:
+            ours.stop()
+        write()
     if peer == "serve":
         port = 8000 + random.Random().randrange(1000)
         cmd = ["transformers", "serve", str(args.model), "--continuous-batching", "--host", "127.0.0.1",
                "--port", str(port), "--device", args.device, "--dtype", args.dtype]
         srv = Server(cmd + (["--compile"] if args.peer_compile else []), f"http://127.0.0.1:{port}")
         try:
-            sweep_http("transformers serve", srv)
+            sweep_http("transformers serve" + (" --compile" if args.peer_compile else ""), srv)
         finally:
             srv.stop()
     elif peer == "cb":
         results["transformers cb"] = drive_cb(args.model, args.device, args.dtype, prompts, sweeps,
                                               args.max_new_tokens, args.temperature, args.seed)
+    write()
+    print_table({k: {str(r): v for r, v in d.items()} for k, d in results.items()}, args.out)
+    return 0
 
-    meta = {"engine": str(args.engine), "model": str(args.model), "n": args.n, "max_new_tokens": args.max_new_tokens,
-            "temperature": args.temperature, "rates": args.rates, "peer": peer}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "results": {k: {str(r): v for r, v in d.items()}
-                                                              for k, d in results.items()}}, indent=1))
 
+def print_table(results: dict, out: Path) -> None:
     def f(x, scale=1.0, spec="{:.1f}"):
         return "-" if x is None else spec.format(x * scale)
 
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {out}")
     print(f"{'server':20} {'rate':>5} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} "
           f"{'TPOT p99':>9} {'failed':>6}   (ms)")
     for name, d in results.items():
         for r, s in d.items():
-            print(f"{name:20} {r:>5g} {f(s['tokens_per_second']):>8} {f(s['ttft_p50'], 1e3):>9} "
+            print(f"{name:20} {float(r):>5g} {f(s['tokens_per_second']):>8} {f(s['ttft_p50'], 1e3):>9} "
                   f"{f(s['ttft_p99'], 1e3):>9} {f(s['tpot_p50'], 1e3, '{:.2f}'):>9} "
                   f"{f(s['tpot_p99'], 1e3, '{:.2f}'):>9} {s['failed']:>6}")
-    return 0
 
 
 if __name__ == "__main__":

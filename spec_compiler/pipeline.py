@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import shutil
 import signal
 import sys
@@ -286,6 +287,11 @@ class Lowering:
     held for every graph. Default jobs: one per 4 usable CPU cores, at most 8 (each worker allocates
     uninitialised example inputs of its graph: the weights and that bucket's caches). 1, or the
     eager and onnx backends (an ONNX export takes seconds), lower in this process as before.
+    On a GPU the workers also share its memory: a graph is started only while the workers'
+    estimated needs (`worker_bytes`: its inputs, plus a margin for the CUDA context and Inductor's
+    autotuning buffers) fit what was free when the first one started, less room for this process
+    to build the next graphs (on an 8B shape, four workers and the parent ran an H200 out of
+    memory); a graph that fits nowhere still runs, alone.
     The alternative, one artifact with a dynamic batch dimension and a CUDA graph captured per
     bucket, would compile each graph once, but its kernels would be tuned for no batch in
     particular and the CPU engines (no CUDA graphs) would pay dynamic shapes on every call; the
@@ -297,6 +303,7 @@ class Lowering:
         self.jobs = min(8, max(1, usable_cpus() // 4)) if jobs is None else jobs
         self.parallel = backend == "inductor" and self.jobs > 1 and total > 1
         self.pool, self.futures, self.done = None, {}, 0
+        self.budget, self.needs = None, {}  # GPU bytes the workers may use; each running one's estimate
 
     def add(self, label: str, gm: fx.GraphModule, args: list[torch.Tensor], path: Path) -> None:
         if not self.parallel:
@@ -310,27 +317,58 @@ class Lowering:
 
             self.progress(f"[3/4] lowering {self.total} graphs with {self.backend}, {self.jobs} at a time")
             self.pool = cf.ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"))
+            self.budget = gpu_worker_budget(self.device)
+        need = worker_bytes(args)
+        if self.budget is not None:
+            while self.needs and sum(self.needs.values()) + need > self.budget:
+                self._collect(first=True)
         src = save_exported(gm, args, path.with_suffix(".export.pt2"))
-        self.futures[self.pool.submit(lower_saved, src, str(path), self.device, self.tp)] = (label, src)
+        fut = self.pool.submit(lower_saved, src, str(path), self.device, self.tp)
+        self.futures[fut], self.needs[fut] = (label, src), need
 
-    def finish(self) -> None:
-        """Wait for every worker; a worker's error is raised here."""
-        if self.pool is None:
-            return
+    def _collect(self, first: bool = False) -> None:
+        """Wait for the first worker to finish (`first`) or for all; a worker's error is raised."""
         import concurrent.futures as cf
 
-        for fut in cf.as_completed(self.futures):
+        done = (cf.wait(self.futures, return_when=cf.FIRST_COMPLETED).done if first
+                else cf.as_completed(list(self.futures)))
+        for fut in done:
             fut.result()
-            label, src = self.futures[fut]
+            label, src = self.futures.pop(fut)
+            self.needs.pop(fut, None)
             Path(src).unlink()
             self.done += 1
             self.progress(f"[3/4] {label}: lowered ({self.done}/{self.total})")
+
+    def finish(self) -> None:
+        """Wait for every worker; a worker's error is raised here."""
+        if self.pool is not None:
+            self._collect()
 
     def close(self) -> None:
         """Stop the workers (after an error or an interrupt: queued graphs are dropped)."""
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
+
+
+def worker_bytes(args: list[torch.Tensor]) -> int:
+    """A lowering worker's GPU memory, estimated: its graph's inputs (weights and caches,
+    allocated uninitialised), a quarter more for Inductor's autotuning copies of the largest ones,
+    and 2 GiB for the CUDA context and the compiled kernels."""
+    inputs = sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+    return int(1.25 * inputs) + (2 << 30)
+
+
+def gpu_worker_budget(device: str) -> int | None:
+    """GPU bytes the lowering workers may hold together: what is free now, less a tenth of the
+    card (at least 8 GiB) that this process keeps for building the next graphs. None off CUDA."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    gc.collect()  # what an earlier step (the tree choice's timed captures) left, then its cached blocks
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    return free - max(total // 10, 8 << 30)
 
 
 def lower_all(todo: list, backend: str, device: str, jobs: int | None, progress) -> None:

@@ -178,6 +178,53 @@ def test_load_compiles_and_spawns_nothing(built, tmp_path, tiny_dir, script):
     assert not (tmp_path / "empty_cache").exists() or not any((tmp_path / "empty_cache").rglob("*.so"))
 
 
+def test_parallel_lowering_waits_for_gpu_memory(tmp_path, monkeypatch):
+    """On a GPU, a graph's worker starts only while the running workers' estimated memory leaves
+    room for it (an 8B engine's four workers ran an H200 out of memory); a graph larger than the
+    whole budget still runs, alone. Workers are threads here, the budget is patched, and the
+    lowering is a stand-in that records how many run at once."""
+    import concurrent.futures as cf
+    import threading
+    import time
+
+    from torch import fx
+
+    from spec_compiler import pipeline
+
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def fake_lower(src, path, device, tp):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.5)
+        with lock:
+            running[0] -= 1
+
+    class Pool(cf.ThreadPoolExecutor):
+        def __init__(self, n, mp_context=None):
+            super().__init__(n)
+
+    monkeypatch.setattr(cf, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(pipeline, "lower_saved", fake_lower)
+
+    def f(w, x):
+        return x @ w
+
+    def todo():
+        return [(f"f{i}", fx.symbolic_trace(f), [torch.randn(64, 64), torch.randn(2, 64)], tmp_path / f"f{i}.pt2")
+                for i in range(4)]
+
+    one = pipeline.worker_bytes(todo()[0][2])
+    for budget, most in ((0, 1), (2 * one, 2), (None, 4)):  # none fits / two fit / off the GPU
+        monkeypatch.setattr(pipeline, "gpu_worker_budget", lambda device, b=budget: b)
+        peak[0], logs = 0, []
+        pipeline.lower_all(todo(), "inductor", "cuda", 4, logs.append)
+        assert sum("lowered (" in line for line in logs) == 4, logs
+        assert peak[0] <= most and (budget is None or peak[0] == most), (budget, peak[0])
+        assert not list(tmp_path.glob("*.export.pt2"))
+
+
 def test_parallel_lowering_gives_working_packages(tmp_path):
     """lower_all with jobs > 1 (what --jobs does for the buckets' graphs): each graph exported
     here, saved without its example inputs, and lowered by Inductor in a spawned worker, gives
