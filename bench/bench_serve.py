@@ -106,11 +106,20 @@ class Server:
         except OSError:
             return False
 
-    def model_id(self) -> str:
+    def model_id(self, default: str | None = None) -> str:
+        """The first model /v1/models lists; `default` where that fails (transformers 5.17's
+        `serve` answers 500 there on a machine without a Hugging Face cache, though it serves
+        the model it was started with under its path)."""
         import urllib.request
 
-        with urllib.request.urlopen(self.url + "/v1/models", timeout=10) as r:
-            return json.loads(r.read())["data"][0]["id"]
+        try:
+            with urllib.request.urlopen(self.url + "/v1/models", timeout=10) as r:
+                return json.loads(r.read())["data"][0]["id"]
+        except (OSError, ValueError, KeyError, IndexError) as e:
+            if default is None:
+                raise
+            print(f"  {self.url}/v1/models: {e}; using the model id {default!r}", file=sys.stderr)
+            return default
 
     def stop(self):
         if self.proc.poll() is None:
@@ -268,8 +277,8 @@ def main(argv=None) -> int:
     sweeps = {r: trace(args.n, r, args.seed + k) for k, r in enumerate(rates)}
     results: dict[str, dict] = {}
 
-    def sweep_http(name: str, server: Server):
-        model = server.model_id()
+    def sweep_http(name: str, server: Server, model: str | None = None):
+        model = server.model_id(model)
         asyncio.run(drive_http(server.url, model, prompts, [0.0] * 2, 8, args.temperature, args.seed))  # warm-up
         results[name] = {}
         for r, arrivals in sweeps.items():
@@ -301,7 +310,10 @@ def main(argv=None) -> int:
                "--port", str(port), "--device", args.device, "--dtype", args.dtype]
         srv = Server(cmd + (["--compile"] if args.peer_compile else []), f"http://127.0.0.1:{port}")
         try:
-            sweep_http("transformers serve" + (" --compile" if args.peer_compile else ""), srv)
+            sweep_http("transformers serve" + (" --compile" if args.peer_compile else ""), srv, str(args.model))
+        except BaseException:
+            print("".join(srv.log)[-3000:], file=sys.stderr)  # the peer's own account of a failure
+            raise
         finally:
             srv.stop()
     elif peer == "cb":
