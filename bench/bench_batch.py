@@ -72,8 +72,9 @@ def engine_step_ms(eng, batch: int, device: str) -> float:
 def random_engines(shape: str, batches: list[int], table: AcceptTable, root: Path, device: str,
                    only: tuple[str, ...] = ()) -> dict:
     """Build (or reuse) the three engines of a random-weight shape; returns name -> dir, and
-    name -> compile seconds (None if reused from an earlier run that did not record it). The
-    dispatcher's is a whole engine (its compile time is the one reported); the other two have
+    name -> {"seconds", "graphs_from_cache"} of its compile (None if reused from an earlier run
+    that did not record it). The dispatcher's is a whole engine (its compile time is the one
+    reported; graphs taken from the lowered-graph cache make it a resumed one); the other two have
     the step's graphs only (timed steps start from a synthetic context: no prefill). `only`:
     build just these (two processes can share the work); the dispatcher's trees are chosen once
     and kept in a file beside the engines, so every process builds from the same choice."""
@@ -81,8 +82,12 @@ def random_engines(shape: str, batches: list[int], table: AcceptTable, root: Pat
     dirs = {name: root / f"{shape}-{name}-{device}" for name in names}
     seconds = {name: root / f"{shape}-{name}-{device}.compile_s" for name in names}
 
-    def recorded() -> dict:
-        return {n: float(f.read_text()) if f.is_file() else None for n, f in seconds.items()}
+    def recorded() -> dict:  # name -> {"seconds", "graphs_from_cache"} (a float: an older record)
+        out = {}
+        for n, f in seconds.items():
+            rec = json.loads(f.read_text()) if f.is_file() else None
+            out[n] = {"seconds": rec, "graphs_from_cache": None} if isinstance(rec, (int, float)) else rec
+        return out
 
     if all((d / "manifest.json").is_file() for d in dirs.values()):
         return dirs, recorded()
@@ -114,14 +119,18 @@ def random_engines(shape: str, batches: list[int], table: AcceptTable, root: Pat
     for name, cfg in cfgs.items():
         d = dirs[name]
         if not (d / "manifest.json").is_file() and (not only or name in only):
-            t = time.time()
-            compile_modules(cfg, target, draft if cfg.draft is not None else None, d,
-                            progress=lambda s: print("  " + s, flush=True),
+            t, hits = time.time(), []
+
+            def progress(s: str) -> None:
+                hits.extend(["hit"] if "taken from the graph cache" in s else [])
+                print("  " + s, flush=True)
+
+            compile_modules(cfg, target, draft if cfg.draft is not None else None, d, progress=progress,
                             tree_choice=choice if name == "ours_dispatch" else None,
                             graphs=None if name == "ours_dispatch" else  # whole: its compile time is reported
                             ["verify", "draft"] if cfg.draft is not None else ["verify"])
-            seconds[name].write_text(f"{time.time() - t:.1f}")
-            print(f"  built {d.name} in {time.time() - t:.0f} s", flush=True)
+            seconds[name].write_text(json.dumps({"seconds": round(time.time() - t, 1), "graphs_from_cache": len(hits)}))
+            print(f"  built {d.name} in {time.time() - t:.0f} s ({len(hits)} graphs from the graph cache)", flush=True)
     del target, draft
     return dirs, recorded()
 

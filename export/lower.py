@@ -93,23 +93,33 @@ def _delete_attr(m: torch.nn.Module, target: str) -> None:
 
 
 def lower(gm: fx.GraphModule, example_inputs: list[torch.Tensor], out_path: Path,
-          backend: str, tp: int = 1) -> Path:
+          backend: str, tp: int = 1, cache=None) -> bool:
     """Export the (weight-lifted) graph and compile it to `out_path`. `tp`: the ranks of the
-    process group its collectives run on (`collective_group`)."""
+    process group its collectives run on (`collective_group`). `cache`: a `GraphCache` the
+    artifact is taken from when it holds this program, and kept in otherwise. Returns whether
+    it came from the cache."""
     if backend == "onnx":
         from .onnx_export import export_onnx
 
-        return export_onnx(gm, example_inputs, out_path)
+        export_onnx(gm, example_inputs, out_path)
+        return False
     with torch.no_grad():
         ep = torch.export.export(gm, tuple(example_inputs), strict=False)
     if backend == "eager":
         torch.export.save(ep, str(out_path))
-        return out_path
+        return False
     from torch._inductor import aoti_compile_and_package
 
+    from .graph_cache import program_bytes
+
+    key = cache.key(program_bytes(ep)) if cache is not None else None
+    if key is not None and cache.fetch(key, Path(out_path)):
+        return True
     with torch.no_grad(), collective_group(tp, has_collectives(ep.graph)):
-        return Path(aoti_compile_and_package(ep, package_path=str(out_path),
-                                             inductor_configs=dict(INDUCTOR_CONFIGS)))
+        aoti_compile_and_package(ep, package_path=str(out_path), inductor_configs=dict(INDUCTOR_CONFIGS))
+    if key is not None:
+        cache.store(key, Path(out_path))
+    return False
 
 
 def has_collectives(graph: fx.Graph) -> bool:

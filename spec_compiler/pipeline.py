@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 from torch import fx
 
+from spec_compiler.export.graph_cache import GraphCache
 from spec_compiler.export.lower import WeightRegistry, lift_weights, lower, lower_saved, save_exported
 from spec_compiler.export.manifest import Manifest, write_manifest
 from spec_compiler.export.onnx_export import check_onnx
@@ -304,27 +305,35 @@ class Lowering:
         self.parallel = backend == "inductor" and self.jobs > 1 and total > 1
         self.pool, self.futures, self.done = None, {}, 0
         self.budget, self.needs = None, {}  # GPU bytes the workers may use; each running one's estimate
+        self.cache = GraphCache.for_lowering(backend, device, tp)
 
     def add(self, label: str, gm: fx.GraphModule, args: list[torch.Tensor], path: Path) -> None:
         if not self.parallel:
             self.done += 1
             self.progress(f"[3/4] {label}: lowering with {self.backend} ({self.done}/{self.total})")
-            lower(gm, args, path, self.backend, self.tp)
+            if lower(gm, args, path, self.backend, self.tp, self.cache):
+                self.progress(f"[3/4] {label}: taken from the graph cache ({self.done}/{self.total})")
             return
-        if self.pool is None:
+        src = save_exported(gm, args, path.with_suffix(".export.pt2"))
+        key = self.cache.key(Path(src).read_bytes()) if self.cache is not None else None
+        if key is not None and self.cache.fetch(key, path):
+            Path(src).unlink()
+            self.done += 1
+            self.progress(f"[3/4] {label}: taken from the graph cache ({self.done}/{self.total})")
+            return
+        if self.pool is None:  # the first graph to lower
             import concurrent.futures as cf
             import multiprocessing
 
-            self.progress(f"[3/4] lowering {self.total} graphs with {self.backend}, {self.jobs} at a time")
+            self.progress(f"[3/4] lowering the graphs with {self.backend}, up to {self.jobs} at a time")
             self.pool = cf.ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"))
             self.budget = gpu_worker_budget(self.device)
         need = worker_bytes(args)
         if self.budget is not None:
             while self.needs and sum(self.needs.values()) + need > self.budget:
                 self._collect(first=True)
-        src = save_exported(gm, args, path.with_suffix(".export.pt2"))
         fut = self.pool.submit(lower_saved, src, str(path), self.device, self.tp)
-        self.futures[fut], self.needs[fut] = (label, src), need
+        self.futures[fut], self.needs[fut] = (label, src, path, key), need
 
     def _collect(self, first: bool = False) -> None:
         """Wait for the first worker to finish (`first`) or for all; a worker's error is raised."""
@@ -334,9 +343,11 @@ class Lowering:
                 else cf.as_completed(list(self.futures)))
         for fut in done:
             fut.result()
-            label, src = self.futures.pop(fut)
+            label, src, path, key = self.futures.pop(fut)
             self.needs.pop(fut, None)
             Path(src).unlink()
+            if key is not None:
+                self.cache.store(key, path)
             self.done += 1
             self.progress(f"[3/4] {label}: lowered ({self.done}/{self.total})")
 

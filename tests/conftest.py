@@ -8,6 +8,9 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every test lowers what it tests: the lowered-graph cache (on by default for users) stays off
+# here, also in the compiles tests start as subprocesses; tests of the cache turn it on.
+os.environ.setdefault("SPEC_COMPILER_CACHE_DIR", "off")
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest -n N: share the cores, do not oversubscribe
     _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ.setdefault("OMP_NUM_THREADS", str(_threads))  # before torch; children inherit it
