@@ -262,3 +262,18 @@ def check_first_two_tokens(engine, model_dir: Path, prompt: list[int], n: int,
     for counts, probs in ((firsts, p1), (seconds, p2 / p2.sum())):
         assert int((probs * counts.sum() >= 5).sum()) >= 5, "too few populated cells for a meaningful test"
         assert chi_square_pvalue(counts, probs) > 1e-4
+
+
+def small_graphs(out: Path) -> list:
+    """Two traced graphs of one function at batch 1 and 4, as `lower_all` takes them (label,
+    graph, example inputs, package path under `out`): for the lowering tests."""
+    from torch import fx
+
+    def f(w, x, n):
+        return (x @ w).relu() * n.float()[:, None], n + 1
+
+    todo = []
+    for b in (1, 4):
+        args = [torch.randn(8, 8), torch.randn(b, 8), torch.arange(b)]
+        todo.append((f"f.b{b}", fx.symbolic_trace(f), args, out / f"f.b{b}.pt2"))
+    return todo

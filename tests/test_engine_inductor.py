@@ -229,18 +229,12 @@ def test_parallel_lowering_gives_working_packages(tmp_path):
     """lower_all with jobs > 1 (what --jobs does for the buckets' graphs): each graph exported
     here, saved without its example inputs, and lowered by Inductor in a spawned worker, gives
     a package that computes what the graph does."""
-    from torch import fx
+    from helpers import small_graphs
 
     from spec_compiler.pipeline import lower_all
     from spec_compiler.runtime.aoti import load_package
 
-    def f(w, x, n):
-        return (x @ w).relu() * n.float()[:, None], n + 1
-
-    todo = []
-    for b in (1, 4):
-        args = [torch.randn(8, 8), torch.randn(b, 8), torch.arange(b)]
-        todo.append((f"f.b{b}", fx.symbolic_trace(f), args, tmp_path / f"f.b{b}.pt2"))
+    todo = small_graphs(tmp_path)
     logs = []
     lower_all(todo, "inductor", "cpu", 2, logs.append)
     assert any("2 at a time" in s for s in logs) and not list(tmp_path.glob("*.export.pt2"))

@@ -4,7 +4,7 @@ what the graph does, from the cache the second time, in this process and in para
 
 import pytest
 import torch
-from torch import fx
+from helpers import small_graphs
 
 from spec_compiler.export.graph_cache import ENV, GraphCache, cache_root, program_bytes, program_digest
 from spec_compiler.pipeline import lower_all
@@ -59,24 +59,13 @@ def test_where_the_cache_lives_and_turning_it_off(monkeypatch, tmp_path):
     assert cache_root() == tmp_path / "xdg" / "spec-compiler" / "graphs"
 
 
-def graphs(out):
-    def f(w, x, n):
-        return (x @ w).relu() * n.float()[:, None], n + 1
-
-    todo = []
-    for b in (1, 4):
-        args = [torch.randn(8, 8), torch.randn(b, 8), torch.arange(b)]
-        todo.append((f"f.b{b}", fx.symbolic_trace(f), args, out / f"f.b{b}.pt2"))
-    return todo
-
-
 @pytest.mark.parametrize("jobs", [1, 2], ids=["in-process", "workers"])
 def test_lowering_twice_takes_every_graph_from_the_cache(tmp_path, monkeypatch, jobs):
     monkeypatch.setenv(ENV, str(tmp_path / "cache"))
     for run in ("first", "second"):
         out = tmp_path / run
         out.mkdir()
-        logs, todo = [], graphs(out)
+        logs, todo = [], small_graphs(out)
         lower_all(todo, "inductor", "cpu", jobs, logs.append)
         hits = sum("taken from the graph cache" in line for line in logs)
         assert hits == (0 if run == "first" else 2), logs
@@ -93,7 +82,7 @@ def test_a_cache_that_cannot_be_written_is_a_miss_said_once(tmp_path, monkeypatc
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     monkeypatch.setenv(ENV, str(blocker))
-    todo = graphs(tmp_path)
+    todo = small_graphs(tmp_path)
     lower_all(todo, "inductor", "cpu", 1, lambda s: None)
     err = capsys.readouterr().err
     assert err.count("graph cache: cannot write") == 1 and f"{ENV}=off" in err
