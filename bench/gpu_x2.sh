@@ -4,7 +4,8 @@
 # and cores 16-31 (tests and engine builds); timings that need both GPUs run alone. Everything
 # a later call needs stays in $KEEP_ROOT (it outlives the calls while the machine is warm). Logs
 # and JSON come back as one archive, $OUT/stageN.tgz (a call returns at most 8 files).
-#   stage 1: on B, with TESTS=1 the GPU tests of TP world-size-1 NCCL and of the tree cost
+#   stage 1: on B, two GPU tests of engines lowered by the parallel workers; with TESTS=1
+#            the GPU tests of TP world-size-1 NCCL and of the tree cost
 #            model's CUDA-graph timing (both passed on 2026-11-30; all of test_gpu_runtime too
 #            with RUNTIME=1), then bench_batch's 8B plain and forced engines; on A, its 8B
 #            dispatcher engine (whole: its compile time is the one reported; A chooses the
@@ -56,6 +57,11 @@ case "$STAGE" in
 1)
   python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
   (
+    # first, engines lowered by the parallel workers (weights sharing one buffer since
+    # 2026-11-30) must still equal transformers and be batch-invariant on the GPU
+    B 240 "${PYTEST[@]}" tests/test_gpu_runtime.py -m gpu \
+      -k "test_cuda_engine_matches_transformers or test_batched_cuda_greedy_equals_solo" \
+      > "$LOG/t_workers.log" 2>&1; echo "worker-lowered engine tests rc $? at ${SECONDS}s"
     [ -n "${TESTS:-}" ] && { B 150 "${PYTEST[@]}" tests/test_tp.py tests/test_tree_choice.py -m "gpu and not multi_gpu" \
       > "$LOG/t_gpu.log" 2>&1; echo "GPU tests rc $? at ${SECONDS}s"; }
     [ -n "${RUNTIME:-}" ] && { B 360 "${PYTEST[@]}" tests/test_gpu_runtime.py -m gpu > "$LOG/t_runtime.log" 2>&1
@@ -70,7 +76,7 @@ case "$STAGE" in
   A "$(left 40)" "${BATCH[@]}" --shapes llama8b --build-only --only ours_dispatch > "$LOG/batch_build_8b_a.log" 2>&1
   echo "8B batch build (A) rc $? at ${SECONDS}s"
   wait $LANE_B
-  outcomes t_gpu t_runtime
+  outcomes t_workers t_gpu t_runtime
   grep -hE "built|chosen|rror" "$LOG"/batch_build_8b_*.log | tail -8
   ;;
 2)

@@ -152,15 +152,67 @@ def collective_group(tp: int, collectives: bool = True):
         dist.destroy_process_group()
 
 
-def save_exported(gm: fx.GraphModule, example_inputs: list[torch.Tensor], path: Path) -> str:
+SHARED_MIN_BYTES = 1 << 20  # read-only inputs this large share one buffer in a lowering worker
+
+
+def _user_inputs(ep) -> list[tuple[torch.Tensor, bool]]:
+    """(fake value, shareable) for each user input of an exported program: shareable when the
+    graph never writes it and it is at least SHARED_MIN_BYTES (the weights, not the caches)."""
+    sig = ep.graph_signature
+    user, mutated = set(sig.user_inputs), set(sig.user_inputs_to_mutate.values())
+    return [(n.meta["val"], n.name not in mutated and _storage_bytes(n.meta["val"]) >= SHARED_MIN_BYTES)
+            for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
+
+
+def _storage_bytes(v) -> int:
+    span = 1 + sum((s - 1) * st for s, st in zip(v.shape, v.stride())) if all(s > 0 for s in v.shape) else 0
+    return span * v.element_size()
+
+
+def worker_bytes(ep) -> int:
+    """A lowering worker's memory on the device, estimated: the inputs it allocates (each
+    written-to or small input, and one buffer the size of the largest read-only one, which all
+    read-only ones share: `example_inputs_for`), a quarter more for Inductor's autotuning copies,
+    and 2 GiB for the CUDA context and the compiled kernels."""
+    ins = _user_inputs(ep)
+    own = sum(_storage_bytes(v) for v, shared in ins if not shared)
+    shared = max((_storage_bytes(v) for v, shared in ins if shared), default=0)
+    return int(1.25 * (own + shared)) + (2 << 30)
+
+
+def example_inputs_for(ep, device: str | None = None) -> tuple[torch.Tensor, ...]:
+    """Uninitialised example inputs for lowering a loaded program: its shapes, strides and
+    dtypes. The read-only large ones (the weights) are views of one buffer the size of the
+    largest: their values never matter to the lowering, and a worker of an 8B graph then holds
+    1 GB of weights, not 16. The inputs the graph writes (the caches) are their own."""
+    ins = _user_inputs(ep)
+    dev = lambda v: device or v.device  # noqa: E731
+    need = max((_storage_bytes(v) for v, shared in ins if shared), default=0)
+    pool = {}  # device -> the shared buffer (16-byte multiple: any dtype's view of it fits)
+    out = []
+    for v, shared in ins:
+        if shared:
+            d = torch.device(dev(v))
+            if d not in pool:
+                pool[d] = torch.empty((need + 15) // 16 * 16, dtype=torch.uint8, device=d)
+            n = _storage_bytes(v)
+            flat = pool[d][: (n + v.element_size() - 1) // v.element_size() * v.element_size()].view(v.dtype)
+            out.append(flat.as_strided(v.shape, v.stride()))
+        else:
+            out.append(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=dev(v)))
+    return tuple(out)
+
+
+def save_exported(gm: fx.GraphModule, example_inputs: list[torch.Tensor], path: Path) -> tuple[str, int]:
     """The graph exported and saved for `lower_saved` in another process, without its example
     inputs (the weights and caches, gigabytes at scale): the worker makes uninitialised ones of
-    the same shapes, strides and dtypes from the program's metadata."""
+    the same shapes, strides and dtypes from the program's metadata. Returns the file and the
+    worker's estimated device memory (`worker_bytes`)."""
     with torch.no_grad():
         ep = torch.export.export(gm, tuple(example_inputs), strict=False)
     ep.example_inputs = None
     torch.export.save(ep, str(path))
-    return str(path)
+    return str(path), worker_bytes(ep)
 
 
 def lower_saved(src: str, out_path: str, device: str, tp: int = 1) -> str:
@@ -172,10 +224,7 @@ def lower_saved(src: str, out_path: str, device: str, tp: int = 1) -> str:
     if device == "cuda":
         torch.cuda.init()
     ep = torch.export.load(src)
-    user = set(ep.graph_signature.user_inputs)
-    vals = [n.meta["val"] for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
-    ep.example_inputs = (tuple(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
-                               for v in vals), {})
+    ep.example_inputs = (example_inputs_for(ep), {})
     try:
         with torch.no_grad(), collective_group(tp, has_collectives(ep.graph)):
             return aoti_compile_and_package(ep, package_path=out_path,

@@ -63,7 +63,7 @@ def compile_parser() -> argparse.ArgumentParser:
                    help="with --tp N: the lm_head replicated on every rank (default), or sharded by "
                         "vocabulary (each rank reads 1/N of it; an all-gather of the logits per call)")
     p.add_argument("--jobs", type=int, default=None, metavar="N",
-                   help="graphs lowered in parallel, one process each (default: one per 4 CPU "
+                   help="graphs lowered in parallel, one process each (default: one per 2 CPU "
                         "cores, at most 8; 1: one after another in this process)")
     p.add_argument("--debug-dir", type=Path, default=None, help="dump the graph after every pass")
     return add_verbose_flag(p)

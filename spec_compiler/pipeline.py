@@ -285,14 +285,18 @@ class Lowering:
     here as soon as it is built (cheap), saved, and lowered in its own worker process
     (`export.lower.lower_saved`: a spawned interpreter, safe with CUDA) while the next graph is
     built, `jobs` at a time; the example inputs (weights and caches) are dropped at once, not
-    held for every graph. Default jobs: one per 4 usable CPU cores, at most 8 (each worker allocates
-    uninitialised example inputs of its graph: the weights and that bucket's caches). 1, or the
-    eager and onnx backends (an ONNX export takes seconds), lower in this process as before.
-    On a GPU the workers also share its memory: a graph is started only while the workers'
-    estimated needs (`worker_bytes`: its inputs, plus a margin for the CUDA context and Inductor's
-    autotuning buffers) fit what was free when the first one started, less room for this process
-    to build the next graphs (on an 8B shape, four workers and the parent ran an H200 out of
-    memory); a graph that fits nowhere still runs, alone.
+    held for every graph. Default jobs: one per 2 usable CPU cores, at most 8: a worker is mostly
+    single-threaded Python and C++ compiling (on an H200 machine an 8B verify graph took 193 s
+    lowered alone with 16 cores free, and about 140 s each with four lowering at once). 1, or
+    the eager and onnx backends (an ONNX export takes seconds), lower in this process as before.
+    Each worker allocates uninitialised example inputs of its graph (`export.lower.
+    example_inputs_for`): the caches it writes, and one buffer that all its read-only weights
+    view. On a GPU the workers share its memory, so a graph is started only while the running
+    workers' estimated needs (`export.lower.worker_bytes`: those inputs, plus a margin for the
+    CUDA context and Inductor's autotuning buffers) fit what was free when the first one
+    started, less room for this process to build the next graphs (four workers each holding a
+    full copy of the 8B weights, and the parent, ran an H200 out of memory); a graph that fits
+    nowhere still runs, alone.
     The alternative, one artifact with a dynamic batch dimension and a CUDA graph captured per
     bucket, would compile each graph once, but its kernels would be tuned for no batch in
     particular and the CPU engines (no CUDA graphs) would pay dynamic shapes on every call; the
@@ -301,7 +305,7 @@ class Lowering:
     def __init__(self, backend: str, device: str, jobs: int | None, total: int, progress, tp: int = 1):
         self.backend, self.device, self.total, self.progress = backend, device, total, progress
         self.tp = tp  # graphs with collectives are lowered with a stand-in group of tp ranks
-        self.jobs = min(8, max(1, usable_cpus() // 4)) if jobs is None else jobs
+        self.jobs = min(8, max(1, usable_cpus() // 2)) if jobs is None else jobs
         self.parallel = backend == "inductor" and self.jobs > 1 and total > 1
         self.pool, self.futures, self.done = None, {}, 0
         self.budget, self.needs = None, {}  # GPU bytes the workers may use; each running one's estimate
@@ -314,7 +318,7 @@ class Lowering:
             if lower(gm, args, path, self.backend, self.tp, self.cache):
                 self.progress(f"[3/4] {label}: taken from the graph cache ({self.done}/{self.total})")
             return
-        src = save_exported(gm, args, path.with_suffix(".export.pt2"))
+        src, need = save_exported(gm, args, path.with_suffix(".export.pt2"))
         key = self.cache.key(Path(src).read_bytes()) if self.cache is not None else None
         if key is not None and self.cache.fetch(key, path):
             Path(src).unlink()
@@ -328,7 +332,6 @@ class Lowering:
             self.progress(f"[3/4] lowering the graphs with {self.backend}, up to {self.jobs} at a time")
             self.pool = cf.ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"))
             self.budget = gpu_worker_budget(self.device)
-        need = worker_bytes(args)
         if self.budget is not None:
             while self.needs and sum(self.needs.values()) + need > self.budget:
                 self._collect(first=True)
@@ -361,14 +364,6 @@ class Lowering:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
-
-
-def worker_bytes(args: list[torch.Tensor]) -> int:
-    """A lowering worker's GPU memory, estimated: its graph's inputs (weights and caches,
-    allocated uninitialised), a quarter more for Inductor's autotuning copies of the largest ones,
-    and 2 GiB for the CUDA context and the compiled kernels."""
-    inputs = sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
-    return int(1.25 * inputs) + (2 << 30)
 
 
 def gpu_worker_budget(device: str) -> int | None:

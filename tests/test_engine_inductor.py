@@ -215,7 +215,8 @@ def test_parallel_lowering_waits_for_gpu_memory(tmp_path, monkeypatch):
         return [(f"f{i}", fx.symbolic_trace(f), [torch.randn(64, 64), torch.randn(2, 64)], tmp_path / f"f{i}.pt2")
                 for i in range(4)]
 
-    one = pipeline.worker_bytes(todo()[0][2])
+    _, gm, args, path = todo()[0]
+    one = pipeline.save_exported(gm, args, path.with_suffix(".export.pt2"))[1]
     for budget, most in ((0, 1), (2 * one, 2), (None, 4)):  # none fits / two fit / off the GPU
         monkeypatch.setattr(pipeline, "gpu_worker_budget", lambda device, b=budget: b)
         peak[0], logs = 0, []
@@ -223,6 +224,38 @@ def test_parallel_lowering_waits_for_gpu_memory(tmp_path, monkeypatch):
         assert sum("lowered (" in line for line in logs) == 4, logs
         assert peak[0] <= most and (budget is None or peak[0] == most), (budget, peak[0])
         assert not list(tmp_path.glob("*.export.pt2"))
+
+
+def test_a_lowering_worker_shares_one_buffer_among_the_weights(tmp_path):
+    """A worker's example inputs: the read-only large inputs (weights) view one buffer the size
+    of the largest, the written ones (caches) and small ones are their own; the estimate counts
+    that; and a package lowered from such inputs computes what the graph does on real ones."""
+    from spec_compiler.export.lower import example_inputs_for, lower_saved, save_exported, worker_bytes
+    from spec_compiler.runtime.aoti import load_package
+
+    class Step(torch.nn.Module):
+        def forward(self, w1, w2, cache, x, pos):
+            h = x @ w1 + (x @ w2.t()).relu()  # two weights, one read transposed
+            cache.index_copy_(0, pos, h)  # the graph writes the cache
+            return cache.sum(0), h
+
+    n = 512  # 1 MiB weights in float32: shared
+    args = [torch.randn(n, n), torch.randn(n, n), torch.zeros(8, n), torch.randn(2, n), torch.tensor([1, 5])]
+    gm = torch.export.export(Step(), tuple(a.clone() for a in args), strict=False).module()
+    src, need = save_exported(gm, [a.clone() for a in args], tmp_path / "s.export.pt2")
+    ep = torch.export.load(src)
+    w1, w2, cache, x, pos = example_inputs_for(ep)
+    assert w1.untyped_storage().data_ptr() == w2.untyped_storage().data_ptr()
+    assert cache.untyped_storage().data_ptr() != w1.untyped_storage().data_ptr()
+    assert (w1.shape, w1.stride(), w2.shape, w2.stride()) == ((n, n), (n, 1), (n, n), (n, 1))
+    assert need == worker_bytes(ep) == int(1.25 * (n * n * 4 + 8 * n * 4 + 2 * n * 4 + 2 * 8)) + (2 << 30)
+    package = load_package(lower_saved(src, str(tmp_path / "s.pt2"), "cpu"), "cpu")
+    real = [a.clone() for a in args]
+    got = package(*real)
+    want_cache = args[2].clone()
+    want = Step()(args[0], args[1], want_cache, args[3], args[4])
+    assert all(torch.allclose(g, w, atol=1e-4) for g, w in zip(got, want))
+    assert torch.allclose(real[2], want_cache, atol=1e-4)  # the package wrote the real cache
 
 
 def test_parallel_lowering_gives_working_packages(tmp_path):

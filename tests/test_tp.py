@@ -222,7 +222,7 @@ def test_a_lowering_worker_outside_any_group_lowers_collectives(tmp_path, monkey
     gm = torch.fx.symbolic_trace(Reduce())
     assert has_collectives(gm.graph) and not has_collectives(torch.fx.symbolic_trace(torch.nn.ReLU()).graph)
     assert not dist.is_initialized()
-    src = save_exported(gm, [torch.randn(4, 8)], tmp_path / "g.export.pt2")
+    src, _ = save_exported(gm, [torch.randn(4, 8)], tmp_path / "g.export.pt2")
     package = lower_saved(src, str(tmp_path / "g.pt2"), "cpu", tp=1)
     assert not dist.is_initialized()  # the stand-in group is gone
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
