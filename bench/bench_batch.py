@@ -18,7 +18,8 @@ Models (--shapes):
 Writes JSON (--out), prints a table, and draws a PNG next to it (skipped without matplotlib).
 
     python bench/bench_batch.py [--device cuda] [--shapes pair,llama8b] [--batches 1,2,4,8,16,32,64]
-                                [--engines DIR [--build-only [--only NAMES]]] [--out bench/results/batch_DEVICE.json]
+                                [--engines DIR [--build-only [--only NAMES]]] [--curves NAMES]
+                                [--out bench/results/batch_DEVICE.json]
     python bench/bench_batch.py --merge A.json,B.json --out FILE.json   (one table and plot of several runs)
 """
 
@@ -136,15 +137,20 @@ def random_engines(shape: str, batches: list[int], table: AcceptTable, root: Pat
 
 
 def bench_random(shape: str, batches: list[int], table: AcceptTable, root: Path, device: str,
-                 build_only: bool = False, only: tuple[str, ...] = (), save=lambda res: None) -> dict:
-    """`save(res)` after each curve: what is measured survives a run stopped later."""
+                 build_only: bool = False, only: tuple[str, ...] = (), save=lambda res: None,
+                 curves: tuple[str, ...] = CURVES) -> dict:
+    """`save(res)` after each curve: what is measured survives a run stopped later. `curves`:
+    the ones to measure (the peer alone builds nothing)."""
     from spec_compiler.runtime import Engine
 
-    res = {c: {} for c in CURVES}
-    engines, res["compile_s"] = random_engines(shape, batches, table, root, device, only)
+    res = {c: {} for c in curves}
+    if build_only or any(c != "hf" for c in curves):
+        engines, res["compile_s"] = random_engines(shape, batches, table, root, device, only)
     if build_only:
         return res
-    for name, d in engines.items():
+    for name, d in engines.items() if any(c != "hf" for c in curves) else ():
+        if name not in curves:
+            continue
         eng = Engine.load(d)
         for b in batches:
             bucket = next(x for x in eng.buckets if x >= b)
@@ -155,7 +161,8 @@ def bench_random(shape: str, batches: list[int], table: AcceptTable, root: Path,
                             "expected_tokens_per_call": tpc}
         del eng
         save(res)
-    res["hf"] = hf_random(SHAPES[shape], batches, device, lambda hf: save({**res, "hf": hf}))
+    if "hf" in curves:
+        res["hf"] = hf_random(SHAPES[shape], batches, device, lambda hf: save({**res, "hf": hf}))
     return res
 
 
@@ -199,7 +206,11 @@ def bench_pair(args, batches: list[int], save=lambda res: None) -> dict:
              "--no-sampling", "--draft", str(args.draft)]
     dirs = {"ours_dispatch": [], "ours_plain": ["--tree", "chain-0"]}
     only = [x for x in args.only.split(",") if x] or ["ours_dispatch", "ours_plain", "ours_forced"]
-    res = {c: {} for c in CURVES}
+    curves = args.curves.split(",")
+    res = {c: {} for c in curves}
+    if curves == ["hf"] and not args.build_only:  # the peer alone: no engine is needed
+        res["hf"] = hf_pair(args, batches, prompts_text, lambda hf: save({**res, "hf": hf}))
+        return res
     for name, extra in dirs.items():
         d = args.engines / f"pair-{name}-{dev}"
         if not (d / "manifest.json").is_file() and name in only:
@@ -225,7 +236,7 @@ def bench_pair(args, batches: list[int], save=lambda res: None) -> dict:
     res["tree_choice"] = first["tree_choice"]
     if args.build_only:
         return res
-    for name in ("ours_dispatch", "ours_plain", "ours_forced"):
+    for name in [c for c in ("ours_dispatch", "ours_plain", "ours_forced") if c in curves]:
         eng = Engine.load(args.engines / f"pair-{name}-{dev}")
         ids = [eng.encode_prompt(p) for p in prompts_text]
         for b in batches:
@@ -239,13 +250,15 @@ def bench_pair(args, batches: list[int], save=lambda res: None) -> dict:
             res[name][b] = {"tokens_per_s": n / (time.perf_counter() - t), "tokens": n}
         del eng
         save(res)
-    res["hf"] = hf_pair(args, batches, prompts_text)
+    if "hf" in curves:
+        res["hf"] = hf_pair(args, batches, prompts_text, lambda hf: save({**res, "hf": hf}))
     return res
 
 
-def hf_pair(args, batches: list[int], prompts_text: list[str]) -> dict:
+def hf_pair(args, batches: list[int], prompts_text: list[str], save=lambda out: None) -> dict:
     """transformers on the real model: left-padded static-cache generate, and generate_batch
-    (continuous batching) where this transformers has it; the faster per batch."""
+    (continuous batching) where this transformers has it; the faster per batch (`save(out)`
+    after each batch)."""
     from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
     dev = args.device
@@ -282,6 +295,7 @@ def hf_pair(args, batches: list[int], prompts_text: list[str]) -> dict:
             if best is None or n / s > best["tokens_per_s"]:
                 best = {"tokens_per_s": n / s, "tokens": n, "method": method}
         out[b] = best
+        save(out)
     return out
 
 
@@ -334,7 +348,12 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="with --build-only, the engines to build (comma-separated: "
                     "ours_dispatch, ours_plain, ours_forced; default all; the pair's forced engine waits for "
                     "its dispatcher engine, which another process may be building)")
+    ap.add_argument("--curves", default=",".join(CURVES),
+                    help="the curves to measure (comma-separated; default all: " + ", ".join(CURVES) + "); two runs "
+                    "on different GPUs can split them, and --merge joins their JSON")
     args = ap.parse_args(argv)
+    if not args.curves or not set(args.curves.split(",")) <= set(CURVES):
+        ap.error(f"--curves: a comma-separated subset of {', '.join(CURVES)}")
     if args.only and not args.build_only:
         ap.error("--only needs --build-only (the timed run uses all three engines)")
     if args.device == "cuda" and not torch.cuda.is_available() and not args.merge:
@@ -343,7 +362,7 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     out = args.out or REPO / f"bench/results/batch_{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+    meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" and not args.merge else args.device,
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "ctx": CTX, "batches": batches}
     results = {}
 
@@ -355,10 +374,14 @@ def main(argv=None) -> int:
         runs = [json.loads(Path(f).read_text()) for f in args.merge.split(",")]
         meta = {**runs[0]["meta"], "merged_from": args.merge.split(",")}
         batches = meta["batches"]
-        for run in runs:  # JSON made the batch keys strings
-            results.update({shape: {c: {int(b) if str(b).isdigit() else b: v for b, v in rows.items()}
-                                    if c in CURVES and isinstance(rows, dict) else rows for c, rows in res.items()}
-                            for shape, res in run["results"].items()})
+        for run in runs:  # JSON made the batch keys strings; runs of one shape (split --curves) join
+            for shape, res in run["results"].items():
+                into = results.setdefault(shape, {})
+                for c, rows in res.items():
+                    if c in CURVES and isinstance(rows, dict):
+                        into.setdefault(c, {}).update({int(b) if str(b).isdigit() else b: v for b, v in rows.items()})
+                    elif rows is not None:
+                        into[c] = rows
     else:
         args.engines.mkdir(parents=True, exist_ok=True)
         table = AcceptTable.read(args.accept)
@@ -367,7 +390,8 @@ def main(argv=None) -> int:
             save = (lambda res, shape=shape: write({shape: res})) if not args.build_only else (lambda res: None)
             results[shape] = (bench_pair(args, batches, save) if shape == "pair"
                               else bench_random(shape, batches, table, args.engines, args.device, args.build_only,
-                                                tuple(x for x in args.only.split(",") if x), save))
+                                                tuple(x for x in args.only.split(",") if x), save,
+                                                tuple(args.curves.split(","))))
         if args.build_only:
             print(f"built the engines under {args.engines}")
             return 0

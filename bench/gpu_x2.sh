@@ -13,13 +13,14 @@
 #            call: what a call lowered stays in the lowered-graph cache (~/.cache, kept while the
 #            machine is warm), so the next stage's builds resume from it
 #   stage 2: SmolLM2 assembled from the GGUF parts (one part per call: PARTS_DIR), then
-#            bench_batch's pair engines built (the dispatcher's on A, then the 8B curves there
-#            from stage 1's engines; the other two on B)
+#            bench_batch's pair engines built (the dispatcher's on A, then our 8B curves there
+#            from stage 1's engines; the other two on B, then transformers' 8B curve there)
 #   stage 2p: bench_pair on A (T = 0, 0.7, 1.0 vs transformers; `--tree auto` chosen by
 #            CUDA-graph timing)
-#   stage 3: bench_batch's pair curves on A (one table and plot with stage 2's 8B curves),
-#            bench_serve on B (the pair's --max-batch engine;
-#            the peer `transformers serve`, its packages carried in .whl-serve, else in-process)
+#   stage 3: our pair curves then spec-serve (the pair's --max-batch 64 engine) on A;
+#            transformers' pair curve then its server on B (`transformers serve`, its packages
+#            carried in .whl-serve, else in-process continuous batching); one table and plot of
+#            every curve (stage 2's 8B ones too) and one serving table
 #   stage 4: the 8B TP 2 engines with the replicated (A) and the vocabulary-sharded (B) lm_head
 #            built, then bench_tp compares them on both GPUs (alone; needs no SmolLM2 part), then
 #            the 2-GPU TP test of both layouts
@@ -82,20 +83,26 @@ case "$STAGE" in
 2)
   fetch_smollm2 "$KEEP_ROOT/gq" > "$LOG/fetch.log" 2>&1 || { tail -5 "$LOG/fetch.log"; finish; exit 1; }
   (
-    B "$(left 30)" "${BATCH[@]}" --shapes pair --build-only --only ours_plain,ours_forced \
+    B "$(left 160)" "${BATCH[@]}" --shapes pair --build-only --only ours_plain,ours_forced \
       > "$LOG/batch_build_pair_b.log" 2>&1
     echo "pair batch build (B) rc $? at ${SECONDS}s"
+    B "$(left 20)" "${BATCH[@]}" --shapes llama8b --curves hf --out "$LOG/batch_8b_hf.json" > "$LOG/batch_8b_hf.log" 2>&1
+    echo "bench_batch llama8b hf rc $? at ${SECONDS}s"
+    cp "$LOG/batch_8b_hf.json" "$KEEP_ROOT/" 2>/dev/null
   ) &
   LANE_B=$!
   A "$(left 250)" "${BATCH[@]}" --shapes pair --build-only --only ours_dispatch > "$LOG/batch_build_pair_a.log" 2>&1
   echo "pair batch build (A) rc $? at ${SECONDS}s"
-  # the 8B curves (any engine stage 1 left unbuilt is built first); the JSON grows as it goes
-  A "$(left 30)" "${BATCH[@]}" --shapes llama8b --out "$LOG/batch_8b.json" > "$LOG/batch_8b.log" 2>&1
-  echo "bench_batch llama8b rc $? at ${SECONDS}s"
+  # our 8B curves (any engine stage 1 left unbuilt is built first, resuming from the graph
+  # cache); the JSON grows as it goes
+  A "$(left 20)" "${BATCH[@]}" --shapes llama8b --curves ours_dispatch,ours_plain,ours_forced \
+    --out "$LOG/batch_8b.json" > "$LOG/batch_8b.log" 2>&1
+  echo "bench_batch llama8b ours rc $? at ${SECONDS}s"
   cp "$LOG/batch_8b.json" "$KEEP_ROOT/" 2>/dev/null
   wait $LANE_B
   grep -hE "built|rror|chosen" "$LOG"/*build*.log | tail -12
-  tail -14 "$LOG/batch_8b.log"
+  python3 bench/bench_batch.py --merge "$(ls "$LOG"/batch_8b.json "$LOG"/batch_8b_hf.json 2>/dev/null | paste -sd,)" \
+    --out "$LOG/batch_8b_all.json" 2>&1 | tail -12
   ;;
 2p)  # bench_pair on one GPU (T = 0, 0.7, 1.0 vs transformers; `--tree auto` by CUDA-graph timing)
   fetch_smollm2 "$KEEP_ROOT/gq" > "$LOG/fetch.log" 2>&1 || { tail -5 "$LOG/fetch.log"; finish; exit 1; }
@@ -112,22 +119,32 @@ case "$STAGE" in
   PEER=cb
   if ls .whl-serve/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --target /tmp/serve-site \
       .whl-serve/*.whl >/dev/null 2>&1 && PYTHONPATH=/tmp/serve-site python3 -c "import fastapi, uvicorn, openai, pydantic"; then
-    export PYTHONPATH=/tmp/serve-site${PYTHONPATH:+:$PYTHONPATH}; PEER=serve
+    PEER=serve
   fi
   echo "serving peer: $PEER"
-  (
-    B "$(left 20)" python3 bench/bench_serve.py --engine "$KEEP_ROOT/batch/pair-ours_dispatch-cuda" --model "$SMOL" \
-      --rates 1,4,16,inf --n 64 --peer "$PEER" --out "$LOG/serve_cuda.json" > "$LOG/serve.log" 2>&1
-    echo "bench_serve rc $? at ${SECONDS}s"
+  SERVE=(python3 bench/bench_serve.py --model "$SMOL" --rates 1,4,16,inf --n 64)
+  (  # the peers on B: transformers' batched generation for the pair, then its server
+    B "$(left 150)" "${BATCH[@]}" --shapes pair --curves hf --out "$LOG/batch_pair_hf.json" > "$LOG/batch_pair_hf.log" 2>&1
+    echo "bench_batch pair hf rc $? at ${SECONDS}s"
+    [ "$PEER" = serve ] && export PYTHONPATH=/tmp/serve-site${PYTHONPATH:+:$PYTHONPATH}
+    B "$(left 15)" "${SERVE[@]}" --engine none --servers peer --peer "$PEER" --out "$LOG/serve_peer.json" \
+      > "$LOG/serve_peer.log" 2>&1
+    echo "bench_serve peer rc $? at ${SECONDS}s"
   ) &
   LANE_B=$!
-  # one run per shape (each writes its JSON as it goes), then one table and plot of both
-  A "$(left 20)" "${BATCH[@]}" --shapes pair --out "$LOG/batch_pair.json" > "$LOG/batch_pair.log" 2>&1
-  echo "bench_batch pair rc $? at ${SECONDS}s"
+  # ours on A: the pair's curves, then spec-serve over the pair's --max-batch 64 dispatcher engine
+  A "$(left 150)" "${BATCH[@]}" --shapes pair --curves ours_dispatch,ours_plain,ours_forced \
+    --out "$LOG/batch_pair.json" > "$LOG/batch_pair.log" 2>&1
+  echo "bench_batch pair ours rc $? at ${SECONDS}s"
+  A "$(left 15)" "${SERVE[@]}" --engine "$KEEP_ROOT/batch/pair-ours_dispatch-cuda" --servers ours \
+    --out "$LOG/serve_ours.json" > "$LOG/serve_ours.log" 2>&1
+  echo "bench_serve ours rc $? at ${SECONDS}s"
   wait $LANE_B
-  python3 bench/bench_batch.py --merge "$(ls "$LOG"/batch_pair.json "$KEEP_ROOT"/batch_8b.json 2>/dev/null | paste -sd,)" \
+  python3 bench/bench_batch.py --merge "$(ls "$LOG"/batch_pair.json "$LOG"/batch_pair_hf.json \
+    "$KEEP_ROOT"/batch_8b.json "$KEEP_ROOT"/batch_8b_hf.json 2>/dev/null | paste -sd,)" \
     --out "$LOG/batch_cuda.json" 2>&1 | tail -22
-  tail -14 "$LOG/serve.log"
+  python3 bench/bench_serve.py --merge "$(ls "$LOG"/serve_ours.json "$LOG"/serve_peer.json 2>/dev/null | paste -sd,)" \
+    --out "$LOG/serve_cuda.json" 2>&1 | tail -12
   ;;
 4)
   TP=(python3 bench/bench_tp.py --shape llama8b --tp 2 --engines "$KEEP_ROOT/tp")
