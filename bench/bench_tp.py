@@ -140,9 +140,10 @@ def rank_bytes(m: ModelConfig, tp: int, dtype_bytes: int, lm_head: str = "replic
 
 
 def build(m: ModelConfig, tp: int, root: Path, device: str, dtype: str,
-          lm_head: str = "replicated") -> tuple[Path, Path]:
+          lm_head: str = "replicated", kinds: tuple[str, ...] = ("decode", "spec")) -> tuple[Path, Path]:
     """The decode (chain-0) and speculative engines of degree tp, compiled once (reused when
-    root already holds them), with the step's graphs only (start_synthetic needs no prefill)."""
+    root already holds them), with the step's graphs only (start_synthetic needs no prefill).
+    `kinds`: build only these (two processes can build the two at once)."""
     from spec_compiler.pipeline import compile_modules
 
     tag = f"tp{tp}" + ("_vocab" if lm_head == "vocab" else "")
@@ -152,8 +153,8 @@ def build(m: ModelConfig, tp: int, root: Path, device: str, dtype: str,
     target, draft, dcfg = random_modules(m, device=device)
     if dtype == "float32":
         target, draft = target.float(), draft.float()
-    for d, tree in zip(dirs, (chain(0), resolve_tree(TREE))):
-        if (d / "manifest.json").is_file():
+    for d, tree, kind in zip(dirs, (chain(0), resolve_tree(TREE)), ("decode", "spec")):
+        if (d / "manifest.json").is_file() or kind not in kinds:
             continue
         spec = tree.n_nodes > 1
         cfg = CompileConfig(model=m, draft=dcfg if spec else None, tree=tree, max_seq_len=512, dtype=dtype,
@@ -215,9 +216,13 @@ def main(argv=None):
     ap.add_argument("--engines", type=Path, default=None, help="keep (and reuse) the engines here")
     ap.add_argument("--out", default="bench/results/tp.json")
     ap.add_argument("--build-only", action="store_true", help="compile the engines under --engines, time nothing")
+    ap.add_argument("--only", choices=("decode", "spec"), default=None,
+                    help="with --build-only, that engine alone (two processes can build the two at once)")
     args = ap.parse_args(argv)
     if args.build_only and args.engines is None:
         ap.error("--build-only needs --engines DIR")
+    if args.only and not args.build_only:
+        ap.error("--only needs --build-only (the timed run uses both engines)")
     m = SHAPES[args.shape]
     if args.layers is not None:
         m = dataclasses.replace(m, n_layers=args.layers)
@@ -231,7 +236,7 @@ def main(argv=None):
                 for head in (args.lm_head.split(",") if tp > 1 else ["replicated"])]
         for tp, head in runs:
             if args.build_only:
-                build(m, tp, root, args.device, dtype, head)
+                build(m, tp, root, args.device, dtype, head, (args.only,) if args.only else ("decode", "spec"))
                 continue
             res["degrees"].append(bench_degree(m, tp, root, args.device, dtype, head))
             Path(args.out).write_text(json.dumps(res, indent=1))

@@ -22,8 +22,9 @@
 #            carried in .whl-serve, else in-process continuous batching); one table and plot of
 #            every curve (stage 2's 8B ones too) and one serving table
 #   stage 4: the 8B TP 2 engines with the replicated (A) and the vocabulary-sharded (B) lm_head
-#            built, then bench_tp compares them on both GPUs (alone; needs no SmolLM2 part), then
-#            the 2-GPU TP test of both layouts
+#            built (each lane's decode and speculative engines at once), then bench_tp compares
+#            them on both GPUs (alone; needs no SmolLM2 part), then the 2-GPU TP test of both
+#            layouts
 #   stage 5: the serving numbers alone (needs both SmolLM2 parts carried: a call after one
 #            that carried the other): the peer on B from the start, our --max-batch 16 engine
 #            built on A (24 of the cores) and then served
@@ -148,9 +149,13 @@ case "$STAGE" in
   ;;
 4)
   TP=(python3 bench/bench_tp.py --shape llama8b --tp 2 --engines "$KEEP_ROOT/tp")
-  A "$(left 220)" "${TP[@]}" --lm-head replicated --build-only > "$LOG/tp_build_a.log" 2>&1 &
-  B "$(left 220)" "${TP[@]}" --lm-head vocab --build-only > "$LOG/tp_build_b.log" 2>&1
-  wait; grep -hE "built|rror" "$LOG"/tp_build_*.log | tail -6
+  # each lane builds its layout's two engines at once (one graph, then two: about 200 s); what a
+  # call stopped leaves in the graph cache, the next resumes from
+  for k in decode spec; do
+    A "$(left 220)" "${TP[@]}" --lm-head replicated --build-only --only $k > "$LOG/tp_build_a_$k.log" 2>&1 &
+    B "$(left 220)" "${TP[@]}" --lm-head vocab --build-only --only $k > "$LOG/tp_build_b_$k.log" 2>&1 &
+  done
+  wait; grep -hE "built|rror" "$LOG"/tp_build_*.log | tail -8
   T "$(left 110)" "${TP[@]}" --lm-head replicated,vocab --out "$LOG/tp_cuda.json" > "$LOG/tp.log" 2>&1
   echo "bench_tp rc $? at ${SECONDS}s"; tail -6 "$LOG/tp.log"
   T "$(left 10)" "${PYTEST[@]}" tests/test_tp.py -m multi_gpu > "$LOG/t_tp2.log" 2>&1  # both layouts on 2 GPUs
