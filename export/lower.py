@@ -180,26 +180,23 @@ def worker_bytes(ep) -> int:
     return int(1.25 * (own + shared)) + (2 << 30)
 
 
-def example_inputs_for(ep, device: str | None = None) -> tuple[torch.Tensor, ...]:
+def example_inputs_for(ep) -> tuple[torch.Tensor, ...]:
     """Uninitialised example inputs for lowering a loaded program: its shapes, strides and
     dtypes. The read-only large ones (the weights) are views of one buffer the size of the
     largest: their values never matter to the lowering, and a worker of an 8B graph then holds
     1 GB of weights, not 16. The inputs the graph writes (the caches) are their own."""
     ins = _user_inputs(ep)
-    dev = lambda v: device or v.device  # noqa: E731
     need = max((_storage_bytes(v) for v, shared in ins if shared), default=0)
     pool = {}  # device -> the shared buffer (16-byte multiple: any dtype's view of it fits)
     out = []
     for v, shared in ins:
         if shared:
-            d = torch.device(dev(v))
+            d = v.device
             if d not in pool:
                 pool[d] = torch.empty((need + 15) // 16 * 16, dtype=torch.uint8, device=d)
-            n = _storage_bytes(v)
-            flat = pool[d][: (n + v.element_size() - 1) // v.element_size() * v.element_size()].view(v.dtype)
-            out.append(flat.as_strided(v.shape, v.stride()))
+            out.append(pool[d][: _storage_bytes(v)].view(v.dtype).as_strided(v.shape, v.stride()))
         else:
-            out.append(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=dev(v)))
+            out.append(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device))
     return tuple(out)
 
 
