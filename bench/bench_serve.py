@@ -263,11 +263,11 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
         print_table(results, args.out)
         return 0
-    if args.engine is None:
-        ap.error("--engine ENGINE_DIR is needed (or --merge)")
     servers = set(args.servers.split(","))
     if not servers <= {"ours", "peer"} or not servers:
         ap.error("--servers: ours, peer or ours,peer")
+    if "ours" in servers and args.engine is None:
+        ap.error("--engine ENGINE_DIR is needed for ours (or --servers peer, or --merge)")
     if "peer" not in servers:
         args.peer = "none"
     if args.peer != "none" and args.model is None:

@@ -128,7 +128,7 @@ case "$STAGE" in
     B "$(left 150)" "${BATCH[@]}" --shapes pair --curves hf --out "$LOG/batch_pair_hf.json" > "$LOG/batch_pair_hf.log" 2>&1
     echo "bench_batch pair hf rc $? at ${SECONDS}s"
     [ "$PEER" = serve ] && export PYTHONPATH=/tmp/serve-site${PYTHONPATH:+:$PYTHONPATH}
-    B "$(left 15)" "${SERVE[@]}" --engine none --servers peer --peer "$PEER" --out "$LOG/serve_peer.json" \
+    B "$(left 15)" "${SERVE[@]}" --servers peer --peer "$PEER" --out "$LOG/serve_peer.json" \
       > "$LOG/serve_peer.log" 2>&1
     echo "bench_serve peer rc $? at ${SECONDS}s"
   ) &
@@ -172,7 +172,7 @@ case "$STAGE" in
   SERVE=(python3 bench/bench_serve.py --model "$SMOL" --rates 1,4,16,inf --n 64)
   (
     [ "$PEER" = serve ] && export PYTHONPATH=/tmp/serve-site${PYTHONPATH:+:$PYTHONPATH}
-    B "$(left 20)" "${SERVE[@]}" --engine none --servers peer --peer "$PEER" --out "$LOG/serve_peer.json" \
+    B "$(left 20)" "${SERVE[@]}" --servers peer --peer "$PEER" --out "$LOG/serve_peer.json" \
       > "$LOG/serve_peer.log" 2>&1
     echo "peer rc $? at ${SECONDS}s"
   ) &
