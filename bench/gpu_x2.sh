@@ -149,8 +149,9 @@ case "$STAGE" in
   ;;
 4)
   TP=(python3 bench/bench_tp.py --shape llama8b --tp 2 --engines "$KEEP_ROOT/tp")
-  # each lane builds its layout's two engines at once (one graph, then two: about 200 s); what a
-  # call stopped leaves in the graph cache, the next resumes from
+  # each lane builds its layout's two engines at once, in two processes (the decode engine's one
+  # graph, the speculative engine's two: about 200 s); what a stopped call had lowered stays in
+  # the graph cache, and the next call resumes from it
   for k in decode spec; do
     A "$(left 220)" "${TP[@]}" --lm-head replicated --build-only --only $k > "$LOG/tp_build_a_$k.log" 2>&1 &
     B "$(left 220)" "${TP[@]}" --lm-head vocab --build-only --only $k > "$LOG/tp_build_b_$k.log" 2>&1 &
