@@ -25,10 +25,9 @@
 #            built (each lane's decode and speculative engines at once), then bench_tp compares
 #            them on both GPUs (alone; needs no SmolLM2 part), then the 2-GPU TP test of both
 #            layouts
-#   stage 5: the serving numbers alone (needs both SmolLM2 parts carried: a call after one
-#            that carried the other): the peer on B from the start, our --max-batch 16 engine
-#            built on A (24 of the cores) and then served
-# (The 2026-11-30 run used an earlier version of this script for the sampling and TP numbers.)
+# (The 2026-11-30 runs used earlier versions of this script: the first for the sampling and TP
+# numbers; the second's serving numbers came from a stage 5, since folded into stage 3, that
+# built a --max-batch 16 engine on 24 cores and served it beside the peer.)
 # Usage: bash bench/gpu_x2.sh STAGE PARTS_DIR [SECONDS]   (SECONDS: this call's budget, 560)
 set -uo pipefail
 STAGE=${1:?usage: gpu_x2.sh STAGE PARTS_DIR [SECONDS]}
@@ -162,32 +161,6 @@ case "$STAGE" in
   T "$(left 10)" "${PYTEST[@]}" tests/test_tp.py -m multi_gpu > "$LOG/t_tp2.log" 2>&1  # both layouts on 2 GPUs
   outcomes t_tp2
   ;;
-5)  # the serving numbers alone: the peer on B from the start, ours on A once its engine is built
-  fetch_smollm2 "$KEEP_ROOT/gq" > "$LOG/fetch.log" 2>&1 || { tail -5 "$LOG/fetch.log"; finish; exit 1; }
-  PIN_A=(taskset -c 0-23); PIN_B=(taskset -c 24-31)  # the compile needs the cores, the peer little
-  command -v taskset >/dev/null || { PIN_A=(); PIN_B=(); }
-  PEER=cb
-  if python3 -m pip install -q --no-index --no-deps --target /tmp/serve-site .whl-serve/*.whl >/dev/null 2>&1 \
-      && PYTHONPATH=/tmp/serve-site python3 -c "import fastapi, uvicorn, openai, pydantic"; then PEER=serve; fi
-  echo "serving peer: $PEER"
-  SERVE=(python3 bench/bench_serve.py --model "$SMOL" --rates 1,4,16,inf --n 64)
-  (
-    [ "$PEER" = serve ] && export PYTHONPATH=/tmp/serve-site${PYTHONPATH:+:$PYTHONPATH}
-    B "$(left 20)" "${SERVE[@]}" --servers peer --peer "$PEER" --out "$LOG/serve_peer.json" \
-      > "$LOG/serve_peer.log" 2>&1
-    echo "peer rc $? at ${SECONDS}s"
-  ) &
-  LANE_B=$!
-  ENG="$KEEP_ROOT/serve-eng"
-  A "$(left 150)" python3 -m spec_compiler.cli "$SMOL" --draft drafts/smollm2-eagle --out "$ENG" --device cuda --dtype bfloat16 \
-    --max-batch 16 --max-seq-len 1024 --no-sampling > "$LOG/serve_build.log" 2>&1
-  echo "engine build rc $? at ${SECONDS}s"; grep -E "\[tree\]|done in" "$LOG/serve_build.log" | tail -8
-  A "$(left 20)" "${SERVE[@]}" --engine "$ENG" --servers ours --out "$LOG/serve_ours.json" > "$LOG/serve_ours.log" 2>&1
-  echo "ours rc $? at ${SECONDS}s"
-  wait $LANE_B
-  python3 bench/bench_serve.py --merge "$(ls "$LOG"/serve_ours.json "$LOG"/serve_peer.json 2>/dev/null | paste -sd,)" \
-    --out "$LOG/serve_cuda.json" 2>&1 | tail -12
-  ;;
-*) echo "unknown stage $STAGE: 1 to 5 or 2p"; exit 2 ;;
+*) echo "unknown stage $STAGE: 1, 2, 2p, 3 or 4"; exit 2 ;;
 esac
 finish
