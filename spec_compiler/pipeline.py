@@ -286,8 +286,9 @@ class Lowering:
     (`export.lower.lower_saved`: a spawned interpreter, safe with CUDA) while the next graph is
     built, `jobs` at a time; the example inputs (weights and caches) are dropped at once, not
     held for every graph. Default jobs: one per 2 usable CPU cores, at most 8: a worker is mostly
-    single-threaded Python and C++ compiling (on an H200 machine an 8B verify graph took 193 s
-    lowered alone with 16 cores free, and about 140 s each with four lowering at once). 1, or
+    single-threaded Python and C++ compiling (on an H200 machine an 8B-shape verify graph at TP 2
+    took 193 s lowered alone with 16 cores free; the 8B verify graphs about 140 s each with four
+    lowering at once). 1, or
     the eager and onnx backends (an ONNX export takes seconds), lower in this process as before.
     Each worker allocates uninitialised example inputs of its graph (`export.lower.
     example_inputs_for`): the caches it writes, and one buffer that all its read-only weights
