@@ -127,7 +127,7 @@ class GraphCache:
     """Lowered artifacts by key, in `root`. Failing to write is a miss, reported once."""
 
     def __init__(self, root: Path, backend: str, device: str, tp: int):
-        self.root, self.hits, self.warned = Path(root), 0, False
+        self.root, self.warned = Path(root), False
         self.salt = json.dumps({"backend": backend, "device": device.split(":")[0], "tp": tp,
                                 **environment(device)}, sort_keys=True, default=str)
 
@@ -156,7 +156,6 @@ class GraphCache:
         except OSError as e:
             self._warn(f"cannot read {src}: {e}")
             return False
-        self.hits += 1
         return True
 
     def store(self, key: str, artifact: Path) -> None:

@@ -205,10 +205,11 @@ def save_exported(gm: fx.GraphModule, example_inputs: list[torch.Tensor], path: 
     inputs (the weights and caches, gigabytes at scale): the worker makes uninitialised ones of
     the same shapes, strides and dtypes from the program's metadata. Returns the file and the
     worker's estimated device memory (`worker_bytes`)."""
+    from .graph_cache import program_bytes
+
     with torch.no_grad():
         ep = torch.export.export(gm, tuple(example_inputs), strict=False)
-    ep.example_inputs = None
-    torch.export.save(ep, str(path))
+    Path(path).write_bytes(program_bytes(ep))  # what the graph cache keys on, too
     return str(path), worker_bytes(ep)
 
 
