@@ -205,37 +205,24 @@ def bench_pair(args, batches: list[int], save=lambda res: None) -> dict:
     flags = ["--max-seq-len", "1024", "--device", dev, "--dtype", dtype, "--max-batch", str(max(batches)),
              "--no-sampling", "--draft", str(args.draft)]
     dirs = {"ours_dispatch": [], "ours_plain": ["--tree", "chain-0"]}
-    only = [x for x in args.only.split(",") if x] or ["ours_dispatch", "ours_plain", "ours_forced"]
     curves = args.curves.split(",")
+    # the engines built here: --only's, else those of the curves asked for (another process may
+    # build the rest)
+    only = [x for x in args.only.split(",") if x] or [c for c in curves if c != "hf"]
     res = {c: {} for c in curves}
-    if curves == ["hf"] and not args.build_only:  # the peer alone: no engine is needed
-        res["hf"] = hf_pair(args, batches, prompts_text, lambda hf: save({**res, "hf": hf}))
-        return res
     for name, extra in dirs.items():
         d = args.engines / f"pair-{name}-{dev}"
         if not (d / "manifest.json").is_file() and name in only:
             t = time.time()
             assert compile_main([str(args.model), "--out", str(d), *flags, *extra]) == 0
             print(f"  built {d.name} in {time.time() - t:.0f} s", flush=True)
-    if "ours_forced" not in only:
-        return res
     first_manifest = args.engines / f"pair-ours_dispatch-{dev}" / "manifest.json"
-    while args.build_only and not first_manifest.is_file():  # another process builds it (--only)
-        time.sleep(5)
-    first = json.loads(first_manifest.read_text())
-    forced = first["bucket_trees"]["1"]
-    if len(forced["paths"]) == 0:
-        forced = {"name": "chain-3", "paths": [[0] * (i + 1) for i in range(3)]}
-    tree_file = args.engines / f"pair-forced-tree-{dev}.json"
-    tree_file.write_text(json.dumps(forced["paths"]))
-    d = args.engines / f"pair-ours_forced-{dev}"
-    if not (d / "manifest.json").is_file():
-        t = time.time()
-        assert compile_main([str(args.model), "--out", str(d), *flags, "--tree", str(tree_file)]) == 0
-        print(f"  built {d.name} in {time.time() - t:.0f} s", flush=True)
-    res["tree_choice"] = first["tree_choice"]
+    if "ours_forced" in only and not (args.engines / f"pair-ours_forced-{dev}" / "manifest.json").is_file():
+        build_forced(args, first_manifest, flags)
     if args.build_only:
         return res
+    if first_manifest.is_file():
+        res["tree_choice"] = json.loads(first_manifest.read_text())["tree_choice"]
     for name in [c for c in ("ours_dispatch", "ours_plain", "ours_forced") if c in curves]:
         eng = Engine.load(args.engines / f"pair-{name}-{dev}")
         ids = [eng.encode_prompt(p) for p in prompts_text]
@@ -253,6 +240,27 @@ def bench_pair(args, batches: list[int], save=lambda res: None) -> dict:
     if "hf" in curves:
         res["hf"] = hf_pair(args, batches, prompts_text, lambda hf: save({**res, "hf": hf}))
     return res
+
+
+def build_forced(args, first_manifest: Path, flags: list[str]) -> None:
+    """The pair's engine with speculation forced on at every bucket: the dispatcher's batch-1
+    tree (--forced-tree N: fitted-N of --accept, else read from the dispatcher engine, waited
+    for under --build-only), chain-3 where that tree does not speculate."""
+    from spec_compiler.cli import compile_main
+
+    if args.forced_tree:
+        paths = [list(p) for p in AcceptTable.read(args.accept).fitted(args.forced_tree).paths]
+    else:
+        while args.build_only and not first_manifest.is_file():  # another process builds it
+            time.sleep(5)
+        paths = json.loads(first_manifest.read_text())["bucket_trees"]["1"]["paths"]
+    paths = paths or [[0] * (i + 1) for i in range(3)]
+    tree_file = args.engines / f"pair-forced-tree-{args.device}.json"
+    tree_file.write_text(json.dumps(paths))
+    d = args.engines / f"pair-ours_forced-{args.device}"
+    t = time.time()
+    assert compile_main([str(args.model), "--out", str(d), *flags, "--tree", str(tree_file)]) == 0
+    print(f"  built {d.name} in {time.time() - t:.0f} s", flush=True)
 
 
 def hf_pair(args, batches: list[int], prompts_text: list[str], save=lambda out: None) -> dict:
@@ -348,6 +356,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="with --build-only, the engines to build (comma-separated: "
                     "ours_dispatch, ours_plain, ours_forced; default all; the pair's forced engine waits for "
                     "its dispatcher engine, which another process may be building)")
+    ap.add_argument("--forced-tree", type=int, default=0, metavar="N",
+                    help="pair: the forced engine's tree is fitted-N of --accept (default: the dispatcher "
+                    "engine's batch-1 tree, so that engine is built first)")
     ap.add_argument("--curves", default=",".join(CURVES),
                     help="the curves to measure (comma-separated; default all: " + ", ".join(CURVES) + "); two runs "
                     "on different GPUs can split them, and --merge joins their JSON")

@@ -25,6 +25,9 @@
 #            built (each lane's decode and speculative engines at once), then bench_tp compares
 #            them on both GPUs (alone; needs no SmolLM2 part), then the 2-GPU TP test of both
 #            layouts
+#   stage 5: the pair's batch curves alone, in one call (its dispatcher engine and curve on A;
+#            its plain and forced engines on B, then transformers' curve there; A times those two
+#            once B built them), one table and plot
 # (The 2026-11-30 runs used earlier versions of this script: the first for the sampling and TP
 # numbers; the second's serving numbers came from a stage 5, since folded into stage 3, that
 # built a --max-batch 16 engine on 24 cores and served it beside the peer.)
@@ -161,6 +164,38 @@ case "$STAGE" in
   T "$(left 10)" "${PYTEST[@]}" tests/test_tp.py -m multi_gpu > "$LOG/t_tp2.log" 2>&1  # both layouts on 2 GPUs
   outcomes t_tp2
   ;;
-*) echo "unknown stage $STAGE: 1, 2, 2p, 3 or 4"; exit 2 ;;
+5)  # the real pair's batch curves in one call: its three engines built on both lanes, then timed
+  fetch_smollm2 "$KEEP_ROOT/gq" > "$LOG/fetch.log" 2>&1 || { tail -5 "$LOG/fetch.log"; finish; exit 1; }
+  PAIR=("${BATCH[@]}" --shapes pair)
+  rm -f "$KEEP_ROOT/pair_b_built"
+  (  # B: the plain engine, then the forced one (the dispatcher's batch-1 tree, read from A's log
+     # as soon as A has chosen it), then transformers' curve
+    B "$(left 300)" "${PAIR[@]}" --build-only --only ours_plain > "$LOG/pair_build_plain.log" 2>&1
+    echo "pair plain build (B) rc $? at ${SECONDS}s"
+    N=
+    until N=$(sed -n 's/.*batch 1: fitted-\([0-9]*\).*/\1/p' "$LOG/pair_dispatch.log" 2>/dev/null | head -1)
+          [ -n "$N" ] || grep -q "batch 1: chain-" "$LOG/pair_dispatch.log" 2>/dev/null || [ "$(left 250)" -lt 0 ]; do
+      sleep 3; done
+    echo "forced tree: ${N:+fitted-$N}${N:-read from the dispatcher engine}"
+    B "$(left 90)" "${PAIR[@]}" --build-only --only ours_forced ${N:+--forced-tree "$N"} > "$LOG/pair_build_forced.log" 2>&1
+    echo "pair forced build (B) rc $? at ${SECONDS}s"
+    touch "$KEEP_ROOT/pair_b_built"
+    B "$(left 15)" "${PAIR[@]}" --curves hf --out "$LOG/batch_pair_hf.json" > "$LOG/batch_pair_hf.log" 2>&1
+    echo "bench_batch pair hf rc $? at ${SECONDS}s"
+  ) &
+  LANE_B=$!
+  # A: the dispatcher engine (its compile time is the one reported) and its curve, then the other
+  # two curves once B has built their engines
+  A "$(left 120)" "${PAIR[@]}" --curves ours_dispatch --out "$LOG/batch_pair_dispatch.json" > "$LOG/pair_dispatch.log" 2>&1
+  echo "bench_batch pair dispatch rc $? at ${SECONDS}s"
+  until [ -f "$KEEP_ROOT/pair_b_built" ] || [ "$(left 60)" -lt 0 ]; do sleep 3; done
+  A "$(left 15)" "${PAIR[@]}" --curves ours_plain,ours_forced --out "$LOG/batch_pair_pf.json" > "$LOG/batch_pair_pf.log" 2>&1
+  echo "bench_batch pair plain+forced rc $? at ${SECONDS}s"
+  wait $LANE_B
+  grep -hE "built|rror|chosen|\[tree\]" "$LOG"/pair_*.log | tail -14
+  python3 bench/bench_batch.py --merge "$(ls "$LOG"/batch_pair_*.json 2>/dev/null | paste -sd,)" \
+    --out "$LOG/batch_pair_cuda.json" 2>&1 | tail -16
+  ;;
+*) echo "unknown stage $STAGE: 1, 2, 2p, 3, 4 or 5"; exit 2 ;;
 esac
 finish

@@ -115,11 +115,50 @@ def lower(gm: fx.GraphModule, example_inputs: list[torch.Tensor], out_path: Path
     key = cache.key(program_bytes(ep)) if cache is not None else None
     if key is not None and cache.fetch(key, Path(out_path)):
         return True
-    with torch.no_grad(), collective_group(tp, has_collectives(ep.graph)):
+    with torch.no_grad(), collective_group(tp, has_collectives(ep.graph)), stable_int_array_keys():
         aoti_compile_and_package(ep, package_path=str(out_path), inductor_configs=dict(INDUCTOR_CONFIGS))
     if key is not None:
         cache.store(key, Path(out_path))
     return False
+
+
+@contextlib.contextmanager
+def stable_int_array_keys():
+    """Work around an Inductor C++-wrapper bug (torch 2.11-2.13 at least): the wrapper caches
+    the names of the size/stride arrays it declares under the id() of the buffer it wrote the
+    declaration into, and short-lived buffers die, so a later buffer at the same address is
+    handed a name declared nowhere in it ("int_array_52 was not declared in this scope"). It
+    depends on addresses, so it strikes at random, more often the larger the graph (an 8B
+    verify graph hit it on the GPU). Keeping every buffer the cache has seen alive for the
+    lowering makes the ids unique, whichever way the installed version keys its cache."""
+    try:
+        from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
+    except ImportError:
+        yield
+        return
+    classes, todo = [], [CppWrapperCpu]
+    while todo:  # the class and every subclass that defines its own method
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if "codegen_int_array_var" in cls.__dict__:
+            classes.append(cls)
+    seen: list = []
+
+    def keep_alive(orig):
+        def codegen_int_array_var(self, int_array, writeline, *args, **kwargs):
+            seen.append((writeline, getattr(writeline, "__self__", None)))
+            return orig(self, int_array, writeline, *args, **kwargs)
+        return codegen_int_array_var
+
+    saved = {cls: cls.__dict__["codegen_int_array_var"] for cls in classes}
+    for cls, orig in saved.items():
+        cls.codegen_int_array_var = keep_alive(orig)
+    try:
+        yield
+    finally:
+        for cls, orig in saved.items():
+            cls.codegen_int_array_var = orig
+        seen.clear()
 
 
 def has_collectives(graph: fx.Graph) -> bool:
@@ -224,7 +263,7 @@ def lower_saved(src: str, out_path: str, device: str, tp: int = 1) -> str:
     ep = torch.export.load(src)
     ep.example_inputs = (example_inputs_for(ep), {})
     try:
-        with torch.no_grad(), collective_group(tp, has_collectives(ep.graph)):
+        with torch.no_grad(), collective_group(tp, has_collectives(ep.graph)), stable_int_array_keys():
             return aoti_compile_and_package(ep, package_path=out_path,
                                             inductor_configs=dict(INDUCTOR_CONFIGS))
     except Exception as e:  # reaches the parent by pickle: one that does not pickle, as text

@@ -345,15 +345,22 @@ class Lowering:
 
         done = (cf.wait(self.futures, return_when=cf.FIRST_COMPLETED).done if first
                 else cf.as_completed(list(self.futures)))
-        for fut in done:
-            fut.result()
+        failed = None
+        for fut in done:  # a failure is raised after the others finished (and were cached)
             label, src, path, key = self.futures.pop(fut)
             self.needs.pop(fut, None)
+            if fut.exception() is not None:
+                failed = failed or (label, fut.exception())
+                continue
             Path(src).unlink()
             if key is not None:
                 self.cache.store(key, path)
             self.done += 1
             self.progress(f"[3/4] {label}: lowered ({self.done}/{self.total})")
+        if failed is not None:
+            label, e = failed
+            raise RuntimeError(f"lowering the graph {label} with {self.backend} failed: "
+                               f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
 
     def finish(self) -> None:
         """Wait for every worker; a worker's error is raised here."""

@@ -275,3 +275,28 @@ def test_parallel_lowering_gives_working_packages(tmp_path):
         got = load_package(path, "cpu")(*args)
         want = gm(*args)
         assert all(torch.allclose(g, w) for g, w in zip(got, want)), path.name
+
+
+def test_int_array_names_stay_declared_in_every_wrapper_buffer():
+    """Inductor's C++ wrapper caches a declared size array's name under the id() of the buffer it
+    was written into; a short-lived buffer dies and the next one at its address got a name it
+    never declared (a C++ compile error of an 8B graph on the GPU). Under
+    `stable_int_array_keys` every fresh buffer gets its own declaration."""
+    from itertools import count
+
+    cpp = pytest.importorskip("torch._inductor.codegen.cpp_wrapper_cpu")
+    from torch._inductor.utils import IndentedBuffer
+    from torch.utils._ordered_set import OrderedSet
+
+    from spec_compiler.export.lower import stable_int_array_keys
+
+    wrapper = cpp.CppWrapperCpu.__new__(cpp.CppWrapperCpu)
+    wrapper.int_array_id, wrapper.declared_int_array_vars = count(), OrderedSet()
+    wrapper.codegen_int_array_var_cache = {}
+    original = cpp.CppWrapperCpu.__dict__["codegen_int_array_var"]
+    with stable_int_array_keys():
+        for _ in range(64):
+            buf = IndentedBuffer()  # dies at the next iteration, as the wrapper's scratch buffers do
+            name = wrapper.codegen_int_array_var("{4L, 8L}", buf.writeline, known_statically=True)
+            assert name in buf.getvalue()
+    assert cpp.CppWrapperCpu.__dict__["codegen_int_array_var"] is original  # restored

@@ -88,3 +88,16 @@ def test_a_cache_that_cannot_be_written_is_a_miss_said_once(tmp_path, monkeypatc
     assert err.count("graph cache: cannot write") == 1 and f"{ENV}=off" in err
     for _, gm, args, path in todo:
         assert all(torch.equal(g, w) for g, w in zip(load_package(path, "cpu")(*args), gm(*args)))
+
+
+def test_a_failing_worker_names_its_graph_and_the_others_are_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV, str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    out.mkdir()
+    todo = small_graphs(out)
+    todo[1][3].mkdir()  # a folder where the worker's package should go: it cannot write it
+    logs = []
+    with pytest.raises(RuntimeError, match=r"lowering the graph f\.b4 with inductor failed"):
+        lower_all(todo, "inductor", "cpu", 2, logs.append)
+    assert any("f.b1: lowered" in line for line in logs), logs
+    assert len(list((tmp_path / "cache").rglob("*.pt2"))) == 1  # the good graph was cached
