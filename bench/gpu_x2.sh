@@ -158,7 +158,11 @@ case "$STAGE" in
     A "$(left 220)" "${TP[@]}" --lm-head replicated --build-only --only $k > "$LOG/tp_build_a_$k.log" 2>&1 &
     B "$(left 220)" "${TP[@]}" --lm-head vocab --build-only --only $k > "$LOG/tp_build_b_$k.log" 2>&1 &
   done
+  # beside them (the builds leave cores idle): where one 8B verify graph's lowering time goes
+  A "$(left 220)" python3 bench/profile_lowering.py --shape llama8b --graph verify --tree fitted-16 \
+    --out "$LOG/profile_8b.json" > "$LOG/profile_8b.log" 2>&1 &
   wait; grep -hE "built|rror" "$LOG"/tp_build_*.log | tail -8
+  grep -A12 "s wall" "$LOG/profile_8b.log" | head -14
   T "$(left 110)" "${TP[@]}" --lm-head replicated,vocab --out "$LOG/tp_cuda.json" > "$LOG/tp.log" 2>&1
   echo "bench_tp rc $? at ${SECONDS}s"; tail -6 "$LOG/tp.log"
   T "$(left 10)" "${PYTEST[@]}" tests/test_tp.py -m multi_gpu > "$LOG/t_tp2.log" 2>&1  # both layouts on 2 GPUs
