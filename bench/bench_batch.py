@@ -47,6 +47,15 @@ SHAPES = {**SHAPES, "tiny": ModelConfig(vocab_size=256, hidden_size=64, intermed
                                         n_heads=4, n_kv_heads=2, head_dim=16, rope_theta=1e4,
                                         tie_word_embeddings=True, eos_token_ids=(2,))}
 CTX, NEW, STEPS = 128, 128, 20
+MIN_PROMPTS = 16  # the pair: every batch size decodes at least this many prompts (in waves of b)
+
+
+def waves(items: list, b: int) -> list[list]:
+    """The pair's workload at batch b: the first max(b, MIN_PROMPTS) prompts (cycled), in waves
+    of b decoded together, so a small batch is not timed on one or two prompts' acceptance and
+    every batch size sees the same prompts."""
+    seq = [items[i % len(items)] for i in range(max(b, MIN_PROMPTS))]
+    return [seq[i:i + b] for i in range(0, len(seq), b)]
 CURVES = ("ours_dispatch", "ours_plain", "ours_forced", "hf")
 
 
@@ -227,14 +236,17 @@ def bench_pair(args, batches: list[int], save=lambda res: None) -> dict:
         eng = Engine.load(args.engines / f"pair-{name}-{dev}")
         ids = [eng.encode_prompt(p) for p in prompts_text]
         for b in batches:
-            batch = [ids[i % len(ids)] for i in range(b)]
-            eng.generate_batch(batch[:1], max_new_tokens=8)  # warm-up (CUDA graph capture)
+            work = waves(ids, b)
+            eng.generate_batch(work[0], max_new_tokens=8)  # warm-up (this bucket's CUDA graph capture)
             sync(dev)
-            t = time.perf_counter()
-            out = eng.generate_batch(batch, max_new_tokens=args.max_new_tokens)
+            t, n, calls = time.perf_counter(), 0, 0
+            for wave in work:
+                out = eng.generate_batch(wave, max_new_tokens=args.max_new_tokens)
+                n += sum(len(r.output_ids) for r in out)
+                calls += sum(r.verify_calls for r in out)
             sync(dev)
-            n = sum(len(r.output_ids) for r in out)
-            res[name][b] = {"tokens_per_s": n / (time.perf_counter() - t), "tokens": n}
+            res[name][b] = {"tokens_per_s": n / (time.perf_counter() - t), "tokens": n,
+                            "prompts": sum(map(len, work)), "tokens_per_call": n / max(calls, 1)}
         del eng
         save(res)
     if "hf" in curves:
@@ -272,6 +284,8 @@ def hf_pair(args, batches: list[int], prompts_text: list[str], save=lambda out: 
     dev = args.device
     tok = AutoTokenizer.from_pretrained(args.model)
     tok.padding_side = "left"
+    if tok.pad_token is None:  # a tokenizer without one (the GGUF conversion): pad with EOS, masked anyway
+        tok.pad_token = tok.eos_token
     hf = LlamaForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if dev == "cuda" else torch.float32)
     hf = hf.to(dev).eval()
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
@@ -279,24 +293,27 @@ def hf_pair(args, batches: list[int], prompts_text: list[str], save=lambda out: 
     gc = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id or 0,
                           eos_token_id=hf.generation_config.eos_token_id, cache_implementation="static")
     out = {}
+
+    def run(method: str, wave: list[str], max_new: int) -> int:
+        """One wave decoded together; returns the tokens generated."""
+        enc = tok(wave, return_tensors="pt", padding=True).to(dev)
+        if method == "static generate":
+            o = hf.generate(**enc, generation_config=gc, max_new_tokens=max_new)
+            return int((o[:, enc["input_ids"].shape[1]:] != gc.pad_token_id).sum())
+        ids = [x[m.bool()].tolist() for x, m in zip(enc["input_ids"], enc["attention_mask"])]
+        r = hf.generate_batch(ids, generation_config=GenerationConfig(do_sample=False, max_new_tokens=max_new))
+        return sum(len(v.generated_tokens) for v in r.values())
+
     for b in batches:
-        enc = tok([texts[i % len(texts)] for i in range(b)], return_tensors="pt", padding=True).to(dev)
-        best = None
+        work, best = waves(texts, b), None
         for method in ("static generate", "generate_batch"):
             try:
-                for rep in range(2):  # warm-up, then timed
-                    sync(dev)
-                    t = time.perf_counter()
-                    if method == "static generate":
-                        o = hf.generate(**enc, generation_config=gc)[:, enc["input_ids"].shape[1]:]
-                        n = int((o != gc.pad_token_id).sum())
-                    else:
-                        ids = [x[m.bool()].tolist() for x, m in zip(enc["input_ids"], enc["attention_mask"])]
-                        r = hf.generate_batch(ids, generation_config=GenerationConfig(
-                            do_sample=False, max_new_tokens=args.max_new_tokens))
-                        n = sum(len(v.generated_tokens) for v in r.values())
-                    sync(dev)
-                    s = time.perf_counter() - t
+                run(method, work[0], 8)  # warm-up
+                sync(dev)
+                t = time.perf_counter()
+                n = sum(run(method, wave, args.max_new_tokens) for wave in work)
+                sync(dev)
+                s = time.perf_counter() - t
             except Exception as e:  # an older transformers, or one without continuous batching here
                 print(f"  hf {method} at batch {b}: {type(e).__name__}: {str(e)[:120]}", flush=True)
                 continue
@@ -310,11 +327,16 @@ def hf_pair(args, batches: list[int], prompts_text: list[str], save=lambda out: 
 def table_and_plot(results: dict, batches: list[int], png: Path) -> None:
     for shape, res in results.items():
         print(f"\n{shape}: tokens/s by batch")
-        print("batch  " + "  ".join(f"{c:>14}" for c in CURVES) + "  dispatch tree")
+        print("batch  " + "  ".join(f"{c:>14}" for c in CURVES) + "  dispatch/plain  forced/plain  dispatch tree")
+        choice = (res.get("tree_choice") or {}).get("choice", {})
         for b in batches:
             row = [res.get(c, {}).get(b) for c in CURVES]
             cells = "  ".join(f"{r['tokens_per_s']:14.1f}" if r else f"{'-':>14}" for r in row)
-            print(f"{b:5d}  {cells}  {(res.get('ours_dispatch', {}).get(b) or {}).get('tree', '')}")
+            tps = {c: (r or {}).get("tokens_per_s") for c, r in zip(CURVES, row)}
+            ratio = ["%14.2fx" % (tps[c] / tps["ours_plain"]) if tps[c] and tps["ours_plain"] else f"{'-':>15}"
+                     for c in ("ours_dispatch", "ours_forced")]
+            tree = (res.get("ours_dispatch", {}).get(b) or {}).get("tree") or choice.get(str(b), "")
+            print(f"{b:5d}  {cells}  {ratio[0]} {ratio[1][2:]}  {tree}")
     try:
         import matplotlib
 

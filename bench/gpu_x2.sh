@@ -180,7 +180,7 @@ case "$STAGE" in
     until N=$(sed -n 's/.*batch 1: fitted-\([0-9]*\).*/\1/p' "$LOG/pair_dispatch.log" 2>/dev/null | head -1)
           [ -n "$N" ] || grep -q "batch 1: chain-" "$LOG/pair_dispatch.log" 2>/dev/null || [ "$(left 250)" -lt 0 ]; do
       sleep 3; done
-    echo "forced tree: ${N:+fitted-$N}${N:-read from the dispatcher engine}"
+    if [ -n "$N" ]; then echo "forced tree: fitted-$N"; else echo "forced tree: the dispatcher engine's batch-1 tree"; fi
     B "$(left 90)" "${PAIR[@]}" --build-only --only ours_forced ${N:+--forced-tree "$N"} > "$LOG/pair_build_forced.log" 2>&1
     echo "pair forced build (B) rc $? at ${SECONDS}s"
     touch "$KEEP_ROOT/pair_b_built"
