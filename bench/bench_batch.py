@@ -123,7 +123,8 @@ def random_engines(shape: str, batches: list[int], table: AcceptTable, root: Pat
         print(f"  dispatcher's trees chosen in {time.time() - t:.0f} s", flush=True)
         chosen.write_text(json.dumps({"trees": [t.to_json() for t in trees], "choice": choice}))
     forced = trees[0] if trees[0].n_nodes > 1 else table.fitted(4)
-    cfgs = {"ours_dispatch": with_bucket_trees(base, trees),
+    dispatch = with_bucket_trees(base, trees)  # measured dispatch, as spec-compile --tree auto does
+    cfgs = {"ours_dispatch": dataclasses.replace(dispatch, plain_alternates=dispatch.draft is not None),
             "ours_plain": dataclasses.replace(base, tree=chain(0), draft=None),
             "ours_forced": dataclasses.replace(base, tree=forced)}
     for name, cfg in cfgs.items():

@@ -5,7 +5,8 @@ the manifest records the contract's sizes (`dims`) for this engine, the configs 
 from, each graph's artifact, weights and passes, the parallel layout, and how --tree auto chose
 the tree of each batch bucket (`bucket_trees`; `tree_choice`: per bucket, the candidates with
 their expected tokens per call, predicted step ms and expected tokens/s, the cost model's
-timings at that batch, the choice; null for an explicit tree; the runtime does not read it). The runtime reads
+timings at that batch, the choice, and with measured dispatch both compiled step times under
+"measured"; null for an explicit tree; the runtime does not read it). The runtime reads
 shapes, tree and graphs from here, never from flags. Loading checks, in order: schema version,
 torch version, file names, and the fingerprint (sha256 of every artifact file plus the manifest
 body), so an engine from another version or with an edited file fails with one clear line.

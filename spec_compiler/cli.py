@@ -62,6 +62,11 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp-lm-head", choices=("replicated", "vocab"), default="replicated",
                    help="with --tp N: the lm_head replicated on every rank (default), or sharded by "
                         "vocabulary (each rank reads 1/N of it; an all-gather of the logits per call)")
+    p.add_argument("--dispatch", choices=("measured", "predicted"), default="measured",
+                   help="with --tree auto: measured (default) also builds plain decoding at every "
+                        "bucket that speculates, times both compiled steps there and keeps the faster "
+                        "(expected tokens per call / step time); predicted trusts the cost model "
+                        "(fewer graphs to compile). Single-GPU engines only: at --tp N it is predicted")
     p.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="graphs lowered in parallel, one process each (default: one per 2 CPU "
                         "cores, at most 8; 1: one after another in this process)")
@@ -101,7 +106,7 @@ def compile_main(argv: list[str] | None = None) -> int:
                         batch_size=args.max_batch, tp=args.tp, tp_lm_head=args.tp_lm_head)
     compile_engine(cfg, args.model_dir, draft if tree.n_nodes > 1 else None, args.out,
                    debug_dir=args.debug_dir, draft_vocab=draft_vocab, auto_tree=auto_tree,
-                   jobs=args.jobs)
+                   jobs=args.jobs, measured_dispatch=args.dispatch == "measured")
     return 0
 
 

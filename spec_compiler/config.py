@@ -321,6 +321,9 @@ class CompileConfig:
     bucket_trees: tuple[TreeSpec, ...] | None = None
     tp: int = 1  # --tp: tensor-parallel ranks (passes/tensor_parallel.py)
     tp_lm_head: str = "replicated"  # --tp-lm-head: replicated on every rank, or sharded by vocabulary
+    # --tree auto's measured dispatch (pipeline.measure_dispatch): also build plain decoding
+    # (chain-0 verify) at every speculating bucket, time both compiled steps and keep the faster
+    plain_alternates: bool = False
 
     def trees(self) -> tuple[TreeSpec, ...]:
         """The tree of each batch bucket, smallest bucket first."""

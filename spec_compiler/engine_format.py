@@ -163,7 +163,8 @@ class Dims:
                    draft_kv_heads=d.layer.n_kv_heads if has_draft else 0,
                    draft_head_dim=d.layer.head_dim if has_draft else 0, dtype=cfg.dtype,
                    sampling=cfg.sampling, bucket_nodes=tuple(t.n_nodes for t in trees),
-                   mixed=has_draft and min(t.n_nodes for t in trees) == 1)
+                   mixed=has_draft and (min(t.n_nodes for t in trees) == 1
+                                        or getattr(cfg, "plain_alternates", False)))
 
     @classmethod
     def from_json(cls, d: dict) -> "Dims":
@@ -231,6 +232,13 @@ def graph_dims(dims: Dims, graph: str, bucket: int | None = None) -> Dims:
     b = graph_batch(dims, graph, bucket)
     nodes = dims.bucket_nodes[:len(buckets(b))]  # buckets(b) is a prefix of buckets(batch)
     return dataclasses.replace(dims, batch=b, bucket_nodes=nodes, tree_nodes=nodes[-1])
+
+
+def plain_at(dims: Dims, bucket: int) -> Dims:
+    """`dims` with bucket `bucket` decoding plainly (its tree the root alone): how a plain
+    alternative to a speculating bucket's verify graph sees the engine (`measure_dispatch`)."""
+    nodes = tuple(1 if b == bucket else n for b, n in zip(buckets(dims.batch), dims.bucket_nodes))
+    return dataclasses.replace(dims, bucket_nodes=nodes, tree_nodes=nodes[-1])
 
 
 def graph_file(graph: str, batch: int, ext: str = "pt2") -> str:

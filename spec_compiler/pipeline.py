@@ -43,6 +43,7 @@ from .loading import DraftSource, load_draft, load_target
 from .models.eagle3 import Eagle3Draft
 from .trace import trace
 from .tree_choice import AutoTree
+from .trees import chain
 
 
 def example(spec: fmt.TensorSpec, device) -> torch.Tensor:
@@ -103,7 +104,7 @@ def compile_engine(cfg: CompileConfig, model_dir: Path, draft_dir: Path | DraftS
                    progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
                    debug_dir: Path | None = None, draft_module: torch.nn.Module | None = None,
                    draft_vocab: str | int = "auto", auto_tree: AutoTree | None = None,
-                   jobs: int | None = None) -> Path:
+                   jobs: int | None = None, measured_dispatch: bool = True) -> Path:
     """Compile into `out_dir`, atomically: built in a temp dir beside it, renamed at the end,
     under the output lock (`_writing`), taken before anything is loaded.
 
@@ -112,6 +113,8 @@ def compile_engine(cfg: CompileConfig, model_dir: Path, draft_dir: Path | DraftS
     bucket on this device (tree_choice.py; chain-0 where speculation does not pay); the
     manifest records the candidates per bucket (`tree_choice`).
     `jobs`: processes that lower graphs in parallel (`lower_all`).
+    `measured_dispatch` (with `auto_tree`, at tp 1): every speculating bucket is also built with
+    plain decoding and keeps its tree only where the compiled step pays (`measure_dispatch`).
     `draft_vocab` ("auto", "full" or N) picks the draft's vocabulary (`load_draft`). `draft_dir`
     may be a `loading.read_draft` result; its weights are not read again.
     `draft_module` replaces loading `draft_dir` (tests use it for drafts with known behaviour;
@@ -135,6 +138,8 @@ def compile_engine(cfg: CompileConfig, model_dir: Path, draft_dir: Path | DraftS
                 fmt.buckets(cfg.batch_size), progress)
             cfg = with_bucket_trees(cfg, trees)
             draft = draft if cfg.draft is not None else None
+            if measured_dispatch and cfg.tp == 1 and cfg.draft is not None:
+                cfg = dataclasses.replace(cfg, plain_alternates=True)
         return _compile(cfg, target, draft, out_dir, progress, debug_dir, None, model_dir, t0, choice, jobs)
 
 
@@ -194,6 +199,8 @@ def _compile(cfg, target, draft, out_dir: Path, progress, debug_dir, graphs, mod
         with _feature_layers(cfg, target):
             manifest = _build(cfg, target, draft, tmp, progress, debug_dir, graphs, jobs)
         manifest.data["tree_choice"] = tree_choice
+        if manifest.data.get("plain_alternates"):
+            measure_dispatch(manifest, tmp, progress)
         # The checkpoint's name: spec-serve's default model id.
         manifest.data["model_name"] = Path(model_dir).resolve().name if model_dir is not None else None
         for f in fmt.TOKENIZER_FILES if model_dir is not None else ():
@@ -203,6 +210,147 @@ def _compile(cfg, target, draft, out_dir: Path, progress, debug_dir, graphs, mod
         write_manifest(tmp, manifest)
     progress(f"done in {time.time() - t0:.0f}s: {out_dir}")
     return out_dir
+
+
+def step_ms(engine, batch: int, steps: int = 12) -> float:
+    """Median wall ms of one `Engine.step` with `batch` live greedy slots (that bucket's step, one
+    CUDA-graph replay on a GPU) from a random context: what a decoding step costs the runtime,
+    its host side included."""
+    d = engine.dims
+    ctx = max(1, min(128, (d.max_seq_len - d.step_slots) // 2))
+    cuda = engine.spec.device.startswith("cuda")
+    engine.start_synthetic(ctx, batch=batch)
+    engine.capture()  # CUDA: every bucket's step captured before timing (a no-op on the CPU)
+    engine.start_synthetic(ctx, batch=batch)
+    times = []
+    for i in range(steps + 2):  # two warm-up steps
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        engine.step()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(1000 * (time.perf_counter() - t))
+    engine._free_all()
+    return sorted(times)[len(times) // 2]
+
+
+def measure_dispatch(manifest: Manifest, tmp: Path, progress, time_step=None) -> None:
+    """--tree auto's cost model ranks trees by timing the uncompiled modules, which overstates
+    every step's fixed cost (unfused kernels) and so makes speculation look cheaper next to plain
+    decoding than it is in the compiled engine. So each speculating bucket was also built with
+    plain decoding (`plain_alternates`); here both compiled steps are timed at that bucket (the
+    engine loaded from `tmp` twice) and a bucket keeps its tree only if expected tokens per call
+    (the draft's acceptance table) / its step time beats one token / the plain step time.
+    Rewrites `manifest` to the winners (bucket_trees, dims, graph entries, the `tree_choice`
+    record) and deletes the losers' artifacts."""
+    from spec_compiler.runtime import Engine
+
+    time_step = time_step or step_ms
+    data = manifest.data
+    alternates = data.pop("plain_alternates")
+    dims = fmt.Dims.from_json(data["dims"])
+    spec_buckets = [b for b in fmt.buckets(dims.batch) if dims.speculates(b)]
+    plain = _to_plain(data, alternates, spec_buckets)
+    times = {}
+    for view, body in (("speculative", data), ("plain", plain)):
+        write_manifest(tmp, Manifest(body))
+        engine = Engine.load(tmp)
+        times[view] = {b: time_step(engine, b) for b in spec_buckets}
+        del engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    record = data.get("tree_choice") or {}
+    keep = {}
+    for b in spec_buckets:
+        tree = data["bucket_trees"][str(b)]
+        tpc = _expected_tokens_per_call(record, b, tree["name"])
+        spec_ms, plain_ms = times["speculative"][b], times["plain"][b]
+        keep[b] = tpc / spec_ms > 1.0 / plain_ms
+        verdict = (f"keeps {tree['name']}" if keep[b] else "decodes plainly")
+        progress(f"[dispatch] batch {b}: {tree['name']} {tpc:.2f} tokens/call expected in a {spec_ms:.2f} ms "
+                 f"step, plain decoding 1 in {plain_ms:.2f} ms: {verdict}")
+        measured = {"speculative_step_ms": round(spec_ms, 4), "plain_step_ms": round(plain_ms, 4),
+                    "expected_tokens_per_call": round(tpc, 4), "tree": tree["name"], "speculate": keep[b]}
+        record.setdefault("buckets", {}).setdefault(str(b), {})["measured"] = measured
+        if not keep[b]:
+            record.setdefault("choice", {})[str(b)] = "chain-0"
+    final = _to_plain(data, alternates, [b for b in spec_buckets if not keep[b]])
+    drop = [alternates[name][str(b)]["file"] if keep[b] else _entry(data["graphs"], name, b)["file"]
+            for b in spec_buckets for name in alternates]
+    drop += [_entry(data["graphs"], "draft", b)["file"] for b in spec_buckets if not keep[b]]
+    final["tree_choice"] = record or None
+    for f in drop:
+        (tmp / f).unlink(missing_ok=True)
+    manifest.data = final
+    fmt.Dims.from_json(final["dims"])  # consistent (bucket_nodes, tree_nodes)
+
+
+def _to_plain(data: dict, alternates: dict, plain_buckets: list[int]) -> dict:
+    """A copy of manifest body `data` in which `plain_buckets` decode plainly: their verify
+    entries are the plain alternatives, their draft entries gone, their trees chain-0."""
+    import json
+
+    out = json.loads(json.dumps(data))
+    for b in plain_buckets:
+        for name, by_bucket in alternates.items():
+            _set_entry(out["graphs"], name, b, by_bucket[str(b)])
+        _drop_entry(out["graphs"], "draft", b)
+        out["bucket_trees"][str(b)] = chain(0).to_json()
+        out["dims"] = fmt.plain_at(fmt.Dims.from_json(out["dims"]), b).to_json()
+    return out
+
+
+def _entry(graphs: dict, name: str, b: int) -> dict:
+    g = graphs[name]
+    if int(g.get("batch", 1)) == b:
+        return {k: v for k, v in g.items() if k in ("file", "weights", "cache_writes")}
+    return g["buckets"][str(b)]
+
+
+def _set_entry(graphs: dict, name: str, b: int, entry: dict) -> None:
+    g = graphs[name]
+    if int(g.get("batch", 1)) == b:
+        g.update(entry)
+        if "cache_writes" not in entry:
+            g.pop("cache_writes", None)
+    else:
+        g["buckets"][str(b)] = entry
+
+
+def _drop_entry(graphs: dict, name: str, b: int) -> None:
+    """Remove graph `name`'s artifact at bucket b (the smallest bucket's entry is the graph's
+    own: the next bucket's takes its place)."""
+    g = graphs.get(name)
+    if g is None:
+        return
+    if int(g.get("batch", 1)) != b:
+        g.get("buckets", {}).pop(str(b), None)
+        return
+    rest = g.get("buckets", {})
+    if not rest:
+        del graphs[name]
+        return
+    nb = min(rest, key=int)
+    head = rest.pop(nb)
+    for k in ("file", "weights", "cache_writes"):
+        g.pop(k, None)
+    g.update(head)
+    g["batch"] = int(nb)
+    if not rest:
+        g.pop("buckets", None)
+
+
+def _expected_tokens_per_call(record: dict, b: int, tree_name: str) -> float:
+    """The bucket tree's expected tokens per call in the --tree auto record (the acceptance
+    table's estimate)."""
+    for c in record.get("buckets", {}).get(str(b), {}).get("candidates", []):
+        if c.get("name") == tree_name:
+            return float(c["expected_tokens_per_call"])
+    raise SpecCompileError(f"measured dispatch: no expected tokens per call for {tree_name} at batch "
+                           f"{b} in the tree choice record; this is a compiler bug")
 
 
 @contextlib.contextmanager
@@ -235,31 +383,38 @@ def _build(cfg: CompileConfig, target, draft, tmp: Path, progress, debug_dir, gr
     # bucket with that bucket's tree, draft at the buckets that speculate. Weights are lifted
     # into one registry, so the engine stores them once. Export and passes run here, one graph
     # after another; the lowering (Inductor, most of the time) runs in parallel (`Lowering`).
-    todo = [(name, b) for name in graphs for b in fmt.graph_batches(dims, name)]
+    todo = [(name, b, False) for name in graphs for b in fmt.graph_batches(dims, name)]
+    if cfg.plain_alternates:  # plain decoding beside each speculating bucket (`measure_dispatch`)
+        todo += [(name, b, True) for name in ("verify", "verify_sampled") if name in graphs
+                 for b in buckets if dims.speculates(b)]
     registry = WeightRegistry()
-    entries, lowering = {}, Lowering(cfg.backend, cfg.device, jobs, len(todo), progress, cfg.tp)
+    entries, alternates = {}, {}
+    lowering = Lowering(cfg.backend, cfg.device, jobs, len(todo), progress, cfg.tp)
     shards = RankWeights()
     try:
-        for name, b in todo:
+        for name, b, plain in todo:
             owner = fmt.owner(name)
             module = draft if owner == "draft" else target
-            label = name if b == 1 else f"{name}.b{b}"
+            label = (name if b == 1 else f"{name}.b{b}") + (" (plain)" if plain else "")
             progress(f"[2/4] {label}: export + passes")
-            bcfg = dataclasses.replace(cfg, batch_size=b, tree=trees[buckets.index(b)], bucket_trees=None)
-            gdims = fmt.graph_dims(dims, name, b)
+            tree = chain(0) if plain else trees[buckets.index(b)]
+            bcfg = dataclasses.replace(cfg, batch_size=b, tree=tree, bucket_trees=None)
+            gdims = fmt.graph_dims(fmt.plain_at(dims, b) if plain else dims, name, b)
             gm = build_graph(bcfg, name, module, debug_dir, label, gdims)
-            rdims = fmt.graph_dims(local, name, b)  # a rank's graph
+            rdims = fmt.graph_dims(fmt.plain_at(local, b) if plain else local, name, b)  # a rank's graph
             check_contract(rdims, name, gm)
             io = fmt.graph_io(rdims, name)
             weights = lift_weights(gm, registry, prefix="draft." if owner == "draft" else "")
             shards.add(gm)
             gm = gm.to(cfg.device)
             args = [registry.tensors[w] for w in weights] + [example(t, cfg.device) for t in io.inputs]
-            fname = fmt.graph_file(name, b, "onnx" if cfg.backend == "onnx" else "pt2")
+            fname = fmt.graph_file(name + (".plain" if plain else ""), b, "onnx" if cfg.backend == "onnx" else "pt2")
             entry = {"file": fname, "weights": weights}
             if "cache_writes" in gm.meta:  # the runtime writes these rows (return_cache_rows)
                 entry["cache_writes"] = gm.meta["cache_writes"]
-            if name not in entries:  # the smallest batch: the graph's entry
+            if plain:
+                alternates.setdefault(name, {})[str(b)] = entry
+            elif name not in entries:  # the smallest batch: the graph's entry
                 entries[name] = {**entry, "batch": b, "passes": list(gm.meta.get("passes", [])),
                                  "pass_counts": dict(gm.meta.get("pass_counts", {}))}
             else:  # a larger bucket of a step graph
@@ -273,7 +428,10 @@ def _build(cfg: CompileConfig, target, draft, tmp: Path, progress, debug_dir, gr
     for rank in range(cfg.tp):
         save_file({k: v.contiguous().cpu() for k, v in shards.of(registry, rank).items()},
                   str(tmp / fmt.weights_file(rank, cfg.tp)))
-    return Manifest.new(cfg, local, entries)
+    manifest = Manifest.new(cfg, local, entries)
+    if alternates:  # read and removed by measure_dispatch
+        manifest.data["plain_alternates"] = alternates
+    return manifest
 
 
 class Lowering:

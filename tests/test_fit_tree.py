@@ -98,7 +98,8 @@ def test_cli_writes_tree_and_table_and_compile_auto_uses_them(tiny_dir, tiny_dra
     assert raw["settings"]["max_depth"] == 3 and raw["draft_sha256"] == draft_weights_sha256(draft)
 
     out = tmp_path / "engine"
-    flags = ["--draft", str(draft), "--backend", "eager", "--max-seq-len", "64", "--prefill-chunk", "8"]
+    flags = ["--draft", str(draft), "--backend", "eager", "--max-seq-len", "64", "--prefill-chunk", "8",
+             "--dispatch", "predicted"]  # the cost model's choice itself (measured: test_tree_choice)
     assert compile_main([str(tiny_dir), "--out", str(out), *flags]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     choice = manifest["tree_choice"]["buckets"]["1"]  # one bucket: batch 1

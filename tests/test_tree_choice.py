@@ -149,7 +149,8 @@ def _draft_with_table(tiny_draft_dir, tmp_path, **header):
 
 def test_compile_auto_records_candidates_and_explicit_tree_bypasses(tiny_dir, tiny_draft_dir, tmp_path):
     draft = _draft_with_table(tiny_draft_dir, tmp_path)
-    flags = ["--draft", str(draft), "--backend", "eager", "--max-seq-len", "64", "--prefill-chunk", "8"]
+    flags = ["--draft", str(draft), "--backend", "eager", "--max-seq-len", "64", "--prefill-chunk", "8",
+             "--dispatch", "predicted"]  # the cost model's choice as it is (measured: below)
     assert compile_main([str(tiny_dir), "--out", str(tmp_path / "auto"), *flags]) == 0
     m = json.loads((tmp_path / "auto" / "manifest.json").read_text())
     ch = m["tree_choice"]
@@ -217,7 +218,8 @@ def test_auto_picks_a_tree_per_bucket(tiny_dir, tiny_draft_dir, tmp_path, monkey
     draft = _draft_with_table(tiny_draft_dir, tmp_path)
     out = tmp_path / "auto"
     assert compile_main([str(tiny_dir), "--out", str(out), "--draft", str(draft), "--backend", "eager",
-                         "--max-seq-len", "64", "--prefill-chunk", "8", "--max-batch", "2"]) == 0
+                         "--max-seq-len", "64", "--prefill-chunk", "8", "--max-batch", "2",
+                         "--dispatch", "predicted"]) == 0
     assert batches == [1, 2]
     m = json.loads((out / "manifest.json").read_text())
     per = m["tree_choice"]["buckets"]
@@ -234,3 +236,84 @@ def test_auto_picks_a_tree_per_bucket(tiny_dir, tiny_draft_dir, tmp_path, monkey
     res = engine.generate_batch(prompts, max_new_tokens=[20, 12, 16])
     for p, r, n in zip(prompts, res, [20, 12, 16]):
         assert r.output_ids == hf_greedy(tiny_dir, p, n), p
+
+
+@pytest.mark.parametrize("plain_ms", [{1: 10.0, 2: 0.1}, {1: 10.0, 2: 10.0}, {1: 0.1, 2: 0.1}],
+                         ids=["bucket-2-plain", "both-speculate", "both-plain"])
+def test_measured_dispatch_keeps_a_tree_only_where_the_compiled_step_pays(tiny_dir, tiny_draft_dir, tmp_path,
+                                                                          monkeypatch, plain_ms):
+    """--tree auto (measured dispatch, the default): every speculating bucket is also built with
+    plain decoding, both compiled steps are timed there, and a bucket keeps its tree only if
+    expected tokens per call / its step time beats 1 / the plain step time. The manifest records
+    the timings and the final choice, the losers' artifacts are gone, and the engine, whatever
+    mix of buckets it ends with, stays greedy-exact across plain and speculative steps."""
+    from helpers import hf_greedy
+    from spec_compiler.runtime import Engine
+
+    def fake_measure(target, draft, target_sizes, draft_sizes, capacity, context, rounds=7, batch=1):
+        return CostModel({T: 10.0 for T in target_sizes}, {n: 1.0 for n in draft_sizes})  # trees look free
+
+    timed = []
+
+    def fake_step(engine, b):  # the speculative view at 1 ms a step; the plain one as parametrized
+        timed.append((engine.dims.speculates(b), b))
+        return 1.0 if engine.dims.speculates(b) else plain_ms[b]
+
+    monkeypatch.setattr("spec_compiler.tree_choice.measure", fake_measure)
+    monkeypatch.setattr("spec_compiler.pipeline.step_ms", fake_step)
+    draft = _draft_with_table(tiny_draft_dir, tmp_path)
+    out, logs = tmp_path / "auto", []
+    assert compile_main([str(tiny_dir), "--out", str(out), "--draft", str(draft), "--backend", "eager",
+                         "--max-seq-len", "64", "--prefill-chunk", "8", "--max-batch", "2"]) == 0
+    assert sorted(timed) == [(False, 1), (False, 2), (True, 1), (True, 2)]
+    m = json.loads((out / "manifest.json").read_text())
+    per = m["tree_choice"]["buckets"]
+    keep = {}
+    for b in (1, 2):
+        got = per[str(b)]["measured"]
+        tpc = got["expected_tokens_per_call"]
+        assert tpc > 1 and got["speculative_step_ms"] == 1.0 and got["plain_step_ms"] == plain_ms[b]
+        keep[b] = tpc / 1.0 > 1 / plain_ms[b]
+        assert got["speculate"] == keep[b]
+        want = per[str(b)]["choice"] if keep[b] else "chain-0"
+        assert m["bucket_trees"][str(b)]["name"] == m["tree_choice"]["choice"][str(b)] == want
+        assert (m["dims"]["bucket_nodes"][b - 1] > 1) == keep[b]
+    files = {p.name for p in out.iterdir()}
+    assert ("verify.plain.pt2" in files) == (not keep[1]) and ("verify.plain.b2.pt2" in files) == (not keep[2])
+    assert ("verify.pt2" in files) == keep[1] and ("verify.b2.pt2" in files) == keep[2]
+    assert ("draft.b2.pt2" in files) == keep[2]
+    assert ("draft" in m["graphs"]) == any(keep.values()) and m["dims"]["mixed"]
+    referenced = {e["file"] for g in m["graphs"].values() for e in [g, *g.get("buckets", {}).values()]}
+    assert {f for f in files if f.endswith(".pt2")} == referenced  # nothing left over, nothing missing
+    engine = Engine.load(out)
+    prompts = [[5, 9, 17, 3], [40, 3, 77, 12, 90, 33, 8, 1, 64], [100, 4]]
+    res = engine.generate_batch(prompts, max_new_tokens=[20, 12, 16])  # buckets 2, then 1 as they end
+    for p, r, n in zip(prompts, res, [20, 12, 16]):
+        assert r.output_ids == hf_greedy(tiny_dir, p, n), p
+
+
+def test_measured_dispatch_times_real_steps(tiny_dir, tiny_draft_dir, tmp_path):
+    """The same with the real timing (`pipeline.step_ms`: synthetic slots, median of timed
+    steps), whichever way it decides on this machine: positive step times, a consistent engine,
+    greedy-exact output."""
+    from helpers import hf_greedy
+    from spec_compiler.runtime import Engine
+
+    draft = _draft_with_table(tiny_draft_dir, tmp_path)
+    out = tmp_path / "auto"
+    assert compile_main([str(tiny_dir), "--out", str(out), "--draft", str(draft), "--backend", "eager",
+                         "--max-seq-len", "64", "--prefill-chunk", "8", "--max-batch", "2", "--no-sampling"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    for b, rec in m["tree_choice"]["buckets"].items():
+        if rec["choice"] == "chain-0":  # the cost model already chose plain decoding: nothing to time
+            assert "measured" not in rec
+            continue
+        got = rec["measured"]
+        assert got["speculative_step_ms"] > 0 and got["plain_step_ms"] > 0
+        assert got["speculate"] == (m["bucket_trees"][b]["name"] != "chain-0")
+    referenced = {e["file"] for g in m["graphs"].values() for e in [g, *g.get("buckets", {}).values()]}
+    assert {p.name for p in out.iterdir() if p.suffix == ".pt2"} == referenced
+    engine = Engine.load(out)
+    res = engine.generate_batch([[5, 9, 17, 3], [100, 4]], max_new_tokens=12)
+    for p, r in zip([[5, 9, 17, 3], [100, 4]], res):
+        assert r.output_ids == hf_greedy(tiny_dir, p, 12), p
