@@ -12,9 +12,8 @@
 #            trees, B builds from that choice). An 8B engine of 7 buckets takes longer than one
 #            call: what a call lowered stays in the lowered-graph cache (~/.cache, kept while the
 #            machine is warm), so the next stage's builds resume from it
-#   stage 2: SmolLM2 assembled from the GGUF parts (one part per call: PARTS_DIR), then
-#            bench_batch's pair engines built (the dispatcher's on A, then our 8B curves there
-#            from stage 1's engines; the other two on B, then transformers' 8B curve there)
+#   stage 2: the 8B curves: ours on A from stage 1's engines (any left unbuilt resume from
+#            the graph cache), transformers' on B
 #   stage 2p: bench_pair on A (T = 0, 0.7, 1.0 vs transformers; `--tree auto` chosen by
 #            CUDA-graph timing)
 #   stage 3: our pair curves then spec-serve (the pair's --max-batch 64 engine) on A;
@@ -29,8 +28,10 @@
 #            its plain and forced engines on B, then transformers' curve there; A times those two
 #            once B built them), one table and plot
 # (The 2026-11-30 runs used earlier versions of this script: the first for the sampling and TP
-# numbers; the second's serving numbers came from a stage 5, since folded into stage 3, that
-# built a --max-batch 16 engine on 24 cores and served it beside the peer.)
+# numbers; the second's serving numbers came from an earlier stage 5, since folded into stage
+# 3, that built a --max-batch 16 engine on 24 cores and served it beside the peer; the third's
+# pair curves from this stage 5, before measured dispatch, and its TP numbers from stage 4.)
+# Stage 3 uses the pair engines that stage 5 builds.
 # Usage: bash bench/gpu_x2.sh STAGE PARTS_DIR [SECONDS]   (SECONDS: this call's budget, 560)
 set -uo pipefail
 STAGE=${1:?usage: gpu_x2.sh STAGE PARTS_DIR [SECONDS]}
@@ -83,27 +84,17 @@ case "$STAGE" in
   outcomes t_workers t_gpu t_runtime
   grep -hE "built|chosen|rror" "$LOG"/batch_build_8b_*.log | tail -8
   ;;
-2)
-  fetch_smollm2 "$KEEP_ROOT/gq" > "$LOG/fetch.log" 2>&1 || { tail -5 "$LOG/fetch.log"; finish; exit 1; }
+2)  # the 8B curves (stage 1's engines; any it left unbuilt resume from the graph cache)
   (
-    B "$(left 160)" "${BATCH[@]}" --shapes pair --build-only --only ours_plain,ours_forced \
-      > "$LOG/batch_build_pair_b.log" 2>&1
-    echo "pair batch build (B) rc $? at ${SECONDS}s"
     B "$(left 20)" "${BATCH[@]}" --shapes llama8b --curves hf --out "$LOG/batch_8b_hf.json" > "$LOG/batch_8b_hf.log" 2>&1
     echo "bench_batch llama8b hf rc $? at ${SECONDS}s"
-    cp "$LOG/batch_8b_hf.json" "$KEEP_ROOT/" 2>/dev/null
   ) &
   LANE_B=$!
-  A "$(left 250)" "${BATCH[@]}" --shapes pair --build-only --only ours_dispatch > "$LOG/batch_build_pair_a.log" 2>&1
-  echo "pair batch build (A) rc $? at ${SECONDS}s"
-  # our 8B curves (any engine stage 1 left unbuilt is built first, resuming from the graph
-  # cache); the JSON grows as it goes
   A "$(left 20)" "${BATCH[@]}" --shapes llama8b --curves ours_dispatch,ours_plain,ours_forced \
     --out "$LOG/batch_8b.json" > "$LOG/batch_8b.log" 2>&1
   echo "bench_batch llama8b ours rc $? at ${SECONDS}s"
-  cp "$LOG/batch_8b.json" "$KEEP_ROOT/" 2>/dev/null
   wait $LANE_B
-  grep -hE "built|rror|chosen" "$LOG"/*build*.log | tail -12
+  grep -hE "built|rror|dispatch\]" "$LOG"/batch_8b*.log | tail -12
   python3 bench/bench_batch.py --merge "$(ls "$LOG"/batch_8b.json "$LOG"/batch_8b_hf.json 2>/dev/null | paste -sd,)" \
     --out "$LOG/batch_8b_all.json" 2>&1 | tail -12
   ;;
