@@ -3,14 +3,16 @@ vs speculation at every bucket vs transformers' own batched generation.
 
 Curves, for batch sizes 1, 2, 4, ... 64 (--batches):
   ours_dispatch  --tree auto: a tree per bucket, chosen on this device (chain-0 where
-                 speculation does not pay), the engine's `tree_choice` record kept in the JSON
+                 speculation does not pay: measured dispatch, the compiled steps timed), the
+                 engine's `tree_choice` record kept in the JSON
   ours_plain     --tree chain-0 with the same buckets (non-speculative)
   ours_forced    the dispatcher's batch-1 tree at every bucket (speculation forced on)
   hf             transformers: batched generate with its static cache (the prompts left-padded),
                  and its continuous-batching generate_batch where it has one; the faster of the two
 Models (--shapes):
   pair           the real SmolLM2 pair (--model, --draft) on the dev prompts: wall tokens/s of
-                 generate_batch over b prompts at a time (b slots), greedy
+                 generate_batch at batch b over the same max(b, 16) prompts, in waves of b
+                 decoded together, greedy (tokens per verify call recorded)
   llama8b, smollm2, tiny   random weights (bench_decode's shapes; tiny: a CPU smoke test):
                  timed steps from a random CTX-token context (Engine.start_synthetic) at each
                  batch; tokens/s = b x the bucket tree's expected tokens per call (the draft's
@@ -56,6 +58,8 @@ def waves(items: list, b: int) -> list[list]:
     every batch size sees the same prompts."""
     seq = [items[i % len(items)] for i in range(max(b, MIN_PROMPTS))]
     return [seq[i:i + b] for i in range(0, len(seq), b)]
+
+
 CURVES = ("ours_dispatch", "ours_plain", "ours_forced", "hf")
 
 
