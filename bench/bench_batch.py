@@ -405,12 +405,12 @@ def main(argv=None) -> int:
     results = {}
 
     def write(partial: dict | None = None) -> None:
-        out.write_text(json.dumps({"meta": meta, "results": {**results, **(partial or {})}}, indent=1,
-                                  default=str) + "\n")
+        text = json.dumps({"meta": meta, "results": {**results, **(partial or {})}}, indent=1, default=str)
+        out.write_text(text.replace(f'"{REPO}/', '"') + "\n")  # the repository's files by relative path
 
     if args.merge:
         runs = [json.loads(Path(f).read_text()) for f in args.merge.split(",")]
-        meta = {**runs[0]["meta"], "merged_from": args.merge.split(",")}
+        meta = {**runs[0]["meta"], "merged_from": [Path(f).name for f in args.merge.split(",")]}
         batches = meta["batches"]
         for run in runs:  # JSON made the batch keys strings; runs of one shape (split --curves) join
             for shape, res in run["results"].items():
