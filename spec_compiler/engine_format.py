@@ -61,7 +61,9 @@ behind for the slots decoding there; an engine that mixes plain and speculative 
 position) and, before a speculative step, the runtime catches a slot that ran plain steps up
 over the gap with draft_prefill, chunk by chunk (`draft_len`: the draft cache's valid length
 before the pending pairs). Its draft caches have C spare rows so a padded catch-up chunk that
-starts anywhere below capacity fits.
+starts anywhere below capacity fits. An engine built with measured dispatch (`--tree auto`,
+pipeline.measure_dispatch) is mixed from the start, whichever buckets end up plain: its
+graphs are lowered before the timing decides, so all of them see the mixed state.
 Every computation in a graph is per slot (no reduction across slots; the CPU attention reads
 the prefix up to the longest slot's cache_len, masked per slot), so what a slot's rows compute
 does not depend on what the other slots hold.
