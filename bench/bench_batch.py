@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import SHAPES, random_modules  # noqa: E402
 
 from spec_compiler.config import CompileConfig, ModelConfig  # noqa: E402
-from spec_compiler.pipeline import compile_modules, with_bucket_trees  # noqa: E402
+from spec_compiler.pipeline import compile_modules, step_ms, with_bucket_trees  # noqa: E402
 from spec_compiler.tree_choice import AcceptTable, AutoTree  # noqa: E402
 from spec_compiler.trees import TreeSpec, chain  # noqa: E402
 
@@ -66,21 +66,6 @@ CURVES = ("ours_dispatch", "ours_plain", "ours_forced", "hf")
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def engine_step_ms(eng, batch: int, device: str) -> float:
-    """Median ms of one step of `batch` live slots (its bucket), from a random CTX context."""
-    eng.start_synthetic(CTX, batch=batch)
-    eng.capture()
-    eng.start_synthetic(CTX, batch=batch)
-    ts = []
-    for _ in range(STEPS):
-        sync(device)
-        t = time.perf_counter()
-        eng.step()
-        sync(device)
-        ts.append(1000 * (time.perf_counter() - t))
-    return sorted(ts)[len(ts) // 2]
 
 
 def random_engines(shape: str, batches: list[int], table: AcceptTable, root: Path, device: str,
@@ -170,7 +155,7 @@ def bench_random(shape: str, batches: list[int], table: AcceptTable, root: Path,
             bucket = next(x for x in eng.buckets if x >= b)
             tree = eng.spec.bucket_trees[bucket]
             tpc = table.expected_tpc(tree)
-            ms = engine_step_ms(eng, b, device)
+            ms = step_ms(eng, b, STEPS)  # what measured dispatch times, too
             res[name][b] = {"tokens_per_s": b * tpc * 1000 / ms, "step_ms": ms, "tree": tree.name,
                             "expected_tokens_per_call": tpc}
         del eng

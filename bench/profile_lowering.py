@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import dataclasses
 import io
 import json
 import pstats
@@ -76,7 +75,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         prof.enable()
-        compile_modules(dataclasses.replace(cfg), target, draft if cfg.draft is not None else None,
+        compile_modules(cfg, target, draft if cfg.draft is not None else None,
                         Path(tmp) / "engine", progress=lambda s: print("  " + s, flush=True),
                         graphs=[args.graph], jobs=1)
         prof.disable()
