@@ -88,7 +88,8 @@ def random_engines(shape: str, batches: list[int], table: AcceptTable, root: Pat
             out[n] = {"seconds": rec, "graphs_from_cache": None} if isinstance(rec, (int, float)) else rec
         return out
 
-    if all((d / "manifest.json").is_file() for d in dirs.values()):
+    todo = [n for n in names if not (dirs[n] / "manifest.json").is_file() and (not only or n in only)]
+    if not todo:
         return dirs, recorded()
     m = SHAPES[shape]
     target, draft, dcfg = random_modules(m, device=device)
@@ -100,55 +101,63 @@ def random_engines(shape: str, batches: list[int], table: AcceptTable, root: Pat
                          prefill_chunk=64, backend=backend, batch_size=max(batches), sampling=False)
     from spec_compiler import engine_format as fmt
 
-    chosen = root / f"{shape}-{device}.trees.json"
-    if chosen.is_file():
-        kept = json.loads(chosen.read_text())
-        trees, choice = tuple(TreeSpec.from_json(t) for t in kept["trees"]), kept["choice"]
-    else:
-        t = time.time()
-        trees, choice = AutoTree(table).choose_buckets(
-            target, draft, base.max_seq_len, lambda d: fmt.min_capacity(base.prefill_chunk, d),
-            fmt.buckets(base.batch_size), lambda s: print("  " + s, flush=True))
-        print(f"  dispatcher's trees chosen in {time.time() - t:.0f} s", flush=True)
-        chosen.write_text(json.dumps({"trees": [t.to_json() for t in trees], "choice": choice}))
-    forced = trees[0] if trees[0].n_nodes > 1 else table.fitted(4)
-    dispatch = with_bucket_trees(base, trees)  # measured dispatch, as spec-compile --tree auto does
-    cfgs = {"ours_dispatch": dataclasses.replace(dispatch, plain_alternates=dispatch.draft is not None),
-            "ours_plain": dataclasses.replace(base, tree=chain(0), draft=None),
-            "ours_forced": dataclasses.replace(base, tree=forced)}
-    for name, cfg in cfgs.items():
-        d = dirs[name]
-        if not (d / "manifest.json").is_file() and (not only or name in only):
-            t, hits = time.time(), []
+    cfgs = {"ours_plain": dataclasses.replace(base, tree=chain(0), draft=None)}
+    choice = None
+    if any(n != "ours_plain" for n in todo):  # the plain engine alone needs no tree choice
+        chosen = root / f"{shape}-{device}.trees.json"
+        if chosen.is_file():
+            kept = json.loads(chosen.read_text())
+            trees, choice = tuple(TreeSpec.from_json(t) for t in kept["trees"]), kept["choice"]
+        else:
+            t = time.time()
+            trees, choice = AutoTree(table).choose_buckets(
+                target, draft, base.max_seq_len, lambda d: fmt.min_capacity(base.prefill_chunk, d),
+                fmt.buckets(base.batch_size), lambda s: print("  " + s, flush=True))
+            print(f"  dispatcher's trees chosen in {time.time() - t:.0f} s", flush=True)
+            chosen.write_text(json.dumps({"trees": [t.to_json() for t in trees], "choice": choice}))
+        forced = trees[0] if trees[0].n_nodes > 1 else table.fitted(4)
+        dispatch = with_bucket_trees(base, trees)  # measured dispatch, as spec-compile --tree auto does
+        cfgs["ours_dispatch"] = dataclasses.replace(dispatch, plain_alternates=dispatch.draft is not None)
+        cfgs["ours_forced"] = dataclasses.replace(base, tree=forced)
+    for name in todo:
+        cfg, d = cfgs[name], dirs[name]
+        t, hits = time.time(), []
 
-            def progress(s: str) -> None:
-                hits.extend(["hit"] if "taken from the graph cache" in s else [])
-                print("  " + s, flush=True)
+        def progress(s: str) -> None:
+            hits.extend(["hit"] if "taken from the graph cache" in s else [])
+            print("  " + s, flush=True)
 
-            compile_modules(cfg, target, draft if cfg.draft is not None else None, d, progress=progress,
-                            tree_choice=choice if name == "ours_dispatch" else None,
-                            graphs=None if name == "ours_dispatch" else  # whole: its compile time is reported
-                            ["verify", "draft"] if cfg.draft is not None else ["verify"])
-            seconds[name].write_text(json.dumps({"seconds": round(time.time() - t, 1), "graphs_from_cache": len(hits)}))
-            print(f"  built {d.name} in {time.time() - t:.0f} s ({len(hits)} graphs from the graph cache)", flush=True)
+        compile_modules(cfg, target, draft if cfg.draft is not None else None, d, progress=progress,
+                        tree_choice=choice if name == "ours_dispatch" else None,
+                        graphs=None if name == "ours_dispatch" else  # whole: its compile time is reported
+                        ["verify", "draft"] if cfg.draft is not None else ["verify"])
+        seconds[name].write_text(json.dumps({"seconds": round(time.time() - t, 1), "graphs_from_cache": len(hits)}))
+        print(f"  built {d.name} in {time.time() - t:.0f} s ({len(hits)} graphs from the graph cache)", flush=True)
     del target, draft
     return dirs, recorded()
 
 
 def bench_random(shape: str, batches: list[int], table: AcceptTable, root: Path, device: str,
                  build_only: bool = False, only: tuple[str, ...] = (), save=lambda res: None,
-                 curves: tuple[str, ...] = CURVES) -> dict:
+                 curves: tuple[str, ...] = CURVES, forced_from_dispatch: bool = False) -> dict:
     """`save(res)` after each curve: what is measured survives a run stopped later. `curves`:
-    the ones to measure (the peer alone builds nothing)."""
+    the ones to measure (the peer alone builds nothing; a timed run builds only its curves'
+    engines). `forced_from_dispatch`: the forced curve is not an engine of its own but the
+    speculative steps that the dispatcher engine's measured dispatch timed at every bucket
+    (each bucket's own tree, kept or not), so one build gives it."""
     from spec_compiler.runtime import Engine
 
     res = {c: {} for c in curves}
-    if build_only or any(c != "hf" for c in curves):
-        engines, res["compile_s"] = random_engines(shape, batches, table, root, device, only)
+    ours = tuple(c for c in curves if c != "hf" and not (forced_from_dispatch and c == "ours_forced"))
+    if build_only or ours:
+        engines, res["compile_s"] = random_engines(shape, batches, table, root, device,
+                                                   only if build_only else ours)
     if build_only:
         return res
-    for name, d in engines.items() if any(c != "hf" for c in curves) else ():
-        if name not in curves:
+    if forced_from_dispatch and "ours_forced" in curves:
+        res["ours_forced"] = forced_from_measured(engines["ours_dispatch"], batches)
+    for name, d in engines.items() if ours else ():
+        if name not in ours:
             continue
         eng = Engine.load(d)
         for b in batches:
@@ -163,6 +172,24 @@ def bench_random(shape: str, batches: list[int], table: AcceptTable, root: Path,
     if "hf" in curves:
         res["hf"] = hf_random(SHAPES[shape], batches, device, lambda hf: save({**res, "hf": hf}))
     return res
+
+
+def forced_from_measured(engine_dir: Path, batches: list[int]) -> dict:
+    """Batch -> the forced curve's point read from a measured-dispatch engine's manifest: b x the
+    bucket tree's expected tokens per call / its timed speculative step (`measure_dispatch` times
+    it with `step_ms` at the bucket, as the curves are timed). Batches whose bucket was not timed
+    speculatively (the cost model already chose plain decoding there) are left out."""
+    buckets = json.loads((engine_dir / "manifest.json").read_text())["tree_choice"].get("buckets", {})
+    out = {}
+    for b in batches:
+        bucket = min((int(k) for k in buckets if int(k) >= b), default=None)
+        m = buckets.get(str(bucket), {}).get("measured") if bucket is not None else None
+        if m:
+            out[b] = {"tokens_per_s": b * m["expected_tokens_per_call"] * 1000 / m["speculative_step_ms"],
+                      "step_ms": m["speculative_step_ms"], "tree": m["tree"],
+                      "expected_tokens_per_call": m["expected_tokens_per_call"],
+                      "source": "the dispatcher engine's measured dispatch"}
+    return out
 
 
 def hf_random(m: ModelConfig, batches: list[int], device: str, save=lambda out: None) -> dict:
@@ -371,6 +398,9 @@ def main(argv=None) -> int:
     ap.add_argument("--forced-tree", type=int, default=0, metavar="N",
                     help="pair: the forced engine's tree is fitted-N of --accept (default: the dispatcher "
                     "engine's batch-1 tree, so that engine is built first)")
+    ap.add_argument("--forced-from-dispatch", action="store_true",
+                    help="random-weight shapes: the forced curve from the speculative steps that the dispatcher "
+                    "engine's measured dispatch timed at each bucket (its own tree there), not a third engine")
     ap.add_argument("--curves", default=",".join(CURVES),
                     help="the curves to measure (comma-separated; default all: " + ", ".join(CURVES) + "); two runs "
                     "on different GPUs can split them, and --merge joins their JSON")
@@ -414,7 +444,7 @@ def main(argv=None) -> int:
             results[shape] = (bench_pair(args, batches, save) if shape == "pair"
                               else bench_random(shape, batches, table, args.engines, args.device, args.build_only,
                                                 tuple(x for x in args.only.split(",") if x), save,
-                                                tuple(args.curves.split(","))))
+                                                tuple(args.curves.split(",")), args.forced_from_dispatch))
         if args.build_only:
             print(f"built the engines under {args.engines}")
             return 0

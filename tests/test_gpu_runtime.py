@@ -106,10 +106,18 @@ def test_step_is_one_replay_without_sync(fp32_engine, temperature):
     assert steps >= 6 or (steps >= 1 and not engine.running())
 
 
-@pytest.fixture(scope="module")
-def batch_engine(tmp_path_factory, tiny_dir, tiny_draft_dir):
-    return build_engine(tmp_path_factory.mktemp("gpu") / "batch", tiny_dir, draft_dir=tiny_draft_dir,
-                        backend="inductor", device="cuda", dtype="float32", max_seq_len=256, max_batch=4)
+# --max-batch 4 (buckets 1, 2, 4) with one tree, and with a tree per bucket as the dispatcher may
+# choose: plain decoding at bucket 2 between speculative buckets, so a batch shrinking 4 -> 2 -> 1
+# runs its sequences through the draft's cache catch-up on the GPU
+PER_BUCKET = ("mc_sim_7b_63", "chain-0", "chain-2")
+
+
+@pytest.fixture(scope="module", params=["one-tree", "per-bucket"])
+def batch_engine(request, tmp_path_factory, tiny_dir, tiny_draft_dir):
+    trees = list(PER_BUCKET) if request.param == "per-bucket" else None
+    return build_engine(tmp_path_factory.mktemp("gpu") / request.param, tiny_dir, draft_dir=tiny_draft_dir,
+                        backend="inductor", device="cuda", dtype="float32", max_seq_len=256, max_batch=4,
+                        bucket_trees=trees)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
@@ -133,7 +141,7 @@ def test_every_bucket_steps_in_one_replay_without_sync(batch_engine, n_live, tem
 
 def test_batched_cuda_greedy_equals_solo(batch_engine, tiny_dir):
     """float32 on the GPU: every sequence of a batch (more prompts than slots) equals transformers'
-    greedy decoding of it alone."""
+    greedy decoding of it alone; with a tree per bucket, also across the plain bucket."""
     from spec_compiler.runtime import Engine
 
     engine = Engine.load(batch_engine)

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Issue 12's GPU numbers in one session on a 2-GPU machine, as one background job that outlives
+# the 10-minute calls (started with setsid, it runs on while the machine is held): `start` (the
+# first call) copies the repository aside, installs it from there and launches the job; `watch`
+# (each later call) hands it the next SmolLM2 GGUF part and waits. Every call returns the logs and
+# JSON so far as $OUT/session.tgz. Nothing is cut at a call's end, so no engine build is lost
+# between calls, and each lane starts its next step as soon as what it needs exists.
+#   lane A (GPU 0): the 8B-shape dispatcher engine (whole, --max-batch 64: its compile time is the
+#     one reported), its curve, and the forced curve from the speculative steps that its measured
+#     dispatch timed at every bucket; then the pair's three curves once lane B has built them
+#   lane B (GPU 1): the 8B plain (chain-0) engine; the GPU tests of test_gpu_runtime.py beside
+#     what follows; once SmolLM2 has arrived, the pair's dispatcher engine (alone on its cores)
+#     with its plain and forced engines built beside it; then the 8B plain curve and the peers'
+#     curves (transformers: the 8B shape, then the pair)
+# CPU cores are split so that what is timed never shares cores with a compile.
+# Usage: bash bench/gpu_session.sh start PARTS_DIR [SECONDS] | watch PARTS_DIR [SECONDS] | drive
+set -uo pipefail
+MODE=${1:?usage: gpu_session.sh start|watch PARTS_DIR [SECONDS]}
+PARTS=${2:-}
+BUDGET=${3:-540}
+KEEP_ROOT=${KEEP_ROOT:-/root/keep}
+SRC="$KEEP_ROOT/src"; LOG="$KEEP_ROOT/log"; ENG="$KEEP_ROOT/batch"
+OUT=${OUT:-/tmp/out}
+mkdir -p "$LOG" "$KEEP_ROOT/gq" "$OUT"
+[ -n "$PARTS" ] && cp "$PARTS"/gq_0* "$KEEP_ROOT/gq/" 2>/dev/null
+
+say() { echo "[$(date +%T) ${SECONDS}s] $*" >> "$LOG/lanes.log"; }
+# run NAME CPUS GPU CMD...: one step, logged to $LOG/NAME.log, its outcome to lanes.log
+run() {
+  local name=$1 cpus=$2 gpu=$3; shift 3
+  say "$name: start"
+  local t=$SECONDS
+  CUDA_VISIBLE_DEVICES=$gpu taskset -c "$cpus" "$@" > "$LOG/$name.log" 2>&1
+  local rc=$?
+  say "$name: rc $rc after $((SECONDS - t)) s"
+  return $rc
+}
+# built NAME: wait until engine NAME's build has ended; true if it succeeded
+built() { until [ -e "$LOG/$1.built" ] || [ -e "$LOG/$1.failed" ]; do sleep 5; done; [ -e "$LOG/$1.built" ]; }
+# build NAME CPUS CMD...: a build on GPU 1 that leaves NAME.built or NAME.failed
+build() { local name=$1 cpus=$2; shift 2
+  if run "b_$name" "$cpus" 1 "$@"; then touch "$LOG/$name.built"; else touch "$LOG/$name.failed"; fi; }
+
+watch() {
+  until [ -f "$LOG/ALL_DONE" ] || [ "$SECONDS" -ge $((BUDGET - 20)) ]; do sleep 10; done
+  echo "== watch ended at ${SECONDS}s ($([ -f "$LOG/ALL_DONE" ] && echo 'all done' || echo 'still running'))"
+  tail -40 "$LOG/lanes.log"
+  grep -hE "built|rror|\[dispatch\]" "$LOG"/*.log 2>/dev/null | grep -v "^\[" | tail -20
+  tar czf "$OUT/session.tgz" -C "$LOG" .
+}
+
+case "$MODE" in
+start)
+  rm -rf "$SRC" && mkdir -p "$SRC" && cp -a . "$SRC/" && cd "$SRC" || exit 1
+  . bench/gpu_env.sh  # the editable install now maps to this copy, which later calls do not touch
+  nvidia-smi --query-gpu=name --format=csv,noheader | paste -sd, > "$LOG/versions.txt"
+  python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers',
+transformers.__version__, 'triton', triton.__version__)" >> "$LOG/versions.txt" 2>&1
+  nproc >> "$LOG/versions.txt"
+  setsid nohup bash bench/gpu_session.sh drive > "$LOG/driver.log" 2>&1 < /dev/null &
+  watch
+  ;;
+watch)
+  watch
+  ;;
+drive)
+  cd "$SRC" || exit 1
+  . bench/gpu_env.sh
+  BATCH=(python3 bench/bench_batch.py --device cuda --engines "$ENG" --model "$SMOL")
+  PAIR=("${BATCH[@]}" --shapes pair)
+  B8=("${BATCH[@]}" --shapes llama8b)
+  (  # lane A
+    run a_8b_build 0-11 0 "${B8[@]}" --build-only --only ours_dispatch
+    run a_8b_curve 0-11 0 "${B8[@]}" --curves ours_dispatch,ours_forced --forced-from-dispatch \
+      --out "$LOG/batch_8b_a.json"
+    built pair_dispatch && run a_pair_dispatch 0-11 0 "${PAIR[@]}" --curves ours_dispatch \
+      --out "$LOG/batch_pair_a1.json"
+    built pair_plain && built pair_forced && run a_pair_pf 0-11 0 "${PAIR[@]}" --curves ours_plain,ours_forced \
+      --out "$LOG/batch_pair_a2.json"
+    touch "$LOG/lane_a.done"
+  ) &
+  (  # lane B
+    run b_8b_build 12-31 1 "${B8[@]}" --build-only --only ours_plain
+    ( run t_runtime 24-31 1 timeout -k 10 600 python3 -m pytest -v -p no:cacheprovider -rfE \
+        tests/test_gpu_runtime.py -m gpu ) &
+    until [ "$(ls "$KEEP_ROOT/gq" | wc -l)" -ge 2 ]; do sleep 5; done
+    if ! run fetch 12-23 1 bash -c ". bench/gpu_env.sh && fetch_smollm2 '$KEEP_ROOT/gq'"; then
+      touch "$LOG"/pair_{dispatch,plain,forced}.failed
+    else
+      build pair_dispatch 12-19 "${PAIR[@]}" --build-only --only ours_dispatch &
+      build pair_plain 20-31 "${PAIR[@]}" --build-only --only ours_plain &
+      N=  # the forced engine's tree: the dispatcher's batch-1 tree, read from its log once chosen
+      until N=$(sed -n 's/.*batch 1: fitted-\([0-9]*\).*/\1/p' "$LOG/b_pair_dispatch.log" 2>/dev/null | head -1)
+            [ -n "$N" ] || grep -q "batch 1: chain-" "$LOG/b_pair_dispatch.log" 2>/dev/null \
+            || [ -e "$LOG/pair_dispatch.failed" ]; do sleep 3; done
+      say "forced tree: $([ -n "$N" ] && echo "fitted-$N" || echo "none chosen: chain-3 or the built dispatcher's")"
+      build pair_forced 20-31 "${PAIR[@]}" --build-only --only ours_forced ${N:+--forced-tree "$N"}
+    fi
+    wait  # the pair's builds and the tests
+    run b_8b_plain_curve 12-23 1 "${B8[@]}" --curves ours_plain --out "$LOG/batch_8b_b.json"
+    run b_8b_hf 12-23 1 "${B8[@]}" --curves hf --out "$LOG/batch_8b_hf.json"
+    run b_pair_hf 12-23 1 "${PAIR[@]}" --curves hf --out "$LOG/batch_pair_hf.json"
+    touch "$LOG/lane_b.done"
+  ) &
+  wait
+  python3 bench/bench_batch.py --merge "$(ls "$LOG"/batch_8b_*.json | paste -sd,)" \
+    --out "$LOG/batch_8b_h200.json" > "$LOG/merge_8b.log" 2>&1
+  python3 bench/bench_batch.py --merge "$(ls "$LOG"/batch_pair_*.json | paste -sd,)" \
+    --out "$LOG/batch_pair_h200.json" > "$LOG/merge_pair.log" 2>&1
+  say "all done"
+  touch "$LOG/ALL_DONE"
+  ;;
+*) echo "unknown mode $MODE: start, watch or drive"; exit 2 ;;
+esac
