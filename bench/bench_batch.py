@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import SHAPES, random_modules  # noqa: E402
+from bench_decode import SHAPES, hot_draft, parse_draft_vocab, random_modules  # noqa: E402
 
 from spec_compiler.config import CompileConfig, ModelConfig  # noqa: E402
 from spec_compiler.pipeline import compile_modules, step_ms, with_bucket_trees  # noqa: E402
@@ -50,6 +50,23 @@ SHAPES = {**SHAPES, "tiny": ModelConfig(vocab_size=256, hidden_size=64, intermed
                                         tie_word_embeddings=True, eos_token_ids=(2,))}
 CTX, NEW, STEPS = 128, 128, 20
 MIN_PROMPTS = 16  # the pair: every batch size decodes at least this many prompts (in waves of b)
+CONTINUOUS_PER_SLOT = 4  # the pair's continuous schedule at batch b: max(16, 4b) prompts, b live at once
+
+
+def continuous(eng, prompts: list[list[int]], b: int, max_new: int, sync_every: int = 4) -> tuple[int, int]:
+    """Decode `prompts` with at most b live at once, a queued one admitted (through the slot API,
+    as a server does) as soon as one finishes; returns (tokens, verify calls). Admission takes the
+    lowest free slot, so the live slots stay among the first b: the step runs bucket b."""
+    queue, live, n, calls = list(prompts)[::-1], 0, 0, 0
+    while queue or live:
+        while queue and live < b:
+            eng.admit(queue.pop(), max_new_tokens=max_new)
+            live += 1
+        for _ in range(sync_every):
+            eng.step()
+        for r in eng.finished().values():
+            live, n, calls = live - 1, n + len(r.output_ids), calls + r.verify_calls
+    return n, calls
 
 
 def waves(items: list, b: int) -> list[list]:
@@ -69,7 +86,7 @@ def sync(device: str) -> None:
 
 
 def random_engines(shape: str, batches: list[int], table: AcceptTable, root: Path, device: str,
-                   only: tuple[str, ...] = ()) -> dict:
+                   only: tuple[str, ...] = (), draft_vocab: int = 0) -> dict:
     """Build (or reuse) the three engines of a random-weight shape; returns name -> dir, and
     name -> {"seconds", "graphs_from_cache"} of its compile (None if reused from an earlier run
     that did not record it). The dispatcher's is a whole engine (its compile time is the one
@@ -78,8 +95,10 @@ def random_engines(shape: str, batches: list[int], table: AcceptTable, root: Pat
     build just these (two processes can share the work); the dispatcher's trees are chosen once
     and kept in a file beside the engines, so every process builds from the same choice."""
     names = ("ours_dispatch", "ours_plain", "ours_forced")
-    dirs = {name: root / f"{shape}-{name}-{device}" for name in names}
-    seconds = {name: root / f"{shape}-{name}-{device}.compile_s" for name in names}
+    # engines with a draft are named by its vocabulary (`draft_vocab` hot tokens, 0: the full one)
+    tag = {n: f"{shape}-v{draft_vocab}" if draft_vocab and n != "ours_plain" else shape for n in names}
+    dirs = {name: root / f"{tag[name]}-{name}-{device}" for name in names}
+    seconds = {name: root / f"{tag[name]}-{name}-{device}.compile_s" for name in names}
 
     def recorded() -> dict:  # name -> {"seconds", "graphs_from_cache"} (a float: an older record)
         out = {}
@@ -93,6 +112,8 @@ def random_engines(shape: str, batches: list[int], table: AcceptTable, root: Pat
         return dirs, recorded()
     m = SHAPES[shape]
     target, draft, dcfg = random_modules(m, device=device)
+    if draft_vocab:  # the draft's lm_head over `draft_vocab` hot tokens (EAGLE-3's and the paper's 32k)
+        draft, dcfg = hot_draft(target, draft, dcfg, draft_vocab)
     dtype = "bfloat16" if device == "cuda" else "float32"
     if device != "cuda":
         target, draft = target.float(), draft.float()
@@ -104,7 +125,7 @@ def random_engines(shape: str, batches: list[int], table: AcceptTable, root: Pat
     cfgs = {"ours_plain": dataclasses.replace(base, tree=chain(0), draft=None)}
     choice = None
     if any(n != "ours_plain" for n in todo):  # the plain engine alone needs no tree choice
-        chosen = root / f"{shape}-{device}.trees.json"
+        chosen = root / f"{tag['ours_dispatch']}-{device}.trees.json"
         if chosen.is_file():
             kept = json.loads(chosen.read_text())
             trees, choice = tuple(TreeSpec.from_json(t) for t in kept["trees"]), kept["choice"]
@@ -139,7 +160,8 @@ def random_engines(shape: str, batches: list[int], table: AcceptTable, root: Pat
 
 def bench_random(shape: str, batches: list[int], table: AcceptTable, root: Path, device: str,
                  build_only: bool = False, only: tuple[str, ...] = (), save=lambda res: None,
-                 curves: tuple[str, ...] = CURVES, forced_from_dispatch: bool = False) -> dict:
+                 curves: tuple[str, ...] = CURVES, forced_from_dispatch: bool = False,
+                 draft_vocab: int = 0) -> dict:
     """`save(res)` after each curve: what is measured survives a run stopped later. `curves`:
     the ones to measure (the peer alone builds nothing; a timed run builds only its curves'
     engines). `forced_from_dispatch`: the forced curve is not an engine of its own but the
@@ -148,10 +170,11 @@ def bench_random(shape: str, batches: list[int], table: AcceptTable, root: Path,
     from spec_compiler.runtime import Engine
 
     res = {c: {} for c in curves}
+    res["draft_vocab"] = draft_vocab or SHAPES[shape].vocab_size
     ours = tuple(c for c in curves if c != "hf" and not (forced_from_dispatch and c == "ours_forced"))
     if build_only or ours:
         engines, res["compile_s"] = random_engines(shape, batches, table, root, device,
-                                                   only if build_only else ours)
+                                                   only if build_only else ours, draft_vocab)
     if build_only:
         return res
     if forced_from_dispatch and "ours_forced" in curves:
@@ -249,21 +272,33 @@ def bench_pair(args, batches: list[int], save=lambda res: None) -> dict:
         return res
     if first_manifest.is_file():
         res["tree_choice"] = json.loads(first_manifest.read_text())["tree_choice"]
+    schedules = args.schedule.split(",")
+    if "continuous" in schedules:
+        res["continuous"] = {c: {} for c in curves if c != "hf"}
     for name in [c for c in ("ours_dispatch", "ours_plain", "ours_forced") if c in curves]:
         eng = Engine.load(args.engines / f"pair-{name}-{dev}")
         ids = [eng.encode_prompt(p) for p in prompts_text]
         for b in batches:
             work = waves(ids, b)
             eng.generate_batch(work[0], max_new_tokens=8)  # warm-up (this bucket's CUDA graph capture)
-            sync(dev)
-            t, n, calls = time.perf_counter(), 0, 0
-            for wave in work:
-                out = eng.generate_batch(wave, max_new_tokens=args.max_new_tokens)
-                n += sum(len(r.output_ids) for r in out)
-                calls += sum(r.verify_calls for r in out)
-            sync(dev)
-            res[name][b] = {"tokens_per_s": n / (time.perf_counter() - t), "tokens": n,
-                            "prompts": sum(map(len, work)), "tokens_per_call": n / max(calls, 1)}
+            if "waves" in schedules:
+                sync(dev)
+                t, n, calls = time.perf_counter(), 0, 0
+                for wave in work:
+                    out = eng.generate_batch(wave, max_new_tokens=args.max_new_tokens)
+                    n += sum(len(r.output_ids) for r in out)
+                    calls += sum(r.verify_calls for r in out)
+                sync(dev)
+                res[name][b] = {"tokens_per_s": n / (time.perf_counter() - t), "tokens": n,
+                                "prompts": sum(map(len, work)), "tokens_per_call": n / max(calls, 1)}
+            if "continuous" in schedules:
+                queue = [ids[i % len(ids)] for i in range(max(MIN_PROMPTS, CONTINUOUS_PER_SLOT * b))]
+                sync(dev)
+                t = time.perf_counter()
+                n, calls = continuous(eng, queue, b, args.max_new_tokens)
+                sync(dev)
+                res["continuous"][name][b] = {"tokens_per_s": n / (time.perf_counter() - t), "tokens": n,
+                                              "prompts": len(queue), "tokens_per_call": n / max(calls, 1)}
         del eng
         save(res)
     if "hf" in curves:
@@ -310,10 +345,13 @@ def hf_pair(args, batches: list[int], prompts_text: list[str], save=lambda out: 
     gc = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id or 0,
                           eos_token_id=hf.generation_config.eos_token_id, cache_implementation="static")
     out = {}
+    # every wave left-padded to the longest prompt: the static cache has one shape throughout, so
+    # transformers compiles its decode step once, not once per prompt length
+    longest = max(len(tok(t)["input_ids"]) for t in texts)
 
     def run(method: str, wave: list[str], max_new: int) -> int:
         """One wave decoded together; returns the tokens generated."""
-        enc = tok(wave, return_tensors="pt", padding=True).to(dev)
+        enc = tok(wave, return_tensors="pt", padding="max_length", max_length=longest).to(dev)
         if method == "static generate":
             o = hf.generate(**enc, generation_config=gc, max_new_tokens=max_new)
             return int((o[:, enc["input_ids"].shape[1]:] != gc.pad_token_id).sum())
@@ -321,9 +359,11 @@ def hf_pair(args, batches: list[int], prompts_text: list[str], save=lambda out: 
         r = hf.generate_batch(ids, generation_config=GenerationConfig(do_sample=False, max_new_tokens=max_new))
         return sum(len(v.generated_tokens) for v in r.values())
 
-    for b in batches:
-        work, best = waves(texts, b), None
-        for method in ("static generate", "generate_batch"):
+    # every batch with the static cache first, then continuous batching: the peer's whole curve
+    # exists early (its generate_batch is far slower to run here) and each batch keeps the faster
+    for method in ("static generate", "generate_batch"):
+        for b in batches:
+            work = waves(texts, b)
             try:
                 run(method, work[0], 8)  # warm-up
                 sync(dev)
@@ -334,10 +374,10 @@ def hf_pair(args, batches: list[int], prompts_text: list[str], save=lambda out: 
             except Exception as e:  # an older transformers, or one without continuous batching here
                 print(f"  hf {method} at batch {b}: {type(e).__name__}: {str(e)[:120]}", flush=True)
                 continue
-            if best is None or n / s > best["tokens_per_s"]:
-                best = {"tokens_per_s": n / s, "tokens": n, "method": method}
-        out[b] = best
-        save(out)
+            print(f"  hf {method} at batch {b}: {n / s:.1f} tokens/s", flush=True)
+            if out.get(b) is None or n / s > out[b]["tokens_per_s"]:
+                out[b] = {"tokens_per_s": n / s, "tokens": n, "method": method}
+            save(out)
     return out
 
 
@@ -376,6 +416,14 @@ def table_and_plot(results: dict, batches: list[int], png: Path) -> None:
     print(f"plot: {png}")
 
 
+def split_schedules(shape: str, res: dict) -> dict:
+    """Shape -> results: the pair's continuous-schedule curves as a shape of their own
+    ("pair-continuous": their own table and plot panel)."""
+    res = dict(res)
+    more = res.pop("continuous", None)
+    return {shape: res, **({f"{shape}-continuous": more} if more else {})}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
@@ -387,6 +435,10 @@ def main(argv=None) -> int:
                     help="the acceptance table the random-weight shapes' dispatcher and tokens/s use")
     ap.add_argument("--prompts", type=Path, default=REPO / "spec_compiler/data/prompts_dev.jsonl")
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--schedule", default="waves,continuous",
+                    help="pair: waves (b prompts decoded together by generate_batch, the next b once all "
+                    "ended) and/or continuous (b live at once through the slot API, a queued prompt "
+                    "admitted as one ends: a server's batch; reported as the shape pair-continuous)")
     ap.add_argument("--engines", type=Path, default=REPO / "engines")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--build-only", action="store_true", help="compile the engines under --engines, time nothing")
@@ -398,6 +450,9 @@ def main(argv=None) -> int:
     ap.add_argument("--forced-tree", type=int, default=0, metavar="N",
                     help="pair: the forced engine's tree is fitted-N of --accept (default: the dispatcher "
                     "engine's batch-1 tree, so that engine is built first)")
+    ap.add_argument("--draft-vocab", default="", metavar="N|shape=N,...",
+                    help="random-weight shapes: the draft's lm_head over N hot tokens (default: bench_decode's, "
+                    "32768 for llama8b; 0: the full vocabulary)")
     ap.add_argument("--forced-from-dispatch", action="store_true",
                     help="random-weight shapes: the forced curve from the speculative steps that the dispatcher "
                     "engine's measured dispatch timed at each bucket (its own tree there), not a third engine")
@@ -438,13 +493,18 @@ def main(argv=None) -> int:
     else:
         args.engines.mkdir(parents=True, exist_ok=True)
         table = AcceptTable.read(args.accept)
+        vocab = parse_draft_vocab(args.draft_vocab, [s for s in args.shapes.split(",") if s != "pair"])
         for shape in args.shapes.split(","):
             print(f"== {shape}", flush=True)
-            save = (lambda res, shape=shape: write({shape: res})) if not args.build_only else (lambda res: None)
-            results[shape] = (bench_pair(args, batches, save) if shape == "pair"
-                              else bench_random(shape, batches, table, args.engines, args.device, args.build_only,
-                                                tuple(x for x in args.only.split(",") if x), save,
-                                                tuple(args.curves.split(",")), args.forced_from_dispatch))
+            save = (lambda res, shape=shape: write(split_schedules(shape, res))) if not args.build_only \
+                else (lambda res: None)
+            if shape == "pair":
+                results.update(split_schedules(shape, bench_pair(args, batches, save)))
+            else:
+                results[shape] = bench_random(shape, batches, table, args.engines, args.device, args.build_only,
+                                              tuple(x for x in args.only.split(",") if x), save,
+                                              tuple(args.curves.split(",")), args.forced_from_dispatch,
+                                              vocab.get(shape, 0))
         if args.build_only:
             print(f"built the engines under {args.engines}")
             return 0

@@ -122,7 +122,7 @@ def hot_draft(target, draft, dcfg: DraftConfig, n: int, seed=0):
 def parse_draft_vocab(spec: str, shapes: list[str]) -> dict[str, int]:
     """--draft-vocab: "N" for every shape, "shape=N,..." per shape (others keep the default), or
     "0" for none (full vocabulary only)."""
-    out = {s: DRAFT_VOCAB[s] for s in shapes}
+    out = {s: DRAFT_VOCAB.get(s, 0) for s in shapes}
     if spec.strip() == "":
         return out
     for part in spec.split(","):

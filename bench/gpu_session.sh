@@ -5,13 +5,14 @@
 # (each later call) hands it the next SmolLM2 GGUF part and waits. Every call returns the logs and
 # JSON so far as $OUT/session.tgz. Nothing is cut at a call's end, so no engine build is lost
 # between calls, and each lane starts its next step as soon as what it needs exists.
-#   lane A (GPU 0): the 8B-shape dispatcher engine (whole, --max-batch 64: its compile time is the
-#     one reported), its curve, and the forced curve from the speculative steps that its measured
-#     dispatch timed at every bucket; then the pair's three curves once lane B has built them
-#   lane B (GPU 1): the 8B plain (chain-0) engine; the GPU tests of test_gpu_runtime.py beside
-#     what follows; once SmolLM2 has arrived, the pair's dispatcher engine (alone on its cores)
-#     with its plain and forced engines built beside it; then the 8B plain curve and the peers'
-#     curves (transformers: the 8B shape, then the pair)
+#   lane A (GPU 0): the 8B-shape dispatcher engine (whole, --max-batch 64, its draft's lm_head over
+#     bench_decode's 32k hot tokens: its compile time is the one reported), its curve, and the
+#     forced curve from the speculative steps that its measured dispatch timed at every bucket;
+#     then the GPU tests of test_gpu_runtime.py while lane B builds the pair's engines; then the
+#     pair's three curves (both schedules: waves and continuous)
+#   lane B (GPU 1): the 8B plain (chain-0) engine; once SmolLM2 has arrived, the pair's dispatcher
+#     engine (alone on its cores) with its plain and forced engines built beside it; then the 8B
+#     plain curve and the peers' curves (transformers: the 8B shape, then the pair)
 # CPU cores are split so that what is timed never shares cores with a compile.
 # Usage: bash bench/gpu_session.sh start PARTS_DIR [SECONDS] | watch PARTS_DIR [SECONDS] | drive
 set -uo pipefail
@@ -73,6 +74,8 @@ drive)
     run a_8b_build 0-11 0 "${B8[@]}" --build-only --only ours_dispatch
     run a_8b_curve 0-11 0 "${B8[@]}" --curves ours_dispatch,ours_forced --forced-from-dispatch \
       --out "$LOG/batch_8b_a.json"
+    run t_runtime 0-11 0 timeout -k 10 600 python3 -m pytest -v -p no:cacheprovider -rfE \
+      tests/test_gpu_runtime.py -m gpu
     built pair_dispatch && run a_pair_dispatch 0-11 0 "${PAIR[@]}" --curves ours_dispatch \
       --out "$LOG/batch_pair_a1.json"
     built pair_plain && built pair_forced && run a_pair_pf 0-11 0 "${PAIR[@]}" --curves ours_plain,ours_forced \
@@ -81,8 +84,6 @@ drive)
   ) &
   (  # lane B
     run b_8b_build 12-31 1 "${B8[@]}" --build-only --only ours_plain
-    ( run t_runtime 24-31 1 timeout -k 10 600 python3 -m pytest -v -p no:cacheprovider -rfE \
-        tests/test_gpu_runtime.py -m gpu ) &
     until [ "$(ls "$KEEP_ROOT/gq" | wc -l)" -ge 2 ]; do sleep 5; done
     if ! run fetch 12-23 1 bash -c ". bench/gpu_env.sh && fetch_smollm2 '$KEEP_ROOT/gq'"; then
       touch "$LOG"/pair_{dispatch,plain,forced}.failed
@@ -96,7 +97,7 @@ drive)
       say "forced tree: $([ -n "$N" ] && echo "fitted-$N" || echo "none chosen: chain-3 or the built dispatcher's")"
       build pair_forced 20-31 "${PAIR[@]}" --build-only --only ours_forced ${N:+--forced-tree "$N"}
     fi
-    wait  # the pair's builds and the tests
+    wait  # the pair's builds
     run b_8b_plain_curve 12-23 1 "${B8[@]}" --curves ours_plain --out "$LOG/batch_8b_b.json"
     run b_8b_hf 12-23 1 "${B8[@]}" --curves hf --out "$LOG/batch_8b_hf.json"
     run b_pair_hf 12-23 1 "${PAIR[@]}" --curves hf --out "$LOG/batch_pair_hf.json"
