@@ -283,14 +283,17 @@ def bench_pair(args, batches: list[int], save=lambda res: None) -> dict:
             eng.generate_batch(work[0], max_new_tokens=8)  # warm-up (this bucket's CUDA graph capture)
             if "waves" in schedules:
                 sync(dev)
-                t, n, calls = time.perf_counter(), 0, 0
+                t, n, calls, steps = time.perf_counter(), 0, 0, 0
                 for wave in work:
                     out = eng.generate_batch(wave, max_new_tokens=args.max_new_tokens)
                     n += sum(len(r.output_ids) for r in out)
                     calls += sum(r.verify_calls for r in out)
+                    steps += max(r.verify_calls for r in out)  # a wave lasts its slowest sequence
                 sync(dev)
-                res[name][b] = {"tokens_per_s": n / (time.perf_counter() - t), "tokens": n,
-                                "prompts": sum(map(len, work)), "tokens_per_call": n / max(calls, 1)}
+                s = time.perf_counter() - t
+                res[name][b] = {"tokens_per_s": n / s, "tokens": n, "prompts": sum(map(len, work)),
+                                "tokens_per_call": n / max(calls, 1), "wave_steps": steps,
+                                "ms_per_wave_step": 1000 * s / max(steps, 1)}
             if "continuous" in schedules:
                 queue = [ids[i % len(ids)] for i in range(max(MIN_PROMPTS, CONTINUOUS_PER_SLOT * b))]
                 sync(dev)
