@@ -6,21 +6,29 @@ Curves, for batch sizes 1, 2, 4, ... 64 (--batches):
                  speculation does not pay: measured dispatch, the compiled steps timed), the
                  engine's `tree_choice` record kept in the JSON
   ours_plain     --tree chain-0 with the same buckets (non-speculative)
-  ours_forced    the dispatcher's batch-1 tree at every bucket (speculation forced on)
+  ours_forced    the dispatcher's batch-1 tree at every bucket (speculation forced on); for the
+                 random-weight shapes with --forced-from-dispatch, the speculative steps that the
+                 dispatcher engine's measured dispatch timed at each bucket (that bucket's tree)
   hf             transformers: batched generate with its static cache (the prompts left-padded),
                  and its continuous-batching generate_batch where it has one; the faster of the two
 Models (--shapes):
-  pair           the real SmolLM2 pair (--model, --draft) on the dev prompts: wall tokens/s of
-                 generate_batch at batch b over the same max(b, 16) prompts, in waves of b
-                 decoded together, greedy (tokens per verify call recorded)
+  pair           the real SmolLM2 pair (--model, --draft) on the dev prompts, greedy, wall tokens/s
+                 (tokens per verify call recorded), by --schedule: waves (generate_batch at batch
+                 b over the same max(b, 16) prompts, in waves of b decoded together: a wave lasts
+                 its slowest sequence) and continuous (b live at once, a queued prompt admitted
+                 through the slot API as one ends, max(16, 4b) prompts: a server's batch; the
+                 shape "pair-continuous" in the results)
   llama8b, smollm2, tiny   random weights (bench_decode's shapes; tiny: a CPU smoke test):
                  timed steps from a random CTX-token context (Engine.start_synthetic) at each
                  batch; tokens/s = b x the bucket tree's expected tokens per call (the draft's
-                 acceptance table, --accept; random weights accept nothing) / step time
+                 acceptance table, --accept; random weights accept nothing) / step time; the
+                 draft's lm_head over --draft-vocab hot tokens (bench_decode's default: 32k for
+                 llama8b)
 Writes JSON (--out), prints a table, and draws a PNG next to it (skipped without matplotlib).
 
     python bench/bench_batch.py [--device cuda] [--shapes pair,llama8b] [--batches 1,2,4,8,16,32,64]
                                 [--engines DIR [--build-only [--only NAMES]]] [--curves NAMES]
+                                [--schedule waves,continuous] [--draft-vocab N] [--forced-from-dispatch]
                                 [--out bench/results/batch_DEVICE.json]
     python bench/bench_batch.py --merge A.json,B.json --out FILE.json   (one table and plot of several runs)
 """
@@ -465,6 +473,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not args.curves or not set(args.curves.split(",")) <= set(CURVES):
         ap.error(f"--curves: a comma-separated subset of {', '.join(CURVES)}")
+    if not args.schedule or not set(args.schedule.split(",")) <= {"waves", "continuous"}:
+        ap.error("--schedule: waves, continuous or both (comma-separated)")
     if args.only and not args.build_only:
         ap.error("--only needs --build-only (the timed run uses all three engines)")
     if args.device == "cuda" and not torch.cuda.is_available() and not args.merge:
