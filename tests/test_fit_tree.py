@@ -120,3 +120,14 @@ def test_cli_bad_input_one_line(tiny_dir, tmp_path, capsys):
     assert main([str(tiny_dir), str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "DRAFT_DIR" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("flag", ["--out", "--accept-out"])
+def test_cli_output_folder_missing_is_one_line_before_work(tiny_dir, tiny_draft_dir, tmp_path, capsys, flag):
+    """An output path in a folder that does not exist stops at once (not after the continuations)
+    with one line naming the flag and the folder, and writes nothing."""
+    before = sorted(p.name for p in tiny_draft_dir.iterdir())
+    assert main([str(tiny_dir), str(tiny_draft_dir), flag, str(tmp_path / "nope" / "t.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {flag} ") and "nope" in err and "does not exist" in err and "\n" not in err
+    assert sorted(p.name for p in tiny_draft_dir.iterdir()) == before and not (tmp_path / "nope").exists()

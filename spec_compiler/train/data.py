@@ -24,6 +24,9 @@ DEFAULT_DEV_PROMPTS = DATA_DIR / "prompts_dev.jsonl"
 # The wide training set (tools/make_prompts.py): the training split, more fills of its templates,
 # train-only frames and prompts the target wrote itself; spec-corpus's default.
 DEFAULT_WIDE_PROMPTS = DATA_DIR / "prompts_train_wide.jsonl"
+# spec-fit-tree's: 64 of the prompts the target wrote itself, which spec-train's default prompts
+# do not include (a table fitted on a draft's training prompts overstates its acceptance)
+DEFAULT_FIT_PROMPTS = DATA_DIR / "prompts_fit.jsonl"
 
 
 def read_prompts(path: str | Path) -> list[dict]:

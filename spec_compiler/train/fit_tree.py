@@ -9,8 +9,9 @@ the target's token was the draft's rank-rk candidate. So over many start positio
 and since a prefix is at least as likely as any of its extensions, the best tree of N nodes is
 just the N - 1 most frequent rank prefixes (with the root), prefix-closed by construction.
 
-The frequencies come from the target's own greedy continuations of the *training* prompts (the
-development prompts stay held out for measuring): at every start position the draft runs level
+The frequencies come from the target's own greedy continuations of prompts the draft did not
+train on (`prompts_fit.jsonl` by default; a table fitted on the training prompts overstates
+acceptance, and the development prompts stay held out for measuring): at every start position the draft runs level
 by level the way a tree node does (its own features, the target's true token as the path) and
 records the rank of the target's next token among its candidates (a token outside a hot
 vocabulary, or past --top-k, ends the path). EAGLE's mc_sim_7b_63 was fitted the same way to a
@@ -104,7 +105,7 @@ def prefix_rates(paths: list[tuple[int, ...]]) -> dict[tuple[int, ...], float]:
 @cli_entry(interrupted="interrupted: no tree written")
 def main(argv: list[str] | None = None) -> int:
     from ..loading import load_draft, load_target
-    from .data import DEFAULT_TRAIN_PROMPTS
+    from .data import DEFAULT_FIT_PROMPTS
     from .generate import greedy_continuations
 
     p = argparse.ArgumentParser(prog="spec-fit-tree", description=(
@@ -113,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         f"DRAFT_DIR/{ACCEPT} (the acceptance table --tree auto weighs trees with)."))
     p.add_argument("model_dir", type=Path)
     p.add_argument("draft_dir", type=Path)
-    p.add_argument("--prompts", type=Path, default=DEFAULT_TRAIN_PROMPTS,
-                   help="prompt file (default: the packaged training prompts; keep dev held out)")
+    p.add_argument("--prompts", type=Path, default=DEFAULT_FIT_PROMPTS,
+                   help="prompt file: prompts the draft did not train on (default: the packaged "
+                   "prompts_fit.jsonl, which spec-train's default prompts exclude; keep dev held out)")
     p.add_argument("--n", type=int, default=64, help="first N prompts of the file (default 64)")
     p.add_argument("--max-new-tokens", type=int, default=192)
     p.add_argument("--nodes", type=int, default=26,
@@ -142,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SpecCompileError(f"MODEL_DIR {args.model_dir}: no such directory")
     if not args.draft_dir.is_dir():
         raise SpecCompileError(f"DRAFT_DIR {args.draft_dir}: no such directory")
+    for flag, path in (("--out", args.out), ("--accept-out", args.accept_out)):
+        if path is not None and not path.parent.is_dir():  # checked before the long work
+            raise SpecCompileError(f"{flag} {path}: its folder {path.parent} does not exist; "
+                                   "create it or choose another path")
     t0 = time.time()
     dev = torch.device(args.device)
     target = load_target(args.model_dir).to(dev)
