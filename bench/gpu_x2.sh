@@ -31,7 +31,8 @@
 # numbers; the second's serving numbers came from an earlier stage 5, since folded into stage
 # 3, that built a --max-batch 16 engine on 24 cores and served it beside the peer; the third's
 # pair curves from this stage 5, before measured dispatch, and its TP numbers from stage 4.)
-# Stage 3 uses the pair engines that stage 5 builds.
+# Stage 3 uses the pair engines that stage 5 builds. Stages 1, 2 and 5 are superseded by
+# bench/gpu_session.sh, which runs their work as one background job across calls.
 # Usage: bash bench/gpu_x2.sh STAGE PARTS_DIR [SECONDS]   (SECONDS: this call's budget, 560)
 set -uo pipefail
 STAGE=${1:?usage: gpu_x2.sh STAGE PARTS_DIR [SECONDS]}
