@@ -19,7 +19,7 @@ STAGE=${1:?usage: gpu_corpus.sh corpus|train|report|trees PARTS_DIR [LIMIT_SECON
 PARTS=${2:?usage: gpu_corpus.sh STAGE PARTS_DIR [LIMIT_SECONDS]}
 LIMIT=${3:-480}
 . "$(dirname "$0")/gpu_env.sh"
-KEEP_ROOT=${KEEP_ROOT:-/root/keep}
+KEEP_ROOT=${KEEP_ROOT:-$HOME/keep}
 mkdir -p "$KEEP_ROOT/gq" && cp "$PARTS"/gq_0* "$KEEP_ROOT/gq/" 2>/dev/null
 [ "$(ls "$KEEP_ROOT/gq" | wc -l)" -ge 2 ] || { echo "GGUF part kept; the next call brings the other"; exit 0; }
 fetch_smollm2 "$KEEP_ROOT/gq" || exit 1

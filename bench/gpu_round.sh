@@ -12,7 +12,7 @@ set -uo pipefail
 STAGE=${1:?usage: gpu_round.sh STAGE PARTS_DIR}
 PARTS=${2:?usage: gpu_round.sh STAGE PARTS_DIR}
 . "$(dirname "$0")/gpu_env.sh"
-KEEP_ROOT=${KEEP_ROOT:-/root/keep}
+KEEP_ROOT=${KEEP_ROOT:-$HOME/keep}
 mkdir -p "$KEEP_ROOT/gq" && cp "$PARTS"/gq_0* "$KEEP_ROOT/gq/" && ls "$KEEP_ROOT/gq"
 case "$STAGE" in
 1)

@@ -19,7 +19,7 @@ set -uo pipefail
 MODE=${1:?usage: gpu_session.sh start|watch PARTS_DIR [SECONDS]}
 PARTS=${2:-}
 BUDGET=${3:-540}
-KEEP_ROOT=${KEEP_ROOT:-/root/keep}
+KEEP_ROOT=${KEEP_ROOT:-$HOME/keep}
 SRC="$KEEP_ROOT/src"; LOG="$KEEP_ROOT/log"; ENG="$KEEP_ROOT/batch"
 OUT=${OUT:-/tmp/out}
 mkdir -p "$LOG" "$KEEP_ROOT/gq" "$OUT"

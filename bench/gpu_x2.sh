@@ -39,7 +39,7 @@ STAGE=${1:?usage: gpu_x2.sh STAGE PARTS_DIR [SECONDS]}
 PARTS=${2:?usage: gpu_x2.sh STAGE PARTS_DIR [SECONDS]}
 BUDGET=${3:-560}
 . "$(dirname "$0")/gpu_env.sh"
-KEEP_ROOT=${KEEP_ROOT:-/root/keep}
+KEEP_ROOT=${KEEP_ROOT:-$HOME/keep}
 LOG="$OUT/w"; mkdir -p "$LOG" "$KEEP_ROOT/gq"
 cp "$PARTS"/gq_0* "$KEEP_ROOT/gq/" 2>/dev/null
 left() { echo $((BUDGET - SECONDS - ${1:-0})); }  # seconds left in this call, less a margin
