@@ -15,9 +15,9 @@ Models (--shapes):
   pair           the real SmolLM2 pair (--model, --draft) on the dev prompts, greedy, wall tokens/s
                  (tokens per verify call recorded), by --schedule: waves (generate_batch at batch
                  b over the same max(b, 16) prompts, in waves of b decoded together: a wave lasts
-                 its slowest sequence) and continuous (b live at once, a queued prompt admitted
-                 through the slot API as one ends, max(16, 4b) prompts: a server's batch; the
-                 shape "pair-continuous" in the results)
+                 its slowest sequence) and continuous (one generate_batch over max(16, 4b)
+                 prompts with at most b live at once, max_live=b: a queued prompt admitted as one
+                 ends, as a server does; the shape "pair-continuous" in the results)
   llama8b, smollm2, tiny   random weights (bench_decode's shapes; tiny: a CPU smoke test):
                  timed steps from a random CTX-token context (Engine.start_synthetic) at each
                  batch; tokens/s = b x the bucket tree's expected tokens per call (the draft's
@@ -59,22 +59,6 @@ SHAPES = {**SHAPES, "tiny": ModelConfig(vocab_size=256, hidden_size=64, intermed
 CTX, NEW, STEPS = 128, 128, 20
 MIN_PROMPTS = 16  # the pair: every batch size decodes at least this many prompts (in waves of b)
 CONTINUOUS_PER_SLOT = 4  # the pair's continuous schedule at batch b: max(16, 4b) prompts, b live at once
-
-
-def continuous(eng, prompts: list[list[int]], b: int, max_new: int, sync_every: int = 4) -> tuple[int, int]:
-    """Decode `prompts` with at most b live at once, a queued one admitted (through the slot API,
-    as a server does) as soon as one finishes; returns (tokens, verify calls). Admission takes the
-    lowest free slot, so the live slots stay among the first b: the step runs bucket b."""
-    queue, live, n, calls = list(prompts)[::-1], 0, 0, 0
-    while queue or live:
-        while queue and live < b:
-            eng.admit(queue.pop(), max_new_tokens=max_new)
-            live += 1
-        for _ in range(sync_every):
-            eng.step()
-        for r in eng.finished().values():
-            live, n, calls = live - 1, n + len(r.output_ids), calls + r.verify_calls
-    return n, calls
 
 
 def waves(items: list, b: int) -> list[list]:
@@ -306,7 +290,8 @@ def bench_pair(args, batches: list[int], save=lambda res: None) -> dict:
                 queue = [ids[i % len(ids)] for i in range(max(MIN_PROMPTS, CONTINUOUS_PER_SLOT * b))]
                 sync(dev)
                 t = time.perf_counter()
-                n, calls = continuous(eng, queue, b, args.max_new_tokens)
+                out = eng.generate_batch(queue, max_new_tokens=args.max_new_tokens, max_live=b)
+                n, calls = sum(len(r.output_ids) for r in out), sum(r.verify_calls for r in out)
                 sync(dev)
                 res["continuous"][name][b] = {"tokens_per_s": n / (time.perf_counter() - t), "tokens": n,
                                               "prompts": len(queue), "tokens_per_call": n / max(calls, 1)}

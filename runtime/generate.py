@@ -472,9 +472,11 @@ class Engine:
 
     @_locked
     def generate_batch(self, prompts: list[list[int]], max_new_tokens=None, temperature=0.0,
-                       top_p=1.0, top_k=0, seed=None, sync_every: int = 4) -> list[GenerationResult]:
-        """Generate every prompt, up to `max_batch` at once in slots, the rest queued and admitted
-        as slots free up; results in input order, each with its own stop_reason, verify_calls,
+                       top_p=1.0, top_k=0, seed=None, sync_every: int = 4,
+                       max_live: int | None = None) -> list[GenerationResult]:
+        """Generate every prompt, up to `max_batch` at once in slots (`max_live`: fewer; slots are
+        taken lowest first, so the steps then run the bucket that holds `max_live`), the rest
+        queued and admitted as slots free up; results in input order, each with its own stop_reason, verify_calls,
         tokens_per_call and accept_lengths (and seconds: from its admission to its end). Each
         keyword is one value for all prompts or a list of one per prompt; a single seed gives
         prompt i the seed `seed + i`. Every request is checked before anything runs. Each
@@ -485,6 +487,11 @@ class Engine:
         from .batch import expand_requests
 
         sync_every = self._sync_every(sync_every)
+        if max_live is None:
+            max_live = self.max_batch
+        if not _is_int(max_live) or not 1 <= max_live <= self.max_batch:
+            raise SpecCompileError(f"max_live={max_live!r}: must be an integer from 1 to {self.max_batch} "
+                                   f"(the engine was built with --max-batch {self.max_batch})")
         reqs = [self._check(*r) for r in expand_requests(prompts, max_new_tokens, temperature,
                                                          top_p, top_k, seed)]
         results: list[GenerationResult | None] = [None] * len(reqs)
@@ -492,7 +499,7 @@ class Engine:
         owner: dict[int, int] = {}  # slot -> request index
         self._free_all()
         while queue or owner:
-            while queue and self.free_slots():
+            while queue and len(owner) < max_live and self.free_slots():
                 r = queue.pop()
                 owner[self._admit(reqs[r])] = r
             for _ in range(sync_every):

@@ -166,7 +166,7 @@ class Dims:
                    draft_head_dim=d.layer.head_dim if has_draft else 0, dtype=cfg.dtype,
                    sampling=cfg.sampling, bucket_nodes=tuple(t.n_nodes for t in trees),
                    mixed=has_draft and (min(t.n_nodes for t in trees) == 1
-                                        or getattr(cfg, "plain_alternates", False)))
+                                        or cfg.plain_alternates))
 
     @classmethod
     def from_json(cls, d: dict) -> "Dims":

@@ -117,6 +117,28 @@ def test_manifest_records_the_buckets(engines):
     assert engine.state["target.k_0"].shape[0] == 3  # caches for the largest bucket
 
 
+def test_max_live_caps_the_bucket_and_keeps_each_output(engines):
+    """generate_batch(max_live=N): at most N sequences live at once, so every step runs a bucket
+    of at most N (slots are taken lowest first), and each sequence's tokens, stop reason and
+    accept lengths are what it gives with every slot in use. A max_live outside 1..max_batch is
+    one clear error."""
+    engine = Engine.load(engines["chain-2"])
+    prompts = _prompts()
+    full = engine.generate_batch(prompts, max_new_tokens=list(MAX_NEW))
+    steps, step = [], engine._step
+    engine._step = lambda b, verify: (steps.append(b), step(b, verify))[1]
+    try:
+        capped = engine.generate_batch(prompts, max_new_tokens=list(MAX_NEW), max_live=2)
+    finally:
+        engine._step = step
+    assert steps and max(steps) == 2
+    for f, c in zip(full, capped):
+        assert (c.output_ids, c.stop_reason, c.accept_lengths) == (f.output_ids, f.stop_reason, f.accept_lengths)
+    for bad in (0, engine.max_batch + 1, 1.5):
+        with pytest.raises(SpecCompileError, match="max_live.*--max-batch"):
+            engine.generate_batch(prompts[:1], max_new_tokens=4, max_live=bad)
+
+
 @pytest.mark.parametrize("tree", list(ORACLE))
 def test_batched_greedy_equals_solo_and_transformers(engines, model_dir, references, tree):
     """Six prompts through three slots: each sequence's tokens and accept lengths are what it
