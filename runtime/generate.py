@@ -183,6 +183,17 @@ class Engine:
         self._eos = torch.tensor(eos, dtype=torch.long, device=dev)
         self._ar = torch.arange(self.dims.tree_depth + 1, device=dev)
         self._captured: dict[tuple[str, int], object] = {}  # CUDA: a captured step per (verify, bucket)
+        # Prefill's inputs and outputs, static (a captured prefill reads and writes these, not
+        # fresh tensors): the chunk's tokens, the draft's (one position on), the chunk's first
+        # position, its last real one, and that position's logits and feature (`_prefill_run`).
+        C = self.dims.prefill_chunk
+        self._pf_tokens = torch.zeros(1, C, dtype=torch.long, device=dev)
+        self._pf_draft_tokens = torch.zeros(1, C, dtype=torch.long, device=dev)
+        self._pf_start = torch.zeros(1, dtype=torch.long, device=dev)
+        self._pf_last = torch.zeros(1, dtype=torch.long, device=dev)
+        self._pf_out: dict[str, torch.Tensor] = {}  # "logits" (1, V), "hidden" (1, F): made by the first prefill
+        self._pf_captured: dict[int, object] = {}  # CUDA: slot -> its captured prefill chunk
+        self._pf_pool = None  # CUDA: the memory pool that every slot's captured prefill shares
         self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (first, end) -> state rows
         self._slots: list[_Slot | None] = [None] * self.max_batch
         # Where Engine.load spent its time (seconds): check (manifest + fingerprint: every file
@@ -388,7 +399,7 @@ class Engine:
             knobs = (temperature, top_p, top_k, seed + i if temperature > 0 else None)
             self._slots[i] = _Slot([0] * context_len, None, knobs, t0, context_len)
             self._set_sampling(i, *self._slots[i].knobs)
-            self._arm(i, int(st["acc_tokens"][i, 0]), st["acc_feats"][i, 0].clone(), context_len, None,
+            self._arm(i, st["acc_tokens"][i, 0].clone(), st["acc_feats"][i, 0].clone(), context_len, None,
                       check_eos=False)
 
     @_locked
@@ -557,34 +568,64 @@ class Engine:
 
     def _prefill_chunk(self, i: int) -> None:
         """The next prefill chunk of pending slot i, run over that slot's rows alone (the
-        prefill graphs have batch 1); after the last one the slot is armed."""
+        prefill graphs have batch 1); after the last one the slot is armed. No host sync: the
+        chunk's tokens go up in one asynchronous copy (pinned on CUDA), and the first token
+        stays on the device (`_arm`), so the host runs ahead of the GPU through admissions as
+        through steps. On CUDA the chunk (both graphs) is one replay of a CUDA graph captured
+        for this slot (its state rows are fixed buffers), all slots' graphs in one memory pool."""
         s, C = self._slots[i], self.dims.prefill_chunk
-        v = self._view(i, i + 1)
         start, P = s.prefilled, len(s.prompt)
         n = min(C, P - start)
-        v["cache_len"].fill_(start)
-        res = self._bucket_graphs[1]["prefill"](v, tokens=self._chunk(s.prompt[start:start + C]))
-        if "draft_prefill" in self.graphs:  # the draft pairs each position with the next token
-            self._bucket_graphs[1]["draft_prefill"](v, tokens=self._chunk(s.prompt[start + 1:start + C + 1]),
-                                                    features=res["hidden"])
+        host = torch.zeros(2, C, dtype=torch.long)
+        ids = torch.tensor(s.prompt[start:start + C + 1], dtype=torch.long)
+        host[0, :n] = ids[:n]
+        host[1, :len(ids) - 1] = ids[1:]  # the draft pairs each position with the next token
+        cuda = self.spec.device.startswith("cuda")
+        if cuda:
+            host = host.pin_memory()
+        self._pf_tokens.copy_(host[:1], non_blocking=cuda)
+        self._pf_draft_tokens.copy_(host[1:], non_blocking=cuda)
+        self._pf_start.fill_(start)
+        self._pf_last.fill_(n - 1)
+        if cuda:
+            if i not in self._pf_captured:
+                from .cuda_graph import CapturedStep
+
+                if self._pf_pool is None:
+                    self._pf_pool = torch.cuda.graph_pool_handle()
+                self._pf_captured[i] = CapturedStep(functools.partial(self._prefill_run, i), pool=self._pf_pool)
+            self._pf_captured[i]()
+        else:
+            self._prefill_run(i)
         s.prefilled += n
         if s.prefilled < P:
             self._park(i, s.prefilled)
             return
-        first = self._first_token(i, res["logits"][:, n - 1], P)
-        self._arm(i, int(first), res["hidden"][0, n - 1], P, s.max_new)
+        first = self._first_token(i, self._pf_out["logits"], P)
+        self._arm(i, first, self._pf_out["hidden"][0], P, s.max_new)
 
-    def _chunk(self, ids: list[int]) -> torch.Tensor:
-        """Token ids as a (1, prefill_chunk) tensor on the device, zero-padded."""
-        toks = torch.zeros(1, self.dims.prefill_chunk, dtype=torch.long, device=self.spec.device)
-        toks[0, :len(ids)] = torch.tensor(ids, dtype=torch.long, device=self.spec.device)
-        return toks
+    def _prefill_run(self, i: int) -> None:
+        """Prefill (and the draft's prefill) of the chunk in the static inputs over slot i's
+        rows; the last real position's logits and feature land in `_pf_out`. Touches only
+        fixed buffers, so it can be captured."""
+        v, g = self._view(i, i + 1), self._bucket_graphs[1]
+        v["cache_len"].copy_(self._pf_start)
+        res = g["prefill"](v, tokens=self._pf_tokens)
+        if "draft_prefill" in g:
+            g["draft_prefill"](v, tokens=self._pf_draft_tokens, features=res["hidden"])
+        for k in ("logits", "hidden"):
+            last = res[k].index_select(1, self._pf_last)[:, 0]
+            if k not in self._pf_out:  # the first (uncaptured) prefill makes the buffers, as
+                with torch.inference_mode(False):  # state: writable outside inference mode too
+                    self._pf_out[k] = torch.empty_like(last)
+            self._pf_out[k].copy_(last)
 
-    def _arm(self, i: int, first: int, feat: torch.Tensor, cache_len: int,
+    def _arm(self, i: int, first: torch.Tensor, feat: torch.Tensor, cache_len: int,
              max_new_tokens: int | None, check_eos: bool = True) -> None:
-        """Slot i's state for a sequence whose first emitted token is `first` (the root, with
-        feature `feat`) over `cache_len` cache slots. Every row the slot's reads could see is
-        written here, so nothing of a previous occupant leaks."""
+        """Slot i's state for a sequence whose first emitted token is `first` (a 0-d tensor on
+        the device: the root, with feature `feat`) over `cache_len` cache slots; nothing is read
+        back (whether `first` is an EOS is decided on the device). Every row the slot's reads
+        could see is written here, so nothing of a previous occupant leaks."""
         d, st = self.dims, self.state
         st["acc_tokens"][i].zero_()
         st["acc_tokens"][i, 0] = first
@@ -600,8 +641,8 @@ class Engine:
         st["n_out"][i] = 1
         st["n_steps"][i] = 0
         st["max_new"][i] = max_new_tokens or d.max_seq_len
-        st["done"][i] = bool((check_eos and first in self.spec.model.eos_token_ids)
-                             or max_new_tokens == 1 or cache_len + d.step_slots > d.max_seq_len)
+        stop = max_new_tokens == 1 or cache_len + d.step_slots > d.max_seq_len
+        st["done"][i] = (first == self._eos).any() | stop if check_eos else stop
         st["slot_valid"][i] = True
         self._slots[i].live = True
 

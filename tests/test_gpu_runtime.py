@@ -151,6 +151,31 @@ def test_batched_cuda_greedy_equals_solo(batch_engine, tiny_dir):
         assert r.output_ids == hf_greedy(tiny_dir, p, n), p
 
 
+def test_admission_prefills_without_host_sync(batch_engine, tiny_dir):
+    """A prompt admitted while another slot decodes is prefilled (three chunks: one captured
+    replay each) and armed with no host sync, the other slot stepping in between; both outputs
+    equal transformers' greedy decoding."""
+    from spec_compiler.runtime import Engine
+
+    long = [9] * 40  # chunks of 16: three
+    engine = Engine.load(batch_engine)
+    engine.capture()
+    engine.generate_batch([PROMPT, long], max_new_tokens=4)  # captures slots 0 and 1's prefill
+    with engine.session():
+        engine._free_all()
+        assert engine.admit(PROMPT, max_new_tokens=30) == 0
+        engine.step()
+        assert engine.admit(long, max_new_tokens=30) == 1
+        replays = steps_without_sync(engine, 6)
+        assert sum(r is engine._pf_captured[1] for r in replays) == 3
+        assert len(replays) == 9  # and one step replay per step()
+        while engine.running():
+            engine.step()
+        res = engine.finished()
+    assert res[0].output_ids == hf_greedy(tiny_dir, PROMPT, 30)
+    assert res[1].output_ids == hf_greedy(tiny_dir, long, 30)
+
+
 def test_fresh_process_loads_without_env(fp32_engine, tiny_dir):
     """No LD_PRELOAD by hand: the runtime sets up what AOTInductor packages need."""
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
