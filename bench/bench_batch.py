@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import SHAPES, hot_draft, parse_draft_vocab, random_modules  # noqa: E402
 
 from spec_compiler.config import CompileConfig, ModelConfig  # noqa: E402
-from spec_compiler.pipeline import compile_modules, step_ms, with_bucket_trees  # noqa: E402
+from spec_compiler.pipeline import compile_modules, measured_trees, step_ms, with_bucket_trees  # noqa: E402
 from spec_compiler.tree_choice import AcceptTable, AutoTree  # noqa: E402
 from spec_compiler.trees import TreeSpec, chain  # noqa: E402
 
@@ -129,7 +129,7 @@ def random_engines(shape: str, batches: list[int], table: AcceptTable, root: Pat
             print(f"  dispatcher's trees chosen in {time.time() - t:.0f} s", flush=True)
             chosen.write_text(json.dumps({"trees": [t.to_json() for t in trees], "choice": choice}))
         forced = trees[0] if trees[0].n_nodes > 1 else table.fitted(4)
-        dispatch = with_bucket_trees(base, trees)  # measured dispatch, as spec-compile --tree auto does
+        dispatch = with_bucket_trees(base, measured_trees(trees, choice))  # as spec-compile --tree auto does
         cfgs["ours_dispatch"] = dataclasses.replace(dispatch, plain_alternates=dispatch.draft is not None)
         cfgs["ours_forced"] = dataclasses.replace(base, tree=forced)
     for name in todo:

@@ -63,8 +63,9 @@ def compile_parser() -> argparse.ArgumentParser:
                    help="with --tp N: the lm_head replicated on every rank (default), or sharded by "
                         "vocabulary (each rank reads 1/N of it; an all-gather of the logits per call)")
     p.add_argument("--dispatch", choices=("measured", "predicted"), default="measured",
-                   help="with --tree auto: measured (default) also builds plain decoding at every "
-                        "bucket that speculates, times both compiled steps there and keeps the faster "
+                   help="with --tree auto: measured (default) builds every bucket both speculating "
+                        "(where the cost model chose plain decoding: with its best tree, when some bucket "
+                        "speculates) and plain, times both compiled steps there and keeps the faster "
                         "(expected tokens per call / step time); predicted trusts the cost model "
                         "(fewer graphs to compile). Single-GPU engines only: at --tp N it is predicted")
     p.add_argument("--jobs", type=int, default=None, metavar="N",

@@ -276,6 +276,7 @@ def test_measured_dispatch_keeps_a_tree_only_where_the_compiled_step_pays(tiny_d
         keep[b] = tpc / 1.0 > 1 / plain_ms[b]
         assert got["speculate"] == keep[b]
         want = per[str(b)]["choice"] if keep[b] else "chain-0"
+        assert "measured_candidate" not in per[str(b)]  # the cost model speculated at both buckets
         assert m["bucket_trees"][str(b)]["name"] == m["tree_choice"]["choice"][str(b)] == want
         assert (m["dims"]["bucket_nodes"][b - 1] > 1) == keep[b]
     files = {p.name for p in out.iterdir()}
@@ -292,6 +293,59 @@ def test_measured_dispatch_keeps_a_tree_only_where_the_compiled_step_pays(tiny_d
         assert r.output_ids == hf_greedy(tiny_dir, p, n), p
 
 
+@pytest.mark.parametrize("plain_ms", [5.0, 0.1], ids=["speculation-pays", "plain-pays"])
+def test_measured_dispatch_also_decides_where_the_cost_model_chose_plain(tiny_dir, tiny_draft_dir, tmp_path,
+                                                                       monkeypatch, plain_ms):
+    """The cost model chooses chain-0 at bucket 2 (its predicted step grows with the tree) and a
+    tree at bucket 1: bucket 2 is built with its best speculative candidate anyway, beside the
+    plain alternate, and the compiled steps decide there as everywhere. The record keeps the cost
+    model's choice and names the candidate measured; the engine stays greedy-exact."""
+    from helpers import hf_greedy
+    from spec_compiler.runtime import Engine
+
+    def fake_measure(target, draft, target_sizes, draft_sizes, capacity, context, rounds=7, batch=1):
+        return CostModel({T: 10.0 if batch == 1 else 5.0 + 20.0 * T for T in target_sizes},
+                         {n: 1.0 for n in draft_sizes})
+
+    def fake_step(engine, b):  # the compiled speculative step: 1 ms; plain as parametrized
+        return 1.0 if engine.dims.speculates(b) else plain_ms
+
+    monkeypatch.setattr("spec_compiler.tree_choice.measure", fake_measure)
+    monkeypatch.setattr("spec_compiler.pipeline.step_ms", fake_step)
+    draft = _draft_with_table(tiny_draft_dir, tmp_path)
+    out = tmp_path / "auto"
+    assert compile_main([str(tiny_dir), "--out", str(out), "--draft", str(draft), "--backend", "eager",
+                         "--max-seq-len", "64", "--prefill-chunk", "8", "--max-batch", "2"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    rec = m["tree_choice"]["buckets"]["2"]
+    assert rec["choice"] == "chain-0"  # the cost model's
+    best = next(r for r in rec["candidates"] if r["nodes"] > 1)
+    assert rec["measured_candidate"] == best["name"] == rec["measured"]["tree"]
+    keep = best["expected_tokens_per_call"] / 1.0 > 1 / plain_ms
+    assert rec["measured"]["speculate"] == keep
+    built = best["name"] if keep else "chain-0"
+    assert m["bucket_trees"]["2"]["name"] == m["tree_choice"]["choice"]["2"] == built
+    assert ("draft.b2.pt2" in {p.name for p in out.iterdir()}) == keep
+    engine = Engine.load(out)
+    prompts = [[5, 9, 17, 3], [40, 3, 77, 12, 90, 33, 8, 1, 64], [100, 4]]
+    res = engine.generate_batch(prompts, max_new_tokens=[20, 12, 16])
+    for p, r, n in zip(prompts, res, [20, 12, 16]):
+        assert r.output_ids == hf_greedy(tiny_dir, p, n), p
+
+
+def test_measured_trees_leave_an_all_plain_choice_plain():
+    """No bucket speculates by the cost model: no draft is built just to measure."""
+    from spec_compiler.pipeline import measured_trees
+
+    rec = {"choice": "chain-0", "candidates": [{"name": "chain-0", "nodes": 1, "paths": []},
+                                               {"name": "chain-1", "nodes": 2, "paths": [[0]]}]}
+    choice = {"buckets": {"1": rec, "2": dict(rec)}}
+    assert measured_trees((chain(0), chain(0)), choice) == (chain(0), chain(0))
+    assert "measured_candidate" not in rec
+    got = measured_trees((chain(1), chain(0)), choice)
+    assert got == (chain(1), chain(1)) and choice["buckets"]["2"]["measured_candidate"] == "chain-1"
+
+
 def test_measured_dispatch_times_real_steps(tiny_dir, tiny_draft_dir, tmp_path):
     """The same with the real timing (`pipeline.step_ms`: synthetic slots, median of timed
     steps), whichever way it decides on this machine: positive step times, a consistent engine,
@@ -304,11 +358,13 @@ def test_measured_dispatch_times_real_steps(tiny_dir, tiny_draft_dir, tmp_path):
     assert compile_main([str(tiny_dir), "--out", str(out), "--draft", str(draft), "--backend", "eager",
                          "--max-seq-len", "64", "--prefill-chunk", "8", "--max-batch", "2", "--no-sampling"]) == 0
     m = json.loads((out / "manifest.json").read_text())
-    for b, rec in m["tree_choice"]["buckets"].items():
-        if rec["choice"] == "chain-0":  # the cost model already chose plain decoding: nothing to time
-            assert "measured" not in rec
+    per = m["tree_choice"]["buckets"]
+    for b, rec in per.items():
+        if all(r["choice"] == "chain-0" for r in per.values()):  # plain by the cost model: no draft to time
+            assert "measured" not in rec and "draft" not in m["graphs"]
             continue
-        got = rec["measured"]
+        got = rec["measured"]  # every bucket, even one where the cost model chose chain-0
+        assert got["tree"] == rec.get("measured_candidate", rec["choice"]) != "chain-0"
         assert got["speculative_step_ms"] > 0 and got["plain_step_ms"] > 0
         assert got["speculate"] == (m["bucket_trees"][b]["name"] != "chain-0")
     referenced = {e["file"] for g in m["graphs"].values() for e in [g, *g.get("buckets", {}).values()]}
