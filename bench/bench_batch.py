@@ -357,11 +357,13 @@ def hf_pair(args, batches: list[int], prompts_text: list[str], save=lambda out: 
 
     # every batch with the static cache first, then continuous batching: the peer's whole curve
     # exists early (its generate_batch is far slower to run here) and each batch keeps the faster
-    for method in ("static generate", "generate_batch"):
+    for method in [m for m in ("static generate", "generate_batch") if m.split()[0] in args.hf_methods.split(",")]:
         for b in batches:
             work = waves(texts, b)
             try:
-                run(method, work[0], 8)  # warm-up
+                # warm-up at the timed length: the static cache's shape is prompt + max_new_tokens,
+                # so a shorter warm-up left a compile of the timed shape inside the timing
+                run(method, work[0], args.max_new_tokens)
                 sync(dev)
                 t = time.perf_counter()
                 n = sum(run(method, wave, args.max_new_tokens) for wave in work)
@@ -452,12 +454,17 @@ def main(argv=None) -> int:
     ap.add_argument("--forced-from-dispatch", action="store_true",
                     help="random-weight shapes: the forced curve from the speculative steps that the dispatcher "
                     "engine's measured dispatch timed at each bucket (its own tree there), not a third engine")
+    ap.add_argument("--hf-methods", default="static,generate_batch",
+                    help="the pair's transformers curve: static (static-cache generate) and/or generate_batch "
+                    "(continuous batching); the faster at each batch is kept")
     ap.add_argument("--curves", default=",".join(CURVES),
                     help="the curves to measure (comma-separated; default all: " + ", ".join(CURVES) + "); two runs "
                     "on different GPUs can split them, and --merge joins their JSON")
     args = ap.parse_args(argv)
     if not args.curves or not set(args.curves.split(",")) <= set(CURVES):
         ap.error(f"--curves: a comma-separated subset of {', '.join(CURVES)}")
+    if not args.hf_methods or not set(args.hf_methods.split(",")) <= {"static", "generate_batch"}:
+        ap.error("--hf-methods: static, generate_batch or both (comma-separated)")
     if not args.schedule or not set(args.schedule.split(",")) <= {"waves", "continuous"}:
         ap.error("--schedule: waves, continuous or both (comma-separated)")
     if args.only and not args.build_only:

@@ -8,11 +8,11 @@
 #   lane A (GPU 0): the 8B-shape dispatcher engine (whole, --max-batch 64, its draft's lm_head over
 #     bench_decode's 32k hot tokens: its compile time is the one reported), its curve, and the
 #     forced curve from the speculative steps that its measured dispatch timed at every bucket;
-#     then the GPU tests of test_gpu_runtime.py while lane B builds the pair's engines; then the
-#     pair's three curves (both schedules: waves and continuous)
-#   lane B (GPU 1): the 8B plain (chain-0) engine; once SmolLM2 has arrived, the pair's dispatcher
-#     engine (alone on its cores) with its plain and forced engines built beside it; then the 8B
-#     plain curve and the peers' curves (transformers: the 8B shape, then the pair)
+#     then the GPU tests of test_gpu_runtime.py (those never yet run on a GPU first)
+#   lane B (GPU 1): the 8B plain (chain-0) engine, its curve and transformers' 8B curve; once
+#     SmolLM2 has arrived, the pair's dispatcher engine (alone on its cores) with its plain and
+#     forced engines built beside it; then the pair's curves (both schedules: waves and
+#     continuous) and transformers' pair curve (static-cache generate)
 # CPU cores are split so that what is timed never shares cores with a compile.
 # Usage: bash bench/gpu_session.sh start PARTS_DIR [SECONDS] | watch PARTS_DIR [SECONDS] | drive
 set -uo pipefail
@@ -74,16 +74,17 @@ drive)
     run a_8b_build 0-11 0 "${B8[@]}" --build-only --only ours_dispatch
     run a_8b_curve 0-11 0 "${B8[@]}" --curves ours_dispatch,ours_forced --forced-from-dispatch \
       --out "$LOG/batch_8b_a.json"
-    run t_runtime 0-11 0 timeout -k 10 600 python3 -m pytest -v -p no:cacheprovider -rfE \
-      tests/test_gpu_runtime.py -m gpu
-    built pair_dispatch && run a_pair_dispatch 0-11 0 "${PAIR[@]}" --curves ours_dispatch \
-      --out "$LOG/batch_pair_a1.json"
-    built pair_plain && built pair_forced && run a_pair_pf 0-11 0 "${PAIR[@]}" --curves ours_plain,ours_forced \
-      --out "$LOG/batch_pair_a2.json"
+    # the GPU tests, the ones never yet run on a GPU first (the 600-s cap of earlier runs cut them)
+    run t_new 0-11 0 timeout -k 10 900 python3 -m pytest -v -p no:cacheprovider -rfE \
+      tests/test_gpu_runtime.py -m gpu -k "per-bucket or admission"
+    run t_rest 0-11 0 timeout -k 10 1200 python3 -m pytest -v -p no:cacheprovider -rfE \
+      tests/test_gpu_runtime.py -m gpu -k "not per-bucket and not admission"
     touch "$LOG/lane_a.done"
   ) &
   (  # lane B
     run b_8b_build 12-31 1 "${B8[@]}" --build-only --only ours_plain
+    run b_8b_plain_curve 12-23 1 "${B8[@]}" --curves ours_plain --out "$LOG/batch_8b_b.json"
+    run b_8b_hf 12-23 1 "${B8[@]}" --curves hf --out "$LOG/batch_8b_hf.json"
     until [ "$(ls "$KEEP_ROOT/gq" | wc -l)" -ge 2 ]; do sleep 5; done
     if ! run fetch 12-23 1 bash -c ". bench/gpu_env.sh && fetch_smollm2 '$KEEP_ROOT/gq'"; then
       touch "$LOG"/pair_{dispatch,plain,forced}.failed
@@ -98,9 +99,13 @@ drive)
       build pair_forced 20-31 "${PAIR[@]}" --build-only --only ours_forced ${N:+--forced-tree "$N"}
     fi
     wait  # the pair's builds
-    run b_8b_plain_curve 12-23 1 "${B8[@]}" --curves ours_plain --out "$LOG/batch_8b_b.json"
-    run b_8b_hf 12-23 1 "${B8[@]}" --curves hf --out "$LOG/batch_8b_hf.json"
-    run b_pair_hf 12-23 1 "${PAIR[@]}" --curves hf --out "$LOG/batch_pair_hf.json"
+    # timed on GPU 1 and cores 12-23, while lane A's tests compile on cores 0-11 for GPU 0
+    built pair_dispatch && run b_pair_dispatch 12-23 1 "${PAIR[@]}" --curves ours_dispatch \
+      --out "$LOG/batch_pair_b1.json"
+    built pair_plain && built pair_forced && run b_pair_pf 12-23 1 "${PAIR[@]}" --curves ours_plain,ours_forced \
+      --out "$LOG/batch_pair_b2.json"
+    # transformers' static-cache generate only: its generate_batch ran at 10-18 tokens/s at batches 1-2
+    run b_pair_hf 12-23 1 "${PAIR[@]}" --curves hf --hf-methods static --out "$LOG/batch_pair_hf.json"
     touch "$LOG/lane_b.done"
   ) &
   wait
