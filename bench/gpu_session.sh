@@ -16,26 +16,10 @@
 # CPU cores are split so that what is timed never shares cores with a compile.
 # Usage: bash bench/gpu_session.sh start PARTS_DIR [SECONDS] | watch PARTS_DIR [SECONDS] | drive
 set -uo pipefail
-MODE=${1:?usage: gpu_session.sh start|watch PARTS_DIR [SECONDS]}
-PARTS=${2:-}
-BUDGET=${3:-540}
-KEEP_ROOT=${KEEP_ROOT:-$HOME/keep}
-SRC="$KEEP_ROOT/src"; LOG="$KEEP_ROOT/log"; ENG="$KEEP_ROOT/batch"
-OUT=${OUT:-/tmp/out}
-mkdir -p "$LOG" "$KEEP_ROOT/gq" "$OUT"
-[ -n "$PARTS" ] && cp "$PARTS"/gq_0* "$KEEP_ROOT/gq/" 2>/dev/null
+JOB=batch
+. "$(dirname "$0")/gpu_job.sh"
+ENG="$KEEP_ROOT/batch"
 
-say() { echo "[$(date +%T) ${SECONDS}s] $*" >> "$LOG/lanes.log"; }
-# run NAME CPUS GPU CMD...: one step, logged to $LOG/NAME.log, its outcome to lanes.log
-run() {
-  local name=$1 cpus=$2 gpu=$3; shift 3
-  say "$name: start"
-  local t=$SECONDS
-  CUDA_VISIBLE_DEVICES=$gpu taskset -c "$cpus" "$@" > "$LOG/$name.log" 2>&1
-  local rc=$?
-  say "$name: rc $rc after $((SECONDS - t)) s"
-  return $rc
-}
 # built NAME: wait until engine NAME's build has ended; true if it succeeded
 built() { until [ -e "$LOG/$1.built" ] || [ -e "$LOG/$1.failed" ]; do sleep 5; done; [ -e "$LOG/$1.built" ]; }
 # build NAME CPUS CMD...: a build on GPU 1 that leaves NAME.built or NAME.failed
@@ -43,22 +27,14 @@ build() { local name=$1 cpus=$2; shift 2
   if run "b_$name" "$cpus" 1 "$@"; then touch "$LOG/$name.built"; else touch "$LOG/$name.failed"; fi; }
 
 watch() {
-  until [ -f "$LOG/ALL_DONE" ] || [ "$SECONDS" -ge $((BUDGET - 20)) ]; do sleep 10; done
-  echo "== watch ended at ${SECONDS}s ($([ -f "$LOG/ALL_DONE" ] && echo 'all done' || echo 'still running'))"
-  tail -40 "$LOG/lanes.log"
+  job_wait
   grep -hE "built|rror|\[dispatch\]" "$LOG"/*.log 2>/dev/null | grep -v "^\[" | tail -20
   tar czf "$OUT/session.tgz" -C "$LOG" .
 }
 
 case "$MODE" in
 start)
-  rm -rf "$SRC" && mkdir -p "$SRC" && cp -a . "$SRC/" && cd "$SRC" || exit 1
-  . bench/gpu_env.sh  # the editable install now maps to this copy, which later calls do not touch
-  nvidia-smi --query-gpu=name --format=csv,noheader | paste -sd, > "$LOG/versions.txt"
-  python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers',
-transformers.__version__, 'triton', triton.__version__)" >> "$LOG/versions.txt" 2>&1
-  nproc >> "$LOG/versions.txt"
-  setsid nohup bash bench/gpu_session.sh drive > "$LOG/driver.log" 2>&1 < /dev/null &
+  job_start bench/gpu_session.sh
   watch
   ;;
 watch)
@@ -85,8 +61,7 @@ drive)
     run b_8b_build 12-31 1 "${B8[@]}" --build-only --only ours_plain
     run b_8b_plain_curve 12-23 1 "${B8[@]}" --curves ours_plain --out "$LOG/batch_8b_b.json"
     run b_8b_hf 12-23 1 "${B8[@]}" --curves hf --out "$LOG/batch_8b_hf.json"
-    until [ "$(ls "$KEEP_ROOT/gq" | wc -l)" -ge 2 ]; do sleep 5; done
-    if ! run fetch 12-23 1 bash -c ". bench/gpu_env.sh && fetch_smollm2 '$KEEP_ROOT/gq'"; then
+    if ! fetch_model 12-23 1; then
       touch "$LOG"/pair_{dispatch,plain,forced}.failed
     else
       build pair_dispatch 12-19 "${PAIR[@]}" --build-only --only ours_dispatch &
