@@ -38,7 +38,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from .errors import SpecCompileError, brief
 
@@ -205,7 +205,8 @@ def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> P
 
 
 @contextlib.contextmanager
-def atomic_dir(dest: str | Path, existing: str = "error") -> Iterator[Path]:
+def atomic_dir(dest: str | Path, existing: str = "error",
+               carry: Callable[[str], bool] | None = None) -> Iterator[Path]:
     """`with atomic_dir(d) as tmp:` build the directory in `tmp` (`.NAME.tmp-*` beside `d`); when
     the block ends its files are fsync'd and it becomes `d` in one rename. On any exception
     (KeyboardInterrupt too) `tmp` is removed and `d` is as it was.
@@ -214,7 +215,8 @@ def atomic_dir(dest: str | Path, existing: str = "error") -> Iterator[Path]:
       "error"    FileExistsError (an empty `d` is replaced, as `os.replace` does);
       "replace"  `d` is swapped for the new directory as a whole;
       "merge"    the same, but entries of `d` the block did not write are carried over (hard
-                 links, so nothing is copied and the old directory stays whole until the swap).
+                 links, so nothing is copied and the old directory stays whole until the swap),
+                 those whose name `carry` rejects excepted (default: all carried).
     The swap is one atomic `renameat2(RENAME_EXCHANGE)` on Linux; elsewhere the old directory
     is renamed aside first, so `d` is briefly missing, but never partial."""
     if existing not in ("error", "replace", "merge"):
@@ -240,7 +242,7 @@ def atomic_dir(dest: str | Path, existing: str = "error") -> Iterator[Path]:
                 raise FileExistsError(errno.EEXIST, f"{dest} already exists") from e
         else:
             if existing == "merge":
-                _carry_over(dest, tmp)
+                _carry_over(dest, tmp, carry)
             _swap(tmp, dest)
             shutil.rmtree(tmp)  # now the old directory
     except BaseException:
@@ -363,11 +365,12 @@ def path_inside(root: Path, name: object, plain: bool = False, links: bool = Tru
     return path
 
 
-def _carry_over(old: Path, new: Path) -> None:
-    """Hard-link (copy where links fail) the entries of `old` that `new` does not have."""
+def _carry_over(old: Path, new: Path, carry: Callable[[str], bool] | None = None) -> None:
+    """Hard-link (copy where links fail) the entries of `old` that `new` does not have (and,
+    with `carry`, whose name it accepts)."""
     for src in old.iterdir():
         dst = new / src.name
-        if dst.exists() or dst.is_symlink():
+        if dst.exists() or dst.is_symlink() or (carry is not None and not carry(src.name)):
             continue
         if src.is_dir() and not src.is_symlink():
             shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)

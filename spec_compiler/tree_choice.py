@@ -51,7 +51,7 @@ import torch
 
 from .errors import SpecCompileError
 from .fileio import atomic_write_text
-from .hashing import sha256_file
+from .hashing import sha256_file, weights_sha256
 from .kernels.limits import MAX_TREE_NODES
 from .trees import TreeSpec, chain, resolve_tree
 
@@ -129,8 +129,14 @@ def read_accept(draft_dir: Path | None) -> AcceptTable | None:
 
 
 def draft_weights_sha256(draft_dir: Path) -> str | None:
+    """The draft's weights' identity (what accept.json records): model.safetensors's sha256, or
+    for a sharded draft one sha256 over its safetensors files (hashing.weights_sha256)."""
     p = Path(draft_dir) / "model.safetensors"
-    return sha256_file(p) if p.is_file() else None
+    if p.is_file():
+        return sha256_file(p)
+    if (Path(draft_dir) / "model.safetensors.index.json").is_file():
+        return weights_sha256(Path(draft_dir))
+    return None
 
 
 def draft_forwards(tree: TreeSpec) -> list[int]:

@@ -259,3 +259,35 @@ def test_save_draft_is_atomic_and_keeps_other_files(tmp_path, tiny_dir, tiny_dra
     save_draft(hot, out, dtype=torch.float32)
     assert (out / "tree.json").read_text() == "[[0]]"
     assert load_draft(out, target).hot_ids.tolist() == HOT_IDS
+
+
+def test_a_draft_past_the_shard_size_is_written_in_shards_and_reads_back(tmp_path, tiny_dir, tiny_draft_dir):
+    """Weights past the shard size go into Hugging Face shards with an index (each file under the
+    limit unless one tensor is larger), which read back to the same draft; saving again in the
+    other layout leaves no stale weights file, and the accept table's weights hash follows."""
+    from spec_compiler.train import save
+    from spec_compiler.tree_choice import draft_weights_sha256
+
+    target = load_target(tiny_dir)
+    draft = load_draft(tiny_draft_dir, target)
+    sd = {k: v for k, v in draft.state_dict().items() if not k.startswith("lm_head.")}
+    limit = max(v.numel() * 4 for v in sd.values()) + 1  # every tensor fits; the whole does not
+    out = tmp_path / "d"
+    cfg = json.loads((tiny_draft_dir / "config.json").read_text())
+    save._write(out, {k: v.float().contiguous() for k, v in sd.items()}, cfg, {"training.json": "{}"},
+                shard_bytes=limit)
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and not (out / "model.safetensors").exists()
+    assert all((out / f).stat().st_size <= limit + 4096 for f in shards)  # + each file's header
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == shards and set(index["weight_map"]) == set(sd)
+    back = load_draft(out, target)
+    for k, v in draft.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    sharded_hash = draft_weights_sha256(out)
+    assert sharded_hash is not None
+    save_draft(draft, out, dtype=torch.float32)  # one file again: the shards and index go
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "training.json"]
+    assert draft_weights_sha256(out) != sharded_hash
+    save._write(out, {k: v.float().contiguous() for k, v in sd.items()}, cfg, None, shard_bytes=limit)
+    assert not (out / "model.safetensors").exists() and draft_weights_sha256(out) == sharded_hash

@@ -99,7 +99,8 @@ def check_args(args) -> None:
         if args.patience < 0:
             raise SpecCompileError(f"--patience {args.patience}: must be >= 0 (0: never stop early)")
     if not args.resume:
-        if (args.out / "model.safetensors").exists() or (args.out / "training.json").exists():
+        if any((args.out / f).exists() for f in ("model.safetensors", "model.safetensors.index.json",
+                                                 "training.json")):
             raise SpecCompileError(f"--out {args.out} already holds a trained draft; choose another "
                                    "directory or remove it")
         if list_checkpoints(args.checkpoint_dir or args.out / "checkpoints"):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -12,6 +13,13 @@ from ..errors import SpecCompileError
 from ..fileio import atomic_dir
 from ..models.eagle import EagleDraft
 from ..models.eagle3 import Eagle3Draft
+
+# A draft's weights past this are written in shards: each file then fits the 16 MiB that a file
+# of a draft shipped in a repository (drafts/) or returned by a GPU job may have here.
+SHARD_BYTES = 15 << 20
+INDEX = "model.safetensors.index.json"
+# The weights files of a draft directory, in any layout a loader reads (loading.read_draft_state).
+WEIGHT_FILES = re.compile(r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|pytorch_model\.bin")
 
 
 def save_draft(draft: EagleDraft, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
@@ -101,12 +109,23 @@ def _hot_tables(hot_ids: torch.Tensor, V: int) -> dict[str, torch.Tensor]:
     return {"d2t": hot_ids - torch.arange(hot_ids.numel()), "t2d": t2d}
 
 
-def _write(out_dir: str | Path, sd: dict, cfg: dict, extra_files: dict[str, str] | None) -> Path:
+def _write(out_dir: str | Path, sd: dict, cfg: dict, extra_files: dict[str, str] | None,
+           shard_bytes: int = SHARD_BYTES) -> Path:
+    """The weights as one `model.safetensors`, or, past `shard_bytes`, as Hugging Face shards
+    (`model-00001-of-0000N.safetensors` + `model.safetensors.index.json`, which every loader here
+    reads; a tensor larger than `shard_bytes` gets a shard of its own); the previous weights files
+    of `out_dir`, in either layout, go in the same swap."""
+    from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir, existing="merge") as tmp:
-        save_file(sd, str(tmp / "model.safetensors"))
+    with atomic_dir(out_dir, existing="merge", carry=lambda name: not WEIGHT_FILES.fullmatch(name)) as tmp:
+        split = split_torch_state_dict_into_shards(sd, max_shard_size=shard_bytes)
+        for fname, names in split.filename_to_tensors.items():
+            save_file({n: sd[n] for n in names}, str(tmp / fname))
+        if split.is_sharded:
+            index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
