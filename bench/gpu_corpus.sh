@@ -26,9 +26,13 @@ fetch_smollm2 "$KEEP_ROOT/gq" || exit 1
 CORPUS=${CORPUS:-corpora/smollm2-wide}
 RUN=${RUN:-runs/smollm2-wide}
 DRAFT=${DRAFT:-drafts/smollm2-eagle-wide}
+# ARCH=eagle3 trains an EAGLE-3 head instead (its own lm_head over DRAFT_VOCAB hot tokens: 12288
+# keeps that tensor, and so each shard of the draft, under 15 MiB; its checkpoint, ~14 bytes per
+# trainable parameter, is too large to carry between machines: train it within one warm job)
+ARCH=${ARCH:-eagle}; DRAFT_VOCAB=${DRAFT_VOCAB:-16384}
 TRAIN=(python3 -m spec_compiler.train.cli "$SMOL" --out "$DRAFT" --corpus "$CORPUS" --device cuda
        --checkpoint-dir "$RUN/checkpoints" --keep-checkpoints 1 --tokens 40000000 --batch-size 16
-       --gen-batch 384 --reuse 2 --lr 6e-4 --warmup 50 --draft-vocab 16384 --val-every 200
+       --gen-batch 384 --reuse 2 --lr 6e-4 --warmup 50 --draft-vocab "$DRAFT_VOCAB" --arch "$ARCH" --val-every 200
        --patience 5 --save-every 200 --log-every 50 --resume-if-any)
 # A data-size point: CORPUS_TOKENS=N trains on the corpus's first N new tokens (nested subsets;
 # give each point its own DRAFT and RUN), then bench/training_curve.py tabulates and plots them.
@@ -51,7 +55,7 @@ print('stop_reason', t.get('stop_reason'), '| tokens', t['final_metrics']['token
 '| corpus tokens used', t['final_metrics'].get('corpus_tokens_used'), '| best val', v.get('best'), \
 '| dev', t.get('dev_eval'))" "$DRAFT/training.json"
   mkdir -p "$OUT/run" "$OUT/draft" && cp -r "$RUN"/. "$OUT/run/" \
-    && cp "$DRAFT"/{model.safetensors,config.json,training.json} "$OUT/draft/"
+    && cp "$DRAFT"/*.safetensors "$DRAFT"/*.json "$OUT/draft/"
   ;;
 trees)
   python3 -m spec_compiler.train.fit_tree "$SMOL" "$DRAFT" --device cuda --n 128 --nodes 96 \

@@ -8,11 +8,13 @@
 #           10x the shipped drafts' data), in time-limited runs until index.json says complete
 #           (or the corpus runs of this job have taken CORPUS_S seconds)
 #   train   spec-train --corpus --resume-if-any for TRAIN_S seconds (the checkpoint resumes
-#           on a later job: commit it as docs/training.md says)
+#           on a later job: commit it as docs/training.md says); on a 2-GPU machine an EAGLE-3
+#           head trains beside it on GPU 1 (ARCH=eagle3: its draft comes back, its checkpoint,
+#           too large to carry, does not)
 # What a later session needs comes back as it is ready, at most 7 files and 60 MiB per call (the
 # device's cap is 8 files, 64 MiB), beside the logs ($OUT/draft_log.tgz): the corpus's parts and
-# index.json, then the draft's files, then the checkpoint's parts, each once, named
-# KIND__FILE (corpus__, draft__, ckpt__). Put them back under the paths gpu_corpus.sh names
+# index.json, then the drafts' files, then the checkpoint's parts, each once, named
+# KIND__FILE (corpus__, draft__, draft3__ for the EAGLE-3 head, ckpt__). Put them back under the paths gpu_corpus.sh names
 # (CORPUS, DRAFT, RUN/checkpoints) and commit the corpus and the draft.
 # Usage: bash bench/gpu_draft.sh start PARTS_DIR [SECONDS] | watch PARTS_DIR [SECONDS] | drive
 set -uo pipefail
@@ -24,7 +26,7 @@ STAGE_DIR="$LOG/deliver"
 
 # stage KIND FILE...: queue files for delivery, in order (copies: the job may go on writing)
 stage() { local kind=$1; shift; mkdir -p "$STAGE_DIR"
-  for f in "$@"; do [ -f "$f" ] && cp "$f" "$STAGE_DIR/$(printf '%03d' "$(ls "$STAGE_DIR" | wc -l)")__${kind}__$(basename "$f")"; done; }
+  for f in "$@"; do [ -f "$f" ] && cp "$f" "$STAGE_DIR/$(date +%s%N)__${kind}__$(basename "$f")"; done; }
 # deliver: the next queued files not yet delivered, within the per-call cap, to $OUT
 deliver() {
   local n=0 bytes=0 f size
@@ -68,9 +70,15 @@ drive)
         $((CORPUS_S - (SECONDS - t0))) || break
     done
     stage corpus "$CORPUS"/part-*.bin "$CORPUS/index.json"
+    if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ]; then  # a second GPU: an EAGLE-3 head beside
+      ( run train3 16-31 1 env OUT="$LOG/train3_out" ARCH=eagle3 DRAFT_VOCAB=12288 DRAFT="$DRAFT-eagle3" \
+          RUN="$RUN-eagle3" bash bench/gpu_corpus.sh train "$KEEP_ROOT/gq" "$TRAIN_S"
+        stage draft3 "$DRAFT-eagle3"/*.safetensors "$DRAFT-eagle3"/*.json ) &
+    fi
     run train 0-15 0 env OUT="$LOG/train_out" bash bench/gpu_corpus.sh train "$KEEP_ROOT/gq" "$TRAIN_S"
     stage draft "$DRAFT"/model.safetensors "$DRAFT"/config.json "$DRAFT"/training.json
     stage ckpt "$RUN"/checkpoints/*
+    wait
   fi
   say "all done"
   touch "$LOG/ALL_DONE"
