@@ -45,7 +45,7 @@ watch() {
   grep -hE "complete|stop_reason|tokens/s|exit|rror" "$LOG"/*.log 2>/dev/null | tail -12
   deliver
   tar czf "$OUT/draft_log.tgz" --exclude=./deliver --exclude='./corpus_out_*/corpus' \
-    --exclude=./train_out/run --exclude=./train_out/draft -C "$LOG" .
+    --exclude='./train*_out/run' --exclude='./train*_out/draft' -C "$LOG" .
 }
 
 case "$MODE" in
