@@ -442,7 +442,8 @@ class Engine:
     @_locked
     def capture(self) -> None:
         """Capture the step of every bucket now (CUDA), so the first generate() does not pay for
-        it. Runs on parked slots only (every slot freed: nothing live is written)."""
+        it. Runs on parked slots only (every slot freed: nothing live is written). A slot's
+        prefill chunk is captured at its first admission (`_prefill_chunk`)."""
         if not self.spec.device.startswith("cuda"):
             return
         from .cuda_graph import CapturedStep
