@@ -12,7 +12,7 @@
 #           head trains beside it on GPU 1 (ARCH=eagle3: its draft comes back, its checkpoint,
 #           too large to carry, does not)
 # What a later session needs comes back as it is ready, at most 7 files and 60 MiB per call (the
-# device's cap is 8 files, 64 MiB), beside the logs ($OUT/draft_log.tgz): the corpus's parts and
+# cap on what a call returns: 8 files, 64 MiB), beside the logs ($OUT/draft_log.tgz): the corpus's parts and
 # index.json, then the drafts' files, then the checkpoint's parts, each once, named
 # KIND__FILE (corpus__, draft__, draft3__ for the EAGLE-3 head, ckpt__). Put them back under the paths gpu_corpus.sh names
 # (CORPUS, DRAFT, RUN/checkpoints) and commit the corpus and the draft.
