@@ -48,17 +48,7 @@ watch() {
     --exclude='./train*_out/run' --exclude='./train*_out/draft' -C "$LOG" .
 }
 
-case "$MODE" in
-start)
-  job_start bench/gpu_draft.sh
-  watch
-  ;;
-watch)
-  watch
-  ;;
-drive)
-  cd "$SRC" || exit 1
-  . bench/gpu_env.sh
+drive() {
   CORPUS=${CORPUS:-corpora/smollm2-wide}; RUN=${RUN:-runs/smollm2-wide}; DRAFT=${DRAFT:-drafts/smollm2-eagle-wide}
   export CORPUS RUN DRAFT
   if fetch_model 0-15 0; then
@@ -82,6 +72,6 @@ drive)
   fi
   say "all done"
   touch "$LOG/ALL_DONE"
-  ;;
-*) echo "unknown mode $MODE: start, watch or drive"; exit 2 ;;
-esac
+}
+
+job_main bench/gpu_draft.sh

@@ -46,3 +46,13 @@ fetch_model() {
   until [ "$(ls "$KEEP_ROOT/gq" | wc -l)" -ge 2 ]; do sleep 5; done
   run fetch "$1" "$2" bash -c ". bench/gpu_env.sh && fetch_smollm2 '$KEEP_ROOT/gq'"
 }
+# job_main SCRIPT: the mode's work, with the caller's `watch` (what a call prints and returns) and
+# `drive` (the job itself, run from the repository copy with the environment of gpu_env.sh)
+job_main() {
+  case "$MODE" in
+  start) job_start "$1"; watch ;;
+  watch) watch ;;
+  drive) cd "$SRC" || exit 1; . bench/gpu_env.sh; drive ;;
+  *) echo "unknown mode $MODE: start, watch or drive"; exit 2 ;;
+  esac
+}

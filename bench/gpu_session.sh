@@ -32,17 +32,7 @@ watch() {
   tar czf "$OUT/session.tgz" -C "$LOG" .
 }
 
-case "$MODE" in
-start)
-  job_start bench/gpu_session.sh
-  watch
-  ;;
-watch)
-  watch
-  ;;
-drive)
-  cd "$SRC" || exit 1
-  . bench/gpu_env.sh
+drive() {
   BATCH=(python3 bench/bench_batch.py --device cuda --engines "$ENG" --model "$SMOL")
   PAIR=("${BATCH[@]}" --shapes pair)
   B8=("${BATCH[@]}" --shapes llama8b)
@@ -90,6 +80,6 @@ drive)
     --out "$LOG/batch_pair_h200.json" > "$LOG/merge_pair.log" 2>&1
   say "all done"
   touch "$LOG/ALL_DONE"
-  ;;
-*) echo "unknown mode $MODE: start, watch or drive"; exit 2 ;;
-esac
+}
+
+job_main bench/gpu_session.sh
