@@ -24,7 +24,10 @@ Models (--shapes):
                  acceptance table, --accept; random weights accept nothing) / step time; the
                  draft's lm_head over --draft-vocab hot tokens (bench_decode's default: 32k for
                  llama8b)
-Writes JSON (--out), prints a table, and draws a PNG next to it (skipped without matplotlib).
+Writes JSON (--out), prints a table, and draws a PNG next to it (skipped without matplotlib). The
+JSON also holds each engine's state size (`state_mib`: every slot's caches, allocated at load for
+the largest bucket) and, for the pair, how far each batch size's outputs agree with the first
+batch size's (`same_as_first_batch`, `prefix_as_first_batch`: bf16 buckets round differently).
 
     python bench/bench_batch.py [--device cuda] [--shapes pair,llama8b] [--batches 1,2,4,8,16,32,64]
                                 [--engines DIR [--build-only [--only NAMES]]] [--curves NAMES]
@@ -175,6 +178,7 @@ def bench_random(shape: str, batches: list[int], table: AcceptTable, root: Path,
         if name not in ours:
             continue
         eng = Engine.load(d)
+        res.setdefault("state_mib", {})[name] = round(eng.state_bytes / 2**20, 1)  # caches + slot state
         for b in batches:
             bucket = next(x for x in eng.buckets if x >= b)
             tree = eng.spec.bucket_trees[bucket]
@@ -269,23 +273,26 @@ def bench_pair(args, batches: list[int], save=lambda res: None) -> dict:
         res["continuous"] = {c: {} for c in curves if c != "hf"}
     for name in [c for c in ("ours_dispatch", "ours_plain", "ours_forced") if c in curves]:
         eng = Engine.load(args.engines / f"pair-{name}-{dev}")
+        res.setdefault("state_mib", {})[name] = round(eng.state_bytes / 2**20, 1)  # caches + slot state
         ids = [eng.encode_prompt(p) for p in prompts_text]
+        ref: dict[int, list[int]] = {}  # prompt -> its output at the first batch size (bf16 agreement)
         for b in batches:
             work = waves(ids, b)
             eng.generate_batch(work[0], max_new_tokens=8)  # warm-up (this bucket's CUDA graph capture)
             if "waves" in schedules:
                 sync(dev)
-                t, n, calls, steps = time.perf_counter(), 0, 0, 0
+                t, n, calls, steps, outs = time.perf_counter(), 0, 0, 0, []
                 for wave in work:
                     out = eng.generate_batch(wave, max_new_tokens=args.max_new_tokens)
                     n += sum(len(r.output_ids) for r in out)
                     calls += sum(r.verify_calls for r in out)
                     steps += max(r.verify_calls for r in out)  # a wave lasts its slowest sequence
+                    outs += [r.output_ids for r in out]
                 sync(dev)
                 s = time.perf_counter() - t
                 res[name][b] = {"tokens_per_s": n / s, "tokens": n, "prompts": sum(map(len, work)),
                                 "tokens_per_call": n / max(calls, 1), "wave_steps": steps,
-                                "ms_per_wave_step": 1000 * s / max(steps, 1)}
+                                "ms_per_wave_step": 1000 * s / max(steps, 1), **agreement(ref, outs)}
             if "continuous" in schedules:
                 queue = [ids[i % len(ids)] for i in range(max(MIN_PROMPTS, CONTINUOUS_PER_SLOT * b))]
                 sync(dev)
@@ -294,12 +301,30 @@ def bench_pair(args, batches: list[int], save=lambda res: None) -> dict:
                 n, calls = sum(len(r.output_ids) for r in out), sum(r.verify_calls for r in out)
                 sync(dev)
                 res["continuous"][name][b] = {"tokens_per_s": n / (time.perf_counter() - t), "tokens": n,
-                                              "prompts": len(queue), "tokens_per_call": n / max(calls, 1)}
+                                              "prompts": len(queue), "tokens_per_call": n / max(calls, 1),
+                                              **agreement(ref, [r.output_ids for r in out])}
         del eng
         save(res)
     if "hf" in curves:
         res["hf"] = hf_pair(args, batches, prompts_text, lambda hf: save({**res, "hf": hf}))
     return res
+
+
+def agreement(ref: dict[int, list[int]], outs: list[list[int]]) -> dict:
+    """How far outputs at one batch size agree with the same engine's at the first (`ref`, filled
+    by the first call: prompt position -> output), over the prompts both decoded: the share of
+    identical outputs and the mean share of each reference output's leading tokens matched. In
+    float32 every bucket is token-identical (tested); in bf16 different buckets run different
+    matmul shapes, which round differently, and a near-tie can then go the other way."""
+    if not ref:
+        ref.update(enumerate(outs))
+    both = [i for i in range(len(outs)) if i in ref]
+
+    def prefix(a, b):
+        return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    return {"same_as_first_batch": sum(outs[i] == ref[i] for i in both) / len(both),
+            "prefix_as_first_batch": sum(prefix(outs[i], ref[i]) / max(1, len(ref[i])) for i in both) / len(both)}
 
 
 def build_forced(args, first_manifest: Path, flags: list[str]) -> None:
@@ -493,6 +518,8 @@ def main(argv=None) -> int:
                 for c, rows in res.items():
                     if c in CURVES and isinstance(rows, dict):
                         into.setdefault(c, {}).update({int(b) if str(b).isdigit() else b: v for b, v in rows.items()})
+                    elif isinstance(rows, dict) and isinstance(into.get(c), dict):  # per engine: join
+                        into[c].update({k: v for k, v in rows.items() if v is not None})
                     elif rows is not None:
                         into[c] = rows
     else:
