@@ -139,6 +139,24 @@ def test_max_live_caps_the_bucket_and_keeps_each_output(engines):
             engine.generate_batch(prompts[:1], max_new_tokens=4, max_live=bad)
 
 
+def test_a_prefill_chunk_run_again_changes_nothing(engines):
+    """Capturing a slot's prefill as a CUDA graph runs the chunk twice more first (warm-up) and
+    then replays it: a prefill chunk must be idempotent over its slot's rows, reading only the
+    static inputs (`_pf_*`) and the slot's own state. Running every chunk three times gives
+    every sequence the same tokens and accept lengths as once, in a full batch."""
+    engine = Engine.load(engines["mc_sim_7b_63"])
+    prompts = _prompts()
+    once = engine.generate_batch(prompts, max_new_tokens=list(MAX_NEW))
+    run = engine._prefill_run
+    engine._prefill_run = lambda i: [run(i) for _ in range(3)][-1]
+    try:
+        thrice = engine.generate_batch(prompts, max_new_tokens=list(MAX_NEW))
+    finally:
+        engine._prefill_run = run
+    for a, b in zip(once, thrice):
+        assert (b.output_ids, b.accept_lengths, b.stop_reason) == (a.output_ids, a.accept_lengths, a.stop_reason)
+
+
 @pytest.mark.parametrize("tree", list(ORACLE))
 def test_batched_greedy_equals_solo_and_transformers(engines, model_dir, references, tree):
     """Six prompts through three slots: each sequence's tokens and accept lengths are what it
