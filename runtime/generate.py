@@ -182,7 +182,10 @@ class Engine:
         eos = list(spec.model.eos_token_ids) or [-1]
         self._eos = torch.tensor(eos, dtype=torch.long, device=dev)
         self._ar = torch.arange(self.dims.tree_depth + 1, device=dev)
-        self._captured: dict[tuple[str, int], object] = {}  # CUDA: a captured step per (verify, bucket)
+        # CUDA: captured graphs (`_graph`), a step per (verify, bucket), a prefill chunk per
+        # ("prefill", slot); every slot's prefill graph in one memory pool (they never run at once)
+        self._captured: dict[tuple[str, int], object] = {}
+        self._pf_pool = None
         # Prefill's inputs and outputs, static (a captured prefill reads and writes these, not
         # fresh tensors): the chunk's tokens, the draft's (one position on), the chunk's first
         # position, its last real one, and that position's logits and feature (`_prefill_run`).
@@ -192,8 +195,6 @@ class Engine:
         self._pf_start = torch.zeros(1, dtype=torch.long, device=dev)
         self._pf_last = torch.zeros(1, dtype=torch.long, device=dev)
         self._pf_out: dict[str, torch.Tensor] = {}  # "logits" (1, V), "hidden" (1, F): made by the first prefill
-        self._pf_captured: dict[int, object] = {}  # CUDA: slot -> its captured prefill chunk
-        self._pf_pool = None  # CUDA: the memory pool that every slot's captured prefill shares
         self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (first, end) -> state rows
         self._slots: list[_Slot | None] = [None] * self.max_batch
         # Where Engine.load spent its time (seconds): check (manifest + fingerprint: every file
@@ -423,11 +424,7 @@ class Engine:
         sampled = any(self._slots[i].knobs[0] > 0 for i in live)
         verify = "verify_sampled" if sampled else "verify"
         if self.spec.device.startswith("cuda"):
-            if (verify, b) not in self._captured:
-                from .cuda_graph import CapturedStep
-
-                self._captured[(verify, b)] = CapturedStep(functools.partial(self._step, b, verify))
-            self._captured[(verify, b)]()
+            self._graph((verify, b), functools.partial(self._step, b, verify))()
         else:
             self._step(b, verify)
 
@@ -446,13 +443,11 @@ class Engine:
         prefill chunk is captured at its first admission (`_prefill_chunk`)."""
         if not self.spec.device.startswith("cuda"):
             return
-        from .cuda_graph import CapturedStep
-
         self._free_all()
         for b in self.buckets:
             for verify in ("verify", "verify_sampled"):
-                if verify in self.graphs and (verify, b) not in self._captured:
-                    self._captured[(verify, b)] = CapturedStep(functools.partial(self._step, b, verify))
+                if verify in self.graphs:
+                    self._graph((verify, b), functools.partial(self._step, b, verify))
 
     @_locked
     @torch.inference_mode()
@@ -526,6 +521,14 @@ class Engine:
             raise SpecCompileError(f"sync_every={sync_every!r}: must be an integer >= 1")
         return sync_every if self.spec.device.startswith("cuda") else 1
 
+    def _graph(self, key: tuple[str, int], fn, pool=None):
+        """The CUDA graph of `fn` under `key` in `_captured`, captured on first use."""
+        if key not in self._captured:
+            from .cuda_graph import CapturedStep
+
+            self._captured[key] = CapturedStep(fn, pool=pool)
+        return self._captured[key]
+
     def _view(self, first: int, end: int) -> dict[str, torch.Tensor]:
         """The state rows of slots [first, end), as views (made once: the state tensors are
         never reallocated, only written in place)."""
@@ -589,13 +592,9 @@ class Engine:
         self._pf_start.fill_(start)
         self._pf_last.fill_(n - 1)
         if cuda:
-            if i not in self._pf_captured:
-                from .cuda_graph import CapturedStep
-
-                if self._pf_pool is None:
-                    self._pf_pool = torch.cuda.graph_pool_handle()
-                self._pf_captured[i] = CapturedStep(functools.partial(self._prefill_run, i), pool=self._pf_pool)
-            self._pf_captured[i]()
+            if self._pf_pool is None:
+                self._pf_pool = torch.cuda.graph_pool_handle()
+            self._graph(("prefill", i), functools.partial(self._prefill_run, i), self._pf_pool)()
         else:
             self._prefill_run(i)
         s.prefilled += n

@@ -167,7 +167,7 @@ def test_admission_prefills_without_host_sync(batch_engine, tiny_dir):
         engine.step()
         assert engine.admit(long, max_new_tokens=30) == 1
         replays = steps_without_sync(engine, 6)
-        assert sum(r is engine._pf_captured[1] for r in replays) == 3
+        assert sum(r is engine._captured[("prefill", 1)] for r in replays) == 3
         assert len(replays) == 9  # and one step replay per step()
         while engine.running():
             engine.step()
