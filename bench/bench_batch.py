@@ -197,7 +197,8 @@ def forced_from_measured(engine_dir: Path, batches: list[int]) -> dict:
     """Batch -> the forced curve's point read from a measured-dispatch engine's manifest: b x the
     bucket tree's expected tokens per call / its timed speculative step (`measure_dispatch` times
     it with `step_ms` at the bucket, as the curves are timed). Batches whose bucket was not timed
-    speculatively (the cost model already chose plain decoding there) are left out."""
+    speculatively (an engine built before `measured_trees`, where the cost model's chain-0 choice
+    was kept untimed) are left out."""
     buckets = json.loads((engine_dir / "manifest.json").read_text())["tree_choice"].get("buckets", {})
     out = {}
     for b in batches:
