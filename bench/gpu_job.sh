@@ -3,8 +3,10 @@
 # The first call (`start`) copies the repository aside, installs it from there and launches the
 # script's `drive`; each later call (`watch`) waits for it. Every call copies the GGUF part it
 # carries (PARTS_DIR) to $KEEP_ROOT/gq, where the job assembles SmolLM2 once both have arrived.
+# `patch` is a `watch` that first copies this call's Python sources over the job's copy: a fix
+# made during the session reaches the job's later steps (each step is a fresh process).
 # The caller sets JOB (its state lives in $KEEP_ROOT/$JOB) and takes MODE PARTS_DIR [SECONDS].
-MODE=${1:?usage: bash SCRIPT start|watch PARTS_DIR [SECONDS]}
+MODE=${1:?usage: bash SCRIPT start|watch|patch PARTS_DIR [SECONDS]}
 PARTS=${2:-}
 BUDGET=${3:-540}
 KEEP_ROOT=${KEEP_ROOT:-$HOME/keep}
@@ -52,7 +54,9 @@ job_main() {
   case "$MODE" in
   start) job_start "$1"; watch ;;
   watch) watch ;;
+  patch) for d in spec_compiler passes runtime export bench tests; do cp -a "$d/." "$SRC/$d/"; done
+         say "patched from a later call: $(git log -1 --format=%h 2>/dev/null) + working tree"; watch ;;
   drive) cd "$SRC" || exit 1; . bench/gpu_env.sh; drive ;;
-  *) echo "unknown mode $MODE: start, watch or drive"; exit 2 ;;
+  *) echo "unknown mode $MODE: start, watch, patch or drive"; exit 2 ;;
   esac
 }

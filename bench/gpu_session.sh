@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # Issue 12's GPU numbers in one session on a 2-GPU machine, as one background job that outlives
 # the 10-minute calls (started with setsid, it runs on while the machine is held): `start` (the
-# first call) copies the repository aside, installs it from there and launches the job; `watch`
-# (each later call) hands it the next SmolLM2 GGUF part and waits. Every call returns the logs and
-# JSON so far as $OUT/session.tgz. Nothing is cut at a call's end, so no engine build is lost
-# between calls, and each lane starts its next step as soon as what it needs exists.
-#   lane A (GPU 0): the 8B-shape dispatcher engine (whole, --max-batch 64, its draft's lm_head over
-#     bench_decode's 32k hot tokens: its compile time is the one reported), its curve, and the
-#     forced curve from the speculative steps that its measured dispatch timed at every bucket;
-#     then the GPU tests of test_gpu_runtime.py (those never yet run on a GPU first)
-#   lane B (GPU 1): the 8B plain (chain-0) engine, its curve and transformers' 8B curve; once
-#     SmolLM2 has arrived, the pair's dispatcher engine (alone on its cores) with its plain and
-#     forced engines built beside it; then the pair's curves (both schedules: waves and
-#     continuous) and transformers' pair curve (static-cache generate)
+# first call: keep it short) copies the repository aside, installs it from there and launches the
+# job; `watch` (each later call) hands it the next SmolLM2 GGUF part and waits; `patch` also
+# brings a fix. Every call returns the logs and JSON so far as $OUT/session.tgz. Nothing is cut at
+# a call's end, so no engine build is lost between calls, and each lane starts its next step as
+# soon as what it needs exists.
+#   lane A (GPU 0): the runtime's GPU tests (those of a tree per bucket and of admission first:
+#     the newest code), then the 8B-shape dispatcher engine (whole, --max-batch 64, its draft's
+#     lm_head over bench_decode's 32k hot tokens: its compile time is the one reported), its
+#     curve and the forced curve from the speculative steps its measured dispatch timed, then
+#     the rest of the GPU tests
+#   lane B (GPU 1): once SmolLM2 has arrived, the pair's dispatcher engine with its plain and
+#     forced engines built beside it; the pair's curves (both schedules: waves and continuous)
+#     and transformers' pair curve (static-cache generate); then the 8B plain (chain-0) engine
+#     and its curve
 # CPU cores are split so that what is timed never shares cores with a compile.
-# Usage: bash bench/gpu_session.sh start PARTS_DIR [SECONDS] | watch PARTS_DIR [SECONDS] | drive
+# Usage: bash bench/gpu_session.sh start|watch|patch PARTS_DIR [SECONDS] | drive
 set -uo pipefail
 JOB=batch
 . "$(dirname "$0")/gpu_job.sh"
@@ -36,22 +38,17 @@ drive() {
   BATCH=(python3 bench/bench_batch.py --device cuda --engines "$ENG" --model "$SMOL")
   PAIR=("${BATCH[@]}" --shapes pair)
   B8=("${BATCH[@]}" --shapes llama8b)
+  TESTS=(python3 -m pytest -v -p no:cacheprovider -rfE --durations=15 tests/test_gpu_runtime.py -m gpu)
   (  # lane A
+    run t_new 0-11 0 timeout -k 10 900 "${TESTS[@]}" -k "per-bucket or admission"
     run a_8b_build 0-11 0 "${B8[@]}" --build-only --only ours_dispatch
     run a_8b_curve 0-11 0 "${B8[@]}" --curves ours_dispatch,ours_forced --forced-from-dispatch \
       --out "$LOG/batch_8b_a.json"
-    # the GPU tests, the ones never yet run on a GPU first (the 600-s cap of earlier runs cut them)
-    run t_new 0-11 0 timeout -k 10 900 python3 -m pytest -v -p no:cacheprovider -rfE \
-      tests/test_gpu_runtime.py -m gpu -k "per-bucket or admission"
-    run t_rest 0-11 0 timeout -k 10 1200 python3 -m pytest -v -p no:cacheprovider -rfE \
-      tests/test_gpu_runtime.py -m gpu -k "not per-bucket and not admission"
+    run t_rest 0-11 0 timeout -k 10 1200 "${TESTS[@]}" -k "not per-bucket and not admission"
     touch "$LOG/lane_a.done"
   ) &
   (  # lane B
-    run b_8b_build 12-31 1 "${B8[@]}" --build-only --only ours_plain
-    run b_8b_plain_curve 12-23 1 "${B8[@]}" --curves ours_plain --out "$LOG/batch_8b_b.json"
-    run b_8b_hf 12-23 1 "${B8[@]}" --curves hf --out "$LOG/batch_8b_hf.json"
-    if ! fetch_model 12-23 1; then
+    if ! fetch_model 12-31 1; then
       touch "$LOG"/pair_{dispatch,plain,forced}.failed
     else
       build pair_dispatch 12-19 "${PAIR[@]}" --build-only --only ours_dispatch &
@@ -64,13 +61,15 @@ drive() {
       build pair_forced 20-31 "${PAIR[@]}" --build-only --only ours_forced ${N:+--forced-tree "$N"}
     fi
     wait  # the pair's builds
-    # timed on GPU 1 and cores 12-23, while lane A's tests compile on cores 0-11 for GPU 0
+    # timed on GPU 1 and cores 12-23, while lane A compiles on cores 0-11 for GPU 0
     built pair_dispatch && run b_pair_dispatch 12-23 1 "${PAIR[@]}" --curves ours_dispatch \
       --out "$LOG/batch_pair_b1.json"
     built pair_plain && built pair_forced && run b_pair_pf 12-23 1 "${PAIR[@]}" --curves ours_plain,ours_forced \
       --out "$LOG/batch_pair_b2.json"
     # transformers' static-cache generate only: its generate_batch ran at 10-18 tokens/s at batches 1-2
     run b_pair_hf 12-23 1 "${PAIR[@]}" --curves hf --hf-methods static --out "$LOG/batch_pair_hf.json"
+    run b_8b_build 12-31 1 "${B8[@]}" --build-only --only ours_plain
+    run b_8b_plain_curve 12-23 1 "${B8[@]}" --curves ours_plain --out "$LOG/batch_8b_b.json"
     touch "$LOG/lane_b.done"
   ) &
   wait

@@ -3,6 +3,7 @@ packages that load without hand-set environment variables. Skipped without a GPU
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -68,6 +69,18 @@ def test_eagle3_draft_on_cuda_matches_transformers(tmp_path):
         assert engine.generate(p, max_new_tokens=60).output_ids == hf_greedy(target, p, 60)
 
 
+@functools.cache
+def loaded(engine_dir: Path):
+    """One loaded engine per directory for this module (loading and capturing every bucket is
+    most of a test's time). A test starts from it with every slot freed: `capture()` frees
+    them (the graphs captured before are kept)."""
+    from spec_compiler.runtime import Engine
+
+    engine = Engine.load(engine_dir)
+    engine.capture()
+    return engine
+
+
 def steps_without_sync(engine, n: int) -> list:
     """Run n engine.step() calls with CUDA's sync-debug mode set to error (a host sync inside
     a step raises); returns the captured steps replayed, in order."""
@@ -93,9 +106,7 @@ def steps_without_sync(engine, n: int) -> list:
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
 def test_step_is_one_replay_without_sync(fp32_engine, temperature):
-    from spec_compiler.runtime import Engine
-
-    engine = Engine.load(fp32_engine)
+    engine = loaded(fp32_engine)
     engine.capture()
     engine.generate(PROMPT, max_new_tokens=8)  # prefill + a few steps, outside sync checking
     engine.start(PROMPT, temperature=temperature, seed=3)  # no max_new_tokens: to the capacity
@@ -125,9 +136,7 @@ def batch_engine(request, tmp_path_factory, tiny_dir, tiny_draft_dir):
 def test_every_bucket_steps_in_one_replay_without_sync(batch_engine, n_live, temperature):
     """--max-batch 4 (buckets 1, 2, 4): with n_live sequences admitted, each step() after their
     prefill is one CUDA-graph replay of the smallest bucket holding them, with no host sync."""
-    from spec_compiler.runtime import Engine
-
-    engine = Engine.load(batch_engine)
+    engine = loaded(batch_engine)
     engine.capture()
     slots = [engine.admit(PROMPT[:6 + 2 * i], temperature=temperature, seed=i) for i in range(n_live)]
     assert slots == list(range(n_live))
@@ -142,9 +151,7 @@ def test_every_bucket_steps_in_one_replay_without_sync(batch_engine, n_live, tem
 def test_batched_cuda_greedy_equals_solo(batch_engine, tiny_dir):
     """float32 on the GPU: every sequence of a batch (more prompts than slots) equals transformers'
     greedy decoding of it alone; with a tree per bucket, also across the plain bucket."""
-    from spec_compiler.runtime import Engine
-
-    engine = Engine.load(batch_engine)
+    engine = loaded(batch_engine)
     prompts = [PROMPT[:4 + 3 * i] for i in range(6)]
     results = engine.generate_batch(prompts, max_new_tokens=[40, 12, 30, 25, 40, 8])
     for p, n, r in zip(prompts, [40, 12, 30, 25, 40, 8], results):
@@ -155,10 +162,8 @@ def test_admission_prefills_without_host_sync(batch_engine, tiny_dir):
     """A prompt admitted while another slot decodes is prefilled (three chunks: one captured
     replay each) and armed with no host sync, the other slot stepping in between; both outputs
     equal transformers' greedy decoding."""
-    from spec_compiler.runtime import Engine
-
     long = [9] * 40  # chunks of 16: three
-    engine = Engine.load(batch_engine)
+    engine = loaded(batch_engine)
     engine.capture()
     engine.generate_batch([PROMPT, long], max_new_tokens=4)  # captures slots 0 and 1's prefill
     with engine.session():
@@ -255,9 +260,7 @@ def test_bf16_engine_diverges_only_at_near_ties(tmp_path, tiny_dir, tiny_draft_d
 def test_sampling_on_cuda_is_lossless_and_replays(fp32_engine, tiny_dir):
     """The CUDA engine at T > 0: a seed replays exactly, and the first two tokens are distributed
     as the target's (the chi-square check of test_sampling_engine, on the GPU)."""
-    from spec_compiler.runtime import Engine
-
-    engine = Engine.load(fp32_engine)
+    engine = loaded(fp32_engine)
     a = engine.generate(PROMPT, max_new_tokens=30, temperature=1.0, seed=5)
     assert a.output_ids == engine.generate(PROMPT, max_new_tokens=30, temperature=1.0, seed=5).output_ids
     check_first_two_tokens(engine, tiny_dir, PROMPT, 400)
