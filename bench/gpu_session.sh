@@ -6,15 +6,14 @@
 # brings a fix. Every call returns the logs and JSON so far as $OUT/session.tgz. Nothing is cut at
 # a call's end, so no engine build is lost between calls, and each lane starts its next step as
 # soon as what it needs exists.
-#   lane A (GPU 0): the runtime's GPU tests (those of a tree per bucket and of admission first:
-#     the newest code), then the 8B-shape dispatcher engine (whole, --max-batch 64, its draft's
-#     lm_head over bench_decode's 32k hot tokens: its compile time is the one reported), its
-#     curve and the forced curve from the speculative steps its measured dispatch timed, then
-#     the rest of the GPU tests
+#   lane A (GPU 0): the runtime's GPU tests (those of admission first: the newest code)
 #   lane B (GPU 1): once SmolLM2 has arrived, the pair's dispatcher engine with its plain and
 #     forced engines built beside it; the pair's curves (both schedules: waves and continuous)
-#     and transformers' pair curve (static-cache generate); then the 8B plain (chain-0) engine
-#     and its curve
+#     and, with HF_PAIR=1, transformers' pair curve (static-cache generate); then the 8B-shape
+#     dispatcher engine (whole, --max-batch 64, its draft's lm_head over bench_decode's 32k hot
+#     tokens: its compile time is the one reported), its curve and the forced curve from the
+#     speculative steps its measured dispatch timed; with PLAIN_8B=1, the 8B plain (chain-0)
+#     engine and its curve
 # CPU cores are split so that what is timed never shares cores with a compile.
 # Usage: bash bench/gpu_session.sh start|watch|patch PARTS_DIR [SECONDS] | drive
 set -uo pipefail
@@ -40,36 +39,39 @@ drive() {
   B8=("${BATCH[@]}" --shapes llama8b)
   TESTS=(python3 -m pytest -v -p no:cacheprovider -rfE --durations=15 tests/test_gpu_runtime.py -m gpu)
   (  # lane A
-    run t_new 0-11 0 timeout -k 10 900 "${TESTS[@]}" -k "per-bucket or admission"
-    run a_8b_build 0-11 0 "${B8[@]}" --build-only --only ours_dispatch
-    run a_8b_curve 0-11 0 "${B8[@]}" --curves ours_dispatch,ours_forced --forced-from-dispatch \
-      --out "$LOG/batch_8b_a.json"
-    run t_rest 0-11 0 timeout -k 10 1200 "${TESTS[@]}" -k "not per-bucket and not admission"
+    run t_new 0-9 0 timeout -k 10 900 "${TESTS[@]}" -k "admission"
+    run t_rest 0-9 0 timeout -k 10 1200 "${TESTS[@]}" -k "not per-bucket and not admission"
     touch "$LOG/lane_a.done"
   ) &
   (  # lane B
-    if ! fetch_model 12-31 1; then
+    if ! fetch_model 10-31 1; then
       touch "$LOG"/pair_{dispatch,plain,forced}.failed
     else
-      build pair_dispatch 12-19 "${PAIR[@]}" --build-only --only ours_dispatch &
-      build pair_plain 20-31 "${PAIR[@]}" --build-only --only ours_plain &
+      build pair_dispatch 10-17 "${PAIR[@]}" --build-only --only ours_dispatch &
+      build pair_plain 18-24 "${PAIR[@]}" --build-only --only ours_plain &
       N=  # the forced engine's tree: the dispatcher's batch-1 tree, read from its log once chosen
       until N=$(sed -n 's/.*batch 1: fitted-\([0-9]*\).*/\1/p' "$LOG/b_pair_dispatch.log" 2>/dev/null | head -1)
             [ -n "$N" ] || grep -q "batch 1: chain-" "$LOG/b_pair_dispatch.log" 2>/dev/null \
             || [ -e "$LOG/pair_dispatch.failed" ]; do sleep 3; done
       say "forced tree: $([ -n "$N" ] && echo "fitted-$N" || echo "none chosen: chain-3 or the built dispatcher's")"
-      build pair_forced 20-31 "${PAIR[@]}" --build-only --only ours_forced ${N:+--forced-tree "$N"}
+      build pair_forced 25-31 "${PAIR[@]}" --build-only --only ours_forced ${N:+--forced-tree "$N"}
     fi
     wait  # the pair's builds
-    # timed on GPU 1 and cores 12-23, while lane A compiles on cores 0-11 for GPU 0
-    built pair_dispatch && run b_pair_dispatch 12-23 1 "${PAIR[@]}" --curves ours_dispatch \
+    # timed on GPU 1 and cores 10-21, while lane A compiles on cores 0-9 for GPU 0
+    built pair_dispatch && run c_pair_dispatch 10-21 1 "${PAIR[@]}" --curves ours_dispatch \
       --out "$LOG/batch_pair_b1.json"
-    built pair_plain && built pair_forced && run b_pair_pf 12-23 1 "${PAIR[@]}" --curves ours_plain,ours_forced \
+    built pair_plain && built pair_forced && run c_pair_pf 10-21 1 "${PAIR[@]}" --curves ours_plain,ours_forced \
       --out "$LOG/batch_pair_b2.json"
-    # transformers' static-cache generate only: its generate_batch ran at 10-18 tokens/s at batches 1-2
-    run b_pair_hf 12-23 1 "${PAIR[@]}" --curves hf --hf-methods static --out "$LOG/batch_pair_hf.json"
-    run b_8b_build 12-31 1 "${B8[@]}" --build-only --only ours_plain
-    run b_8b_plain_curve 12-23 1 "${B8[@]}" --curves ours_plain --out "$LOG/batch_8b_b.json"
+    if [ -n "${HF_PAIR:-}" ]; then  # transformers' static-cache generate (its generate_batch: 10-18 tokens/s)
+      run b_pair_hf 10-21 1 "${PAIR[@]}" --curves hf --hf-methods static --out "$LOG/batch_pair_hf.json"
+    fi
+    run b_8b_build 10-21 1 "${B8[@]}" --build-only --only ours_dispatch
+    run b_8b_curve 10-21 1 "${B8[@]}" --curves ours_dispatch,ours_forced --forced-from-dispatch \
+      --out "$LOG/batch_8b_a.json"
+    if [ -n "${PLAIN_8B:-}" ]; then
+      run b_8b_plain_build 10-31 1 "${B8[@]}" --build-only --only ours_plain
+      run b_8b_plain_curve 10-21 1 "${B8[@]}" --curves ours_plain --out "$LOG/batch_8b_b.json"
+    fi
     touch "$LOG/lane_b.done"
   ) &
   wait

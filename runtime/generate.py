@@ -557,18 +557,18 @@ class Engine:
         """Slot i is not live: masked in every step, whose writes for it land at or past
         `valid_len` in its own cache rows (engine_format: parked slots)."""
         st = self.state
-        st["slot_valid"][i] = False
-        st["done"][i] = True
-        st["n_acc"][i] = 1
-        st["cache_len"][i] = valid_len + 1
+        st["slot_valid"][i].fill_(False)
+        st["done"][i].fill_(True)
+        st["n_acc"][i].fill_(1)
+        st["cache_len"][i].fill_(valid_len + 1)
 
     def _set_sampling(self, i: int, temperature: float, top_p: float, top_k: int,
                       seed: int | None) -> None:
         st = self.state
-        st["temperature"][i] = temperature
-        st["top_p"][i] = top_p
-        st["top_k"][i] = top_k
-        st["seed"][i] = 0 if seed is None else seed
+        st["temperature"][i].fill_(temperature)
+        st["top_p"][i].fill_(top_p)
+        st["top_k"][i].fill_(top_k)
+        st["seed"][i].fill_(0 if seed is None else seed)
 
     def _prefill_chunk(self, i: int) -> None:
         """The next prefill chunk of pending slot i, run over that slot's rows alone (the
@@ -625,25 +625,30 @@ class Engine:
         """Slot i's state for a sequence whose first emitted token is `first` (a 0-d tensor on
         the device: the root, with feature `feat`) over `cache_len` cache slots; nothing is read
         back (whether `first` is an EOS is decided on the device). Every row the slot's reads
-        could see is written here, so nothing of a previous occupant leaks."""
+        could see is written here, so nothing of a previous occupant leaks. Writes are in-place
+        fills and copies: assigning a Python scalar to a CUDA element copies from pageable host
+        memory, a host sync (so in `_park` and `_set_sampling` too)."""
         d, st = self.dims, self.state
         st["acc_tokens"][i].zero_()
-        st["acc_tokens"][i, 0] = first
+        st["acc_tokens"][i, 0].copy_(first)
         st["acc_feats"][i].zero_()
-        st["acc_feats"][i, 0] = feat
-        st["n_acc"][i] = 1
-        st["cache_len"][i] = cache_len
+        st["acc_feats"][i, 0].copy_(feat)
+        st["n_acc"][i].fill_(1)
+        st["cache_len"][i].fill_(cache_len)
         if d.mixed:  # draft_prefill wrote the prompt's pairs; the last one is pending
-            st["draft_len"][i] = cache_len - 1
+            st["draft_len"][i].fill_(cache_len - 1)
         st["out_buf"][i].zero_()
-        st["out_buf"][i, 0] = first
+        st["out_buf"][i, 0].copy_(first)
         st["accept_hist"][i].zero_()
-        st["n_out"][i] = 1
-        st["n_steps"][i] = 0
-        st["max_new"][i] = max_new_tokens or d.max_seq_len
+        st["n_out"][i].fill_(1)
+        st["n_steps"][i].fill_(0)
+        st["max_new"][i].fill_(max_new_tokens or d.max_seq_len)
         stop = max_new_tokens == 1 or cache_len + d.step_slots > d.max_seq_len
-        st["done"][i] = (first == self._eos).any() | stop if check_eos else stop
-        st["slot_valid"][i] = True
+        if check_eos:
+            st["done"][i].copy_((first == self._eos).any() | stop)
+        else:
+            st["done"][i].fill_(stop)
+        st["slot_valid"][i].fill_(True)
         self._slots[i].live = True
 
     def _catch_up(self, i: int) -> None:
