@@ -3,6 +3,8 @@
 # The first call (`start`) copies the repository aside, installs it from there and launches the
 # script's `drive`; each later call (`watch`) waits for it. Every call copies the GGUF part it
 # carries (PARTS_DIR) to $KEEP_ROOT/gq, where the job assembles SmolLM2 once both have arrived.
+# The job lives only as long as the machine: one left idle for half a minute between calls is
+# handed back, the job with it, so make each call as soon as the last returns.
 # `patch` is a `watch` that first copies this call's Python sources over the job's copy: a fix
 # made during the session reaches the job's later steps (each step is a fresh process).
 # The caller sets JOB (its state lives in $KEEP_ROOT/$JOB) and takes MODE PARTS_DIR [SECONDS].
