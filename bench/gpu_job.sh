@@ -57,7 +57,7 @@ job_main() {
   start) job_start "$1"; watch ;;
   watch) watch ;;
   patch) for d in spec_compiler passes runtime export bench tests; do cp -a "$d/." "$SRC/$d/"; done
-         say "patched from a later call: $(git log -1 --format=%h 2>/dev/null) + working tree"; watch ;;
+         say "patched: the sources of a later call"; watch ;;
   drive) cd "$SRC" || exit 1; . bench/gpu_env.sh; drive ;;
   *) echo "unknown mode $MODE: start, watch, patch or drive"; exit 2 ;;
   esac
