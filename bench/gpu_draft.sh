@@ -16,7 +16,7 @@
 # index.json, then the drafts' files, then the checkpoint's parts, each once, named
 # KIND__FILE (corpus__, draft__, draft3__ for the EAGLE-3 head, ckpt__). Put them back under the paths gpu_corpus.sh names
 # (CORPUS, DRAFT, RUN/checkpoints) and commit the corpus and the draft.
-# Usage: bash bench/gpu_draft.sh start PARTS_DIR [SECONDS] | watch PARTS_DIR [SECONDS] | drive
+# Usage: bash bench/gpu_draft.sh start|watch|patch PARTS_DIR [SECONDS] | drive
 set -uo pipefail
 JOB=draft
 . "$(dirname "$0")/gpu_job.sh"
