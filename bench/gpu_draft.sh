@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 14's GPU-scale draft training as one background job on a 1-GPU machine that outlives the
 # 10-minute calls (bench/gpu_job.sh): the corpus, then training from it, with nothing carried
-# between calls while the machine stays warm. `start` (the first call, carrying GGUF part 0)
+# between calls while the machine stays warm. `start` (the first call, carrying GGUF part 0: keep it short)
 # copies the repository aside, installs it and launches the job; `watch` (each later call: part 1
 # on the second) waits. The job runs bench/gpu_corpus.sh's stages:
 #   corpus  spec-corpus over the wide training set (27 passes, 256 new tokens: ~9M new tokens,
