@@ -4,7 +4,8 @@
 # later call needs comes back under $OUT and is committed before the next call:
 #   corpus: spec-corpus continues the wide training set (27 passes: one greedy, then T 0.7 and 1.0
 #           in turn, 256 new tokens: ~9M new tokens, 10x the shipped drafts' data) for $LIMIT seconds; CORPUS comes back (parts <= 15 MiB). Repeat until
-#           index.json says complete (the stage prints it).
+#           index.json says complete (the stage prints it). SHARD=I/N makes shard I of N instead
+#           (one per GPU, each its own CORPUS; `spec-corpus merge` joins them).
 #   train:  spec-train --corpus, resumed from the checkpoint in $RUN if there is one, for $LIMIT
 #           seconds; the checkpoint (parts <= 15 MiB) and the draft come back. Repeat until the
 #           printed stop_reason is "tokens" or "early stop".
@@ -37,17 +38,22 @@ TRAIN=(python3 -m spec_compiler.train.cli "$SMOL" --out "$DRAFT" --corpus "$CORP
 # A data-size point: CORPUS_TOKENS=N trains on the corpus's first N new tokens (nested subsets;
 # give each point its own DRAFT and RUN), then bench/training_curve.py tabulates and plots them.
 [ -n "${CORPUS_TOKENS:-}" ] && TRAIN+=(--corpus-tokens "$CORPUS_TOKENS")
+# EVAL=1: the train stage also scores the draft on the development prompts when it stops (the
+# report stage's dev_eval; reporting only, never a stopping rule)
+DEV=(--eval-prompts spec_compiler/data/prompts_dev.jsonl --eval-n 117)
+[ -n "${EVAL:-}" ] && TRAIN+=("${DEV[@]}")
 case "$STAGE" in
 corpus)
   python3 -m spec_compiler.train.corpus "$SMOL" --out "$CORPUS" --device cuda --passes 27 \
-    --temperature 0,0.7,1.0 --max-new-tokens 256 --gen-batch 512 --time-limit "$LIMIT" 2>&1 \
+    --temperature 0,0.7,1.0 --max-new-tokens 256 --gen-batch 1024 --time-limit "$LIMIT" \
+    ${SHARD:+--shard "$SHARD"} 2>&1 \
     | tee "$OUT/corpus.log" | tail -6
   python3 -c "import json,sys; i=json.load(open(sys.argv[1])); print('complete', i.get('complete'), i['totals'])" \
     "$CORPUS/index.json"
   mkdir -p "$OUT/corpus" && cp "$CORPUS"/index.json "$CORPUS"/part-*.bin "$OUT/corpus/"
   ;;
 train|report)
-  [ "$STAGE" = report ] && TRAIN+=(--eval-prompts spec_compiler/data/prompts_dev.jsonl --eval-n 117)
+  [ "$STAGE" = report ] && [ -z "${EVAL:-}" ] && TRAIN+=("${DEV[@]}")
   "${TRAIN[@]}" --time-limit "$LIMIT" > "$OUT/train.log" 2>&1
   echo "exit $?"; grep -v "^\s*$" "$OUT/train.log" | tail -8
   python3 -c "import json,sys; t=json.load(open(sys.argv[1])); v=t.get('validation', {}); \

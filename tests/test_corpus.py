@@ -234,3 +234,72 @@ def test_pass_temperatures_never_repeat_a_greedy_pass(tiny_dir, prompt_file, tmp
     assert main([str(tiny_dir), "--out", str(tmp_path / "c"), "--prompts", str(prompt_file), *GEN,
                  "--passes", "3"]) == 0
     assert "note: passes 1, 2 are greedy again" in capsys.readouterr().err
+
+
+def test_shards_merge_into_the_unsharded_corpus(tiny_dir, prompt_file, tmp_path, capsys):  # noqa: F811
+    """Two shards (one GPU each: batches k % 2 == I, seeded per batch like an unsharded run) merge
+    into the corpus one straight run makes: the same part bytes and index. Shards that stopped at
+    different points merge to the batches both reached, and the result continues unsharded to
+    the same corpus again. A wrong shard set or shard flag is a one-line error."""
+    from spec_compiler.train.corpus import merge_shards
+
+    common = [str(tiny_dir), "--prompts", str(prompt_file), *GEN, "--passes", "2", "--temperature", "0,1",
+              "--part-mb", "0.0012"]
+    straight, s0, s1 = tmp_path / "straight", tmp_path / "s0", tmp_path / "s1"
+    assert main([*common, "--out", str(straight)]) == 0
+    assert main([*common, "--out", str(s0), "--shard", "0/2"]) == 0
+    assert main([*common, "--out", str(s1), "--shard", "1/2", "--time-limit", "0.001"]) == 0  # one batch
+    i0, i1 = read_index(s0), read_index(s1)
+    assert i0["complete"] and i0["batches_done"] == 11 and i0["settings"]["shard"] == [0, 2]
+    assert not i1["complete"] and i1["batches_done"] == 2
+    assert {b for p in i0["parts"] for b in p["batches"]} <= set(range(0, 12, 2))
+
+    # shard 1 made only batch 1: the merge holds batches 0-2 (the first missing is 3)
+    part = tmp_path / "part"
+    capsys.readouterr()
+    assert main(["merge", str(s0), str(s1), "--out", str(part)]) == 0
+    err = capsys.readouterr().err
+    assert "batches 0-2 of 12" in err and "note: 4 batches past batch 2" in err
+    ip = read_index(part)
+    assert ip["batches_done"] == 3 and not ip["complete"] and "shard" not in ip["settings"]
+    assert main([*common, "--out", str(part)]) == 0  # continued unsharded
+    a, b = _files(straight), _files(part)
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a if k != "index.json")
+
+    # shard 1 finished: the merge is the straight corpus, bytes and index
+    assert main([*common, "--out", str(s1), "--shard", "1/2"]) == 0
+    assert read_index(s1)["complete"]
+    full = tmp_path / "full"
+    index = merge_shards([s1, s0], full)  # any order
+    c = _files(full)
+    assert a.keys() == c.keys() and all(a[k] == c[k] for k in a if k != "index.json")
+    ia = json.loads(a["index.json"])
+    assert [r["shard"] for r in index["runs"]] == [1, 1, 0] and index["complete"]
+    for i in (ia, index):
+        del i["time"], i["runs"]
+    assert list(ia) == list(index) and ia == index
+    assert [(s.prompt_index, s.tokens.tolist()) for s in read_corpus(full)] == \
+        [(s.prompt_index, s.tokens.tolist()) for s in read_corpus(straight)]
+
+    # errors: one line each, nothing written
+    capsys.readouterr()
+    assert "pass every shard's directory once" in _one_error(capsys, ["merge", str(s0), "--out", str(tmp_path / "x")])
+    assert "pass every shard's directory once" in _one_error(capsys, ["merge", str(s0), str(s0), "--out",
+                                                                      str(tmp_path / "x")])
+    assert "pass every shard's directory once" in _one_error(capsys, ["merge", str(straight), str(s1), "--out",
+                                                                      str(tmp_path / "x")])
+    assert "not an empty directory" in _one_error(capsys, ["merge", str(s0), str(s1), "--out", str(full)])
+    other = tmp_path / "o1"
+    assert main([*common, "--out", str(other), "--shard", "1/2", "--seed", "3", "--time-limit", "0.001"]) == 0
+    capsys.readouterr()
+    assert "in --seed (another" in _one_error(capsys, ["merge", str(s0), str(other), "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+    before = _files(s1)
+    assert "--shard 1/2" in _one_error(capsys, [*common, "--out", str(s1), "--shard", "0/2"])
+    assert "--shard 1/2" in _one_error(capsys, [*common, "--out", str(s1)])
+    assert "(none: an unsharded corpus)" in _one_error(capsys, [*common, "--out", str(straight), "--shard", "0/2"])
+    assert _files(s1) == before
+    with pytest.raises(SystemExit):
+        main([*common, "--out", str(tmp_path / "y"), "--shard", "2/2"])
+    assert "0 <= I < N" in capsys.readouterr().err
+    assert "use at most 12 shards" in _one_error(capsys, [*common, "--out", str(tmp_path / "z"), "--shard", "12/13"])

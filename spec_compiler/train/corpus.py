@@ -14,6 +14,12 @@ the pass: little padding). Generation batch k is the unit of work: its sequences
 then the index records it, so a rerun of the same command resumes after the last recorded batch
 (a finished corpus: nothing to do, nothing written); `--passes` may grow between runs.
 
+Shards: `--shard I/N` makes only the batches k with k % N == I (seeded by k, as in one run), in
+its own directory, so N GPUs generate one corpus at once; `spec-corpus merge SHARD... --out DIR`
+repacks their frames in batch order into the corpus one unsharded run would make (the same parts,
+byte for byte, and the same index but for its time and run records), up to the first batch no
+shard holds yet.
+
 Files (CORPUS_DIR):
     part-00000.bin ...  whole sequences as compressed token ids, each part at most `--part-mb`
                         (a run appends to the newest part while it fits)
@@ -62,7 +68,18 @@ _HEAD = struct.Struct("<4sIII")
 _PART = re.compile(r"^part-\d{5,}\.bin$")
 # Settings that shape the corpus's bytes: an existing corpus continues only with the same ones.
 SHAPE_KEYS = ("temperature", "max_new_tokens", "max_prompt_tokens", "gen_batch", "seed", "target_dtype",
-              "part_mb")
+              "part_mb", "shard")
+
+
+def shard_arg(text: str) -> tuple[int, int]:
+    """`--shard I/N` -> (I, N), 0 <= I < N."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected I/N, e.g. 0/2") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"{text!r}: needs 0 <= I < N")
+    return i, n
 
 
 def parser() -> argparse.ArgumentParser:
@@ -92,6 +109,9 @@ def parser() -> argparse.ArgumentParser:
       help="the target's weights (default auto: bfloat16 on cuda, float32 on cpu)")
     a("--time-limit", type=float, default=None,
       help="stop after the generation batch in flight once this many seconds have passed")
+    a("--shard", type=shard_arg, default=(0, 1), metavar="I/N",
+      help="make only generation batches k with k %% N == I (one shard per GPU, each in its own "
+           "--out); `spec-corpus merge` joins the N shards into the corpus one run would make")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     return add_verbose_flag(p)
 
@@ -115,6 +135,12 @@ def encode_frame(seqs: list[Sequence], batch: int, width: int) -> bytes:
 
 def decode_frames(data: bytes, where: str) -> list[tuple[int, list[Sequence]]]:
     """A part's bytes -> [(batch index, sequences)]; a malformed part is a SpecCompileError."""
+    return [(batch, seqs) for _, batch, seqs in split_frames(data, where)]
+
+
+def split_frames(data: bytes, where: str) -> list[tuple[bytes, int, list[Sequence]]]:
+    """A part's bytes -> [(the frame's own bytes, batch index, sequences)]; a malformed part is a
+    SpecCompileError."""
     out, off = [], 0
     try:
         while off < len(data):
@@ -122,6 +148,7 @@ def decode_frames(data: bytes, where: str) -> list[tuple[int, list[Sequence]]]:
                 raise ValueError(f"no frame at byte {off}")
             (n,) = struct.unpack_from("<I", data, off + 4)
             payload = lzma.decompress(data[off + 8:off + 8 + n])
+            frame = data[off:off + 8 + n]
             off += 8 + n
             magic, k, width, batch = _HEAD.unpack_from(payload)
             if magic != _BLOCK or width not in (2, 4):
@@ -135,8 +162,8 @@ def decode_frames(data: bytes, where: str) -> list[tuple[int, list[Sequence]]]:
                 raise ValueError("block size")
             ids = torch.from_numpy(ids.astype(np.int64))
             starts = np.concatenate(([0], np.cumsum(lens)))
-            out.append((batch, [Sequence(ids[starts[i]:starts[i + 1]].clone(), None, int(meta[1, i]),
-                                         bool(ended[i]), int(meta[0, i])) for i in range(k)]))
+            out.append((frame, batch, [Sequence(ids[starts[i]:starts[i + 1]].clone(), None, int(meta[1, i]),
+                                                bool(ended[i]), int(meta[0, i])) for i in range(k)]))
     except (ValueError, lzma.LZMAError, struct.error) as e:
         raise SpecCompileError(f"{where}: not a corpus part ({brief(e)}); restore it (e.g. from git) "
                                "or regenerate the corpus") from None
@@ -239,9 +266,12 @@ def _check_args(args) -> None:
 
 
 def _shape(args) -> dict:
-    return {"temperature": list(args.temperature), "max_new_tokens": args.max_new_tokens,
-            "max_prompt_tokens": args.max_prompt_tokens, "gen_batch": args.gen_batch, "seed": args.seed,
-            "target_dtype": target_dtype(args), "part_mb": args.part_mb}
+    shape = {"temperature": list(args.temperature), "max_new_tokens": args.max_new_tokens,
+             "max_prompt_tokens": args.max_prompt_tokens, "gen_batch": args.gen_batch, "seed": args.seed,
+             "target_dtype": target_dtype(args), "part_mb": args.part_mb}
+    if args.shard[1] > 1:  # recorded only for a shard: a merged corpus equals an unsharded one
+        shape["shard"] = list(args.shard)
+    return shape
 
 
 def _check_same(index: dict, model: dict, prompts: dict, shape: dict, passes: int, out: Path) -> None:
@@ -254,9 +284,12 @@ def _check_same(index: dict, model: dict, prompts: dict, shape: dict, passes: in
         raise SpecCompileError(f"--out {out} holds a corpus of other prompts ({index['prompts']['path']}); "
                                "pass that --prompts file, or choose another --out")
     for k in SHAPE_KEYS:
-        if index["settings"].get(k) != shape[k]:
+        if index["settings"].get(k) != shape.get(k):
             old = index["settings"].get(k)
-            old = ",".join(map(str, old)) if isinstance(old, list) else old
+            if k == "shard":
+                old = "/".join(map(str, old)) if old else "(none: an unsharded corpus)"
+            elif isinstance(old, list):
+                old = ",".join(map(str, old))
             raise SpecCompileError(f"--out {out} holds a corpus made with --{k.replace('_', '-')} {old}, "
                                    "this run differs; use the same settings, or choose another --out")
     if passes < index["settings"]["passes"]:
@@ -363,8 +396,15 @@ def _generate(args, command, out, index, rows, model, prompts, shape, t_start) -
     if len(greedy) > 1:
         print(f"note: passes {', '.join(map(str, greedy[1:]))} are greedy again: exact copies of pass "
               f"{greedy[0]}'s continuations; add a sampling temperature for new data", file=sys.stderr)
+    shard, n_shards = args.shard
+    # the batches this run makes: k % N == I (all of them unsharded); batches_done is the next
+    # batch position, so a shard's index says how far along the whole plan it has come
+    mine = [k for k in range(index["batches_done"] if index else 0, total) if k % n_shards == shard]
     done = index["batches_done"] if index else 0
-    if index is not None and done >= total:
+    if index is None and not mine:
+        raise SpecCompileError(f"--shard {shard}/{n_shards}: the plan has only {total} generation batches, "
+                               f"none for this shard; use at most {total} shards")
+    if index is not None and not mine:
         print(f"corpus {out}: complete ({done} batches, {index['totals']['n_new']} new tokens in "
               f"{len(index['parts'])} parts); nothing to do", file=sys.stderr)
         return index
@@ -378,42 +418,43 @@ def _generate(args, command, out, index, rows, model, prompts, shape, t_start) -
         index = {"format": FORMAT, "model": model, "prompts": prompts,
                  "settings": {"passes": args.passes, **shape}, "vocab_size": target.cfg.vocab_size,
                  "token_bytes": width, "eos_token_ids": sorted(target.cfg.eos_token_ids),
-                 "batches_per_pass": per_pass, "batches_done": 0, "complete": False, "parts": [],
+                 "batches_per_pass": per_pass, "batches_done": 0, "complete": not mine, "parts": [],
                  "totals": _totals([]), "time": {"generate_s": 0.0}, "runs": []}
     index["settings"]["passes"] = args.passes
     # which command made which batches, where (a corpus may be continued on another machine)
     run = {"command": command, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-           "target_dtype": target_dtype(args), "torch": torch.__version__, "batches": [done, done],
+           "target_dtype": target_dtype(args), "torch": torch.__version__, "batches": [mine[0], mine[0]],
            "generate_s": 0.0}
     index["runs"].append(run)
     limit = int(args.part_mb * (1 << 20))
     order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))  # little padding per batch
     eos = target.cfg.eos_token_ids
-    while done < total:
+    for j, k in enumerate(mine):
         t0 = time.time()
-        p, b = divmod(done, per_pass)
+        p, b = divmod(k, per_pass)
         pids = order[b * G:(b + 1) * G]
         temp = pass_temperature(args.temperature, p)
-        gen = torch.Generator(dev).manual_seed(_seed(args.seed, done, 1))
+        gen = torch.Generator(dev).manual_seed(_seed(args.seed, k, 1))
         seqs = continue_prompts(target, [ids[i] for i in pids], args.max_new_tokens, eos, temp, gen)
         for s, i in zip(seqs, pids):
             s.prompt_index = i
-        frames, meta = _frames(seqs, done, width, limit)
+        frames, meta = _frames(seqs, k, width, limit)
         for name, data in _pack(out, frames, index, limit, meta).items():
             atomic_write_bytes(out / name, data)
-        done += 1
+        done = k + 1
         dt = time.time() - t0
         index["batches_done"] = done
-        index["complete"] = done == total
+        index["complete"] = j == len(mine) - 1
         index["totals"] = _totals(index["parts"])
         index["time"]["generate_s"] = round(index["time"]["generate_s"] + dt, 1)
-        run["batches"][1], run["generate_s"] = done - 1, round(run["generate_s"] + dt, 1)
+        run["batches"][1], run["generate_s"] = k, round(run["generate_s"] + dt, 1)
         _write_index(out, index)  # the commit point of this batch
         new = sum(m["new"] for m in meta)
-        print(f"corpus batch {done}/{total} (pass {p}, T {temp:g}): {len(pids)} prompts, {new} new "
+        print(f"corpus batch {done}/{total}{f' (shard {shard}/{n_shards})' if n_shards > 1 else ''} "
+              f"(pass {p}, T {temp:g}): {len(pids)} prompts, {new} new "
               f"tokens in {dt:.0f}s ({new / max(dt, 1e-9):.1f} tok/s); {len(index['parts'])} parts, "
               f"{index['totals']['bytes'] / (1 << 20):.2f} MiB", file=sys.stderr, flush=True)
-        if done < total and args.time_limit is not None and time.time() - t_start >= args.time_limit:
+        if not index["complete"] and args.time_limit is not None and time.time() - t_start >= args.time_limit:
             print(f"stopped by --time-limit after batch {done}/{total}: rerun the same command to "
                   "continue", file=sys.stderr)
             break
@@ -423,11 +464,94 @@ def _generate(args, command, out, index, rows, model, prompts, shape, t_start) -
     return index
 
 
+# ---------------------------------------------------------------- merging shards
+
+def merge_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spec-corpus merge", description=(
+        "Join the N shards of one corpus (spec-corpus --shard I/N, each in its own directory) into "
+        "the corpus one unsharded run would make: the same parts, bytes and index. Shards that "
+        "stopped at different points give the batches every shard has reached; continue the "
+        "result with spec-corpus (unsharded), or the shards, and merge again."))
+    p.add_argument("shards", type=Path, nargs="+", help="the shard directories, all N of them")
+    p.add_argument("--out", type=Path, required=True, help="new corpus directory to write")
+    return add_verbose_flag(p)
+
+
+def merge_shards(shards: list[Path], out: Path) -> dict:
+    """Shards -> one corpus in `out` (new or empty): batches 0 .. m-1, m the first batch no shard
+    holds; the parts are the frames repacked in batch order, byte-identical to an unsharded run's."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SpecCompileError(f"--out {out} exists and is not an empty directory; choose a new one")
+    indexes = [read_index(d, "shard") for d in shards]
+    keys = [tuple(i["settings"].get("shard") or (0, 1)) for i in indexes]
+    n = keys[0][1]
+    if n < 2 or any(k[1] != n for k in keys) or sorted(k[0] for k in keys) != list(range(n)):
+        got = ", ".join(f"{d} ({'/'.join(map(str, k)) if k[1] > 1 else 'unsharded'})" for d, k in zip(shards, keys))
+        raise SpecCompileError(f"merge: expected the {n if n > 1 else 'N'} shards 0/N .. N-1/N of one corpus, got {got}; "
+                               "pass every shard's directory once")
+    first = indexes[0]
+
+    def same(i):
+        return {k: i[k] for k in ("format", "model", "prompts", "vocab_size", "token_bytes", "eos_token_ids",
+                                  "batches_per_pass")} | {
+            "settings": {k: v for k, v in i["settings"].items() if k != "shard"}}
+
+    for d, i in zip(shards, indexes):
+        if same(i) != same(first):
+            x, y = same(i), same(first)
+            diff = sorted({k for k in x if k != "settings" and x[k] != y[k]} | {
+                f"--{k.replace('_', '-')}" for k in x["settings"].keys() | y["settings"].keys()
+                if x["settings"].get(k) != y["settings"].get(k)})
+            raise SpecCompileError(f"merge: shard {d} differs from {shards[0]} in {', '.join(diff)} "
+                                   "(another model, prompt file or setting); merge shards of one corpus")
+    frames: dict[int, list[tuple[bytes, dict]]] = {}
+    for d, i in zip(shards, indexes):
+        for part in i["parts"]:
+            for frame, batch, seqs in split_frames(read_part(d, part, "shard"), f"shard: {d / part['file']}"):
+                frames.setdefault(batch, []).append((frame, {
+                    "batch": batch, "n": len(seqs), "tokens": sum(len(q.tokens) for q in seqs),
+                    "new": sum(q.n_new for q in seqs)}))
+    m = 0
+    while m in frames:
+        m += 1
+    if m == 0:
+        raise SpecCompileError(f"merge: no shard holds batch 0 (shard 0/{n} has made none yet); run the "
+                               "shards further, then merge")
+    dropped = sorted(k for k in frames if k >= m)
+    total = first["batches_per_pass"] * first["settings"]["passes"]
+    index = same(first) | {"batches_done": m, "complete": m == total, "parts": [], "totals": _totals([]),
+                           "time": {"generate_s": round(sum(i["time"]["generate_s"] for i in indexes), 1)},
+                           "runs": [r | {"shard": k[0]} for i, k in zip(indexes, keys) for r in i["runs"]]}
+    # the same key order as an unsharded run's index
+    index = {k: index[k] for k in ("format", "model", "prompts", "settings", "vocab_size", "token_bytes",
+                                   "eos_token_ids", "batches_per_pass", "batches_done", "complete", "parts",
+                                   "totals", "time", "runs")}
+    limit = int(first["settings"]["part_mb"] * (1 << 20))
+    with output_lock(out):
+        out.mkdir(parents=True, exist_ok=True)
+        ordered = [fm for k in range(m) for fm in frames[k]]
+        for name, b in _pack(out, [f for f, _ in ordered], index, limit, [mm for _, mm in ordered]).items():
+            atomic_write_bytes(out / name, b)
+        index["totals"] = _totals(index["parts"])
+        _write_index(out, index)
+    print(f"merged {len(shards)} shards into {out}: batches 0-{m - 1} of {total}"
+          f"{' (complete)' if m == total else ''}, {index['totals']['n_new']} new tokens, "
+          f"{len(index['parts'])} parts", file=sys.stderr)
+    if dropped:
+        print(f"note: {len(dropped)} batches past batch {m - 1} (the first a shard lacks is {m}) are "
+              "left out; continue the shards and merge again to keep them", file=sys.stderr)
+    return index
+
+
 @cli_entry(interrupted="interrupted: rerun the same command to continue (finished batches are kept)")
 def main(argv: list[str] | None = None) -> int:
     from .options import command_line
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["merge"]:
+        a = merge_parser().parse_args(argv[1:])
+        merge_shards(a.shards, a.out)
+        return 0
     args = parser().parse_args(argv)
     make_corpus(args, command=command_line("spec-corpus", argv))
     return 0
