@@ -232,8 +232,9 @@ def measure(target: torch.nn.Module, draft: torch.nn.Module | None, target_sizes
         if module is None:
             continue
         p = next(module.parameters())
+        layers = len(module.layers) if hasattr(module, "layers") else 1  # EAGLE-3: its one midlayer
         kv = [torch.zeros(module.cache_shape(batch, capacity), dtype=p.dtype, device=p.device)
-              for _ in range(2 * len(module.layers))]
+              for _ in range(2 * layers)]
         for n in sizes:
             jobs[(name, n)] = _forward(module, n, context, kv, batch)
     dev = next(target.parameters()).device
@@ -292,8 +293,10 @@ def _forward(module: torch.nn.Module, n: int, context: int, kv: list[torch.Tenso
     tokens = torch.zeros(batch, n, dtype=torch.long, device=dev)
     pos = (context + torch.arange(n, device=dev)[None]).expand(batch, n)
     cache_len = torch.full((batch,), context, dtype=torch.long, device=dev)
-    if hasattr(module, "fc"):  # a draft: (token, feature) pairs
-        feats = torch.zeros(batch, n, module.fc.weight.shape[1] // 2, dtype=dt, device=dev)
+    if hasattr(module, "fc"):  # a draft: (token, feature) pairs, hidden-wide features as every
+        # forward of the unrolled draft step takes them (an EAGLE-3 head's fc fuses the target's
+        # layers once, before them)
+        feats = torch.zeros(batch, n, module.embed_tokens.weight.shape[1], dtype=dt, device=dev)
         return lambda: module(tokens, feats, pos, cache_len, *kv)
     return lambda: module(tokens, pos, cache_len, *kv)
 

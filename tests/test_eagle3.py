@@ -233,3 +233,27 @@ def test_eagle3_engine_is_lossless_and_drafts_from_the_fused_layers(engine_dir, 
     cols = logits[0, -1].topk(tree.top_k).indices
     assert tree_tokens[level1].tolist() == [int(head.token_ids(cols[tree.rank[n]])) for n in level1]
     assert int(tree_tokens[0]) == first
+
+
+def test_tree_auto_measures_and_builds_an_eagle3_head(tmp_path, target_dir):
+    """--tree auto with an EAGLE-3 head: the cost model times its forwards (one midlayer's
+    cache, hidden-wide features as the unrolled levels take them), the engine is built with the
+    chosen tree, and it stays lossless."""
+    from spec_compiler.cli import compile_main
+    from spec_compiler.runtime import Engine
+    from spec_compiler.tree_choice import ACCEPT, AcceptTable, draft_weights_sha256, measure
+
+    head = write_eagle3(tmp_path / "head", eagle3_state(seed=4))
+    target = load_target(target_dir)
+    cost = measure(target, load_draft(head, target), [1, 3], [1, 2], capacity=64, context=16, rounds=1)
+    assert set(cost.draft_ms) == {1, 2} and all(v > 0 for v in cost.draft_ms.values())
+    rates = {(0,): 0.6, (1,): 0.2, (0, 0): 0.36, (0, 1): 0.12, (1, 0): 0.12, (0, 0, 0): 0.216}
+    AcceptTable(rates, 1000, {"draft_sha256": draft_weights_sha256(head)}).write(head / ACCEPT)
+    out = tmp_path / "engine"
+    assert compile_main([str(target_dir), "--draft", str(head), "--out", str(out), "--backend", "eager",
+                         "--max-seq-len", "64", "--prefill-chunk", "8"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["tree_choice"]["method"] == "auto" and m["draft"]["kind"] == "eagle3"
+    eng = Engine.load(out)
+    prompt = [5, 9, 33, 2, 71, 8]
+    assert eng.generate(prompt, max_new_tokens=20).output_ids == hf_greedy(target_dir, prompt, 20)
