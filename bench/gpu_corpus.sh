@@ -64,7 +64,10 @@ print('stop_reason', t.get('stop_reason'), '| tokens', t['final_metrics']['token
     && cp "$DRAFT"/*.safetensors "$DRAFT"/*.json "$OUT/draft/"
   ;;
 trees)
+  # FIT_PROMPTS: prompts the draft never trained on (a wide-corpus draft: prompts_fit_wide.jsonl,
+  # the corpus's held-out prompts; the packaged prompts_fit.jsonl is part of the wide set)
   python3 -m spec_compiler.train.fit_tree "$SMOL" "$DRAFT" --device cuda --n 128 --nodes 96 \
+    --prompts "${FIT_PROMPTS:-spec_compiler/data/prompts_fit_wide.jsonl}" \
     --out "$OUT/tree-96.json" --accept-out "$DRAFT/accept.json" 2>&1 | tail -2
   python3 - "$DRAFT/accept.json" "$OUT" <<'PY'
 import json, sys

@@ -130,3 +130,21 @@ def test_self_written_prompts_are_cleaned():
     assert clean("I'm happy to help with black holes!", "black holes") is None  # the assistant talking
     assert clean("black holes are big", "black holes") is None  # not a request
     assert clean("Why?", "black holes") is None  # too short
+
+
+def test_fit_wide_prompts_are_the_wide_corpus_held_out_prompts():
+    """prompts_fit_wide.jsonl is what tools/heldout_prompts.py writes: the wide set's prompts
+    that spec-train --corpus holds out (default --val-frac), so the committed wide corpus's
+    training split holds none of them and its validation split all of them."""
+    from spec_compiler.train.corpus import read_corpus, split_by_prompt
+
+    spec = importlib.util.spec_from_file_location("heldout_prompts", REPO / "tools" / "heldout_prompts.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    wide = (DATA / "prompts_train_wide.jsonl").read_text().splitlines()
+    fit = (DATA / "prompts_fit_wide.jsonl").read_text().splitlines()
+    assert fit == mod.heldout(wide, 0.05) and len(fit) == 106
+    train, val = split_by_prompt(read_corpus(REPO / "corpora" / "smollm2-wide"), 0.05)
+    texts = {json.loads(x)["prompt"] for x in fit}
+    assert {json.loads(wide[s.prompt_index])["prompt"] for s in val} == texts
+    assert not texts & {json.loads(wide[s.prompt_index])["prompt"] for s in train}
