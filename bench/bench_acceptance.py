@@ -5,7 +5,10 @@ greedy; a sampled run uses --top-p and seed --seed + prompt index). For each (dr
 engine is compiled (or --engine names a built one) and every prompt generated; reports aggregate
 tokens per call (emitted by verify calls / verify calls), the share of outputs that repeat a
 20-token sequence (a small model's loops inflate acceptance) and tokens per call without those
-outputs. Writes JSON, prints a table last.
+outputs, and end-to-end tokens/s (new tokens over the whole evaluation's wall time: prefill,
+every step and the host's work, one prompt after another). A tree named `fitted-N` is each
+draft's own: its acceptance table's best N-node tree (the draft's accept.json), with the tokens
+per call that table expects. Writes JSON, prints a table last.
 
     python bench/bench_acceptance.py models/SmolLM2-135M-Instruct \
         --drafts drafts/smollm2-eagle,drafts/smollm2-eagle-2l --trees auto,mc_sim_7b_63,chain-3,chain-5
@@ -35,7 +38,7 @@ def repeats_ngram(ids: list[int], n: int = 20) -> bool:
 
 def evaluate(engine, prompts: list[str], max_new: int, temperature: float = 0.0, top_p: float = 1.0,
              seed: int = 0) -> dict:
-    calls = emitted = 0
+    calls = emitted = new = 0
     calls_nr = emitted_nr = 0
     n_rep = 0
     t = time.time()
@@ -48,13 +51,16 @@ def evaluate(engine, prompts: list[str], max_new: int, temperature: float = 0.0,
         n_rep += rep
         calls += r.verify_calls
         emitted += sum(r.accept_lengths)
+        new += len(r.output_ids)
         if not rep:
             calls_nr += r.verify_calls
             emitted_nr += sum(r.accept_lengths)
         per.append({"tpc": r.tokens_per_call, "n": len(r.output_ids), "repeats": rep, "stop": r.stop_reason})
+    seconds = time.time() - t
     return {"tokens_per_call": emitted / max(calls, 1), "verify_calls": calls, "emitted": emitted,
             "repeat_share": n_rep / len(prompts), "tokens_per_call_no_repeats": emitted_nr / max(calls_nr, 1),
-            "n_prompts": len(prompts), "seconds": time.time() - t, "per_prompt": per,
+            "n_prompts": len(prompts), "seconds": seconds, "new_tokens": new, "tokens_per_s": new / seconds,
+            "per_prompt": per,
             "temperature": temperature, "top_p": top_p if temperature > 0 else None}
 
 
@@ -106,7 +112,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for draft, tree in pairs:
             out = Path(tmp) / f"{Path(draft).name}_{tree}".replace("/", "_")
-            cmd = [args.model_dir, "--draft", draft, "--out", str(out), "--tree", tree,
+            tree_arg, expected = _draft_tree(draft, tree, Path(tmp))
+            cmd = [args.model_dir, "--draft", draft, "--out", str(out), "--tree", tree_arg,
                    "--device", args.device, "--backend", args.backend, "--max-seq-len", "1024",
                    "--draft-vocab", args.draft_vocab]
             if args.dtype:
@@ -122,7 +129,9 @@ def main(argv=None):
                 t_used = json.loads((out / "manifest.json").read_text())["tree"]  # what --tree resolved to
                 r.update({"draft": draft, "tree": tree, "tree_paths": t_used["paths"],
                           "tree_nodes": len(t_used["paths"]) + 1, "compile_s": compile_s,
-                          "draft_vocab": args.draft_vocab})
+                          "draft_vocab": args.draft_vocab, "expected_tokens_per_call": expected})
+                if tree == "auto":  # what the engine chose
+                    r["tree_chosen"] = t_used["name"]
                 results["runs"].append(r)
                 _report_row(r)
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -131,12 +140,27 @@ def main(argv=None):
     Path(args.out).write_text(_dumps(results))
     print(f"\nacceptance on {len(prompts)} prompts ({args.prompts}), <= {args.max_new} new tokens")
     print("draft | tree | draft vocab | temperature (top-p) | tokens/call | repeat share | "
-          "tokens/call without repeats")
+          "tokens/call without repeats | tokens/s")
     for r in results["runs"]:
         temp = "greedy" if not r.get("temperature") else f"{r['temperature']:g} ({r['top_p']:g})"
-        print(f"{Path(r['draft']).name} | {r['tree']} | {r['draft_vocab']} | {temp} | {r['tokens_per_call']:.2f} | "
-              f"{100 * r['repeat_share']:.0f}% | {r['tokens_per_call_no_repeats']:.2f}")
+        tree = r["tree"] + (f" ({r['tree_chosen']})" if r.get("tree_chosen") else "")
+        print(f"{Path(r['draft']).name} | {tree} | {r['draft_vocab']} | {temp} | {r['tokens_per_call']:.2f} | "
+              f"{100 * r['repeat_share']:.0f}% | {r['tokens_per_call_no_repeats']:.2f} | {r['tokens_per_s']:.0f}")
     return 0
+
+
+def _draft_tree(draft: str, tree: str, tmp: Path) -> tuple[str, float | None]:
+    """--tree for this draft: `fitted-N` -> a file holding the draft's own fitted N-node tree (its
+    accept.json), with the tokens per call that table expects; anything else as given."""
+    if not tree.startswith("fitted-"):
+        return tree, None
+    from spec_compiler.tree_choice import ACCEPT, AcceptTable
+
+    table = AcceptTable.read(Path(draft) / ACCEPT)
+    t = table.fitted(int(tree.split("-", 1)[1]))
+    f = tmp / f"{Path(draft).name}-{tree}.json"
+    f.write_text(json.dumps([list(p) for p in t.paths]))
+    return str(f), round(table.expected_tpc(t), 4)
 
 
 def _dumps(results: dict) -> str:
