@@ -236,7 +236,7 @@ def test_pass_temperatures_never_repeat_a_greedy_pass(tiny_dir, prompt_file, tmp
     assert "note: passes 1, 2 are greedy again" in capsys.readouterr().err
 
 
-def test_shards_merge_into_the_unsharded_corpus(tiny_dir, prompt_file, tmp_path, capsys):  # noqa: F811
+def test_shards_merge_into_the_unsharded_corpus(tiny_dir, prompt_file, tmp_path, capsys, monkeypatch):  # noqa: F811
     """Two shards (one GPU each: batches k % 2 == I, seeded per batch like an unsharded run) merge
     into the corpus one straight run makes: the same part bytes and index. Shards that stopped at
     different points merge to the batches both reached, and the result continues unsharded to
@@ -280,6 +280,15 @@ def test_shards_merge_into_the_unsharded_corpus(tiny_dir, prompt_file, tmp_path,
     assert list(ia) == list(index) and ia == index
     assert [(s.prompt_index, s.tokens.tolist()) for s in read_corpus(full)] == \
         [(s.prompt_index, s.tokens.tolist()) for s in read_corpus(straight)]
+
+    # an interrupted merge leaves nothing behind
+    def crash(out, index):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(corpus_mod, "_write_index", crash)
+    assert main(["merge", str(s0), str(s1), "--out", str(tmp_path / "cut")]) == 130
+    monkeypatch.undo()
+    assert not (tmp_path / "cut").exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
     # errors: one line each, nothing written
     capsys.readouterr()

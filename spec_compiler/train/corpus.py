@@ -53,7 +53,8 @@ import numpy as np
 import torch
 
 from ..errors import SpecCompileError, add_verbose_flag, brief, cli_entry
-from ..fileio import atomic_write_bytes, atomic_write_text, output_lock, read_json_object, read_recorded
+from ..fileio import (atomic_dir, atomic_write_bytes, atomic_write_text, output_lock, read_json_object,
+                      read_recorded)
 from ..hashing import record_path, sha256_file, weights_sha256
 from .cli import temperatures
 from .data import DEFAULT_WIDE_PROMPTS, encode_prompts, load_tokenizer, read_prompts
@@ -418,7 +419,7 @@ def _generate(args, command, out, index, rows, model, prompts, shape, t_start) -
         index = {"format": FORMAT, "model": model, "prompts": prompts,
                  "settings": {"passes": args.passes, **shape}, "vocab_size": target.cfg.vocab_size,
                  "token_bytes": width, "eos_token_ids": sorted(target.cfg.eos_token_ids),
-                 "batches_per_pass": per_pass, "batches_done": 0, "complete": not mine, "parts": [],
+                 "batches_per_pass": per_pass, "batches_done": 0, "complete": False, "parts": [],
                  "totals": _totals([]), "time": {"generate_s": 0.0}, "runs": []}
     index["settings"]["passes"] = args.passes
     # which command made which batches, where (a corpus may be continued on another machine)
@@ -527,13 +528,12 @@ def merge_shards(shards: list[Path], out: Path) -> dict:
                                    "eos_token_ids", "batches_per_pass", "batches_done", "complete", "parts",
                                    "totals", "time", "runs")}
     limit = int(first["settings"]["part_mb"] * (1 << 20))
-    with output_lock(out):
-        out.mkdir(parents=True, exist_ok=True)
-        ordered = [fm for k in range(m) for fm in frames[k]]
-        for name, b in _pack(out, [f for f, _ in ordered], index, limit, [mm for _, mm in ordered]).items():
-            atomic_write_bytes(out / name, b)
+    ordered = [fm for k in range(m) for fm in frames[k]]
+    with atomic_dir(out) as tmp:  # all or nothing: an interrupted merge leaves no OUT
+        for name, b in _pack(tmp, [f for f, _ in ordered], index, limit, [mm for _, mm in ordered]).items():
+            (tmp / name).write_bytes(b)
         index["totals"] = _totals(index["parts"])
-        _write_index(out, index)
+        _write_index(tmp, index)
     print(f"merged {len(shards)} shards into {out}: batches 0-{m - 1} of {total}"
           f"{' (complete)' if m == total else ''}, {index['totals']['n_new']} new tokens, "
           f"{len(index['parts'])} parts", file=sys.stderr)
