@@ -12,7 +12,7 @@ per call that table expects. Writes JSON, prints a table last.
 
     python bench/bench_acceptance.py models/SmolLM2-135M-Instruct \
         --drafts drafts/smollm2-eagle,drafts/smollm2-eagle-2l --trees auto,mc_sim_7b_63,chain-3,chain-5
-    python bench/bench_acceptance.py models/SmolLM2-135M-Instruct --engine engines/smollm2-eagle \
+    python bench/bench_acceptance.py models/SmolLM2-135M-Instruct --engine engines/smollm2-eagle3 \
         --temperatures 0,0.7,1.0 --top-p 0.9
 """
 

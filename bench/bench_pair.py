@@ -1,6 +1,6 @@
 """The shipped pair against transformers, on the CPU or a GPU, one run.
 
-SmolLM2-135M-Instruct + the shipped 1-layer EAGLE draft (`drafts/smollm2-eagle`), the first N
+SmolLM2-135M-Instruct + the shipped EAGLE-3 draft (`drafts/smollm2-eagle-wide-eagle3`), the first N
 development prompts (chat template), at most 128 new tokens, stop at EOS; float32 on the CPU,
 bfloat16 on a GPU (--dtype). At each of --temperatures (0: greedy; > 0: top-p --top-p, no top-k,
 prompt i seeded --seed + i), in the same process, interleaved prompt by prompt (so machine load
@@ -173,9 +173,9 @@ class HF:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=REPO / "models/SmolLM2-135M-Instruct")
-    ap.add_argument("--draft", type=Path, default=REPO / "drafts/smollm2-eagle")
+    ap.add_argument("--draft", type=Path, default=REPO / "drafts/smollm2-eagle-wide-eagle3")
     ap.add_argument("--engines", type=Path, default=REPO / "engines",
-                    help="where the engines are (built if missing): smollm2-eagle (the demo's, "
+                    help="where the engines are (built if missing): one named after --draft (the demo's, "
                          "--tree auto) and smollm2-chain0 (--tree chain-0); on a GPU with a "
                          "-DEVICE-DTYPE suffix")
     ap.add_argument("--prompts", type=Path, default=REPO / "spec_compiler/data/prompts_dev.jsonl")
@@ -212,15 +212,15 @@ def main(argv=None) -> int:
 
     res["transformers"] = transformers.__version__
     suffix = "" if dev == "cpu" else f"-{dev}-{dtype}"
-    engines = {"ours": (args.engines / f"smollm2-eagle{suffix}", None),
+    engines = {"ours": (args.engines / f"{args.draft.name}{suffix}", None),
                "ours_chain0": (args.engines / f"smollm2-chain0{suffix}", "chain-0")}
     res["build_s"] = build_all({name: build_cmd(args.model, args.draft, d, tree, dev, dtype)
                                 for name, (d, tree) in engines.items()
                                 if not (d / "manifest.json").is_file()})
     runners = {name: Ours(d) for name, (d, _) in engines.items()}
     if args.onnx:  # ours' tree (chosen for Inductor's step times), built for ONNX Runtime
-        d = args.engines / f"smollm2-eagle-onnx{suffix}"
-        tree_file = args.engines / f"smollm2-eagle{suffix}.tree.json"
+        d = args.engines / f"{args.draft.name}-onnx{suffix}"
+        tree_file = args.engines / f"{args.draft.name}{suffix}.tree.json"
         tree_file.write_text(json.dumps(runners["ours"].engine.spec.manifest["tree"]["paths"]))
         if not (d / "manifest.json").is_file():
             res["build_s"]["ours_onnx"] = build_all(

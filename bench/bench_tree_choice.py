@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=REPO / "models/SmolLM2-135M-Instruct")
     ap.add_argument("--shape", choices=("smollm2",), default=None)
-    ap.add_argument("--draft", type=Path, default=REPO / "drafts/smollm2-eagle")
+    ap.add_argument("--draft", type=Path, default=REPO / "drafts/smollm2-eagle-wide-eagle3")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     ap.add_argument("--max-seq-len", type=int, default=1024)
