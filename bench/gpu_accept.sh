@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
 # Issue 14's measurements as one background job on a 2-GPU machine (bench/gpu_job.sh):
-#   lane A (GPU 0): every draft's acceptance table refitted on prompts it never trained on
-#           (FIT: the wide drafts on prompts_fit_wide.jsonl, the corpus's held-out prompts), then
-#           the one table the issue asks for: every draft in drafts/ with its default GPU tree
-#           (--tree auto: its own table and the cost model timed here), greedy and T 0.7, on all
-#           development prompts, with and without the outputs that repeat a 20-token sequence,
-#           end-to-end tokens/s beside (bench_acceptance.py, all engines compiled at once)
-#   lane B (GPU 1): the trees: BEST's fitted trees of 40, 64 and 96 nodes, greedy, compiled and
-#           measured the same way (tokens per call and tokens/s; the auto row is lane A's); then
-#           the data-size curve's points (spec-train --corpus-tokens, CURVE: new tokens per point)
-# The drafts and the corpus travel in the calls' working trees, not all in one (a call carries at
-# most 64 MiB): each call copies the drafts/ and corpora/ it holds into the job's copy, and the
-# job waits until every draft's weights hash to what its accept.json records (bring them over
-# the first calls; move the others' weights aside meanwhile, and restore them before committing).
+#   build   every engine at once, on all cores (GPU 0 only for --tree auto's cost model):
+#           each draft in drafts/ with its default engine (--tree auto: its own acceptance table
+#           and the cost model timed here, measured dispatch, sampling graphs), and BEST's fitted
+#           trees of 40, 64 and 96 nodes (greedy only: --no-sampling)
+#   measure then each engine alone on GPU 0 (cores 0-15): bench_acceptance.py --engine, all 117
+#           development prompts, at most 256 new tokens; greedy and T 0.7 for the default
+#           engines, greedy for the trees: tokens per call, with and without the outputs that
+#           repeat a 20-token sequence, end-to-end tokens/s
+#   curve   meanwhile on GPU 1: the data-size curve's points (spec-train --corpus-tokens N for N
+#           in CURVE, EAGLE-1 with the flags and limits the 9M point had), all at once
+# The drafts' acceptance tables are the committed ones (fitted on prompts each draft never
+# trained on). The drafts and the corpus travel in the calls' working trees, not all in one (a
+# call carries at most 64 MiB): each call copies the drafts/ and corpora/ it holds into the
+# job's copy, and the job waits until every draft's weights hash to what its accept.json
+# records (move the others' weights aside meanwhile; restore them before committing).
+# A plan that fits (each call under 64 MiB: the code is ~3.5 MB, a GGUF half 49 MB): the first
+# call `start` with the GGUF's first part and drafts/smollm2-eagle-wide's weights, the second
+# `watch` with the second part and drafts/smollm2-eagle's, the third `watch` with the 2-layer and
+# EAGLE-3 drafts' weights and the corpus; then `watch "" SECONDS` until it is done.
 # Usage: bash bench/gpu_accept.sh start|watch|patch PARTS_DIR [SECONDS]
 set -uo pipefail
 JOB=accept
@@ -20,12 +26,14 @@ JOB=accept
 DRAFTS=${DRAFTS:-drafts/smollm2-eagle,drafts/smollm2-eagle-2l,drafts/smollm2-eagle-wide,drafts/smollm2-eagle-wide-eagle3}
 BEST=${BEST:-drafts/smollm2-eagle-wide-eagle3}
 CURVE=${CURVE:-900000,3000000}
+CORPUS_DIR=${CORPUS_DIR:-corpora/smollm2-wide}
+ENG="$KEEP_ROOT/engines"
 
 watch() {
   job_wait
-  for f in "$LOG"/*.log; do grep -hE "^draft \||\| greedy \||\| 0.7 |rror|complete|stop_reason|wrote" "$f" | tail -14; done 2>/dev/null
+  grep -hE "^draft \||\| greedy \||\| 0.7 |rror|stop_reason" "$LOG"/*.log 2>/dev/null | tail -24
   cp "$LOG"/*.json "$OUT/" 2>/dev/null
-  tar czf "$OUT/accept_log.tgz" --exclude='./curve_*/run' -C "$LOG" .
+  tar czf "$OUT/accept_log.tgz" -C "$LOG" .
 }
 
 # drafts_here: every draft of $DRAFTS has arrived whole (its weights hash to its accept.json's)
@@ -44,18 +52,20 @@ for d in sys.argv[1].split(","):
 PY
 }
 
-# fit DRAFT CPUS GPU: the draft's acceptance table refitted on prompts it never trained on
-fit() {
-  local d=$1 f=spec_compiler/data/prompts_fit.jsonl
-  case "$d" in *wide*) f=spec_compiler/data/prompts_fit_wide.jsonl ;; esac
-  run "fit_$(basename "$d")" "$2" "$3" python3 -m spec_compiler.train.fit_tree "$SMOL" "$d" --device cuda \
-    --prompts "$f" --n 128 --nodes 96 --out "$LOG/tree96_$(basename "$d").json" --accept-out "$d/accept.json"
-  cp "$d/accept.json" "$LOG/accept_$(basename "$d").json"
+# build NAME DRAFT TREE [FLAGS...]: one engine into $ENG/NAME (cost model on GPU 0)
+build() {
+  local name=$1 draft=$2 tree=$3; shift 3
+  run "build_$name" 0-31 0 python3 -m spec_compiler.cli "$SMOL" --draft "$draft" --out "$ENG/$name" \
+    --tree "$tree" --device cuda --max-seq-len 1024 --jobs 4 "$@"
 }
-# curve N CPUS GPU: the data-size curve's point at N new tokens of the corpus (EAGLE-1, as the
-# 9M point drafts/smollm2-eagle-wide was trained: the same flags and limits)
+# measure NAME TEMPERATURES: one built engine alone on GPU 0
+measure() {
+  run "measure_$1" 0-15 0 python3 bench/bench_acceptance.py "$SMOL" --engine "$ENG/$1" --temperatures "$2" \
+    --device cuda --out "$LOG/acceptance_$1.json"
+}
+# curve N: the data-size curve's point at N new tokens of the corpus, on GPU 1
 curve() {
-  run "curve_$1" "$2" "$3" env OUT="$LOG/curve_$1" CORPUS="$CORPUS_DIR" CORPUS_TOKENS="$1" EVAL=1 \
+  run "curve_$1" 16-31 1 env OUT="$LOG/curve_$1" CORPUS="$CORPUS_DIR" CORPUS_TOKENS="$1" EVAL=1 \
     DRAFT="drafts/curve-$1" RUN="runs/curve-$1" bash bench/gpu_corpus.sh train "$KEEP_ROOT/gq" "${CURVE_S:-570}"
   cp "drafts/curve-$1/training.json" "$LOG/curve_$1.training.json" 2>/dev/null
 }
@@ -64,22 +74,28 @@ drive() {
   fetch_model 0-15 0 || { say "no model"; touch "$LOG/ALL_DONE"; return; }
   until drafts_here && [ -f "$CORPUS_DIR/index.json" ]; do sleep 5; done
   say "all drafts and the corpus here"
-  local -a ds=(${DRAFTS//,/ }) c=(${CURVE//,/ })
-  ( for d in "${ds[@]:0:2}"; do fit "$d" 0-15 0; done ) &
-  ( for d in "${ds[@]:2}"; do fit "$d" 16-31 1; done ) &
-  wait
-  ( run table 0-15 0 python3 bench/bench_acceptance.py "$SMOL" --drafts "$DRAFTS" --trees auto --temperatures 0,0.7 \
-      --device cuda --jobs 4 --out "$LOG/acceptance_table.json"
-    [ -n "${c[0]:-}" ] && curve "${c[0]}" 0-15 0
-    say "lane A done" ) &
-  ( run trees 16-31 1 python3 bench/bench_acceptance.py "$SMOL" --drafts "$BEST" --trees fitted-40,fitted-64,fitted-96 \
-      --device cuda --jobs 3 --out "$LOG/acceptance_trees.json"
-    [ -n "${c[1]:-}" ] && curve "${c[1]}" 16-31 1
-    say "lane B done" ) &
+  for n in ${CURVE//,/ }; do curve "$n" & done
+  python3 - "$BEST" "$LOG" <<'PY'
+import json, sys
+from pathlib import Path
+from spec_compiler.tree_choice import AcceptTable
+table = AcceptTable.read(Path(sys.argv[1], "accept.json"))
+for n in (40, 64, 96):
+    Path(sys.argv[2], f"fitted-{n}.json").write_text(json.dumps([list(p) for p in table.fitted(n).paths]))
+PY
+  local -a names=() builds=()
+  for d in ${DRAFTS//,/ }; do
+    build "$(basename "$d")" "$d" auto & builds+=($!); names+=("$(basename "$d")")
+  done
+  for n in 40 64 96; do build "best-fitted-$n" "$BEST" "$LOG/fitted-$n.json" --no-sampling & builds+=($!); done
+  wait "${builds[@]}"
+  say "engines built"
+  for n in "${names[@]}"; do measure "$n" 0,0.7; done
+  for n in 40 64 96; do measure "best-fitted-$n" 0; done
+  say "measured; waiting for the curve"
   wait
   say "all done"
   touch "$LOG/ALL_DONE"
 }
-CORPUS_DIR=${CORPUS_DIR:-corpora/smollm2-wide}
 
 job_main bench/gpu_accept.sh
