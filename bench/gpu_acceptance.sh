@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Superseded by bench/gpu_accept.sh (every draft in drafts/, the trees, the data-size curve); kept
+# because BENCHMARKS.md names it for the H100 acceptance table of 2026-11-26.
 # Acceptance of SmolLM2 + its drafts on one GPU, in one call: every (draft, tree) compiled and
 # evaluated in parallel processes (acceptance does not depend on the sharing; time does).
 # Usage: bash bench/gpu_acceptance.sh [PARTS_DIR]   (after bench/gpu_train.sh: its drafts)
