@@ -21,7 +21,7 @@
 # EAGLE-3 drafts' weights and the corpus; then `watch "" SECONDS` until it is done.
 # Usage: bash bench/gpu_accept.sh start|watch|patch PARTS_DIR [SECONDS]
 set -uo pipefail
-JOB=accept
+JOB=accept BRING=1
 . "$(dirname "$0")/gpu_job.sh"
 DRAFTS=${DRAFTS:-drafts/smollm2-eagle,drafts/smollm2-eagle-2l,drafts/smollm2-eagle-wide,drafts/smollm2-eagle-wide-eagle3}
 BEST=${BEST:-drafts/smollm2-eagle-wide-eagle3}

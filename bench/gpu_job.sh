@@ -16,9 +16,10 @@ SRC="$KEEP_ROOT/src"; LOG="$KEEP_ROOT/$JOB/log"
 OUT=${OUT:-/tmp/out}
 mkdir -p "$LOG" "$KEEP_ROOT/gq" "$OUT"
 [ -n "$PARTS" ] && cp "$PARTS"/gq_0* "$KEEP_ROOT/gq/" 2>/dev/null
-# drafts and corpora too large to travel in one call come over several: each call adds the files
-# of its drafts/ and corpora/ that the job's copy lacks (never overwriting; the job checks them)
-if [ -d "$SRC" ] && [ "$MODE" != drive ] && [ "$MODE" != start ]; then
+# BRING=1 (set by the caller): drafts and corpora too large to travel in one call come over
+# several; each later call adds the files of its drafts/ and corpora/ that the job's copy lacks
+# (never overwriting; the job checks them)
+if [ -n "${BRING:-}" ] && [ -d "$SRC" ] && [ "$MODE" != drive ] && [ "$MODE" != start ]; then
   for d in drafts corpora; do [ -d "$d" ] && mkdir -p "$SRC/$d" && cp -rn "$d/." "$SRC/$d/"; done
 fi
 
