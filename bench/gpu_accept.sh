@@ -84,8 +84,9 @@ for n in (40, 64, 96):
     Path(sys.argv[2], f"fitted-{n}.json").write_text(json.dumps([list(p) for p in table.fitted(n).paths]))
 PY
   local -a names=() builds=()
-  for d in ${DRAFTS//,/ }; do
+  for d in ${DRAFTS//,/ }; do  # one cost model on GPU 0 at a time: the next starts once it has chosen
     build "$(basename "$d")" "$d" auto & builds+=($!); names+=("$(basename "$d")")
+    for _ in $(seq 60); do grep -q "^\[2/4\]" "$LOG/build_$(basename "$d").log" 2>/dev/null && break; sleep 2; done
   done
   for n in 40 64 96; do build "best-fitted-$n" "$BEST" "$LOG/fitted-$n.json" --no-sampling & builds+=($!); done
   wait "${builds[@]}"
