@@ -138,9 +138,7 @@ def test_fit_wide_prompts_are_the_wide_corpus_held_out_prompts():
     training split holds none of them and its validation split all of them."""
     from spec_compiler.train.corpus import read_corpus, split_by_prompt
 
-    spec = importlib.util.spec_from_file_location("heldout_prompts", REPO / "tools" / "heldout_prompts.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _tool("heldout_prompts")
     wide = (DATA / "prompts_train_wide.jsonl").read_text().splitlines()
     fit = (DATA / "prompts_fit_wide.jsonl").read_text().splitlines()
     assert fit == mod.heldout(wide, 0.05) and len(fit) == 106

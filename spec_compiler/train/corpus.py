@@ -497,12 +497,13 @@ def merge_shards(shards: list[Path], out: Path) -> dict:
                                   "batches_per_pass")} | {
             "settings": {k: v for k, v in i["settings"].items() if k != "shard"}}
 
+    ref = same(first)  # what every shard must share, and the merged index's base
     for d, i in zip(shards, indexes):
-        if same(i) != same(first):
-            x, y = same(i), same(first)
-            diff = sorted({k for k in x if k != "settings" and x[k] != y[k]} | {
-                f"--{k.replace('_', '-')}" for k in x["settings"].keys() | y["settings"].keys()
-                if x["settings"].get(k) != y["settings"].get(k)})
+        x = same(i)
+        if x != ref:
+            diff = sorted({k for k in x if k != "settings" and x[k] != ref[k]} | {
+                f"--{k.replace('_', '-')}" for k in x["settings"].keys() | ref["settings"].keys()
+                if x["settings"].get(k) != ref["settings"].get(k)})
             raise SpecCompileError(f"merge: shard {d} differs from {shards[0]} in {', '.join(diff)} "
                                    "(another model, prompt file or setting); merge shards of one corpus")
     frames: dict[int, list[tuple[bytes, dict]]] = {}
@@ -520,7 +521,7 @@ def merge_shards(shards: list[Path], out: Path) -> dict:
                                "shards further, then merge")
     dropped = sorted(k for k in frames if k >= m)
     total = first["batches_per_pass"] * first["settings"]["passes"]
-    index = same(first) | {"batches_done": m, "complete": m == total, "parts": [], "totals": _totals([]),
+    index = ref | {"batches_done": m, "complete": m == total, "parts": [], "totals": _totals([]),
                            "time": {"generate_s": round(sum(i["time"]["generate_s"] for i in indexes), 1)},
                            "runs": [r | {"shard": k[0]} for i, k in zip(indexes, keys) for r in i["runs"]]}
     # the same key order as an unsharded run's index
