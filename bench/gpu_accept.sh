@@ -4,7 +4,8 @@
 #           each draft in drafts/ with its default engine (--tree auto: its own acceptance table
 #           and the cost model timed here, measured dispatch, sampling graphs), and BEST's fitted
 #           trees of 40, 64 and 96 nodes (greedy only: --no-sampling)
-#   measure then each engine alone on GPU 0 (cores 0-15): bench_acceptance.py --engine, all 117
+#   measure then each engine alone on its GPU (BEST's on GPU 0, the others' on GPU 1 once the
+#           curve is done; cores 0-15 / 16-31): bench_acceptance.py --engine, all 117
 #           development prompts, at most 256 new tokens; greedy and T 0.7 for the default
 #           engines, greedy for the trees: tokens per call, with and without the outputs that
 #           repeat a 20-token sequence, end-to-end tokens/s
@@ -58,9 +59,9 @@ build() {
   run "build_$name" 0-31 0 python3 -m spec_compiler.cli "$SMOL" --draft "$draft" --out "$ENG/$name" \
     --tree "$tree" --device cuda --max-seq-len 1024 --jobs 4 "$@"
 }
-# measure NAME TEMPERATURES: one built engine alone on GPU 0
+# measure NAME TEMPERATURES GPU CPUS: one built engine alone on its GPU
 measure() {
-  run "measure_$1" 0-15 0 python3 bench/bench_acceptance.py "$SMOL" --engine "$ENG/$1" --temperatures "$2" \
+  run "measure_$1" "$4" "$3" python3 bench/bench_acceptance.py "$SMOL" --engine "$ENG/$1" --temperatures "$2" \
     --device cuda --out "$LOG/acceptance_$1.json"
 }
 # curve N: the data-size curve's point at N new tokens of the corpus, on GPU 1
@@ -70,11 +71,15 @@ curve() {
   cp "drafts/curve-$1/training.json" "$LOG/curve_$1.training.json" 2>/dev/null
 }
 
+# wait_pids PID...: until none of these (not this shell's children in a subshell) runs
+wait_pids() { for p in "$@"; do while kill -0 "$p" 2>/dev/null; do sleep 5; done; done; }
+
 drive() {
   fetch_model 0-15 0 || { say "no model"; touch "$LOG/ALL_DONE"; return; }
   until drafts_here && [ -f "$CORPUS_DIR/index.json" ]; do sleep 5; done
   say "all drafts and the corpus here"
-  for n in ${CURVE//,/ }; do curve "$n" & done
+  local -a curves=()
+  for n in ${CURVE//,/ }; do curve "$n" & curves+=($!); done
   python3 - "$BEST" "$LOG" <<'PY'
 import json, sys
 from pathlib import Path
@@ -84,16 +89,23 @@ for n in (40, 64, 96):
     Path(sys.argv[2], f"fitted-{n}.json").write_text(json.dumps([list(p) for p in table.fitted(n).paths]))
 PY
   local -a names=() builds=()
-  for d in ${DRAFTS//,/ }; do  # one cost model on GPU 0 at a time: the next starts once it has chosen
-    build "$(basename "$d")" "$d" auto & builds+=($!); names+=("$(basename "$d")")
+  # one cost model on GPU 0 at a time: the next starts once it has chosen. BEST gets the default
+  # build (measured dispatch); the others the cost model's choice alone (--dispatch predicted: the
+  # same tree and graphs at batch 1, without the plain step's graphs to time against them)
+  for d in ${DRAFTS//,/ }; do
+    local -a how=(); [ "$d" = "$BEST" ] || how=(--dispatch predicted)
+    build "$(basename "$d")" "$d" auto "${how[@]}" & builds+=($!)
+    [ "$d" = "$BEST" ] || names+=("$(basename "$d")")
     for _ in $(seq 60); do grep -q "^\[2/4\]" "$LOG/build_$(basename "$d").log" 2>/dev/null && break; sleep 2; done
   done
   for n in 40 64 96; do build "best-fitted-$n" "$BEST" "$LOG/fitted-$n.json" --no-sampling & builds+=($!); done
   wait "${builds[@]}"
   say "engines built"
-  for n in "${names[@]}"; do measure "$n" 0,0.7; done
-  for n in 40 64 96; do measure "best-fitted-$n" 0; done
-  say "measured; waiting for the curve"
+  # BEST's engines on GPU 0; the other drafts' on GPU 1 once the curve has freed it
+  ( wait_pids "${curves[@]}"; for n in "${names[@]}"; do measure "$n" 0,0.7 1 16-31; done ) &
+  measure "$(basename "$BEST")" 0,0.7 0 0-15
+  for n in 40 64 96; do measure "best-fitted-$n" 0 0 0-15; done
+  say "GPU 0 measured; waiting for GPU 1"
   wait
   say "all done"
   touch "$LOG/ALL_DONE"
