@@ -66,16 +66,17 @@ def accept(tokens, logits, hidden, cache_len, parent, is_root, paths, path_ok):
 
 
 def accept_sampled(tokens, logits, hidden, cache_len, temperature, top_p, top_k, seed, parent,
-                   is_root, paths, path_ok, children, depth, *, max_depth: int):
+                   is_root, paths, path_ok, children, depth, *, max_depth: int, width: int):
     """`accept`, with rows at temperature > 0 replaced by speculative sampling's outcome: the
-    accepted path's drafted tokens then the bonus token. Same outputs as `accept`."""
+    accepted path's drafted tokens then the bonus token. Same outputs as `accept` (`width`
+    columns); speculative sampling walks the tree's own `max_depth` levels."""
     acc_tokens, acc_feats, n_acc, new_len, path = accept(tokens, logits, hidden, cache_len, parent,
                                                          is_root, paths, path_ok)
     probs = sampling.warp(logits, temperature, top_k, top_p)
     s_path, s_n, bonus = sampling.tree_accept(tokens, probs, children, depth, cache_len, seed,
-                                              max_depth)
+                                              max_depth, width)
     after = torch.cat((tokens.gather(1, s_path)[:, 1:], torch.zeros_like(s_path[:, :1])), 1)
-    col = torch.arange(max_depth + 1, device=tokens.device)
+    col = torch.arange(width, device=tokens.device)
     s_tokens = torch.where(col == (s_n - 1)[:, None], bonus[:, None], after)
     s_feats = hidden.gather(1, s_path[..., None].expand(-1, -1, hidden.shape[-1]))
     hot = (temperature > 0)[:, None]
@@ -118,8 +119,12 @@ def accept_epilogue(gm: fx.GraphModule, *, tree: TreeSpec, sampling: bool = Fals
     require("accept_epilogue", len(writes), "one cache write (write_cache) per returned cache")
     out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     with gm.graph.inserting_before(out_node):
-        # Sampling walks max_depth levels; past the tree's leaves nothing is accepted (padding).
-        fn = functools.partial(accept_sampled, max_depth=width - 1) if sampling else accept
+        # Sampling walks the tree's own levels; the columns past them are padding. (Walking all
+        # width - 1 levels gave plain decoding's sampled graph in a speculating engine five
+        # rounds over the root alone, a chain of gathers that Inductor lowered for over 20
+        # minutes on an H200 without finishing.)
+        fn = (functools.partial(accept_sampled, max_depth=tree.max_depth, width=width) if sampling
+              else accept)
         acc_tokens, acc_feats, n_acc, new_len, path = call_traced(
             gm, fn, ph["tokens"], outs["logits"], outs["hidden"], ph["cache_len"], *knobs, *consts)
         compacted = {w: call_traced(gm, compact, m["cache"], m["new"], path, m["cache_len"])

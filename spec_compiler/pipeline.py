@@ -458,6 +458,9 @@ def _build(cfg: CompileConfig, target, draft, tmp: Path, progress, debug_dir, gr
     return manifest
 
 
+HEARTBEAT_S = 60.0  # seconds between "still lowering" lines while no graph finishes
+
+
 class Lowering:
     """Lowers the engine's graphs as they are built. Why in parallel: an engine has one verify
     (and draft, verify_sampled) per batch bucket, so --max-batch 64 is 7 buckets x up to 4
@@ -491,6 +494,7 @@ class Lowering:
         self.jobs = min(8, max(1, usable_cpus() // 2)) if jobs is None else jobs
         self.parallel = backend == "inductor" and self.jobs > 1 and total > 1
         self.pool, self.futures, self.done = None, {}, 0
+        self.submitted, self.started, self.last_done = {}, {}, 0.0  # for the "still lowering" lines
         self.budget, self.needs = None, {}  # GPU bytes the workers may use; each running one's estimate
         self.cache = GraphCache.for_lowering(backend, device, tp)
 
@@ -520,29 +524,52 @@ class Lowering:
                 self._collect(first=True)
         fut = self.pool.submit(lower_saved, src, str(path), self.device, self.tp)
         self.futures[fut], self.needs[fut] = (label, src, path, key), need
+        self.submitted[fut], self.started[fut] = time.monotonic(), None  # see `_still_lowering`
 
     def _collect(self, first: bool = False) -> None:
-        """Wait for the first worker to finish (`first`) or for all; a worker's error is raised."""
+        """Wait for the first worker to finish (`first`) or for all; a worker's error is raised.
+        While none finishes, a progress line every HEARTBEAT_S names the graphs still lowering
+        and for how long (one graph can take minutes)."""
         import concurrent.futures as cf
 
-        done = (cf.wait(self.futures, return_when=cf.FIRST_COMPLETED).done if first
-                else cf.as_completed(list(self.futures)))
-        failed = None
-        for fut in done:  # a failure is raised after the others finished (and were cached)
-            label, src, path, key = self.futures.pop(fut)
-            self.needs.pop(fut, None)
-            if fut.exception() is not None:
-                failed = failed or (label, fut.exception())
+        failed, pending = None, set(self.futures)
+        while pending:
+            done, pending = cf.wait(pending, timeout=HEARTBEAT_S, return_when=cf.FIRST_COMPLETED)
+            if not done:
+                self._still_lowering()
                 continue
-            Path(src).unlink()
-            if key is not None:
-                self.cache.store(key, path)
-            self.done += 1
-            self.progress(f"[3/4] {label}: lowered ({self.done}/{self.total})")
+            for fut in done:  # a failure is raised after the others finished (and were cached)
+                label, src, path, key = self.futures.pop(fut)
+                self.needs.pop(fut, None)
+                self.started.pop(fut, None)
+                self.submitted.pop(fut, None)
+                self.last_done = time.monotonic()
+                if fut.exception() is not None:
+                    failed = failed or (label, fut.exception())
+                    continue
+                Path(src).unlink()
+                if key is not None:
+                    self.cache.store(key, path)
+                self.done += 1
+                self.progress(f"[3/4] {label}: lowered ({self.done}/{self.total})")
+            if first:
+                break
         if failed is not None:
             label, e = failed
             raise RuntimeError(f"lowering the graph {label} with {self.backend} failed: "
                                f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+
+    def _still_lowering(self) -> None:
+        """One progress line: each graph a worker is lowering, and since when. A queued graph
+        starts when it is submitted to a free worker or when a graph finishes and frees one."""
+        now = time.monotonic()
+        for fut in self.futures:
+            if self.started.get(fut) is None and fut.running():
+                self.started[fut] = max(self.submitted[fut], self.last_done)
+        running = [(now - t, self.futures[f][0]) for f, t in self.started.items() if t is not None]
+        if running:
+            self.progress("[3/4] still lowering: " + ", ".join(
+                f"{label} ({secs:.0f} s)" for secs, label in sorted(running, reverse=True)))
 
     def finish(self) -> None:
         """Wait for every worker; a worker's error is raised here."""

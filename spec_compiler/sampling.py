@@ -124,14 +124,23 @@ def _accept_prob(pc: torch.Tensor) -> torch.Tensor:
 
 
 def tree_accept(tokens: torch.Tensor, probs: torch.Tensor, children: torch.Tensor,
-                depth: torch.Tensor, position: torch.Tensor, seed: torch.Tensor, max_depth: int):
+                depth: torch.Tensor, position: torch.Tensor, seed: torch.Tensor, max_depth: int,
+                width: int | None = None):
     """Multi-round speculative sampling over a static tree.
 
     tokens (B, T) drafted ids (node 0 is the root, the last emitted token); probs (B, T, V) the
     target distribution at each node; children (T, K) each node's children in draft-rank order
-    (-1 padded); depth (T,); position (B,) the root's position; seed (B,); max_depth D.
-    -> path (B, D+1) accepted node ids (root first; past n_acc: 0), n_acc (B,) accepted nodes
-       with the root, bonus (B,) the token drawn at the last accepted node."""
+    (-1 padded); depth (T,); position (B,) the root's position; seed (B,); max_depth D, the
+    tree's depth (the levels walked); width W >= D + 1 (default D + 1), the path's columns.
+    -> path (B, W) accepted node ids (root first; past n_acc: 0), n_acc (B,) accepted nodes
+       with the root, bonus (B,) the token drawn at the last accepted node.
+    Only the tree's own D levels are walked (past them no node has children, so nothing more
+    could be accepted) and the path is padded to W: a shallow tree in an engine whose state is
+    sized for a deeper one, or the root alone (plain decoding's sampled graph), carries no
+    rounds that cannot accept."""
+    width = max_depth + 1 if width is None else width
+    if width < max_depth + 1:
+        raise ValueError(f"tree_accept: width {width} < tree depth + 1 ({max_depth + 1})")
     B, T = tokens.shape
     valid = children >= 0  # (T, K)
     kids = children.clamp(min=0)
@@ -149,7 +158,8 @@ def tree_accept(tokens: torch.Tensor, probs: torch.Tensor, children: torch.Tenso
         alive = alive & (j >= 0)
         cur = torch.where(alive, kids[cur, j.clamp(min=0)], cur)
         path.append(torch.where(alive, cur, 0))
-    path = torch.stack(path, 1)  # (B, D+1)
+    path += [torch.zeros_like(cur)] * (width - 1 - max_depth)
+    path = torch.stack(path, 1)  # (B, W)
     n_acc = 1 + (path[:, 1:] > 0).sum(1)
     # The bonus, at the last accepted node: every child there was rejected (or it has none), so
     # the residual is its distribution without them.

@@ -258,19 +258,32 @@ def test_a_lowering_worker_shares_one_buffer_among_the_weights(tmp_path):
     assert torch.allclose(real[2], want_cache, atol=1e-4)  # the package wrote the real cache
 
 
-def test_parallel_lowering_gives_working_packages(tmp_path):
+def test_parallel_lowering_gives_working_packages(tmp_path, monkeypatch):
     """lower_all with jobs > 1 (what --jobs does for the buckets' graphs): each graph exported
     here, saved without its example inputs, and lowered by Inductor in a spawned worker, gives
-    a package that computes what the graph does."""
+    a package that computes what the graph does. While no graph finishes, progress lines name
+    the graphs being lowered and for how long."""
+    import re
+
     from helpers import small_graphs
 
+    from spec_compiler import pipeline
     from spec_compiler.pipeline import lower_all
     from spec_compiler.runtime.aoti import load_package
 
+    monkeypatch.setattr(pipeline, "HEARTBEAT_S", 0.25)  # a worker's start alone takes longer
     todo = small_graphs(tmp_path)
     logs = []
     lower_all(todo, "inductor", "cpu", 2, logs.append)
     assert any("2 at a time" in s for s in logs) and not list(tmp_path.glob("*.export.pt2"))
+    labels = {label for label, *_ in todo}
+    beats = [s for s in logs if s.startswith("[3/4] still lowering: ")]
+    assert beats, logs
+    for s in beats:
+        running = re.findall(r"(\S+) \((\d+) s\)", s.removeprefix("[3/4] still lowering: "))
+        assert running and {label for label, _ in running} <= labels, s
+    # the lines stop once every graph is lowered
+    assert logs.index(beats[-1]) < max(i for i, s in enumerate(logs) if ": lowered (" in s)
     for (_, gm, args, path) in todo:
         got = load_package(path, "cpu")(*args)
         want = gm(*args)

@@ -239,3 +239,62 @@ def test_sampling_compiles_at_a_large_vocabulary(device):
     got = torch.compile(sampled_epilogue, fullgraph=True, dynamic=False)(*args)
     for w, x in zip(want, got):
         assert torch.equal(w, x)
+
+
+def _accept_inputs(tree: TreeSpec, B: int, V: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(torch.randn(B, tree.n_nodes, V, generator=g) * 3, -1)
+    tokens = torch.randint(0, V, (B, tree.n_nodes), generator=g)
+    # Drafted tokens the target likes at their parents, so that some rounds accept.
+    tokens[:, 1:] = probs.argmax(-1)[:, [tree.parent[n] for n in range(1, tree.n_nodes)]]
+    return (tokens, probs, tree.children_table(), torch.tensor(tree.depth),
+            torch.randint(0, 100, (B,), generator=g), torch.arange(B) + 1000 * seed)
+
+
+@pytest.mark.parametrize("paths", [[], [[0]], [[0], [0, 0], [0, 0, 0]], TREES["bushy-2"]],
+                         ids=["root-alone", "chain-1", "chain-3", "bushy-2"])
+def test_tree_accept_walks_the_trees_levels_then_pads(paths):
+    """A tree of depth D in W > D + 1 columns (an engine sized for a deeper tree): walking only
+    its D levels and padding gives exactly what walking all W - 1 levels gave (past the leaves
+    nothing can be accepted), so the shorter graph changes no output."""
+    tree = TreeSpec("t", tuple(tuple(p) for p in paths))
+    D, W = tree.max_depth, 6
+    accepted = 0
+    for seed in range(4):
+        args = _accept_inputs(tree, 64, 16, seed)
+        path, n_acc, bonus = sampling.tree_accept(*args, D, W)
+        walked = sampling.tree_accept(*args, W - 1)  # every column a level, as before
+        assert path.shape == (64, W)
+        for w, x in zip(walked, (path, n_acc, bonus)):
+            assert torch.equal(w, x)
+        assert torch.equal(path[:, D + 1:], torch.zeros(64, W - D - 1, dtype=torch.long))
+        accepted = max(accepted, int(n_acc.max()))
+    assert accepted == D + 1, "no row accepted the whole tree depth: the test would prove little"
+    with pytest.raises(ValueError, match="width 2 < tree depth"):
+        sampling.tree_accept(*_accept_inputs(TreeSpec("c", ((0,), (0, 0))), 2, 16, 0), 2, 2)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_root_alone_sampled_acceptance_compiles(device):
+    """Plain decoding's sampled acceptance in a speculating engine (the root alone, padded to
+    the engine's 6 columns) through Inductor at SmolLM2's vocabulary gives the eager result.
+    It once walked 5 rounds over the root alone; that verify graph never finished lowering on
+    an H200 (measured dispatch's `verify_sampled (plain)`)."""
+    V, B, W = 49152, 2, 6
+    tree = TreeSpec("chain-0", ())
+    g = torch.Generator().manual_seed(5)
+
+    def epilogue(logits, temperature, top_k, top_p, tokens, children, depth, position, seed):
+        probs = sampling.warp(logits, temperature, top_k, top_p)
+        return sampling.tree_accept(tokens, probs, children, depth, position, seed, 0, W)
+
+    args = [(torch.randn(B, 1, V, generator=g) * 4).to(device), torch.tensor([1.0, 0.7], device=device),
+            torch.tensor([0, 50], device=device), torch.tensor([0.9, 1.0], device=device),
+            torch.randint(0, V, (B, 1), generator=g).to(device), tree.children_table().to(device),
+            torch.as_tensor(tree.depth, dtype=torch.long).to(device), torch.tensor([40, 7], device=device),
+            torch.tensor([11, 12], device=device)]
+    want = epilogue(*args)
+    got = torch.compile(epilogue, fullgraph=True, dynamic=False)(*args)
+    assert want[0].shape == (B, W)
+    for w, x in zip(want, got):
+        assert torch.equal(w, x)
