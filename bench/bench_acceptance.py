@@ -11,7 +11,7 @@ draft's own: its acceptance table's best N-node tree (the draft's accept.json), 
 per call that table expects. Writes JSON, prints a table last.
 
     python bench/bench_acceptance.py models/SmolLM2-135M-Instruct \
-        --drafts drafts/smollm2-eagle,drafts/smollm2-eagle-2l --trees auto,mc_sim_7b_63,chain-3,chain-5
+        --drafts drafts/smollm2-eagle-wide,drafts/smollm2-eagle-wide-eagle3 --trees auto,fitted-40,chain-5
     python bench/bench_acceptance.py models/SmolLM2-135M-Instruct --engine engines/smollm2-eagle3 \
         --temperatures 0,0.7,1.0 --top-p 0.9
 """
@@ -41,6 +41,10 @@ def evaluate(engine, prompts: list[str], max_new: int, temperature: float = 0.0,
     calls = emitted = new = 0
     calls_nr = emitted_nr = 0
     n_rep = 0
+    # Untimed: one short generate at this temperature first, so that one-time costs (CUDA-graph
+    # captures, the first call of each graph) are not in tokens/s.
+    engine.generate(engine.encode_prompt(prompts[0]), max_new_tokens=16, temperature=temperature,
+                    top_p=top_p, seed=seed if temperature > 0 else None)
     t = time.time()
     per = []
     for i, text in enumerate(prompts):

@@ -4,8 +4,8 @@
 #           each draft in drafts/ with its default engine (--tree auto: its own acceptance table
 #           and the cost model timed here, measured dispatch, sampling graphs), and BEST's fitted
 #           trees of 40, 64 and 96 nodes (greedy only: --no-sampling)
-#   measure then each engine alone on its GPU (BEST's on GPU 0, the others' on GPU 1 once the
-#           curve is done; cores 0-15 / 16-31): bench_acceptance.py --engine, all 117
+#   measure once every build is done or has timed out (BUILD_S), each engine alone on its GPU (BEST's
+#           on GPU 0, the others' on GPU 1 once the curve is done; cores 0-15 / 16-31): all 117
 #           development prompts, at most 256 new tokens; greedy and T 0.7 for the default
 #           engines, greedy for the trees: tokens per call, with and without the outputs that
 #           repeat a 20-token sequence, end-to-end tokens/s
@@ -18,13 +18,14 @@
 # records (move the others' weights aside meanwhile; restore them before committing).
 # A plan that fits (each call under 64 MiB: the code is ~3.5 MB, a GGUF half 49 MB): the first
 # call `start` with the GGUF's first part and drafts/smollm2-eagle-wide's weights, the second
-# `watch` with the second part and drafts/smollm2-eagle's, the third `watch` with the 2-layer and
-# EAGLE-3 drafts' weights and the corpus; then `watch "" SECONDS` until it is done.
+# `watch` with the second part, the third `watch` with the EAGLE-3 draft's weights and the
+# corpus; then `watch "" SECONDS` until it is done. (The run of 2026-12-01 also measured the two
+# H100 drafts, since removed from drafts/: DRAFTS names them after a checkout from git history.)
 # Usage: bash bench/gpu_accept.sh start|watch|patch PARTS_DIR [SECONDS]
 set -uo pipefail
 JOB=accept BRING=1
 . "$(dirname "$0")/gpu_job.sh"
-DRAFTS=${DRAFTS:-drafts/smollm2-eagle,drafts/smollm2-eagle-2l,drafts/smollm2-eagle-wide,drafts/smollm2-eagle-wide-eagle3}
+DRAFTS=${DRAFTS:-drafts/smollm2-eagle-wide,drafts/smollm2-eagle-wide-eagle3}
 BEST=${BEST:-drafts/smollm2-eagle-wide-eagle3}
 CURVE=${CURVE:-900000,3000000}
 CORPUS_DIR=${CORPUS_DIR:-corpora/smollm2-wide}
@@ -56,7 +57,7 @@ PY
 # build NAME DRAFT TREE [FLAGS...]: one engine into $ENG/NAME (cost model on GPU 0)
 build() {
   local name=$1 draft=$2 tree=$3; shift 3
-  run "build_$name" 0-31 0 python3 -m spec_compiler.cli "$SMOL" --draft "$draft" --out "$ENG/$name" \
+  run "build_$name" 0-31 0 timeout "${BUILD_S:-900}" python3 -m spec_compiler.cli "$SMOL" --draft "$draft" --out "$ENG/$name" \
     --tree "$tree" --device cuda --max-seq-len 1024 --jobs 4 "$@"
 }
 # measure NAME TEMPERATURES GPU CPUS: one built engine alone on its GPU
@@ -88,20 +89,22 @@ table = AcceptTable.read(Path(sys.argv[1], "accept.json"))
 for n in (40, 64, 96):
     Path(sys.argv[2], f"fitted-{n}.json").write_text(json.dumps([list(p) for p in table.fitted(n).paths]))
 PY
-  local -a names=() builds=()
+  local -a names=() others=() best=()  # the other drafts' engines and build pids; BEST's pids
   # one cost model on GPU 0 at a time: the next starts once it has chosen. BEST gets the default
   # build (measured dispatch); the others the cost model's choice alone (--dispatch predicted: the
   # same tree and graphs at batch 1, without the plain step's graphs to time against them)
   for d in ${DRAFTS//,/ }; do
     local -a how=(); [ "$d" = "$BEST" ] || how=(--dispatch predicted)
-    build "$(basename "$d")" "$d" auto "${how[@]}" & builds+=($!)
-    [ "$d" = "$BEST" ] || names+=("$(basename "$d")")
+    build "$(basename "$d")" "$d" auto "${how[@]}" &
+    if [ "$d" = "$BEST" ]; then best+=($!); else others+=($!); names+=("$(basename "$d")"); fi
     for _ in $(seq 60); do grep -q "^\[2/4\]" "$LOG/build_$(basename "$d").log" 2>/dev/null && break; sleep 2; done
   done
-  for n in 40 64 96; do build "best-fitted-$n" "$BEST" "$LOG/fitted-$n.json" --no-sampling & builds+=($!); done
-  wait "${builds[@]}"
+  for n in 40 64 96; do build "best-fitted-$n" "$BEST" "$LOG/fitted-$n.json" --no-sampling & best+=($!); done
+  # Measured once every build is done (a compile beside a measurement would skew its tokens/s;
+  # BUILD_S bounds a build that stalls), each alone on its GPU: BEST's on GPU 0, the other
+  # drafts' on GPU 1 once the curve has freed it.
+  wait "${best[@]}" "${others[@]}"
   say "engines built"
-  # BEST's engines on GPU 0; the other drafts' on GPU 1 once the curve has freed it
   ( wait_pids "${curves[@]}"; for n in "${names[@]}"; do measure "$n" 0,0.7 1 16-31; done ) &
   measure "$(basename "$BEST")" 0,0.7 0 0-15
   for n in 40 64 96; do measure "best-fitted-$n" 0 0 0-15; done

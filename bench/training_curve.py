@@ -21,8 +21,9 @@ from pathlib import Path
 
 
 def point(draft_dir: Path) -> dict:
-    """One draft's row, from its training.json (a missing or foreign file: SystemExit naming it)."""
-    path = draft_dir / "training.json"
+    """One draft's row, from its training.json (DRAFT_DIR/training.json, or that file itself when
+    only the record was kept; a missing or foreign file: SystemExit naming it)."""
+    path = draft_dir if draft_dir.suffix == ".json" else draft_dir / "training.json"
     try:
         t = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -36,7 +37,9 @@ def point(draft_dir: Path) -> dict:
     return {"draft": str(draft_dir), "arch": t.get("draft", {}).get("arch"), "data_tokens": data,
             "tokens_seen": fm.get("tokens_seen"), "wall_s": (t.get("time") or {}).get("wall_s"),
             "stop_reason": t.get("stop_reason"), "val_loss": best.get("loss"), "val_top1": best.get("acc"),
-            "dev_top1": dev.get("top1"), "dev_chain_tpc": chain[-1], "dev_prompts": dev.get("n_prompts")}
+            "dev_top1": dev.get("top1"), "dev_chain_tpc": chain[-1], "dev_prompts": dev.get("n_prompts"),
+            # validation top-1 as training went on: whether data or training compute limits a point
+            "val_history": [[h["tokens_seen"], h["acc"]] for h in val.get("history", []) if "acc" in h]}
 
 
 def _fmt(v, spec: str) -> str:
@@ -61,19 +64,32 @@ def main(argv: list[str] | None = None) -> int:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("(no matplotlib: no PNG)", file=sys.stderr)
         return 0
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
     x = [r["data_tokens"] for r in rows]
     for key, label, a in (("dev_top1", "dev top-1", ax[0]), ("val_top1", "validation top-1", ax[0]),
                           ("dev_chain_tpc", "dev chain-5 tokens/call", ax[1])):
         pts = [(xi, r[key]) for xi, r in zip(x, rows) if r[key] is not None]
         if pts:
             a.plot(*zip(*pts), marker="o", label=label)
-    for a in ax:
+    for xi, r in zip(x, rows):  # what each point trained for
+        if r["dev_top1"] is not None and r["tokens_seen"]:
+            ax[0].annotate(f"{r['tokens_seen'] / 1e6:.1f}M seen", (xi, r["dev_top1"]), fontsize=8,
+                           textcoords="offset points", xytext=(4, -12))
+    for a in ax[:2]:
         a.set_xscale("log")
         a.set_xlabel("training data (corpus new tokens)")
+    for r in rows:
+        if r["val_history"]:
+            ax[2].plot(*zip(*r["val_history"]), label=f"{r['data_tokens'] / 1e6:.1f}M data")
+    ax[2].set_xscale("log")
+    ax[2].set_xlabel("tokens seen (reuse counted)")
+    ax[2].set_ylabel("validation top-1")
+    for a in ax:
+        a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labels at the decades only
         a.grid(alpha=0.3)
         a.legend()
     fig.tight_layout()
