@@ -330,12 +330,12 @@ def agreement(ref: dict[int, list[int]], outs: list[list[int]]) -> dict:
 
 def build_forced(args, first_manifest: Path, flags: list[str]) -> None:
     """The pair's engine with speculation forced on at every bucket: the dispatcher's batch-1
-    tree (--forced-tree N: fitted-N of --accept, else read from the dispatcher engine, waited
-    for under --build-only), chain-3 where that tree does not speculate."""
+    tree (--forced-tree N: fitted-N of the draft's own acceptance table, else read from the
+    dispatcher engine, waited for under --build-only), chain-3 where that tree does not speculate."""
     from spec_compiler.cli import compile_main
 
     if args.forced_tree:
-        paths = [list(p) for p in AcceptTable.read(args.accept).fitted(args.forced_tree).paths]
+        paths = [list(p) for p in AcceptTable.read(args.draft / "accept.json").fitted(args.forced_tree).paths]
     else:
         while args.build_only and not first_manifest.is_file():  # another process builds it
             time.sleep(5)
@@ -454,9 +454,12 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="pair,llama8b", help="pair, llama8b, smollm2, tiny")
     ap.add_argument("--batches", default="1,2,4,8,16,32,64")
     ap.add_argument("--model", type=Path, default=REPO / "models/SmolLM2-135M-Instruct")
-    ap.add_argument("--draft", type=Path, default=REPO / "drafts/smollm2-eagle")
-    ap.add_argument("--accept", type=Path, default=REPO / "drafts/smollm2-eagle/accept.json",
-                    help="the acceptance table the random-weight shapes' dispatcher and tokens/s use")
+    ap.add_argument("--draft", type=Path, default=REPO / "drafts/smollm2-eagle-wide-eagle3",
+                    help="the pair's draft (default: the shipped one; the runs recorded before "
+                         "2026-12-01 used the first shipped draft, drafts/smollm2-eagle in git history)")
+    ap.add_argument("--accept", type=Path, default=REPO / "bench/tables/smollm2-eagle-h100.accept.json",
+                    help="the acceptance table the random-weight shapes' dispatcher and tokens/s use "
+                         "(default: the first shipped SmolLM2 draft's, as in every recorded run)")
     ap.add_argument("--prompts", type=Path, default=REPO / "spec_compiler/data/prompts_dev.jsonl")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--schedule", default="waves,continuous",

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     target, draft = target.to(getattr(torch, dtype)), draft.to(getattr(torch, dtype))
     kind, _, n = args.tree.partition("-")
     tree = (chain(int(n)) if kind == "chain" else
-            AcceptTable.read(REPO / "drafts/smollm2-eagle/accept.json").fitted(int(n)))
+            AcceptTable.read(REPO / "bench/tables/smollm2-eagle-h100.accept.json").fitted(int(n)))
     cfg = CompileConfig(model=m, draft=dcfg if tree.n_nodes > 1 else None, tree=tree, max_seq_len=1024,
                         dtype=dtype, device=args.device, prefill_chunk=64, backend="inductor",
                         batch_size=args.batch, sampling=False)

@@ -249,16 +249,18 @@ def test_record_path_and_command_line(tmp_path, monkeypatch):
         "spec-train m --out d --prompts=spec_compiler/data/prompts_train.jsonl --lr 1e-3"
 
 
-@pytest.mark.parametrize("name", ["smollm2-eagle", "smollm2-eagle-2l"])
+@pytest.mark.parametrize("name", ["smollm2-eagle-wide", "smollm2-eagle-wide-eagle3"])
 def test_shipped_drafts_record_repository_paths(name):
-    """The shipped drafts' training.json names its prompt files relative to the repository, and
-    they are the files recorded (sha256)."""
+    """The shipped drafts' training.json names its prompt files and corpus relative to the
+    repository, and they are the files recorded (sha256)."""
     info = json.loads((REPO / "drafts" / name / "training.json").read_text())
     assert not _absolute_paths(info), _absolute_paths(info)
     for path, sha in ((info["prompts"]["path"], info["prompts"]["sha256"]),
                       (info["dev_eval"]["prompts"], info["dev_eval"]["sha256"])):
         assert sha256_file(REPO / path) == sha, path
-    assert info["settings"]["prompts"] == info["prompts"]["path"]
+    # trained from a committed corpus (the prompts came with it), which is in the repository
+    assert info["settings"]["prompts"] is None and info["settings"]["corpus"] == info["corpus"]["dir"]
+    assert (REPO / info["corpus"]["dir"] / "index.json").is_file()
 
 
 def test_interrupted_draft_write_keeps_the_previous_draft(tiny_dir, prompt_file, tmp_path, capsys,
