@@ -27,15 +27,18 @@ JOB=accept BRING=1
 . "$(dirname "$0")/gpu_job.sh"
 DRAFTS=${DRAFTS:-drafts/smollm2-eagle-wide,drafts/smollm2-eagle-wide-eagle3}
 BEST=${BEST:-drafts/smollm2-eagle-wide-eagle3}
-CURVE=${CURVE:-900000,3000000}
+CURVE=${CURVE-900000,3000000}  # CURVE= (empty): no curve, and the corpus need not come
+GPU_TESTS=${GPU_TESTS:-}  # a pytest -k expression: those GPU tests on GPU 1 first (gpu_tests.log)
 CORPUS_DIR=${CORPUS_DIR:-corpora/smollm2-wide}
 ENG="$KEEP_ROOT/engines"
 
 watch() {
   job_wait
   grep -hE "^draft \||\| greedy \||\| 0.7 |rror|stop_reason" "$LOG"/*.log 2>/dev/null | tail -24
+  [ -f "$LOG/gpu_tests.log" ] && tail -3 "$LOG/gpu_tests.log"
   cp "$LOG"/*.json "$OUT/" 2>/dev/null
-  tar czf "$OUT/accept_log.tgz" -C "$LOG" .
+  # the logs, each at most 2 MB (a call returns files of at most 16 MiB)
+  (cd "$LOG" && find . -type f -size -2M -print0 | tar czf "$OUT/accept_log.tgz" --null -T -)
 }
 
 # drafts_here: every draft of $DRAFTS has arrived whole (its weights hash to its accept.json's)
@@ -77,8 +80,9 @@ wait_pids() { for p in "$@"; do while kill -0 "$p" 2>/dev/null; do sleep 5; done
 
 drive() {
   fetch_model 0-15 0 || { say "no model"; touch "$LOG/ALL_DONE"; return; }
-  until drafts_here && [ -f "$CORPUS_DIR/index.json" ]; do sleep 5; done
-  say "all drafts and the corpus here"
+  [ -n "$GPU_TESTS" ] && run gpu_tests 16-31 1 python3 -m pytest -q -m gpu -k "$GPU_TESTS" tests &
+  until drafts_here && { [ -z "$CURVE" ] || [ -f "$CORPUS_DIR/index.json" ]; }; do sleep 5; done
+  say "all drafts here (and the corpus, for the curve)"
   local -a curves=()
   for n in ${CURVE//,/ }; do curve "$n" & curves+=($!); done
   python3 - "$BEST" "$LOG" <<'PY'
