@@ -116,8 +116,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for draft, tree in pairs:
             out = Path(tmp) / f"{Path(draft).name}_{tree}".replace("/", "_")
-            tree_arg, expected = _draft_tree(draft, tree, Path(tmp))
-            cmd = [args.model_dir, "--draft", draft, "--out", str(out), "--tree", tree_arg,
+            expected = _expected(draft, tree)
+            cmd = [args.model_dir, "--draft", draft, "--out", str(out), "--tree", tree,
                    "--device", args.device, "--backend", args.backend, "--max-seq-len", "1024",
                    "--draft-vocab", args.draft_vocab]
             if args.dtype:
@@ -153,18 +153,13 @@ def main(argv=None):
     return 0
 
 
-def _draft_tree(draft: str, tree: str, tmp: Path) -> tuple[str, float | None]:
-    """--tree for this draft: `fitted-N` -> a file holding the draft's own fitted N-node tree (its
-    accept.json), with the tokens per call that table expects; anything else as given."""
-    if not tree.startswith("fitted-"):
-        return tree, None
-    from spec_compiler.tree_choice import ACCEPT, AcceptTable
+def _expected(draft: str, tree: str) -> float | None:
+    """For `fitted-N` (spec-compile builds the draft's own fitted N-node tree, from its
+    accept.json): the tokens per call that table expects; None for any other tree."""
+    from spec_compiler.tree_choice import ACCEPT, AcceptTable, fitted_tree
 
-    table = AcceptTable.read(Path(draft) / ACCEPT)
-    t = table.fitted(int(tree.split("-", 1)[1]))
-    f = tmp / f"{Path(draft).name}-{tree}.json"
-    f.write_text(json.dumps([list(p) for p in t.paths]))
-    return str(f), round(table.expected_tpc(t), 4)
+    t = fitted_tree(tree, Path(draft))
+    return None if t is None else round(AcceptTable.read(Path(draft) / ACCEPT).expected_tpc(t), 4)
 
 
 def _dumps(results: dict) -> str:

@@ -85,14 +85,6 @@ drive() {
   say "all drafts here (and the corpus, for the curve)"
   local -a curves=()
   for n in ${CURVE//,/ }; do curve "$n" & curves+=($!); done
-  python3 - "$BEST" "$LOG" <<'PY'
-import json, sys
-from pathlib import Path
-from spec_compiler.tree_choice import AcceptTable
-table = AcceptTable.read(Path(sys.argv[1], "accept.json"))
-for n in (40, 64, 96):
-    Path(sys.argv[2], f"fitted-{n}.json").write_text(json.dumps([list(p) for p in table.fitted(n).paths]))
-PY
   local -a names=() others=() best=()  # the other drafts' engines and build pids; BEST's pids
   # one cost model on GPU 0 at a time: the next starts once it has chosen. BEST gets the default
   # build (measured dispatch); the others the cost model's choice alone (--dispatch predicted: the
@@ -103,7 +95,7 @@ PY
     if [ "$d" = "$BEST" ]; then best+=($!); else others+=($!); names+=("$(basename "$d")"); fi
     for _ in $(seq 60); do grep -q "^\[2/4\]" "$LOG/build_$(basename "$d").log" 2>/dev/null && break; sleep 2; done
   done
-  for n in 40 64 96; do build "best-fitted-$n" "$BEST" "$LOG/fitted-$n.json" --no-sampling & best+=($!); done
+  for n in 40 64 96; do build "best-fitted-$n" "$BEST" "fitted-$n" --no-sampling & best+=($!); done
   # Measured once every build is done (a compile beside a measurement would skew its tokens/s;
   # BUILD_S bounds a build that stalls), each alone on its GPU: BEST's on GPU 0, the other
   # drafts' on GPU 1 once the curve has freed it.

@@ -69,17 +69,7 @@ trees)
   python3 -m spec_compiler.train.fit_tree "$SMOL" "$DRAFT" --device cuda --n 128 --nodes 96 \
     --prompts "${FIT_PROMPTS:-spec_compiler/data/prompts_fit_wide.jsonl}" \
     --out "$OUT/tree-96.json" --accept-out "$DRAFT/accept.json" 2>&1 | tail -2
-  python3 - "$DRAFT/accept.json" "$OUT" <<'PY'
-import json, sys
-from pathlib import Path
-from spec_compiler.tree_choice import AcceptTable
-table = AcceptTable.read(Path(sys.argv[1]))
-for n in (40, 64, 96):
-    t = table.fitted(n)
-    Path(sys.argv[2], f"fitted-{n}.json").write_text(json.dumps([list(p) for p in t.paths]))
-    print(f"fitted-{n}: expected {table.expected_tpc(t):.2f} tokens per call")
-PY
-  T="auto,$OUT/fitted-40.json,$OUT/fitted-64.json,$OUT/fitted-96.json"
+  T="auto,fitted-40,fitted-64,fitted-96"  # spec-compile --tree fitted-N: the table's own trees
   timeout 560 python3 bench/bench_acceptance.py "$SMOL" --drafts "$DRAFT" --trees "$T" --device cuda \
     --jobs 1 --out "$OUT/acceptance_trees.json" > "$OUT/acceptance_trees.log" 2>&1
   grep -v "^\[\|DEBUG\|^W1\|^I1" "$OUT/acceptance_trees.log" | tail -8

@@ -37,8 +37,9 @@ def compile_parser() -> argparse.ArgumentParser:
                         "table (accept.json, spec-fit-tree) and a cost model timed at compile "
                         "time (chains, chain-0 = no speculation, fitted trees, the draft's "
                         "tree.json); without accept.json the draft's tree.json, else "
-                        "mc_sim_7b_63. Or mc_sim_7b_63, chain-K, or a JSON file of EAGLE tree "
-                        f"paths, built at every bucket; at most {MAX_TREE_NODES} nodes with the root")
+                        "mc_sim_7b_63. Or mc_sim_7b_63, chain-K, fitted-N (the best N-node tree of "
+                        "the draft's acceptance table), or a JSON file of EAGLE tree paths, built at "
+                        f"every bucket; at most {MAX_TREE_NODES} nodes with the root")
     p.add_argument("--max-seq-len", type=int, default=2048,
                    help="engine capacity in tokens, scratch room for one tree included (default 2048)")
     p.add_argument("--backend", choices=("inductor", "eager", "onnx"), default="inductor",
@@ -117,11 +118,11 @@ def _auto_tree(tree: str, draft: Path | None):
     table (DRAFT_DIR/accept.json, spec-fit-tree) picks, on the build device, the candidate tree
     with the most expected tokens per second (spec_compiler/tree_choice.py); without one it is
     the draft's tree.json, else mc_sim_7b_63."""
-    from .tree_choice import auto_tree
+    from .tree_choice import auto_tree, fitted_tree
     from .trees import resolve_tree
 
     if tree != "auto":
-        return resolve_tree(tree), None
+        return fitted_tree(tree, draft) or resolve_tree(tree), None
     return auto_tree(draft if draft is not None and draft.is_dir() else None,
                      lambda s: print(s, file=sys.stderr))
 

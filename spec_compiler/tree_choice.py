@@ -358,6 +358,36 @@ class AutoTree:
                       "candidates": rows}
 
 
+def fitted_tree(name: str, draft_dir: Path | None) -> TreeSpec | None:
+    """--tree fitted-N: the best N-node tree (the root included) of the draft's own acceptance
+    table, DRAFT_DIR/accept.json (spec-fit-tree), made from these weights; None for any other
+    --tree. A missing draft, a missing, corrupt or stale table, or N outside 1..MAX_TREE_NODES:
+    SpecCompileError naming the fix."""
+    import re
+
+    m = re.fullmatch(r"fitted-([0-9]+)", name)
+    if m is None:
+        return None
+    n = int(m.group(1)) if len(m.group(1)) <= 6 else 10**6
+    if not 1 <= n <= MAX_TREE_NODES:
+        raise SpecCompileError(f"--tree {name}: N must be 1..{MAX_TREE_NODES} (nodes with the root)")
+    if draft_dir is None:
+        raise SpecCompileError(f"--tree {name}: needs --draft DRAFT_DIR (the tree comes from its "
+                               f"acceptance table, {ACCEPT})")
+    if not Path(draft_dir).is_dir():
+        raise SpecCompileError(f"--draft {draft_dir}: no such directory")
+    path = Path(draft_dir) / ACCEPT
+    if not path.is_file():
+        raise SpecCompileError(f"--tree {name}: {path} does not exist; make it with spec-fit-tree "
+                               f"MODEL_DIR {draft_dir}, or use --tree auto, chain-K or a JSON file")
+    table = AcceptTable.read(path)
+    want = table.header.get("draft_sha256")
+    if want is not None and want != draft_weights_sha256(Path(draft_dir)):
+        raise SpecCompileError(f"--tree {name}: {path} was made for other draft weights; rerun "
+                               f"spec-fit-tree MODEL_DIR {draft_dir}")
+    return table.fitted(n)
+
+
 def auto_tree(draft_dir: Path | None, log: Callable[[str], None] = lambda s: None
               ) -> tuple[TreeSpec, AutoTree | None]:
     """--tree auto before anything is loaded: the tree to build if no choice is made (the

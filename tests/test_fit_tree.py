@@ -100,6 +100,13 @@ def test_cli_writes_tree_and_table_and_compile_auto_uses_them(tiny_dir, tiny_dra
     out = tmp_path / "engine"
     flags = ["--draft", str(draft), "--backend", "eager", "--max-seq-len", "64", "--prefill-chunk", "8",
              "--dispatch", "predicted"]  # the cost model's choice itself (measured: test_tree_choice)
+    # --tree fitted-N: that table's best N-node tree, built as given (no choice made)
+    assert compile_main([str(tiny_dir), "--out", str(tmp_path / "fitted"), "--tree", "fitted-5", *flags]) == 0
+    manifest = json.loads((tmp_path / "fitted" / "manifest.json").read_text())
+    assert manifest["tree"]["name"] == "fitted-5" and manifest["tree_choice"] is None
+    assert sorted(map(tuple, manifest["tree"]["paths"])) == sorted(acc.fitted(5).paths)
+    assert len(acc.fitted(5).paths) == 4
+
     assert compile_main([str(tiny_dir), "--out", str(out), *flags]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     choice = manifest["tree_choice"]["buckets"]["1"]  # one bucket: batch 1
@@ -131,3 +138,31 @@ def test_cli_output_folder_missing_is_one_line_before_work(tiny_dir, tiny_draft_
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {flag} ") and "nope" in err and "does not exist" in err and "\n" not in err
     assert sorted(p.name for p in tiny_draft_dir.iterdir()) == before and not (tmp_path / "nope").exists()
+
+
+@pytest.mark.parametrize("case", ["no-draft", "no-table", "stale-table", "zero", "too-many"])
+def test_tree_fitted_n_bad_input_is_one_line(tiny_dir, tiny_draft_dir, tmp_path, capsys, case):
+    """--tree fitted-N without a draft, without its acceptance table, with a table made for other
+    weights, or with N out of range: one line naming the fix, before any work, no engine."""
+    from spec_compiler.kernels.limits import MAX_TREE_NODES
+    from spec_compiler.tree_choice import ACCEPT, ACCEPT_FORMAT
+
+    draft = tmp_path / "draft"
+    draft.mkdir()
+    for f in tiny_draft_dir.iterdir():
+        (draft / f.name).write_bytes(f.read_bytes())
+    (draft / ACCEPT).unlink(missing_ok=True)
+    if case != "no-table":
+        (draft / ACCEPT).write_text(json.dumps({"format": ACCEPT_FORMAT, "n_starts": 10, "paths": [[[0], 0.5]],
+                                                "draft_sha256": "0" * 64 if case == "stale-table" else None}))
+    tree = {"zero": "fitted-0", "too-many": f"fitted-{MAX_TREE_NODES + 1}"}.get(case, "fitted-8")
+    argv = [str(tiny_dir), "--out", str(tmp_path / "e"), "--tree", tree, "--backend", "eager"]
+    rc = compile_main(argv + ([] if case == "no-draft" else ["--draft", str(draft)]))
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    want = {"no-draft": "needs --draft DRAFT_DIR", "no-table": "does not exist; make it with spec-fit-tree",
+            "stale-table": "was made for other draft weights; rerun spec-fit-tree",
+            "zero": f"N must be 1..{MAX_TREE_NODES}", "too-many": f"N must be 1..{MAX_TREE_NODES}"}[case]
+    assert lines[0].startswith(f"error: --tree {tree}: ") and want in lines[0], lines[0]
+    assert not (tmp_path / "e").exists()
