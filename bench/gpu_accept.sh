@@ -37,6 +37,9 @@ watch() {
   grep -hE "^draft \||\| greedy \||\| 0.7 |rror|stop_reason" "$LOG"/*.log 2>/dev/null | tail -24
   [ -f "$LOG/gpu_tests.log" ] && tail -3 "$LOG/gpu_tests.log"
   cp "$LOG"/*.json "$OUT/" 2>/dev/null
+  for m in "$ENG"/*/manifest.json; do  # the engines' tree choices and dispatch timings
+    [ -f "$m" ] && cp "$m" "$OUT/manifest_$(basename "$(dirname "$m")").json"
+  done
   # the logs, each at most 2 MB (a call returns files of at most 16 MiB)
   (cd "$LOG" && find . -type f -size -2M -print0 | tar czf "$OUT/accept_log.tgz" --null -T -)
 }

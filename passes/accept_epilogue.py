@@ -121,8 +121,8 @@ def accept_epilogue(gm: fx.GraphModule, *, tree: TreeSpec, sampling: bool = Fals
     with gm.graph.inserting_before(out_node):
         # Sampling walks the tree's own levels; the columns past them are padding. (Walking all
         # width - 1 levels gave plain decoding's sampled graph in a speculating engine five
-        # rounds over the root alone, a chain of gathers that Inductor lowered for over 20
-        # minutes on an H200 without finishing.)
+        # rounds over the root alone: that graph's lowering stalled on an H200 for over 20
+        # minutes, and on a CPU the acceptance alone lowered 41x slower, bench/compile_accept.py.)
         fn = (functools.partial(accept_sampled, max_depth=tree.max_depth, width=width) if sampling
               else accept)
         acc_tokens, acc_feats, n_acc, new_len, path = call_traced(

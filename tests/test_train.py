@@ -589,3 +589,24 @@ def test_corpus_tokens_trains_on_nested_fixed_subsets(tiny_dir, corpus_dir, tmp_
     assert info["corpus"]["train_sequences"] == len(subsets[1])
     assert main([*common, "--corpus-tokens", "40", "--seed", "5", "--max-steps", "8", "--resume"]) == 2
     assert main([str(tiny_dir), "--out", str(tmp_path / "o"), "--corpus-tokens", "40"]) == 2  # online
+
+
+def test_init_from_an_eagle1_draft(tiny_dir, prompt_file, tmp_path, capsys):
+    """--init-from with an EAGLE-1 draft: a run that cannot move the weights writes them back
+    unchanged; a draft with other layers is one clear line, whichever has more."""
+    common = [str(tiny_dir), "--prompts", str(prompt_file), *ARGS[:-2], "--save-dtype", "float32"]
+    first = tmp_path / "first"
+    assert main([*common, "--layers", "2", "--out", str(first), "--max-steps", "3"]) == 0
+    again = tmp_path / "again"
+    assert main([*common, "--layers", "2", "--out", str(again), "--init-from", str(first),
+                 "--max-steps", "1", "--lr", "1e-30", "--warmup", "1"]) == 0
+    a, b = read_draft_state(first), read_draft_state(again)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    assert json.loads((again / "training.json").read_text())["init_from"]["dir"] == "first"
+    capsys.readouterr()
+    err = _one_error(capsys, [*common, "--layers", "1", "--out", str(tmp_path / "x"), "--init-from", str(first)])
+    assert "layers.1." in err and "--layers" in err
+    err = _one_error(capsys, [*common, "--layers", "3", "--out", str(tmp_path / "y"), "--init-from", str(first)])
+    assert "layers.2." in err and "is missing" in err

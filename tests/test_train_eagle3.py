@@ -217,3 +217,60 @@ def test_eagle3_corpus_training_over_the_hot_vocabulary(target_dir, prompt_file,
 
     for p in ([5, 9, 33, 2], [7] * 6):
         assert Engine.load(eng).generate(p, max_new_tokens=16).output_ids == hf_greedy(target_dir, p, 16)
+
+
+def test_init_from_continues_a_finished_head(target_dir, prompt_file, tmp_path, capsys):  # noqa: F811
+    """--init-from: a new run starts from a finished head's weights (its lm_head rows matched to
+    this run's hot ids), so a run that cannot move them (a vanishing learning rate) writes the
+    same head back; training.json records where it started; a head that does not fit, or a
+    resume from another start, is one clear line."""
+    from spec_compiler.train.corpus import main as corpus_main
+    from spec_compiler.tree_choice import draft_weights_sha256
+
+    corpus = tmp_path / "c"
+    assert corpus_main([str(target_dir), "--out", str(corpus), "--prompts", str(prompt_file),
+                        "--max-new-tokens", "12", "--gen-batch", "8"]) == 0
+    args = [str(target_dir), "--corpus", str(corpus), "--arch", "eagle3", "--aux-layers", "0,1,2",
+            "--gen-batch", "8", "--batch-size", "3", "--val-frac", "0", "--draft-vocab", "48",
+            "--save-every", "2", "--save-dtype", "float32"]
+    first = tmp_path / "first"
+    assert main([*args, "--out", str(first), "--max-steps", "3"]) == 0
+    again = tmp_path / "again"
+    assert main([*args, "--out", str(again), "--init-from", str(first), "--max-steps", "1",
+                 "--lr", "1e-30", "--warmup", "1"]) == 0
+    assert "initialized from" in capsys.readouterr().err
+    a, b = read_draft_state(first), read_draft_state(again)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    info = json.loads((again / "training.json").read_text())
+    assert info["init_from"] == {"dir": first.name, "weights_sha256": draft_weights_sha256(first),
+                                 "tokens_seen": json.loads((first / "training.json").read_text())
+                                 ["final_metrics"]["tokens_seen"]}
+    # trained further from there, its weights move; a resume must start from the same draft
+    more = tmp_path / "more"
+    assert main([*args, "--out", str(more), "--init-from", str(first), "--max-steps", "2"]) == 0
+    assert not torch.equal(read_draft_state(more)["fc.weight"], a["fc.weight"])
+    err = _train_error(capsys, [*args, "--out", str(more), "--max-steps", "4", "--resume"])
+    assert "started from the draft first" in err and "--init-from" in err
+    # what does not fit
+    assert "hot vocabulary differs" in _train_error(capsys, [*args[:-4], "--draft-vocab", "40", "--out",
+                                                             str(tmp_path / "x"), "--init-from", str(first)])
+    assert "--aux-layers" in _train_error(capsys, [*[x if x != "0,1,2" else "1,2,3" for x in args], "--out",
+                                                   str(tmp_path / "y"), "--init-from", str(first)])
+    assert "EAGLE-3 draft, but this run trains EAGLE-1/2" in _train_error(
+        capsys, [str(target_dir), "--corpus", str(corpus), "--gen-batch", "8", "--val-frac", "0",
+                 "--out", str(tmp_path / "z"), "--init-from", str(first)])
+    assert "no such draft directory" in _train_error(
+        capsys, [*args, "--out", str(tmp_path / "w"), "--init-from", str(tmp_path / "none")])
+    for d in ("x", "y", "z", "w"):
+        assert not (tmp_path / d / "training.json").exists()
+
+
+def _train_error(capsys, argv) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    lines = [ln for ln in err if ln.startswith("error: ")]
+    assert len(lines) == 1 and not any("Traceback" in ln for ln in err), err
+    return lines[0]

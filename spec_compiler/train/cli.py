@@ -104,6 +104,10 @@ def parser() -> argparse.ArgumentParser:
     a("--resume-if-any", action="store_true",
       help="continue from the newest checkpoint if there is one, else start: one command for every "
            "call of a run cut into calls")
+    a("--init-from", type=Path, default=None, metavar="DRAFT_DIR",
+      help="start from this finished draft's weights (the same --arch, --layers / --aux-layers and "
+           "hot vocabulary) with a fresh optimizer and schedule: to train a draft further once its "
+           "checkpoint is gone; recorded in training.json (init_from)")
     a("--save-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     a("--log-every", type=int, default=5, help="progress line every N steps (default 5)")
     a("--eval-prompts", type=Path, default=None,

@@ -75,6 +75,61 @@ def trainable(draft: EagleDraft | Eagle3Draft) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in draft.named_parameters() if not n.startswith(frozen)}
 
 
+def init_record(init_dir: Path) -> dict:
+    """training.json's `init_from`: the draft a run started from (--init-from), by path and
+    weights hash, with the tokens it had seen (its training.json, if it has one)."""
+    from ..tree_choice import draft_weights_sha256
+
+    try:
+        seen = json.loads((init_dir / "training.json").read_text())["final_metrics"]["tokens_seen"]
+    except (OSError, ValueError, KeyError, TypeError):
+        seen = None
+    return {"dir": record_path(init_dir), "weights_sha256": draft_weights_sha256(init_dir), "tokens_seen": seen}
+
+
+def init_weights(draft: EagleDraft | Eagle3Draft, init_dir: Path, target) -> None:
+    """--init-from: `draft`'s trainable weights from the finished draft in `init_dir` (the same
+    kind, layers, fused target layers and hot vocabulary; an EAGLE-3 head's lm_head rows follow
+    this run's hot-id order). Anything that does not fit: SpecCompileError naming it."""
+    from ..loading import load_draft
+
+    eagle3 = isinstance(draft, Eagle3Draft)
+    what = f"--init-from {init_dir}"
+    src = load_draft(init_dir, target)  # (an EAGLE-1/2 draft's lm_head is the target's: not trained)
+    if isinstance(src, Eagle3Draft) != eagle3:
+        raise SpecCompileError(f"{what}: an {'EAGLE-3' if not eagle3 else 'EAGLE-1/2'} draft, but this run "
+                               f"trains {'EAGLE-3' if eagle3 else 'EAGLE-1/2'} (--arch); start from a draft "
+                               "of the same kind")
+    rows = None
+    if eagle3:
+        if tuple(src.cfg.aux_layers) != tuple(draft.cfg.aux_layers):
+            raise SpecCompileError(f"{what}: it reads target layers {list(src.cfg.aux_layers)}, this run "
+                                   f"{list(draft.cfg.aux_layers)}; use the same --aux-layers")
+        mine, theirs = draft.hot_ids, src.hot_ids
+        if (mine is None) != (theirs is None) or (mine is not None and (
+                mine.numel() != theirs.numel() or set(mine.tolist()) != set(theirs.tolist()))):
+            raise SpecCompileError(f"{what}: its hot vocabulary differs from this run's (the corpus's "
+                                   "most frequent --draft-vocab tokens); use the corpus and --draft-vocab "
+                                   "it was trained with")
+        if mine is not None:
+            at = {int(t): i for i, t in enumerate(theirs.tolist())}
+            rows = torch.tensor([at[int(t)] for t in mine.tolist()])
+    theirs = trainable(src)
+    extra = sorted(set(theirs) - set(trainable(draft)))
+    if extra:  # e.g. a 2-layer draft into a 1-layer run: never drop weights silently
+        raise SpecCompileError(f"{what}: it has {extra[0]}, which this run's draft has not; use the same "
+                               "--layers / --aux-layers / --draft-vocab")
+    for name, p in trainable(draft).items():
+        w = theirs.get(name)
+        if w is not None and name == "lm_head.weight" and rows is not None:
+            w = w[rows]
+        if w is None or w.shape != p.shape:
+            raise SpecCompileError(f"{what}: {name} {'is missing' if w is None else f'has shape {tuple(w.shape)}'}, "
+                                   f"this run's is {tuple(p.shape)}; use the same --layers / --aux-layers / "
+                                   "--draft-vocab")
+        p.data.copy_(w.to(p.device, p.dtype))
+
+
 def _seed(*parts: int) -> torch.Generator:
     s = 0
     for p in parts:
@@ -223,6 +278,12 @@ def train(args, command: str) -> dict:
     # EAGLE-3 learns from the fused layers and the target's next-token distribution (its last
     # hidden state, stored beside them); EAGLE-1/2 from the last hidden state alone.
     target.feature_layers = draft.cfg.fused_layers
+    if args.init_from is not None:
+        info["init_from"] = init_record(args.init_from)
+        if not args.resume:  # a resumed run's weights are its checkpoint's (same init: _check_resume)
+            init_weights(draft, args.init_from, target)
+            print(f"initialized from {args.init_from} ({info['init_from']['tokens_seen'] or '?'} tokens "
+                  "seen there); fresh optimizer and schedule", file=sys.stderr)
     params = trainable(draft)
     opt = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.95),
                             weight_decay=args.weight_decay)
@@ -464,6 +525,12 @@ def _check_resume(ck: dict, args, info: dict, path: Path) -> None:
         raise SpecCompileError(f"--resume: {path} was trained with --{k.replace('_', '-')} "
                                f"{old.get(k, RESUME_DEFAULTS.get(k))}, this run has {new[k]}; use the same "
                                "settings to continue")
+    was, now = ck["info"].get("init_from"), info.get("init_from")
+    if (was or {}).get("weights_sha256") != (now or {}).get("weights_sha256"):
+        raise SpecCompileError(f"--resume: {path} started from "
+                               f"{'the draft ' + was['dir'] if was else 'fresh weights'}, this run "
+                               f"{'from ' + now['dir'] if now else 'without --init-from'}; use the same "
+                               "--init-from to continue")
     for what in ("prompts", "model"):
         if ck["info"][what]["sha256" if what == "prompts" else "config_sha256"] != \
                 info[what]["sha256" if what == "prompts" else "config_sha256"]:

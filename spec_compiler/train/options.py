@@ -70,6 +70,8 @@ def check_args(args) -> None:
         raise SpecCompileError(f"--time-limit {args.time_limit}: must be positive")
     if args.max_steps is not None and args.max_steps <= 0:
         raise SpecCompileError(f"--max-steps {args.max_steps}: must be a positive integer")
+    if args.init_from is not None and not args.init_from.is_dir():
+        raise SpecCompileError(f"--init-from {args.init_from}: no such draft directory")
     if not args.lr > 0:
         raise SpecCompileError(f"--lr {args.lr}: must be positive")
     for flag in ("w_feat", "w_kl", "noise", "weight_decay", "grad_clip"):
