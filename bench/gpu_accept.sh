@@ -29,6 +29,11 @@ DRAFTS=${DRAFTS:-drafts/smollm2-eagle-wide,drafts/smollm2-eagle-wide-eagle3}
 BEST=${BEST:-drafts/smollm2-eagle-wide-eagle3}
 CURVE=${CURVE-900000,3000000}  # CURVE= (empty): no curve, and the corpus need not come
 GPU_TESTS=${GPU_TESTS:-}  # a pytest -k expression: those GPU tests on GPU 1 first (gpu_tests.log)
+# MORE=SECONDS (instead of the curve): on GPU 1 and cores 16-31, BEST trained further for that
+# long (spec-train --init-from BEST, LR 3e-4, EAGLE-3 flags as it was trained with), its
+# acceptance table fitted on the held-out prompts there, its default engine built and measured
+# (greedy and T 0.7); the draft comes back in more_draft/ (files under 16 MiB)
+MORE=${MORE:-}
 CORPUS_DIR=${CORPUS_DIR:-corpora/smollm2-wide}
 ENG="$KEEP_ROOT/engines"
 
@@ -36,6 +41,7 @@ watch() {
   job_wait
   grep -hE "^draft \||\| greedy \||\| 0.7 |rror|stop_reason" "$LOG"/*.log 2>/dev/null | tail -24
   [ -f "$LOG/gpu_tests.log" ] && tail -3 "$LOG/gpu_tests.log"
+  [ -d "$LOG/more_draft" ] && cp -r "$LOG/more_draft" "$OUT/"
   cp "$LOG"/*.json "$OUT/" 2>/dev/null
   for m in "$ENG"/*/manifest.json; do  # the engines' tree choices and dispatch timings
     [ -f "$m" ] && cp "$m" "$OUT/manifest_$(basename "$(dirname "$m")").json"
@@ -78,16 +84,31 @@ curve() {
   cp "drafts/curve-$1/training.json" "$LOG/curve_$1.training.json" 2>/dev/null
 }
 
+# more: the MORE lane (above), on GPU 1
+more() {
+  local d="drafts/$(basename "$BEST")-more"
+  run more_train 16-31 1 env OUT="$LOG/more" CORPUS="$CORPUS_DIR" ARCH=eagle3 DRAFT_VOCAB=12288 \
+    INIT="$BEST" LR=3e-4 EVAL=1 DRAFT="$d" RUN=runs/more bash bench/gpu_corpus.sh train "$KEEP_ROOT/gq" "$MORE"
+  run more_fit 16-31 1 python3 -m spec_compiler.train.fit_tree "$SMOL" "$d" --device cuda --n 106 \
+    --nodes 96 --prompts spec_compiler/data/prompts_fit_wide.jsonl --out "$LOG/more_tree.json" \
+    --accept-out "$d/accept.json"
+  mkdir -p "$LOG/more_draft" && cp "$d"/*.safetensors "$d"/*.json "$LOG/more_draft/"
+  run build_more 16-31 1 timeout "${BUILD_S:-900}" python3 -m spec_compiler.cli "$SMOL" --draft "$d" \
+    --out "$ENG/more" --device cuda --max-seq-len 1024 --jobs 4
+  measure more 0,0.7 1 16-31
+}
+
 # wait_pids PID...: until none of these (not this shell's children in a subshell) runs
 wait_pids() { for p in "$@"; do while kill -0 "$p" 2>/dev/null; do sleep 5; done; done; }
 
 drive() {
   fetch_model 0-15 0 || { say "no model"; touch "$LOG/ALL_DONE"; return; }
   [ -n "$GPU_TESTS" ] && run gpu_tests 16-31 1 python3 -m pytest -q -m gpu -k "$GPU_TESTS" tests &
-  until drafts_here && { [ -z "$CURVE" ] || [ -f "$CORPUS_DIR/index.json" ]; }; do sleep 5; done
-  say "all drafts here (and the corpus, for the curve)"
+  until drafts_here && { [ -z "$CURVE$MORE" ] || [ -f "$CORPUS_DIR/index.json" ]; }; do sleep 5; done
+  say "all drafts here (and the corpus, for the curve or MORE)"
   local -a curves=()
   for n in ${CURVE//,/ }; do curve "$n" & curves+=($!); done
+  [ -n "$MORE" ] && { more & curves+=($!); }  # GPU 1's lane: the other drafts are measured after it
   local -a names=() others=() best=()  # the other drafts' engines and build pids; BEST's pids
   # one cost model on GPU 0 at a time: the next starts once it has chosen. BEST gets the default
   # build (measured dispatch); the others the cost model's choice alone (--dispatch predicted: the

@@ -38,6 +38,10 @@ TRAIN=(python3 -m spec_compiler.train.cli "$SMOL" --out "$DRAFT" --corpus "$CORP
 # A data-size point: CORPUS_TOKENS=N trains on the corpus's first N new tokens (nested subsets;
 # give each point its own DRAFT and RUN), then bench/training_curve.py tabulates and plots them.
 [ -n "${CORPUS_TOKENS:-}" ] && TRAIN+=(--corpus-tokens "$CORPUS_TOKENS")
+# INIT=DRAFT_DIR: start from that finished draft (spec-train --init-from; a fresh optimizer and
+# schedule); LR: the peak learning rate (default 6e-4)
+[ -n "${INIT:-}" ] && TRAIN+=(--init-from "$INIT")
+[ -n "${LR:-}" ] && TRAIN+=(--lr "$LR")
 # EVAL=1: the train stage also scores the draft on the development prompts when it stops (the
 # report stage's dev_eval; reporting only, never a stopping rule)
 DEV=(--eval-prompts spec_compiler/data/prompts_dev.jsonl --eval-n 117)
