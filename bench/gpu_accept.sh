@@ -30,7 +30,8 @@ BEST=${BEST:-drafts/smollm2-eagle-wide-eagle3}
 CURVE=${CURVE-900000,3000000}  # CURVE= (empty): no curve, and the corpus need not come
 GPU_TESTS=${GPU_TESTS:-}  # a pytest -k expression: those GPU tests on GPU 1 first (gpu_tests.log)
 # MORE=SECONDS (instead of the curve): on GPU 1 and cores 16-31, BEST trained further for that
-# long (spec-train --init-from BEST, LR 3e-4, EAGLE-3 flags as it was trained with), its
+# long (spec-train --init-from BEST, LR 3e-4 decaying over MORE_TOKENS, default 20M: about what
+# 540 s train; EAGLE-3 flags as it was trained with), its
 # acceptance table fitted on the held-out prompts there, its default engine built and measured
 # (greedy and T 0.7); the draft comes back in more_draft/ (files under 16 MiB)
 MORE=${MORE:-}
@@ -88,7 +89,7 @@ curve() {
 more() {
   local d="drafts/$(basename "$BEST")-more"
   run more_train 16-31 1 env OUT="$LOG/more" CORPUS="$CORPUS_DIR" ARCH=eagle3 DRAFT_VOCAB=12288 \
-    INIT="$BEST" LR=3e-4 EVAL=1 DRAFT="$d" RUN=runs/more bash bench/gpu_corpus.sh train "$KEEP_ROOT/gq" "$MORE"
+    INIT="$BEST" LR=3e-4 TOKENS="${MORE_TOKENS:-20000000}" EVAL=1 DRAFT="$d" RUN=runs/more bash bench/gpu_corpus.sh train "$KEEP_ROOT/gq" "$MORE"
   run more_fit 16-31 1 python3 -m spec_compiler.train.fit_tree "$SMOL" "$d" --device cuda --n 106 \
     --nodes 96 --prompts spec_compiler/data/prompts_fit_wide.jsonl --out "$LOG/more_tree.json" \
     --accept-out "$d/accept.json"

@@ -32,14 +32,15 @@ DRAFT=${DRAFT:-drafts/smollm2-eagle-wide}
 # trainable parameter, is too large to carry between machines: train it within one warm job)
 ARCH=${ARCH:-eagle}; DRAFT_VOCAB=${DRAFT_VOCAB:-16384}
 TRAIN=(python3 -m spec_compiler.train.cli "$SMOL" --out "$DRAFT" --corpus "$CORPUS" --device cuda
-       --checkpoint-dir "$RUN/checkpoints" --keep-checkpoints 1 --tokens 40000000 --batch-size 16
+       --checkpoint-dir "$RUN/checkpoints" --keep-checkpoints 1 --tokens "${TOKENS:-40000000}" --batch-size 16
        --gen-batch 384 --reuse 2 --lr 6e-4 --warmup 50 --draft-vocab "$DRAFT_VOCAB" --arch "$ARCH" --val-every 200
        --patience 5 --save-every 200 --log-every 50 --resume-if-any)
 # A data-size point: CORPUS_TOKENS=N trains on the corpus's first N new tokens (nested subsets;
 # give each point its own DRAFT and RUN), then bench/training_curve.py tabulates and plots them.
 [ -n "${CORPUS_TOKENS:-}" ] && TRAIN+=(--corpus-tokens "$CORPUS_TOKENS")
 # INIT=DRAFT_DIR: start from that finished draft (spec-train --init-from; a fresh optimizer and
-# schedule); LR: the peak learning rate (default 6e-4)
+# schedule); LR: the peak learning rate (default 6e-4); TOKENS: the token budget the learning rate
+# decays over (default 40M; one that fits the time limit lets the schedule finish)
 [ -n "${INIT:-}" ] && TRAIN+=(--init-from "$INIT")
 [ -n "${LR:-}" ] && TRAIN+=(--lr "$LR")
 # EVAL=1: the train stage also scores the draft on the development prompts when it stops (the
