@@ -128,6 +128,13 @@ def read_accept(draft_dir: Path | None) -> AcceptTable | None:
     return AcceptTable.read(Path(draft_dir) / ACCEPT)
 
 
+def made_for(table: AcceptTable, draft_dir: Path) -> bool:
+    """Whether `table` was fitted with the draft weights in `draft_dir` (a table that records no
+    weights hash is taken as made for them)."""
+    want = table.header.get("draft_sha256")
+    return want is None or want == draft_weights_sha256(Path(draft_dir))
+
+
 def draft_weights_sha256(draft_dir: Path) -> str | None:
     """The draft's weights' identity (what accept.json records): model.safetensors's sha256, or
     for a sharded draft one sha256 over its safetensors files (hashing.weights_sha256)."""
@@ -376,13 +383,11 @@ def fitted_tree(name: str, draft_dir: Path | None) -> TreeSpec | None:
                                f"acceptance table, {ACCEPT})")
     if not Path(draft_dir).is_dir():
         raise SpecCompileError(f"--draft {draft_dir}: no such directory")
-    path = Path(draft_dir) / ACCEPT
-    if not path.is_file():
+    path, table = Path(draft_dir) / ACCEPT, read_accept(draft_dir)
+    if table is None:
         raise SpecCompileError(f"--tree {name}: {path} does not exist; make it with spec-fit-tree "
                                f"MODEL_DIR {draft_dir}, or use --tree auto, chain-K or a JSON file")
-    table = AcceptTable.read(path)
-    want = table.header.get("draft_sha256")
-    if want is not None and want != draft_weights_sha256(Path(draft_dir)):
+    if not made_for(table, draft_dir):
         raise SpecCompileError(f"--tree {name}: {path} was made for other draft weights; rerun "
                                f"spec-fit-tree MODEL_DIR {draft_dir}")
     return table.fitted(n)
@@ -398,8 +403,7 @@ def auto_tree(draft_dir: Path | None, log: Callable[[str], None] = lambda s: Non
     table = read_accept(draft_dir)
     if table is None:
         return fallback, None
-    want = table.header.get("draft_sha256")
-    if want is not None and want != draft_weights_sha256(draft_dir):
+    if not made_for(table, draft_dir):
         log(f"note: {Path(draft_dir) / ACCEPT} was made for other draft weights; ignoring it "
             f"(rerun spec-fit-tree); building tree {fallback.name}")
         return fallback, None

@@ -114,12 +114,12 @@ def init_weights(draft: EagleDraft | Eagle3Draft, init_dir: Path, target) -> Non
         if mine is not None:
             at = {int(t): i for i, t in enumerate(theirs.tolist())}
             rows = torch.tensor([at[int(t)] for t in mine.tolist()])
-    theirs = trainable(src)
-    extra = sorted(set(theirs) - set(trainable(draft)))
+    theirs, params = trainable(src), trainable(draft)
+    extra = sorted(set(theirs) - set(params))
     if extra:  # e.g. a 2-layer draft into a 1-layer run: never drop weights silently
         raise SpecCompileError(f"{what}: it has {extra[0]}, which this run's draft has not; use the same "
                                "--layers / --aux-layers / --draft-vocab")
-    for name, p in trainable(draft).items():
+    for name, p in params.items():
         w = theirs.get(name)
         if w is not None and name == "lm_head.weight" and rows is not None:
             w = w[rows]
