@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14's measurements as one background job on a 2-GPU machine (bench/gpu_job.sh):
+# Issue 14's measurements as one background job on a 1- or 2-GPU machine (bench/gpu_job.sh):
 #   build   every engine at once, on all cores (GPU 0 only for --tree auto's cost model):
 #           each draft in drafts/ with its default engine (--tree auto: its own acceptance table
 #           and the cost model timed here, measured dispatch, sampling graphs), and BEST's fitted
@@ -21,6 +21,9 @@
 # `watch` with the second part, the third `watch` with the EAGLE-3 draft's weights and the
 # corpus; then `watch "" SECONDS` until it is done. (The run of 2026-12-01 also measured the two
 # H100 drafts, since removed from drafts/: DRAFTS names them after a checkout from git history.)
+# On a machine of one GPU, "GPU 1" below is GPU 0 and both lanes share its cores: the curve and
+# MORE train beside the builds, and the other drafts are measured after BEST's engines, one
+# engine at a time.
 # Usage: bash bench/gpu_accept.sh start|watch|patch PARTS_DIR [SECONDS]
 set -uo pipefail
 JOB=accept BRING=1
@@ -37,6 +40,9 @@ GPU_TESTS=${GPU_TESTS:-}  # a pytest -k expression: those GPU tests on GPU 1 fir
 MORE=${MORE:-}
 CORPUS_DIR=${CORPUS_DIR:-corpora/smollm2-wide}
 ENG="$KEEP_ROOT/engines"
+# the lanes: GPU 1 and its cores, GPU 0's cores, and all cores
+if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ]; then G1=1 C0=0-15 C1=16-31 CALL=0-31
+else G1=0 C0=0-$(($(nproc) - 1)); C1=$C0 CALL=$C0; fi
 
 watch() {
   job_wait
@@ -70,7 +76,7 @@ PY
 # build NAME DRAFT TREE [FLAGS...]: one engine into $ENG/NAME (cost model on GPU 0)
 build() {
   local name=$1 draft=$2 tree=$3; shift 3
-  run "build_$name" 0-31 0 timeout "${BUILD_S:-900}" python3 -m spec_compiler.cli "$SMOL" --draft "$draft" --out "$ENG/$name" \
+  run "build_$name" "$CALL" 0 timeout "${BUILD_S:-900}" python3 -m spec_compiler.cli "$SMOL" --draft "$draft" --out "$ENG/$name" \
     --tree "$tree" --device cuda --max-seq-len 1024 --jobs 4 "$@"
 }
 # measure NAME TEMPERATURES GPU CPUS: one built engine alone on its GPU
@@ -80,7 +86,7 @@ measure() {
 }
 # curve N: the data-size curve's point at N new tokens of the corpus, on GPU 1
 curve() {
-  run "curve_$1" 16-31 1 env OUT="$LOG/curve_$1" CORPUS="$CORPUS_DIR" CORPUS_TOKENS="$1" EVAL=1 \
+  run "curve_$1" "$C1" "$G1" env OUT="$LOG/curve_$1" CORPUS="$CORPUS_DIR" CORPUS_TOKENS="$1" EVAL=1 \
     DRAFT="drafts/curve-$1" RUN="runs/curve-$1" bash bench/gpu_corpus.sh train "$KEEP_ROOT/gq" "${CURVE_S:-570}"
   cp "drafts/curve-$1/training.json" "$LOG/curve_$1.training.json" 2>/dev/null
 }
@@ -88,23 +94,23 @@ curve() {
 # more: the MORE lane (above), on GPU 1
 more() {
   local d="drafts/$(basename "$BEST")-more"
-  run more_train 16-31 1 env OUT="$LOG/more" CORPUS="$CORPUS_DIR" ARCH=eagle3 DRAFT_VOCAB=12288 \
+  run more_train "$C1" "$G1" env OUT="$LOG/more" CORPUS="$CORPUS_DIR" ARCH=eagle3 DRAFT_VOCAB=12288 \
     INIT="$BEST" LR=3e-4 TOKENS="${MORE_TOKENS:-20000000}" EVAL=1 DRAFT="$d" RUN=runs/more bash bench/gpu_corpus.sh train "$KEEP_ROOT/gq" "$MORE"
-  run more_fit 16-31 1 python3 -m spec_compiler.train.fit_tree "$SMOL" "$d" --device cuda --n 106 \
+  run more_fit "$C1" "$G1" python3 -m spec_compiler.train.fit_tree "$SMOL" "$d" --device cuda --n 106 \
     --nodes 96 --prompts spec_compiler/data/prompts_fit_wide.jsonl --out "$LOG/more_tree.json" \
     --accept-out "$d/accept.json"
   mkdir -p "$LOG/more_draft" && cp "$d"/*.safetensors "$d"/*.json "$LOG/more_draft/"
-  run build_more 16-31 1 timeout "${BUILD_S:-900}" python3 -m spec_compiler.cli "$SMOL" --draft "$d" \
+  run build_more "$C1" "$G1" timeout "${BUILD_S:-900}" python3 -m spec_compiler.cli "$SMOL" --draft "$d" \
     --out "$ENG/more" --device cuda --max-seq-len 1024 --jobs 4
-  measure more 0,0.7 1 16-31
+  measure more 0,0.7 "$G1" "$C1"
 }
 
 # wait_pids PID...: until none of these (not this shell's children in a subshell) runs
 wait_pids() { for p in "$@"; do while kill -0 "$p" 2>/dev/null; do sleep 5; done; done; }
 
 drive() {
-  fetch_model 0-15 0 || { say "no model"; touch "$LOG/ALL_DONE"; return; }
-  [ -n "$GPU_TESTS" ] && run gpu_tests 16-31 1 python3 -m pytest -q -m gpu -k "$GPU_TESTS" tests &
+  fetch_model "$C0" 0 || { say "no model"; touch "$LOG/ALL_DONE"; return; }
+  [ -n "$GPU_TESTS" ] && run gpu_tests "$C1" "$G1" python3 -m pytest -q -m gpu -k "$GPU_TESTS" tests &
   until drafts_here && { [ -z "$CURVE$MORE" ] || [ -f "$CORPUS_DIR/index.json" ]; }; do sleep 5; done
   say "all drafts here (and the corpus, for the curve or MORE)"
   local -a curves=()
@@ -126,10 +132,12 @@ drive() {
   # drafts' on GPU 1 once the curve has freed it.
   wait "${best[@]}" "${others[@]}"
   say "engines built"
-  ( wait_pids "${curves[@]}"; for n in "${names[@]}"; do measure "$n" 0,0.7 1 16-31; done ) &
-  measure "$(basename "$BEST")" 0,0.7 0 0-15
-  for n in 40 64 96; do measure "best-fitted-$n" 0 0 0-15; done
-  say "GPU 0 measured; waiting for GPU 1"
+  others() { wait_pids "${curves[@]}"; for n in "${names[@]}"; do measure "$n" 0,0.7 "$G1" "$C1"; done; }
+  [ "$G1" = 0 ] || others &
+  measure "$(basename "$BEST")" 0,0.7 0 "$C0"
+  for n in 40 64 96; do measure "best-fitted-$n" 0 0 "$C0"; done
+  say "BEST's engines measured"
+  [ "$G1" = 0 ] && others  # one GPU: the other drafts after BEST's
   wait
   say "all done"
   touch "$LOG/ALL_DONE"
