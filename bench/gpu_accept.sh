@@ -39,6 +39,8 @@ GPU_TESTS=${GPU_TESTS:-}  # a pytest -k expression: those GPU tests on GPU 1 fir
 # (greedy and T 0.7); the draft comes back in more_draft/ (files under 16 MiB)
 MORE=${MORE:-}
 CORPUS_DIR=${CORPUS_DIR:-corpora/smollm2-wide}
+FITTED=${FITTED-40 64 96}  # BEST's fitted trees to build and measure (FITTED= : none)
+PROMPTS=${PROMPTS:-spec_compiler/data/prompts_dev.jsonl}  # what every engine is measured on
 ENG="$KEEP_ROOT/engines"
 # the lanes: GPU 1 and its cores, GPU 0's cores, and all cores
 if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ]; then G1=1 C0=0-15 C1=16-31 CALL=0-31
@@ -82,7 +84,7 @@ build() {
 # measure NAME TEMPERATURES GPU CPUS: one built engine alone on its GPU
 measure() {
   run "measure_$1" "$4" "$3" python3 bench/bench_acceptance.py "$SMOL" --engine "$ENG/$1" --temperatures "$2" \
-    --device cuda --out "$LOG/acceptance_$1.json"
+    --device cuda --prompts "$PROMPTS" --out "$LOG/acceptance_$1.json"
 }
 # curve N: the data-size curve's point at N new tokens of the corpus, on GPU 1
 curve() {
@@ -126,7 +128,7 @@ drive() {
     if [ "$d" = "$BEST" ]; then best+=($!); else others+=($!); names+=("$(basename "$d")"); fi
     for _ in $(seq 60); do grep -q "^\[2/4\]" "$LOG/build_$(basename "$d").log" 2>/dev/null && break; sleep 2; done
   done
-  for n in 40 64 96; do build "best-fitted-$n" "$BEST" "fitted-$n" --no-sampling & best+=($!); done
+  for n in $FITTED; do build "best-fitted-$n" "$BEST" "fitted-$n" --no-sampling & best+=($!); done
   # Measured once every build is done (a compile beside a measurement would skew its tokens/s;
   # BUILD_S bounds a build that stalls), each alone on its GPU: BEST's on GPU 0, the other
   # drafts' on GPU 1 once the curve has freed it.
@@ -135,7 +137,7 @@ drive() {
   others() { wait_pids "${curves[@]}"; for n in "${names[@]}"; do measure "$n" 0,0.7 "$G1" "$C1"; done; }
   [ "$G1" = 0 ] || others &
   measure "$(basename "$BEST")" 0,0.7 0 "$C0"
-  for n in 40 64 96; do measure "best-fitted-$n" 0 0 "$C0"; done
+  for n in $FITTED; do measure "best-fitted-$n" 0 0 "$C0"; done
   say "BEST's engines measured"
   [ "$G1" = 0 ] && others  # one GPU: the other drafts after BEST's
   wait

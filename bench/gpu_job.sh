@@ -36,7 +36,7 @@ run() {
 }
 # job_start SCRIPT: the first call's setup, then SCRIPT's drive in the background
 job_start() {
-  rm -rf "$SRC" && mkdir -p "$SRC" && cp -a . "$SRC/" && cd "$SRC" || exit 1
+  rm -rf "${LOG:?}"/* "$SRC" && mkdir -p "$SRC" && cp -a . "$SRC/" && cd "$SRC" || exit 1
   . bench/gpu_env.sh  # the editable install now maps to this copy, which later calls do not touch
   nvidia-smi --query-gpu=name --format=csv,noheader | paste -sd, > "$LOG/versions.txt"
   python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers',
