@@ -79,7 +79,7 @@ PY
 build() {
   local name=$1 draft=$2 tree=$3; shift 3
   run "build_$name" "$CALL" 0 timeout "${BUILD_S:-900}" python3 -m spec_compiler.cli "$SMOL" --draft "$draft" --out "$ENG/$name" \
-    --tree "$tree" --device cuda --max-seq-len 1024 --jobs 4 "$@"
+    --tree "$tree" --device cuda --max-seq-len 1024 --jobs "${BUILD_JOBS:-4}" "$@"
 }
 # measure NAME TEMPERATURES GPU CPUS: one built engine alone on its GPU
 measure() {

@@ -66,7 +66,8 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--dispatch", choices=("measured", "predicted"), default="measured",
                    help="with --tree auto: measured (default) builds every bucket both speculating "
                         "(where the cost model chose plain decoding: with its best tree, when some bucket "
-                        "speculates) and plain, times both compiled steps there and keeps the faster "
+                        "speculates) and plain, and with a smaller tree of the same depth predicted "
+                        "within 5%% of its choice, times the compiled steps there and keeps the fastest "
                         "(expected tokens per call / step time); predicted trusts the cost model "
                         "(fewer graphs to compile). Single-GPU engines only: at --tp N it is predicted")
     p.add_argument("--jobs", type=int, default=None, metavar="N",

@@ -324,6 +324,9 @@ class CompileConfig:
     # --tree auto's measured dispatch (pipeline.measure_dispatch): also build plain decoding
     # (chain-0 verify) at every speculating bucket, time both compiled steps and keep the faster
     plain_alternates: bool = False
+    # ... and, per bucket (buckets order; None: none there), a smaller tree of the same depth whose
+    # graphs are built beside the bucket's own and timed with them (pipeline.tree_alternates)
+    tree_alternates: tuple[TreeSpec | None, ...] | None = None
 
     def trees(self) -> tuple[TreeSpec, ...]:
         """The tree of each batch bucket, smallest bucket first."""

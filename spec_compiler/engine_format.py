@@ -236,11 +236,17 @@ def graph_dims(dims: Dims, graph: str, bucket: int | None = None) -> Dims:
     return dataclasses.replace(dims, batch=b, bucket_nodes=nodes, tree_nodes=nodes[-1])
 
 
-def plain_at(dims: Dims, bucket: int) -> Dims:
-    """`dims` with bucket `bucket` decoding plainly (its tree the root alone): how a plain
-    alternative to a speculating bucket's verify graph sees the engine (`measure_dispatch`)."""
-    nodes = tuple(1 if b == bucket else n for b, n in zip(buckets(dims.batch), dims.bucket_nodes))
+def nodes_at(dims: Dims, bucket: int, n_nodes: int) -> Dims:
+    """`dims` with bucket `bucket`'s tree of `n_nodes` nodes (the state, tree_depth included,
+    unchanged): how an alternative to a speculating bucket's graphs sees the engine
+    (`pipeline.measure_dispatch`)."""
+    nodes = tuple(n_nodes if b == bucket else n for b, n in zip(buckets(dims.batch), dims.bucket_nodes))
     return dataclasses.replace(dims, bucket_nodes=nodes, tree_nodes=nodes[-1])
+
+
+def plain_at(dims: Dims, bucket: int) -> Dims:
+    """`dims` with bucket `bucket` decoding plainly (its tree the root alone)."""
+    return nodes_at(dims, bucket, 1)
 
 
 def graph_file(graph: str, batch: int, ext: str = "pt2") -> str:

@@ -114,7 +114,8 @@ def compile_engine(cfg: CompileConfig, model_dir: Path, draft_dir: Path | DraftS
     manifest records the candidates per bucket (`tree_choice`).
     `jobs`: processes that lower graphs in parallel (`lower_all`).
     `measured_dispatch` (with `auto_tree`, at tp 1): every speculating bucket is also built with
-    plain decoding and keeps its tree only where the compiled step pays (`measure_dispatch`).
+    plain decoding, and with a smaller tree where the cost model cannot tell the two apart
+    (`tree_alternates`), and keeps what its compiled steps make fastest (`measure_dispatch`).
     `draft_vocab` ("auto", "full" or N) picks the draft's vocabulary (`load_draft`). `draft_dir`
     may be a `loading.read_draft` result; its weights are not read again.
     `draft_module` replaces loading `draft_dir` (tests use it for drafts with known behaviour;
@@ -137,10 +138,13 @@ def compile_engine(cfg: CompileConfig, model_dir: Path, draft_dir: Path | DraftS
                 target, draft, cfg.max_seq_len, lambda depth: fmt.min_capacity(cfg.prefill_chunk, depth),
                 fmt.buckets(cfg.batch_size), progress)
             measured = measured_dispatch and cfg.tp == 1
-            cfg = with_bucket_trees(cfg, measured_trees(trees, choice, progress) if measured else trees)
+            if measured:
+                trees = measured_trees(trees, choice, progress)
+            cfg = with_bucket_trees(cfg, trees)
             draft = draft if cfg.draft is not None else None
             if measured and cfg.draft is not None:
-                cfg = dataclasses.replace(cfg, plain_alternates=True)
+                cfg = dataclasses.replace(cfg, plain_alternates=True,
+                                          tree_alternates=tree_alternates(trees, choice, progress))
         return _compile(cfg, target, draft, out_dir, progress, debug_dir, None, model_dir, t0, choice, jobs)
 
 
@@ -166,6 +170,42 @@ def measured_trees(trees: tuple, choice: dict, progress: Callable[[str], None] =
                      "too, and measured dispatch decides")
         out.append(t)
     return tuple(out)
+
+
+# How close (as a fraction of predicted tokens/s) a smaller tree must come to the cost model's
+# choice for measured dispatch to build and time it too (`tree_alternates`).
+ALTERNATE_MARGIN = 0.05
+
+
+def tree_alternates(trees: tuple, choice: dict,
+                    progress: Callable[[str], None] = lambda s: None) -> tuple | None:
+    """Per bucket (buckets order), the smaller tree that measured dispatch builds and times beside
+    the bucket's own tree, or None: of the cost model's candidates with fewer nodes (more than
+    the root) and the same depth, the one it predicts fastest, if that prediction is within
+    ALTERNATE_MARGIN of the bucket tree's. None for all: no bucket has one.
+    Why: the cost model times uncompiled forwards, whose fixed cost per step (unfused kernels)
+    hides what each further tree node costs the compiled step. On an H200 (SmolLM2-135M and its
+    EAGLE-3 head, batch 1) it predicted fitted-96's step 1.1% longer than fitted-64's, where
+    the compiled steps differed by 6%: it chose fitted-96, which decoded 1.6% slower than
+    fitted-64 (BENCHMARKS.md, ninth GPU run). Same depth only: the engine's state is sized by
+    the deepest tree, which a win must not change. The record notes `measured_alternate`."""
+    out = []
+    for b, t in zip(choice["buckets"], trees, strict=True):
+        rec, alt = choice["buckets"][b], None
+        cands = rec.get("candidates", [])
+        own = next((c for c in cands if c["name"] == t.name and c["nodes"] == t.n_nodes), None)
+        if t.n_nodes > 1 and own is not None:
+            smaller = [c for c in cands if 1 < c["nodes"] < t.n_nodes and c["depth"] == t.max_depth]
+            best = max(smaller, key=lambda c: c["expected_tokens_per_s"], default=None)
+            if best is not None and (best["expected_tokens_per_s"]
+                                     >= (1 - ALTERNATE_MARGIN) * own["expected_tokens_per_s"]):
+                alt = TreeSpec.from_json(best)
+                rec["measured_alternate"] = best["name"]
+                progress(f"[tree] batch {b}: {best['name']} is predicted within "
+                         f"{100 * (1 - best['expected_tokens_per_s'] / own['expected_tokens_per_s']):.1f}% "
+                         f"of {t.name}; it is built too, and measured dispatch decides")
+        out.append(alt)
+    return tuple(out) if any(a is not None for a in out) else None
 
 
 def with_bucket_trees(cfg: CompileConfig, trees: tuple) -> CompileConfig:
@@ -263,53 +303,97 @@ def step_ms(engine, batch: int, steps: int = 12) -> float:
 
 def measure_dispatch(manifest: Manifest, tmp: Path, progress, time_step=None) -> None:
     """--tree auto's cost model ranks trees by timing the uncompiled modules, which overstates
-    every step's fixed cost (unfused kernels) and so makes speculation look cheaper next to plain
-    decoding than it is in the compiled engine. So each speculating bucket was also built with
-    plain decoding (`plain_alternates`); here both compiled steps are timed at that bucket (the
-    engine loaded from `tmp` twice) and a bucket keeps its tree only if expected tokens per call
-    (the draft's acceptance table) / its step time beats one token / the plain step time.
-    Rewrites `manifest` to the winners (bucket_trees, dims, graph entries, the `tree_choice`
-    record) and deletes the losers' artifacts."""
+    every step's fixed cost (unfused kernels): speculation looks cheaper next to plain decoding
+    than it is in the compiled engine, and a further tree node cheaper than it is. So each
+    speculating bucket was also built with plain decoding (`plain_alternates`) and, where
+    `tree_alternates` named one, with a smaller tree (`tree_alternates`). Here the compiled steps
+    are timed at that bucket (the engine loaded from `tmp` once per view) and the bucket keeps
+    whichever gives the most tokens per ms: a tree's expected tokens per call (the draft's
+    acceptance table) / its step, or one token / the plain step (a tie goes to plain decoding,
+    then to the cost model's tree). Rewrites `manifest` to the winners (bucket_trees, dims,
+    graph entries, the `tree_choice` record) and deletes the losers' artifacts."""
     from spec_compiler.runtime import Engine
 
     time_step = time_step or step_ms
     data = manifest.data
-    alternates = data.pop("plain_alternates")
+    plain_alts = data.pop("plain_alternates")
+    tree_alts = data.pop("tree_alternates", None) or {"trees": {}, "graphs": {}}
     dims = fmt.Dims.from_json(data["dims"])
     spec_buckets = [b for b in fmt.buckets(dims.batch) if dims.speculates(b)]
-    plain = _to_plain(data, alternates, spec_buckets)
+    alt_buckets = [b for b in spec_buckets if str(b) in tree_alts["trees"]]
+    views = {"plain": (_to_plain(data, plain_alts, spec_buckets), spec_buckets),
+             "speculative": (data, spec_buckets)}
+    if alt_buckets:
+        views["alternate"] = (_to_tree(data, tree_alts, alt_buckets), alt_buckets)
     times = {}
-    for view, body in (("speculative", data), ("plain", plain)):
+    for view, (body, at) in views.items():
         write_manifest(tmp, Manifest(body))
         engine = Engine.load(tmp)
-        times[view] = {b: time_step(engine, b) for b in spec_buckets}
+        times[view] = {b: time_step(engine, b) for b in at}
         del engine
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     record = data.get("tree_choice") or {}
-    keep = {}
+    win = {}
     for b in spec_buckets:
         tree = data["bucket_trees"][str(b)]
         tpc = _expected_tokens_per_call(record, b, tree["name"])
         spec_ms, plain_ms = times["speculative"][b], times["plain"][b]
-        keep[b] = tpc / spec_ms > 1.0 / plain_ms
-        verdict = (f"keeps {tree['name']}" if keep[b] else "decodes plainly")
-        progress(f"[dispatch] batch {b}: {tree['name']} {tpc:.2f} tokens/call expected in a {spec_ms:.2f} ms "
-                 f"step, plain decoding 1 in {plain_ms:.2f} ms: {verdict}")
+        names = {"plain": "chain-0", "speculative": tree["name"]}
+        rates = {"plain": 1.0 / plain_ms, "speculative": tpc / spec_ms}  # max: the first on a tie
         measured = {"speculative_step_ms": round(spec_ms, 4), "plain_step_ms": round(plain_ms, 4),
-                    "expected_tokens_per_call": round(tpc, 4), "tree": tree["name"], "speculate": keep[b]}
+                    "expected_tokens_per_call": round(tpc, 4), "tree": tree["name"]}
+        line = f"{tree['name']} {tpc:.2f} tokens/call expected in a {spec_ms:.2f} ms step"
+        if b in alt_buckets:
+            alt = tree_alts["trees"][str(b)]["name"]
+            alt_tpc, alt_ms = _expected_tokens_per_call(record, b, alt), times["alternate"][b]
+            names["alternate"], rates["alternate"] = alt, alt_tpc / alt_ms
+            measured["alternate"] = {"tree": alt, "step_ms": round(alt_ms, 4),
+                                     "expected_tokens_per_call": round(alt_tpc, 4)}
+            line += f", {alt} {alt_tpc:.2f} in {alt_ms:.2f} ms"
+        win[b] = max(rates, key=rates.get)
+        measured.update(speculate=win[b] != "plain", chosen=names[win[b]])
+        verdict = {"plain": "decodes plainly", "speculative": f"keeps {tree['name']}",
+                   "alternate": f"takes {names.get('alternate')}"}[win[b]]
+        progress(f"[dispatch] batch {b}: {line}, plain decoding 1 in {plain_ms:.2f} ms: {verdict}")
         record.setdefault("buckets", {}).setdefault(str(b), {})["measured"] = measured
-        record.setdefault("choice", {})[str(b)] = tree["name"] if keep[b] else "chain-0"
-    final = _to_plain(data, alternates, [b for b in spec_buckets if not keep[b]])
-    drop = [alternates[name][str(b)]["file"] if keep[b] else _entry(data["graphs"], name, b)["file"]
-            for b in spec_buckets for name in alternates]
-    drop += [_entry(data["graphs"], "draft", b)["file"] for b in spec_buckets if not keep[b]]
+        record.setdefault("choice", {})[str(b)] = names[win[b]]
+    final = _to_tree(data, tree_alts, [b for b in alt_buckets if win[b] == "alternate"])
+    final = _to_plain(final, plain_alts, [b for b in spec_buckets if win[b] == "plain"])
+    drop = []  # the losers' artifacts
+    for b in spec_buckets:
+        drop += [plain_alts[name][str(b)]["file"] if win[b] != "plain" else _entry(data["graphs"], name, b)["file"]
+                 for name in plain_alts]
+        if win[b] == "plain":
+            drop.append(_entry(data["graphs"], "draft", b)["file"])
+        if b in alt_buckets:
+            drop += [by[str(b)]["file"] if win[b] != "alternate" else _entry(data["graphs"], name, b)["file"]
+                     for name, by in tree_alts["graphs"].items()]
     final["tree_choice"] = record or None
     for f in drop:
         (tmp / f).unlink(missing_ok=True)
     manifest.data = final
     fmt.Dims.from_json(final["dims"])  # consistent (bucket_nodes, tree_nodes)
+
+
+def _to_tree(data: dict, tree_alts: dict, tree_buckets: list[int]) -> dict:
+    """A copy of manifest body `data` in which `tree_buckets` run their alternative tree
+    (`tree_alts`, as `_build` records it): its draft and verify entries, its tree, its nodes in
+    dims; the manifest's `tree` stays the deepest bucket tree (the largest of equal depth)."""
+    import json
+
+    out = json.loads(json.dumps(data))
+    for b in tree_buckets:
+        for name, by_bucket in tree_alts["graphs"].items():
+            _set_entry(out["graphs"], name, b, by_bucket[str(b)])
+        tree = TreeSpec.from_json(tree_alts["trees"][str(b)])
+        out["bucket_trees"][str(b)] = tree.to_json()
+        out["dims"] = fmt.nodes_at(fmt.Dims.from_json(out["dims"]), b, tree.n_nodes).to_json()
+    if tree_buckets:
+        trees = [TreeSpec.from_json(t) for t in out["bucket_trees"].values()]
+        out["tree"] = max(trees, key=lambda t: (t.max_depth, t.n_nodes)).to_json()
+    return out
 
 
 def _to_plain(data: dict, alternates: dict, plain_buckets: list[int]) -> dict:
@@ -407,37 +491,49 @@ def _build(cfg: CompileConfig, target, draft, tmp: Path, progress, debug_dir, gr
     # bucket with that bucket's tree, draft at the buckets that speculate. Weights are lifted
     # into one registry, so the engine stores them once. Export and passes run here, one graph
     # after another; the lowering (Inductor, most of the time) runs in parallel (`Lowering`).
-    todo = [(name, b, False) for name in graphs for b in fmt.graph_batches(dims, name)]
-    if cfg.plain_alternates:  # plain decoding beside each speculating bucket (`measure_dispatch`)
-        todo += [(name, b, True) for name in ("verify", "verify_sampled") if name in graphs
+    # Measured dispatch's alternatives (`measure_dispatch`) beside each speculating bucket's
+    # graphs: plain decoding's verify graphs, and a smaller tree's draft and verify graphs where
+    # `tree_alternates` names one. An alternative sees the engine as `fmt.nodes_at` (its nodes
+    # at that bucket, the state unchanged).
+    alts = dict(zip(buckets, cfg.tree_alternates or ()))
+    todo = [(name, b, None) for name in graphs for b in fmt.graph_batches(dims, name)]
+    if cfg.plain_alternates:
+        todo += [(name, b, "plain") for name in ("verify", "verify_sampled") if name in graphs
                  for b in buckets if dims.speculates(b)]
+    todo += [(name, b, "alt") for name in ("draft", "verify", "verify_sampled") if name in graphs
+             for b in buckets if alts.get(b) is not None and dims.speculates(b)]
     registry = WeightRegistry()
-    entries, alternates = {}, {}
+    entries, alternates = {}, {"plain": {}, "alt": {}}
     lowering = Lowering(cfg.backend, cfg.device, jobs, len(todo), progress, cfg.tp)
     shards = RankWeights()
     try:
-        for name, b, plain in todo:
+        for name, b, variant in todo:
             owner = fmt.owner(name)
             module = draft if owner == "draft" else target
-            label = (name if b == 1 else f"{name}.b{b}") + (" (plain)" if plain else "")
+            tree = chain(0) if variant == "plain" else alts[b] if variant == "alt" else trees[buckets.index(b)]
+            label = (name if b == 1 else f"{name}.b{b}") + (f" ({'plain' if variant == 'plain' else tree.name})"
+                                                              if variant else "")
             progress(f"[2/4] {label}: export + passes")
-            tree = chain(0) if plain else trees[buckets.index(b)]
             bcfg = dataclasses.replace(cfg, batch_size=b, tree=tree, bucket_trees=None)
-            gdims = fmt.graph_dims(fmt.plain_at(dims, b) if plain else dims, name, b)
-            gm = build_graph(bcfg, name, module, debug_dir, label, gdims)
-            rdims = fmt.graph_dims(fmt.plain_at(local, b) if plain else local, name, b)  # a rank's graph
+
+            def view(d: fmt.Dims) -> fmt.Dims:  # the engine as this graph sees it
+                return fmt.graph_dims(fmt.nodes_at(d, b, tree.n_nodes) if variant else d, name, b)
+
+            gm = build_graph(bcfg, name, module, debug_dir, label, view(dims))
+            rdims = view(local)  # a rank's graph
             check_contract(rdims, name, gm)
             io = fmt.graph_io(rdims, name)
             weights = lift_weights(gm, registry, prefix="draft." if owner == "draft" else "")
             shards.add(gm)
             gm = gm.to(cfg.device)
             args = [registry.tensors[w] for w in weights] + [example(t, cfg.device) for t in io.inputs]
-            fname = fmt.graph_file(name + (".plain" if plain else ""), b, "onnx" if cfg.backend == "onnx" else "pt2")
+            fname = fmt.graph_file(name + (f".{variant}" if variant else ""), b,
+                                   "onnx" if cfg.backend == "onnx" else "pt2")
             entry = {"file": fname, "weights": weights}
             if "cache_writes" in gm.meta:  # the runtime writes these rows (return_cache_rows)
                 entry["cache_writes"] = gm.meta["cache_writes"]
-            if plain:
-                alternates.setdefault(name, {})[str(b)] = entry
+            if variant:
+                alternates[variant].setdefault(name, {})[str(b)] = entry
             elif name not in entries:  # the smallest batch: the graph's entry
                 entries[name] = {**entry, "batch": b, "passes": list(gm.meta.get("passes", [])),
                                  "pass_counts": dict(gm.meta.get("pass_counts", {}))}
@@ -453,8 +549,12 @@ def _build(cfg: CompileConfig, target, draft, tmp: Path, progress, debug_dir, gr
         save_file({k: v.contiguous().cpu() for k, v in shards.of(registry, rank).items()},
                   str(tmp / fmt.weights_file(rank, cfg.tp)))
     manifest = Manifest.new(cfg, local, entries)
-    if alternates:  # read and removed by measure_dispatch
-        manifest.data["plain_alternates"] = alternates
+    if alternates["plain"]:  # read and removed by measure_dispatch
+        manifest.data["plain_alternates"] = alternates["plain"]
+    if alternates["alt"]:
+        manifest.data["tree_alternates"] = {
+            "trees": {str(b): t.to_json() for b, t in alts.items() if str(b) in alternates["alt"]["verify"]},
+            "graphs": alternates["alt"]}
     return manifest
 
 

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 
+from spec_compiler import pipeline
 from spec_compiler.cli import compile_main
 from spec_compiler.errors import SpecCompileError
 from spec_compiler.tree_choice import (ACCEPT, AcceptTable, AutoTree, CostModel, auto_tree, candidates,
@@ -255,8 +256,8 @@ def test_measured_dispatch_keeps_a_tree_only_where_the_compiled_step_pays(tiny_d
 
     timed = []
 
-    def fake_step(engine, b):  # the speculative view at 1 ms a step; the plain one as parametrized
-        timed.append((engine.dims.speculates(b), b))
+    def fake_step(engine, b):  # a speculative view at 1 ms a step; the plain one as parametrized
+        timed.append((engine.dims.bucket_nodes[b - 1], b))  # buckets 1, 2: the view's tree size there
         return 1.0 if engine.dims.speculates(b) else plain_ms[b]
 
     monkeypatch.setattr("spec_compiler.tree_choice.measure", fake_measure)
@@ -265,9 +266,16 @@ def test_measured_dispatch_keeps_a_tree_only_where_the_compiled_step_pays(tiny_d
     out, logs = tmp_path / "auto", []
     assert compile_main([str(tiny_dir), "--out", str(out), "--draft", str(draft), "--backend", "eager",
                          "--max-seq-len", "64", "--prefill-chunk", "8", "--max-batch", "2"]) == 0
-    assert sorted(timed) == [(False, 1), (False, 2), (True, 1), (True, 2)]
     m = json.loads((out / "manifest.json").read_text())
     per = m["tree_choice"]["buckets"]
+
+    def nodes(b, name):
+        return next(r["nodes"] for r in per[str(b)]["candidates"] if r["name"] == name)
+
+    # each bucket timed plain, with its tree, and with its smaller alternative tree where it had one
+    assert sorted(timed) == sorted((n, b) for b in (1, 2) for n in (
+        1, nodes(b, per[str(b)]["choice"]),
+        *([nodes(b, per[str(b)]["measured_alternate"])] if "measured_alternate" in per[str(b)] else [])))
     keep = {}
     for b in (1, 2):
         got = per[str(b)]["measured"]
@@ -275,6 +283,11 @@ def test_measured_dispatch_keeps_a_tree_only_where_the_compiled_step_pays(tiny_d
         assert tpc > 1 and got["speculative_step_ms"] == 1.0 and got["plain_step_ms"] == plain_ms[b]
         keep[b] = tpc / 1.0 > 1 / plain_ms[b]
         assert got["speculate"] == keep[b]
+        if "measured_alternate" in per[str(b)]:  # as fast a step, fewer tokens per call: it loses
+            alt = got["alternate"]
+            assert alt["tree"] == per[str(b)]["measured_alternate"] and alt["step_ms"] == 1.0
+            assert alt["expected_tokens_per_call"] < tpc
+        assert got["chosen"] == (per[str(b)]["choice"] if keep[b] else "chain-0")
         want = per[str(b)]["choice"] if keep[b] else "chain-0"
         assert "measured_candidate" not in per[str(b)]  # the cost model speculated at both buckets
         assert m["bucket_trees"][str(b)]["name"] == m["tree_choice"]["choice"][str(b)] == want
@@ -344,6 +357,86 @@ def test_measured_trees_leave_an_all_plain_choice_plain():
     assert "measured_candidate" not in rec
     got = measured_trees((chain(1), chain(0)), choice)
     assert got == (chain(1), chain(1)) and choice["buckets"]["2"]["measured_candidate"] == "chain-1"
+
+
+def _cand(name, nodes, depth, tps):
+    return {"name": name, "nodes": nodes, "depth": depth, "expected_tokens_per_s": tps,
+            "paths": [[0] * (i + 1) for i in range(depth)] + [[k] for k in range(1, nodes - depth)]}
+
+
+def test_tree_alternates_pick_the_best_smaller_tree_of_the_same_depth_within_the_margin():
+    """The smaller tree measured dispatch also builds: the cost model's best-predicted candidate
+    with fewer nodes and the same depth, only within ALTERNATE_MARGIN of the bucket's tree; none
+    at a plain bucket, none when nothing qualifies."""
+    from spec_compiler.pipeline import ALTERNATE_MARGIN, tree_alternates
+
+    big = _cand("fitted-9", 9, 3, 100.0)
+    cands = [big, _cand("fitted-7", 7, 3, 100.0 * (1 - ALTERNATE_MARGIN) + 0.5),  # within: the one
+             _cand("fitted-5", 5, 3, 90.0),  # smaller, slower
+             _cand("deeper-8", 8, 4, 99.9), _cand("shallow-6", 6, 2, 99.9),  # another depth: never
+             _cand("bigger-12", 12, 3, 99.0), _cand("chain-0", 1, 0, 50.0)]
+    t = TreeSpec.from_json(big)
+    assert t.n_nodes == 9 and t.max_depth == 3
+    choice = {"buckets": {"1": {"candidates": cands}, "2": {"candidates": cands}}}
+    got = tree_alternates((t, chain(0)), choice)
+    assert got[0].name == "fitted-7" and got[0].n_nodes == 7 and got[1] is None
+    assert choice["buckets"]["1"]["measured_alternate"] == "fitted-7"
+    assert "measured_alternate" not in choice["buckets"]["2"]
+    far = [big, _cand("fitted-7", 7, 3, 100.0 * (1 - ALTERNATE_MARGIN) - 0.5)]
+    assert tree_alternates((t,), {"buckets": {"1": {"candidates": far}}}) is None
+
+
+def test_measured_dispatch_takes_the_smaller_tree_where_its_compiled_step_wins(
+        tiny_dir, tiny_draft_dir, tmp_path, monkeypatch):
+    """Where the compiled steps show the smaller alternative tree faster in tokens per ms, the
+    bucket takes it: its draft and verify graphs replace the cost model's tree's (whose artifacts
+    are deleted, as are the plain ones), the manifest's trees, dims and record say so, and the
+    engine stays greedy-exact."""
+    from helpers import hf_greedy
+    from spec_compiler.runtime import Engine
+
+    def fake_measure(target, draft, target_sizes, draft_sizes, capacity, context, rounds=7, batch=1):
+        return CostModel({T: 10.0 for T in target_sizes}, {n: 1.0 for n in draft_sizes})  # trees look free
+
+    monkeypatch.setattr("spec_compiler.pipeline.ALTERNATE_MARGIN", 1.0)  # any smaller tree of its depth
+    monkeypatch.setattr("spec_compiler.tree_choice.measure", fake_measure)
+    alt_nodes = []
+
+    def fake_step(engine, b):  # plain 10 ms, the cost model's tree 1 ms, the alternative 0.1 ms
+        n = engine.dims.bucket_nodes[b - 1]
+        return 10.0 if n == 1 else 0.1 if n in alt_nodes else 1.0
+
+    monkeypatch.setattr("spec_compiler.pipeline.step_ms", fake_step)
+    real = pipeline.tree_alternates
+
+    def spy(trees, choice, progress=lambda s: None):
+        got = real(trees, choice, progress)
+        alt_nodes.extend(t.n_nodes for t in got or () if t is not None)
+        return got
+
+    monkeypatch.setattr("spec_compiler.pipeline.tree_alternates", spy)
+    draft = _draft_with_table(tiny_draft_dir, tmp_path)
+    out = tmp_path / "auto"
+    assert compile_main([str(tiny_dir), "--out", str(out), "--draft", str(draft), "--backend", "eager",
+                         "--max-seq-len", "64", "--prefill-chunk", "8"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    rec = m["tree_choice"]["buckets"]["1"]
+    alt = rec["measured_alternate"]
+    assert alt_nodes and rec["choice"] != alt  # the cost model's choice stays recorded
+    got = rec["measured"]
+    assert got["tree"] == rec["choice"] and got["alternate"]["tree"] == alt and got["alternate"]["step_ms"] == 0.1
+    assert got["chosen"] == alt and got["speculate"] and m["tree_choice"]["choice"]["1"] == alt
+    assert m["bucket_trees"]["1"]["name"] == m["tree"]["name"] == alt
+    assert m["dims"]["bucket_nodes"] == [alt_nodes[0]] == [m["dims"]["tree_nodes"]]
+    files = {p.name for p in out.iterdir() if p.suffix == ".pt2"}
+    assert {"draft.alt.pt2", "verify.alt.pt2", "verify_sampled.alt.pt2"} <= files
+    assert not files & {"draft.pt2", "verify.pt2", "verify_sampled.pt2", "verify.plain.pt2"}
+    referenced = {e["file"] for g in m["graphs"].values() for e in [g, *g.get("buckets", {}).values()]}
+    assert files == referenced  # nothing left over, nothing missing
+    engine = Engine.load(out)
+    assert engine.spec.bucket_trees[1].name == engine.spec.tree.name == alt
+    for p in ([5, 9, 17, 3], [40, 3, 77, 12, 90, 33, 8, 1, 64]):
+        assert engine.generate(p, max_new_tokens=20).output_ids == hf_greedy(tiny_dir, p, 20), p
 
 
 def test_measured_dispatch_times_real_steps(tiny_dir, tiny_draft_dir, tmp_path):
