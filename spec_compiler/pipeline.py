@@ -306,7 +306,7 @@ def measure_dispatch(manifest: Manifest, tmp: Path, progress, time_step=None) ->
     every step's fixed cost (unfused kernels): speculation looks cheaper next to plain decoding
     than it is in the compiled engine, and a further tree node cheaper than it is. So each
     speculating bucket was also built with plain decoding (`plain_alternates`) and, where
-    `tree_alternates` named one, with a smaller tree (`tree_alternates`). Here the compiled steps
+    `tree_alternates` named one, with a smaller tree of the same depth. Here the compiled steps
     are timed at that bucket (the engine loaded from `tmp` once per view) and the bucket keeps
     whichever gives the most tokens per ms: a tree's expected tokens per call (the draft's
     acceptance table) / its step, or one token / the plain step (a tie goes to plain decoding,

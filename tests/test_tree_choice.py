@@ -386,12 +386,14 @@ def test_tree_alternates_pick_the_best_smaller_tree_of_the_same_depth_within_the
     assert tree_alternates((t,), {"buckets": {"1": {"candidates": far}}}) is None
 
 
+@pytest.mark.parametrize("max_batch", [1, 2])
 def test_measured_dispatch_takes_the_smaller_tree_where_its_compiled_step_wins(
-        tiny_dir, tiny_draft_dir, tmp_path, monkeypatch):
-    """Where the compiled steps show the smaller alternative tree faster in tokens per ms, the
-    bucket takes it: its draft and verify graphs replace the cost model's tree's (whose artifacts
-    are deleted, as are the plain ones), the manifest's trees, dims and record say so, and the
-    engine stays greedy-exact."""
+        tiny_dir, tiny_draft_dir, tmp_path, monkeypatch, max_batch):
+    """Where the compiled steps show the smaller alternative tree faster in tokens per ms (here at
+    bucket 1; at bucket 2 its step is as slow as the cost model's tree's), the bucket takes it:
+    its draft and verify graphs replace the cost model's tree's (whose artifacts are deleted, as
+    are the plain ones), the manifest's trees, dims and record say so, a bucket where it loses
+    keeps its own tree, and the engine, its buckets on different trees, stays greedy-exact."""
     from helpers import hf_greedy
     from spec_compiler.runtime import Engine
 
@@ -402,9 +404,9 @@ def test_measured_dispatch_takes_the_smaller_tree_where_its_compiled_step_wins(
     monkeypatch.setattr("spec_compiler.tree_choice.measure", fake_measure)
     alt_nodes = []
 
-    def fake_step(engine, b):  # plain 10 ms, the cost model's tree 1 ms, the alternative 0.1 ms
+    def fake_step(engine, b):  # plain 10 ms, the cost model's tree 1 ms, the alternative 0.1 ms at bucket 1
         n = engine.dims.bucket_nodes[b - 1]
-        return 10.0 if n == 1 else 0.1 if n in alt_nodes else 1.0
+        return 10.0 if n == 1 else 0.1 if n in alt_nodes and b == 1 else 1.0
 
     monkeypatch.setattr("spec_compiler.pipeline.step_ms", fake_step)
     real = pipeline.tree_alternates
@@ -418,25 +420,35 @@ def test_measured_dispatch_takes_the_smaller_tree_where_its_compiled_step_wins(
     draft = _draft_with_table(tiny_draft_dir, tmp_path)
     out = tmp_path / "auto"
     assert compile_main([str(tiny_dir), "--out", str(out), "--draft", str(draft), "--backend", "eager",
-                         "--max-seq-len", "64", "--prefill-chunk", "8"]) == 0
+                         "--max-seq-len", "64", "--prefill-chunk", "8", "--max-batch", str(max_batch)]) == 0
     m = json.loads((out / "manifest.json").read_text())
-    rec = m["tree_choice"]["buckets"]["1"]
-    alt = rec["measured_alternate"]
-    assert alt_nodes and rec["choice"] != alt  # the cost model's choice stays recorded
-    got = rec["measured"]
-    assert got["tree"] == rec["choice"] and got["alternate"]["tree"] == alt and got["alternate"]["step_ms"] == 0.1
-    assert got["chosen"] == alt and got["speculate"] and m["tree_choice"]["choice"]["1"] == alt
-    assert m["bucket_trees"]["1"]["name"] == m["tree"]["name"] == alt
-    assert m["dims"]["bucket_nodes"] == [alt_nodes[0]] == [m["dims"]["tree_nodes"]]
     files = {p.name for p in out.iterdir() if p.suffix == ".pt2"}
-    assert {"draft.alt.pt2", "verify.alt.pt2", "verify_sampled.alt.pt2"} <= files
-    assert not files & {"draft.pt2", "verify.pt2", "verify_sampled.pt2", "verify.plain.pt2"}
+    assert len(alt_nodes) == max_batch  # the same choice at every bucket: an alternative at each
+    for b in range(1, max_batch + 1):
+        rec = m["tree_choice"]["buckets"][str(b)]
+        alt, own = rec["measured_alternate"], rec["choice"]  # the cost model's choice stays recorded
+        assert alt != own
+        got = rec["measured"]
+        assert got["tree"] == own and got["alternate"]["tree"] == alt and got["speculate"]
+        assert got["alternate"]["step_ms"] == (0.1 if b == 1 else 1.0)
+        won = alt if b == 1 else own
+        assert got["chosen"] == m["tree_choice"]["choice"][str(b)] == m["bucket_trees"][str(b)]["name"] == won
+        nodes = next(r["nodes"] for r in rec["candidates"] if r["name"] == won)
+        assert m["dims"]["bucket_nodes"][b - 1] == nodes
+        suffix = "" if b == 1 else f".b{b}"
+        ours = {f"{g}{suffix}.pt2" for g in ("draft", "verify", "verify_sampled")}
+        theirs = {f"{g}.alt{suffix}.pt2" for g in ("draft", "verify", "verify_sampled")}
+        assert (theirs if b == 1 else ours) <= files
+        assert not files & (ours if b == 1 else theirs) and f"verify.plain{suffix}.pt2" not in files
+    assert m["dims"]["tree_nodes"] == m["dims"]["bucket_nodes"][-1]
     referenced = {e["file"] for g in m["graphs"].values() for e in [g, *g.get("buckets", {}).values()]}
     assert files == referenced  # nothing left over, nothing missing
     engine = Engine.load(out)
-    assert engine.spec.bucket_trees[1].name == engine.spec.tree.name == alt
-    for p in ([5, 9, 17, 3], [40, 3, 77, 12, 90, 33, 8, 1, 64]):
-        assert engine.generate(p, max_new_tokens=20).output_ids == hf_greedy(tiny_dir, p, 20), p
+    assert engine.spec.bucket_trees[1].name == m["tree_choice"]["buckets"]["1"]["measured_alternate"]
+    prompts = [[5, 9, 17, 3], [40, 3, 77, 12, 90, 33, 8, 1, 64], [100, 4]]
+    res = engine.generate_batch(prompts, max_new_tokens=[20, 12, 16])  # bucket 2 (if any), then 1
+    for p, r, n in zip(prompts, res, [20, 12, 16]):
+        assert r.output_ids == hf_greedy(tiny_dir, p, n), p
 
 
 def test_measured_dispatch_times_real_steps(tiny_dir, tiny_draft_dir, tmp_path):
