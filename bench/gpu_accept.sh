@@ -22,8 +22,8 @@
 # corpus; then `watch "" SECONDS` until it is done. (The run of 2026-12-01 also measured the two
 # H100 drafts, since removed from drafts/: DRAFTS names them after a checkout from git history.)
 # On a machine of one GPU, "GPU 1" below is GPU 0 and both lanes share its cores: the curve and
-# MORE train beside the builds, and the other drafts are measured after BEST's engines, one
-# engine at a time.
+# MORE train beside the builds, the measurements start once they are done, and the other drafts
+# are measured after BEST's engines, one engine at a time.
 # Usage: bash bench/gpu_accept.sh start|watch|patch PARTS_DIR [SECONDS]
 set -uo pipefail
 JOB=accept BRING=1
@@ -136,6 +136,7 @@ drive() {
   say "engines built"
   others() { wait_pids "${curves[@]}"; for n in "${names[@]}"; do measure "$n" 0,0.7 "$G1" "$C1"; done; }
   [ "$G1" = 0 ] || others &
+  [ "$G1" = 0 ] && wait_pids "${curves[@]}"  # one GPU: nothing trains on it while it is timed
   measure "$(basename "$BEST")" 0,0.7 0 "$C0"
   for n in $FITTED; do measure "best-fitted-$n" 0 0 "$C0"; done
   say "BEST's engines measured"
