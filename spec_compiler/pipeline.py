@@ -361,17 +361,10 @@ def measure_dispatch(manifest: Manifest, tmp: Path, progress, time_step=None) ->
         record.setdefault("choice", {})[str(b)] = names[win[b]]
     final = _to_tree(data, tree_alts, [b for b in alt_buckets if win[b] == "alternate"])
     final = _to_plain(final, plain_alts, [b for b in spec_buckets if win[b] == "plain"])
-    drop = []  # the losers' artifacts
-    for b in spec_buckets:
-        drop += [plain_alts[name][str(b)]["file"] if win[b] != "plain" else _entry(data["graphs"], name, b)["file"]
-                 for name in plain_alts]
-        if win[b] == "plain":
-            drop.append(_entry(data["graphs"], "draft", b)["file"])
-        if b in alt_buckets:
-            drop += [by[str(b)]["file"] if win[b] != "alternate" else _entry(data["graphs"], name, b)["file"]
-                     for name, by in tree_alts["graphs"].items()]
     final["tree_choice"] = record or None
-    for f in drop:
+    built = _graph_files(data["graphs"]) | {e["file"] for alts in (plain_alts, tree_alts["graphs"])
+                                           for by_bucket in alts.values() for e in by_bucket.values()}
+    for f in built - _graph_files(final["graphs"]):  # the losers' artifacts
         (tmp / f).unlink(missing_ok=True)
     manifest.data = final
     fmt.Dims.from_json(final["dims"])  # consistent (bucket_nodes, tree_nodes)
@@ -411,11 +404,9 @@ def _to_plain(data: dict, alternates: dict, plain_buckets: list[int]) -> dict:
     return out
 
 
-def _entry(graphs: dict, name: str, b: int) -> dict:
-    g = graphs[name]
-    if int(g.get("batch", 1)) == b:
-        return {k: v for k, v in g.items() if k in ("file", "weights", "cache_writes")}
-    return g["buckets"][str(b)]
+def _graph_files(graphs: dict) -> set[str]:
+    """The artifact files a manifest's `graphs` name (every graph at every bucket)."""
+    return {e["file"] for g in graphs.values() for e in [g, *g.get("buckets", {}).values()]}
 
 
 def _set_entry(graphs: dict, name: str, b: int, entry: dict) -> None:
@@ -553,7 +544,7 @@ def _build(cfg: CompileConfig, target, draft, tmp: Path, progress, debug_dir, gr
         manifest.data["plain_alternates"] = alternates["plain"]
     if alternates["alt"]:
         manifest.data["tree_alternates"] = {
-            "trees": {str(b): t.to_json() for b, t in alts.items() if str(b) in alternates["alt"]["verify"]},
+            "trees": {b: alts[int(b)].to_json() for b in alternates["alt"]["verify"]},
             "graphs": alternates["alt"]}
     return manifest
 
